@@ -1,0 +1,16 @@
+"""ecospa: coupled structured sparsity for transformers, functional style on torch.func."""
+from ecospa._types import Keep, Params, Scores, TensorTree
+from ecospa.groups import Group, Member, validate
+from ecospa.importance import (ESTIMATORS, Importance, ImportanceState, coupled_fisher, fisher,
+                               magnitude, norm_product, random, taylor, uncoupled, unit_dots)
+from ecospa.prune import Pruner, mask, pruner, slice_units
+from ecospa.select import compose, keep_all, kept_fraction, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Keep", "Params", "Scores", "TensorTree", "Group", "Member", "validate",
+    "ESTIMATORS", "Importance", "ImportanceState", "coupled_fisher", "fisher", "magnitude",
+    "norm_product", "random", "taylor", "uncoupled", "unit_dots",
+    "Pruner", "mask", "pruner", "slice_units", "compose", "keep_all", "kept_fraction", "select",
+]

@@ -1,0 +1,118 @@
+"""GPT-2-style decoder as a pure function of a parameter tree.
+
+LayerNorm, learned positions, GELU (tanh) MLP, biases on every projection, tied embeddings.
+Weights in ``x @ W`` layout with explicit head axes:
+
+    wte [V, D] (also the LM head)   wpe [T_max, D]   ln_f_w, ln_f_b [D]
+    layers[i]:
+      ln1_w, ln1_b [D]   wq, wk [D, H, Dk]  bq, bk [H, Dk]   wv [D, H, Dv]  bv [H, Dv]
+      wo [H, Dv, D]  bo [D]   ln2_w, ln2_b [D]   w_in [D, F]  b_in [F]  w_out [F, D]  b_out [D]
+
+Dk, Dv and F are read from the shapes, so pruned trees run through the same forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ecospa.func._layers import attention
+from ecospa.groups import Group, Member
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the shapes cannot tell. ``head_dim`` is the ORIGINAL head dim (it fixes the scale)."""
+
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: Optional[int] = None
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    head_dim: Optional[int] = None
+    name: str = field(default="gpt2", compare=False)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", 4 * self.dim)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """Random parameters (normal(0, init_std) weights and biases near zero, unit norms)."""
+    g = torch.Generator().manual_seed(seed)
+    D, H, E, F_ = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_dim
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float32) * cfg.init_std).to(dtype)
+
+    def layer():
+        return {"ln1_w": torch.ones(D, dtype=dtype), "ln1_b": torch.zeros(D, dtype=dtype),
+                "wq": w(D, H, E), "bq": w(H, E), "wk": w(D, H, E), "bk": w(H, E),
+                "wv": w(D, H, E), "bv": w(H, E), "wo": w(H, E, D), "bo": w(D),
+                "ln2_w": torch.ones(D, dtype=dtype), "ln2_b": torch.zeros(D, dtype=dtype),
+                "w_in": w(D, F_), "b_in": w(F_), "w_out": w(F_, D), "b_out": w(D)}
+
+    return {"wte": w(cfg.vocab_size, D), "wpe": w(cfg.max_seq_len, D),
+            "layers": tuple(layer() for _ in range(cfg.n_layers)),
+            "ln_f_w": torch.ones(D, dtype=dtype), "ln_f_b": torch.zeros(D, dtype=dtype)}
+
+
+def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    q = torch.einsum("btd,dhe->bhte", x, p["wq"]) + p["bq"][:, None]  # [B, H, T, Dk]
+    k = torch.einsum("btd,dhe->bhte", x, p["wk"]) + p["bk"][:, None]  # [B, H, T, Dk]
+    v = torch.einsum("btd,dhe->bhte", x, p["wv"]) + p["bv"][:, None]  # [B, H, T, Dv]
+    o = attention(q[:, :, None], k, v, cfg.head_dim ** -0.5)  # [B, H, 1, T, Dv]
+    return torch.einsum("bhte,hed->btd", o[:, :, 0], p["wo"]) + p["bo"]
+
+
+def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x @ p["w_in"] + p["b_in"], approximate="tanh") @ p["w_out"] + p["b_out"]
+
+
+def _ln(x, w, b, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def hidden(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Final hidden states [B, T, D] for tokens [B, T]."""
+    B, T = tokens.shape
+    x = params["wte"][tokens] + params["wpe"][:T]  # [B, T, D]
+    for p in params["layers"]:
+        x = x + _attention(p, _ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps), cfg)
+        x = x + _mlp(p, _ln(x, p["ln2_w"], p["ln2_b"], cfg.norm_eps))
+    return _ln(x, params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
+
+
+def forward(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Logits [B, T, V] for tokens [B, T] (T <= max_seq_len). Pure; sizes from the shapes."""
+    return hidden(params, tokens, cfg) @ params["wte"].T  # tied: one leaf used twice
+
+
+def coupled_groups(cfg: Config) -> tuple:
+    """qk, vo and mlp groups of every layer; biases go with their columns.
+
+    The MLP's input side is behind GELU, so only its output side (w_out) is a linear factor.
+    """
+    groups = []
+    for i in range(cfg.n_layers):
+        L = ("layers", i)
+        qk = (Member(L + ("wq",), 2, 1, "a"), Member(L + ("bq",), 1, 0, "a"),
+              Member(L + ("wk",), 2, 1, "b"), Member(L + ("bk",), 1, 0, "b"))
+        vo = (Member(L + ("wv",), 2, 1, "a"), Member(L + ("bv",), 1, 0, "a"),
+              Member(L + ("wo",), 1, 0, "b"))
+        mlp = (Member(L + ("w_in",), 1), Member(L + ("b_in",), 0), Member(L + ("w_out",), 0, None, "b"))
+        groups += [Group(f"layers.{i}.qk", "qk", qk), Group(f"layers.{i}.vo", "vo", vo),
+                   Group(f"layers.{i}.mlp", "mlp", mlp)]
+    return tuple(groups)
