@@ -1,0 +1,5 @@
+import sys
+
+from ecospa.cli import main
+
+sys.exit(main())
