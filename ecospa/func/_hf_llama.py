@@ -1,0 +1,292 @@
+"""Conversion between ``ecospa.func.llama`` parameter trees and ``transformers`` checkpoints.
+
+Covers LlamaForCausalLM, MistralForCausalLM (full attention) and Qwen2ForCausalLM (q/k/v biases).
+HF stores ``nn.Linear`` weights as [out, in]; ecospa stores ``x @ W`` with explicit head axes:
+
+    q_proj.weight [Hq*hd, D]  --T-->  [D, Hq*hd]  --reshape-->  wq [D, Hkv, G, 2, P]
+
+HF query head ``h*G + g`` reads KV head ``h`` (``repeat_kv``), and HF's rotate-half layout puts
+dim ``i`` of a head at ``(r, p) = (i // P, i % P)``, so the reshape is the whole conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional
+
+import torch
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed here
+
+
+def as_dict(config: Any) -> dict:
+    """A plain dict from a transformers PretrainedConfig or a dict read from config.json."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise ValueError(f"config must be a dict or a transformers config, got {type(config).__name__}")
+
+
+def _need(c: dict, key: str):
+    if c.get(key) is None:
+        raise ValueError(f"config has no {key!r}; is this a LLaMA-family config.json?")
+    return c[key]
+
+
+def _rope_theta(c: dict) -> float:
+    """rope_theta from transformers 4 (top level + rope_scaling) or 5 (rope_parameters)."""
+    rp = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    for spec in (rp, scaling):
+        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, Mapping) else None
+        if kind not in (None, "default"):
+            raise ValueError(f"rope type {kind!r} is not implemented (only plain RoPE); "
+                             "ecospa cannot reproduce this model's positions")
+    theta = rp.get("rope_theta") if isinstance(rp, Mapping) else None
+    return float(theta if theta is not None else c.get("rope_theta", 10000.0))
+
+
+def config_from_hf(config: Any, tied: Optional[bool] = None):
+    """``llama.Config`` from an HF config; ``tied`` is the fallback for tie_word_embeddings."""
+    from ecospa.func import llama  # here, not at the top: llama.py re-exports this module
+
+    c = as_dict(config)
+    kind = c.get("model_type", "llama")
+    if kind not in LLAMA_TYPES:
+        raise ValueError(f"model_type {kind!r} is not a LLaMA-family model ({LLAMA_TYPES})")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
+    if c.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported: ecospa's LLaMA MLP has no biases")
+    if c.get("use_sliding_window") and kind == "qwen2":
+        raise ValueError("Qwen2 sliding-window attention is not implemented; use full attention")
+    if kind != "qwen2" and c.get("attention_bias"):
+        raise ValueError("attention_bias=True puts a bias on o_proj, which ecospa does not "
+                         "represent (Qwen2-style q/k/v biases are supported)")
+    heads = _need(c, "num_attention_heads")
+    dim = _need(c, "hidden_size")
+    max_len = c.get("max_position_embeddings") or 2048
+    if kind == "mistral" and c.get("sliding_window"):
+        # ecospa attends over the full causal prefix: identical only within the window.
+        max_len = min(max_len, c["sliding_window"])
+    tie = c.get("tie_word_embeddings")
+    return llama.Config(
+        vocab_size=_need(c, "vocab_size"), dim=dim, n_layers=_need(c, "num_hidden_layers"),
+        n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+        ffn_dim=_need(c, "intermediate_size"), head_dim=c.get("head_dim") or dim // heads,
+        rope_theta=_rope_theta(c), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
+        max_seq_len=max_len, name=c.get("_name_or_path") or kind)
+
+
+def _layer_shapes(cfg) -> dict:
+    """HF tensor name (within a layer) -> expected shape."""
+    D, Hq, Hkv, hd, F_ = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    shapes = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+              "self_attn.q_proj.weight": (Hq * hd, D), "self_attn.k_proj.weight": (Hkv * hd, D),
+              "self_attn.v_proj.weight": (Hkv * hd, D), "self_attn.o_proj.weight": (D, Hq * hd),
+              "mlp.gate_proj.weight": (F_, D), "mlp.up_proj.weight": (F_, D),
+              "mlp.down_proj.weight": (D, F_)}
+    if cfg.attention_bias:
+        shapes.update({"self_attn.q_proj.bias": (Hq * hd,), "self_attn.k_proj.bias": (Hkv * hd,),
+                       "self_attn.v_proj.bias": (Hkv * hd,)})
+    return shapes
+
+
+def expected_shapes(cfg) -> dict:
+    """Every HF tensor name (with the "model." prefix) of a checkpoint for ``cfg`` -> shape."""
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.dim), "model.norm.weight": (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
+        out.update({f"model.layers.{i}.{k}": s for k, s in _layer_shapes(cfg).items()})
+    return out
+
+
+def _normalize_names(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Give every key the "model." prefix (except lm_head), drop recomputed buffers."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(_IGNORED):
+            continue
+        if not (k.startswith("model.") or k.startswith("lm_head.")):
+            k = "model." + k
+        out[k] = v
+    return out
+
+
+def check_state_dict(sd: dict, expected: dict) -> None:
+    """ValueError naming the first missing, unexpected or mis-shaped tensor."""
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; "
+                         "does config.json belong to these weights?")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise ValueError(f"checkpoint has tensors the config does not describe, e.g. {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies "
+                             f"{tuple(shape)}; does config.json belong to these weights?")
+
+
+def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
+            dtype: Optional[torch.dtype] = None):
+    """(llama.Config, params) from an HF LLaMA/Mistral/Qwen2 state dict and config.
+
+    Args:
+      state_dict: tensors named like "model.layers.0.self_attn.q_proj.weight" (the "model."
+        prefix is optional; lm_head.weight may be absent when embeddings are tied).
+      config: a transformers config or the dict from config.json.
+      dtype: cast weights to this dtype (default: keep). inv_freq is always float32.
+    Returns a new tree; the input tensors are not modified (nor aliased).
+    Example: ``cfg, params = llama.from_hf(model.state_dict(), model.config)``
+    """
+    from ecospa.func import llama
+
+    sd = _normalize_names(state_dict)
+    cfg = config_from_hf(config, tied="lm_head.weight" not in sd)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # a tied model's state_dict() lists the shared tensor twice
+    check_state_dict(sd, expected_shapes(cfg))
+    D, Hkv, hd = cfg.dim, cfg.n_kv_heads, cfg.head_dim
+    G, P = cfg.n_heads // Hkv, hd // 2
+
+    def t(name):
+        x = sd[name].detach()
+        return x if dtype is None else x.to(dtype)
+
+    def layer(i):
+        n = f"model.layers.{i}."
+        p = {"attn_norm": t(n + "input_layernorm.weight"),
+             "wq": t(n + "self_attn.q_proj.weight").T.reshape(D, Hkv, G, 2, P),
+             "wk": t(n + "self_attn.k_proj.weight").T.reshape(D, Hkv, 2, P),
+             "wv": t(n + "self_attn.v_proj.weight").T.reshape(D, Hkv, hd),
+             "wo": t(n + "self_attn.o_proj.weight").T.reshape(Hkv, G, hd, D),
+             "inv_freq": llama.inv_freq(cfg).expand(Hkv, P).clone(),
+             "mlp_norm": t(n + "post_attention_layernorm.weight"),
+             "w_gate": t(n + "mlp.gate_proj.weight").T.contiguous(),
+             "w_up": t(n + "mlp.up_proj.weight").T.contiguous(),
+             "w_down": t(n + "mlp.down_proj.weight").T.contiguous()}
+        if cfg.attention_bias:
+            p.update(bq=t(n + "self_attn.q_proj.bias").reshape(Hkv, G, 2, P),
+                     bk=t(n + "self_attn.k_proj.bias").reshape(Hkv, 2, P),
+                     bv=t(n + "self_attn.v_proj.bias").reshape(Hkv, hd))
+        return {k: v.clone(memory_format=torch.contiguous_format) for k, v in p.items()}
+
+    params = {"embed": t("model.embed_tokens.weight").clone(),
+              "layers": tuple(layer(i) for i in range(cfg.n_layers)),
+              "norm": t("model.norm.weight").clone()}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = t("lm_head.weight").clone()
+    return cfg, params
+
+
+def _check_representable(params: dict, cfg) -> int:
+    """The common MLP width; ValueError naming the layer if HF cannot hold the tree."""
+    from ecospa.func import llama
+
+    full = llama.inv_freq(cfg)
+    D, Hkv, G, hd = cfg.dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    widths = []
+    for i, p in enumerate(params["layers"]):
+        qk, dv = 2 * p["wq"].shape[-1], p["wv"].shape[-1]
+        if p["wq"].shape[:3] != (D, Hkv, G) or qk != hd or dv != hd:
+            raise ValueError(
+                f"layer {i}: attention was pruned (qk dims {qk}, value dims {dv}, head_dim "
+                f"{hd}); transformers' LLaMA needs qk = value = head_dim in every layer, scales "
+                f"scores by 1/sqrt(head_dim) (ecospa keeps the original scale) and derives the "
+                f"rotary frequencies from rope_theta, so only MLP-pruned trees can be exported")
+        freq = p["inv_freq"].to(torch.float32)
+        if not torch.allclose(freq, full.expand_as(freq), rtol=1e-6, atol=0.0):
+            raise ValueError(f"layer {i}: inv_freq differs from rope_theta={cfg.rope_theta}'s "
+                             "frequencies (reordered rotary pairs?); transformers cannot hold it")
+        widths.append(p["w_gate"].shape[1])
+    if len(set(widths)) > 1:
+        raise ValueError(f"MLP widths differ across layers ({widths}); transformers' config has "
+                         "one intermediate_size. Prune the MLP with a uniform sparsity to export")
+    return widths[0]
+
+
+def to_hf(params: dict, cfg) -> tuple:
+    """(state_dict, config_dict) in transformers' LLaMA (or Qwen2, with biases) format.
+
+    Raises ValueError when the tree has pruned attention or per-layer MLP widths, which an HF
+    config cannot describe. Returns new tensors; ``params`` is unchanged.
+    Example: ``sd, conf = llama.to_hf(params, cfg)``
+    """
+    ffn = _check_representable(params, cfg)
+    D = cfg.dim
+    sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = params["lm_head"]
+    for i, p in enumerate(params["layers"]):
+        n = f"model.layers.{i}."
+        sd.update({n + "input_layernorm.weight": p["attn_norm"],
+                   n + "self_attn.q_proj.weight": p["wq"].reshape(D, -1).T,  # [Hq*hd, D]
+                   n + "self_attn.k_proj.weight": p["wk"].reshape(D, -1).T,  # [Hkv*hd, D]
+                   n + "self_attn.v_proj.weight": p["wv"].reshape(D, -1).T,
+                   n + "self_attn.o_proj.weight": p["wo"].reshape(-1, D).T,  # [D, Hq*hd]
+                   n + "post_attention_layernorm.weight": p["mlp_norm"],
+                   n + "mlp.gate_proj.weight": p["w_gate"].T, n + "mlp.up_proj.weight": p["w_up"].T,
+                   n + "mlp.down_proj.weight": p["w_down"].T})
+        if cfg.attention_bias:
+            sd.update({n + "self_attn.q_proj.bias": p["bq"].reshape(-1),
+                       n + "self_attn.k_proj.bias": p["bk"].reshape(-1),
+                       n + "self_attn.v_proj.bias": p["bv"].reshape(-1)})
+    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    kind = "qwen2" if cfg.attention_bias else "llama"
+    conf = {"architectures": ["Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"],
+            "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": D,
+            "intermediate_size": ffn, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": cfg.tie_embeddings, "dtype": _dtype_name(params["embed"])}
+    if not cfg.attention_bias:
+        conf.update(attention_bias=False, mlp_bias=False)
+    return sd, conf
+
+
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def write_hf(sd: dict, conf: dict, directory: str) -> str:
+    """Write config.json + model.safetensors into ``directory`` atomically (temp dir, rename)."""
+    from safetensors.torch import save_file
+
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(conf, f, indent=2, sort_keys=True)
+        if os.path.isdir(directory):
+            old = directory + ".old-" + os.path.basename(tmp)
+            os.replace(directory, old)  # swap in the new dir, then drop the old one
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_hf(params: dict, cfg, directory: str) -> str:
+    """Save as a transformers checkpoint (config.json + model.safetensors) atomically.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads the result.
+    Raises ValueError if the tree is not representable (see ``to_hf``). Returns the directory.
+    """
+    sd, conf = to_hf(params, cfg)
+    return write_hf(sd, conf, directory)

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints in other ecosystems' formats (Hugging Face, GGUF)."""

@@ -1,0 +1,123 @@
+"""Load Hugging Face checkpoints (a local directory or a hub id) into ecospa parameter trees.
+
+``load_hf(path) -> (family, cfg, params)`` reads config.json and the weights (model.safetensors,
+sharded safetensors with an index, or pytorch_model.bin), picks the model family from
+``model_type`` and converts with ``llama.from_hf`` / ``gpt2.from_hf``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Tuple
+
+import torch
+
+from ecospa.func import gpt2, llama
+from ecospa.func._hf_llama import LLAMA_TYPES
+
+FAMILIES = {**{t: "llama" for t in LLAMA_TYPES}, "gpt2": "gpt2"}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def _load_file(path: str) -> dict:
+    """Tensors of one safetensors or torch pickle file; ValueError naming a corrupt file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch raise their own error types
+        raise ValueError(f"cannot read weights from {path} (truncated or corrupt file?): "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def _shards(directory: str, index_name: str) -> list:
+    index_path = os.path.join(directory, index_name)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the shard index {index_path}: {err}") from err
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise ValueError(f"{index_path} lists shards that are not there: {missing[:3]}")
+    return [os.path.join(directory, f) for f in files]
+
+
+def read_state_dict(directory: str) -> dict:
+    """All weight tensors of an HF model directory, by HF name."""
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            break
+    else:
+        raise ValueError(f"{directory!r} has none of {_WEIGHT_FILES}; no weights to load")
+    if name.endswith(".index.json"):
+        files = _shards(directory, name)
+    else:
+        files = [os.path.join(directory, name)]
+    sd = {}
+    for path in files:
+        sd.update(_load_file(path))
+    return sd
+
+
+def _local_dir(path_or_id: str) -> str:
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise ValueError(f"{path_or_id!r} is a file; give the model directory that holds it")
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+        raise ValueError(f"no such model directory: {path_or_id!r}")
+    # A hub id. Needs the network, so the test suite (offline) cannot exercise this branch.
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ValueError("loading from the hub needs `pip install huggingface_hub`") from err
+    return snapshot_download(path_or_id, allow_patterns=[
+        "*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"])
+
+
+def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, object, dict]:
+    """Load a Hugging Face checkpoint as (family, cfg, params).
+
+    Args:
+      path_or_id: a local directory (config.json + weights) or a hub id such as
+        "HuggingFaceTB/SmolLM2-135M" (downloaded with huggingface_hub; needs the network).
+      dtype: the dtype of the returned weights (rotary frequencies stay float32).
+    Returns:
+      ("llama" or "gpt2", the family's Config, params).
+    Example:
+      family, cfg, params = load_hf("path/to/model")
+      logits = llama.forward(params, tokens, cfg)
+    """
+    directory = _local_dir(str(path_or_id))
+    config = _read_config(directory)
+    kind = config.get("model_type")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type {kind!r} is not supported; ecospa reads {sorted(FAMILIES)}")
+    family = FAMILIES[kind]
+    module = llama if family == "llama" else gpt2
+    cfg, params = module.from_hf(read_state_dict(directory), config, dtype=dtype)
+    return family, cfg, params
+
+
+def load_hf_tokenizer(path_or_id: str):
+    """The model's tokenizer via ``transformers.AutoTokenizer`` (needs the ``hf`` extra)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ValueError("loading a tokenizer needs `pip install ecospa[hf]` (transformers)") from err
+    return AutoTokenizer.from_pretrained(path_or_id)

@@ -1,0 +1,217 @@
+"""ecospa's functional forwards and converters against Hugging Face ``transformers``.
+
+The reference is the library everyone trusts: tiny random HF models (MHA, GQA, MQA, tied and
+untied, Qwen2 biases, GPT-2) must give the same logits as ``from_hf`` + the pure forward, and
+trees exported with ``to_hf`` / ``save_hf`` must load back into ``transformers`` unchanged.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ecospa  # noqa: E402
+from ecospa.func import gpt2, llama  # noqa: E402
+from ecospa.func._hf_llama import config_from_hf  # noqa: E402
+from ecospa.io.hf import load_hf  # noqa: E402
+from tolerances import HF, close  # noqa: E402
+
+DTYPES = [torch.float64, torch.float32]
+V, D, L, T = 64, 32, 2, 11
+LLAMA_VARIANTS = {  # name: (model class, kwargs)
+    "mha_tied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "mha_untied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "gqa_tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "gqa_untied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mqa_tied": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "mqa_untied_hd12": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=False, head_dim=12)),
+    "qwen2_gqa": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def _perturb(model):
+    """Random values everywhere (norm weights and biases too: HF initialises them to 1 / 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_llama(variant, dtype):
+    kind, kw = LLAMA_VARIANTS[variant]
+    conf = getattr(transformers, f"{kind}Config")(
+        vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+        intermediate_size=48, rope_theta=500.0, rms_norm_eps=1e-5, **kw)
+    conf._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}ForCausalLM")(conf).eval()
+    return _perturb(model).to(dtype)
+
+
+def hf_gpt2(dtype, n_inner=None):
+    conf = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=16,
+                                   n_inner=n_inner, bos_token_id=0, eos_token_id=0)
+    conf._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return _perturb(transformers.GPT2LMHeadModel(conf).eval()).to(dtype)
+
+
+def tokens(seed=1):
+    return torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, toks):
+    with torch.no_grad():
+        return model(toks).logits
+
+
+def noisy(tree, seed=0):
+    """A copy of an ecospa tree with every weight perturbed (rotary frequencies untouched)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def go(node, key=None):
+        if isinstance(node, dict):
+            return {k: go(v, k) for k, v in node.items()}
+        if isinstance(node, tuple):
+            return tuple(go(v) for v in node)
+        if key == "inv_freq":
+            return node
+        return node + 0.1 * torch.randn(node.shape, generator=g, dtype=torch.float64).to(node.dtype)
+
+    return go(tree)
+
+
+def assert_trees_equal(a, b):
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert_trees_equal(a[k], b[k])
+    elif isinstance(a, tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_trees_equal(x, y)
+    else:
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def random_scores(params, groups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = ecospa.validate(params, groups)
+    return {name: torch.rand(b, n, generator=g) for name, (b, n) in sizes.items()}
+
+
+# --- functional forward vs transformers --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_llama_forward_matches_transformers(variant, dtype):
+    model = hf_llama(variant, dtype)
+    cfg, params = llama.from_hf(model.state_dict(), model.config)
+    assert cfg.n_kv_heads == model.config.num_key_value_heads
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    assert cfg.attention_bias == variant.startswith("qwen2")
+    toks = tokens()
+    close(llama.forward(params, toks, cfg), hf_logits(model, toks), HF)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt2_forward_matches_transformers(dtype):
+    model = hf_gpt2(dtype, n_inner=40)
+    cfg, params = gpt2.from_hf(model.state_dict(), model.config)
+    assert cfg.ffn_dim == 40
+    toks = tokens()
+    close(gpt2.forward(params, toks, cfg), hf_logits(model, toks), HF)
+
+
+def test_from_hf_accepts_plain_names_and_dict_config():
+    """GGUF/other loaders pass HF names (with or without "model.") and a config.json dict."""
+    model = hf_llama("gqa_untied", torch.float64)
+    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
+    conf = json.loads(model.config.to_json_string())
+    cfg, params = llama.from_hf(sd, conf)
+    cfg_ref, ref = llama.from_hf(model.state_dict(), model.config)
+    assert cfg == cfg_ref
+    assert_trees_equal(params, ref)
+    before = {k: v.clone() for k, v in sd.items()}
+    params["layers"][0]["w_gate"].add_(1.0)  # the result must not alias the input
+    params["embed"].add_(1.0)
+    assert all(torch.equal(sd[k], before[k]) for k in sd)
+
+
+@pytest.mark.parametrize("conf, theta", [
+    ({"rope_theta": 123.0}, 123.0),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 77.0}}, 77.0),
+    ({"rope_theta": 5.0, "rope_scaling": None}, 5.0),
+])
+def test_rope_theta_from_either_transformers_version(conf, theta):
+    base = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=4)
+    assert config_from_hf({**base, **conf}).rope_theta == theta
+
+
+@pytest.mark.parametrize("conf, words", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "linear"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "llama3"),
+    ({"model_type": "falcon"}, "falcon"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "o_proj"),
+    ({"hidden_size": None}, "hidden_size"),
+])
+def test_unsupported_llama_configs_raise(conf, words):
+    base = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=4)
+    with pytest.raises(ValueError, match=words):
+        config_from_hf({**base, **conf})
+
+
+# --- to_hf round trips -------------------------------------------------------------------------
+
+LLAMA_CFGS = {
+    "gqa_untied": llama.Config(vocab_size=V, dim=D, n_layers=L, n_heads=4, n_kv_heads=2,
+                               ffn_dim=48, tie_embeddings=False, rope_theta=500.0),
+    "mqa_tied_hd12": llama.Config(vocab_size=V, dim=D, n_layers=L, n_heads=4, n_kv_heads=1,
+                                  head_dim=12, ffn_dim=40),
+    "qwen2_bias": llama.Config(vocab_size=V, dim=D, n_layers=L, n_heads=4, n_kv_heads=2,
+                               ffn_dim=48, attention_bias=True, tie_embeddings=False),
+}
+
+
+def fresh_hf(conf: dict):
+    conf = transformers.AutoConfig.for_model(**conf)
+    conf._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(conf).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(LLAMA_CFGS))
+def test_llama_to_hf_round_trip(name, dtype):
+    cfg = LLAMA_CFGS[name]
+    params = noisy(llama.init(cfg, seed=3, dtype=dtype))
+    sd, conf = llama.to_hf(params, cfg)
+    model = fresh_hf(conf).to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert unexpected == [] and missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
+    if cfg.tie_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    toks = tokens()
+    close(llama.forward(params, toks, cfg), hf_logits(model, toks), HF)
+    cfg2, back = llama.from_hf(sd, conf)
+    assert cfg2 == cfg
+    assert_trees_equal(back, params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt2_to_hf_round_trip(dtype):
+    cfg = gpt2.Config(vocab_size=V, dim=D, n_layers=L, n_heads=4, ffn_dim=40, max_seq_len=16)
+    params = noisy(gpt2.init(cfg, seed=3, dtype=dtype))
+    sd, conf = gpt2.to_hf(params, cfg)
+    model = fresh_hf(conf).to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert unexpected == [] and missing == ["lm_head.weight"]
+    toks = tokens()
+    close(gpt2.forward(params, toks, cfg), hf_logits(model, toks), HF)
+    cfg2, back = gpt2.from_hf(sd, conf)
+    assert cfg2 == cfg
+    assert_trees_equal(back, params)
