@@ -1,0 +1,168 @@
+"""Schedules: the learning rate (``warmup_cosine``) and the sparsity (``PruneSchedule``).
+
+A pruning schedule for pre-training from scratch (PAPER §5): ``warmup_steps`` dense steps, then
+``rounds`` pruning rounds ``every`` steps apart; importance is accumulated over the ``window``
+steps just before each round. The cumulative target after round r (0-based) samples the ramp,
+``final * ramp((r + 1) / rounds)``, with ``ramp(t) = 1 - (1 - t)**3`` (cubic, front-loaded, as in
+gradual magnitude pruning) or ``t`` (linear).
+
+Targets are always relative to the ORIGINAL dense model. After the first round the tree is
+smaller, so ``round_target`` converts a cumulative target into what ``ecospa.select`` must
+remove from the CURRENT tree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+from ecospa._types import Params
+from ecospa.groups import Group, validate
+from ecospa.select import Sparsity, _check_fraction
+
+
+def warmup_cosine(peak_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup`` steps, then cosine decay to
+    ``min_ratio * peak_lr`` at step ``total`` (constant after).
+
+    Example: ``lr = warmup_cosine(1e-3, 100, 1000); lr(0) == 1e-5``.
+    """
+    if not peak_lr >= 0 or warmup < 0 or total < 1 or warmup > total:
+        raise ValueError(f"need peak_lr >= 0 and 0 <= warmup <= total, total >= 1; got "
+                         f"peak_lr={peak_lr}, warmup={warmup}, total={total}")
+    if not 0 <= min_ratio <= 1:
+        raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
+
+    def lr(step: int) -> float:
+        if step < warmup:
+            return peak_lr * (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return peak_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    return lr
+
+
+RAMPS = {"cubic": lambda t: 1.0 - (1.0 - t) ** 3, "linear": lambda t: t}
+Target = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """When to prune and how much (cumulative, relative to the dense model).
+
+    warmup_steps: dense steps before the first estimation window starts.
+    window: steps of importance accumulation before each round.
+    rounds: number of pruning rounds (0: stay dense).
+    every: steps between rounds (default: ``window``); must be >= ``window``.
+    ramp: "cubic" or "linear" (how the cumulative target grows over the rounds).
+    sparsity: final fraction of units removed per group (float or {kind: float}); or
+    budget: final fraction of the groups' parameters removed, allocated globally.
+    (Neither given: sparsity 0.5.)
+    """
+
+    warmup_steps: int = 100
+    window: int = 20
+    rounds: int = 1
+    every: Optional[int] = None
+    ramp: str = "cubic"
+    sparsity: Optional[Sparsity] = None
+    budget: Optional[float] = None
+
+    def __post_init__(self):
+        if self.sparsity is not None and self.budget is not None:
+            raise ValueError("PruneSchedule: give exactly one of sparsity= or budget=")
+        if self.sparsity is None and self.budget is None:
+            object.__setattr__(self, "sparsity", 0.5)
+        if self.ramp not in RAMPS:
+            raise ValueError(f"ramp must be one of {sorted(RAMPS)}, got {self.ramp!r}")
+        if min(self.warmup_steps, self.rounds) < 0 or self.window < 1:
+            raise ValueError(f"need warmup_steps >= 0, rounds >= 0, window >= 1; got {self}")
+        if self.every is not None and self.every < self.window:
+            raise ValueError(f"every={self.every} must be >= window={self.window}: "
+                             "estimation windows may not overlap a previous round")
+        for kind, v in self._final_items():
+            _check_fraction(v, f"{'budget' if self.budget is not None else 'sparsity'}[{kind}]")
+
+    def _final_items(self):
+        final = self.budget if self.budget is not None else self.sparsity
+        return final.items() if isinstance(final, Mapping) else [("all", final)]
+
+    @property
+    def final(self) -> Target:
+        return self.budget if self.budget is not None else self.sparsity
+
+    def _scaled(self, f: float) -> Target:
+        final = self.final
+        if isinstance(final, Mapping):
+            return {k: v * f for k, v in final.items()}
+        return final * f
+
+    def is_dense(self) -> bool:
+        return self.rounds == 0 or all(v == 0 for _, v in self._final_items())
+
+    def rounds_at(self) -> list:
+        """[(step, cumulative target)] for every round; the round runs before step ``step``."""
+        if self.is_dense():
+            return []
+        every = self.every or self.window
+        ramp = RAMPS[self.ramp]
+        return [(self.warmup_steps + self.window + r * every, self._scaled(ramp((r + 1) / self.rounds)))
+                for r in range(self.rounds)]
+
+    def target_at(self, step: int) -> Target:
+        """Cumulative target in force at ``step`` (0 before the first round)."""
+        current = self._scaled(0.0)
+        for s, target in self.rounds_at():
+            if s <= step:
+                current = target
+        return current
+
+    def in_window(self, step: int) -> bool:
+        """Whether step ``step``'s gradients feed the importance estimate of the next round."""
+        return any(s - self.window <= step < s for s, _ in self.rounds_at())
+
+
+def dense_sizes(params: Params, groups: Sequence[Group]) -> dict:
+    """What ``round_target`` needs to remember about the dense model:
+    {group name: (n_units, parameters of the group)}."""
+    sizes = validate(params, groups)
+    return {g.name: (sizes[g.name][1], sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params))
+            for g in groups}
+
+
+def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tuple], params: Params,
+                 by: str = "sparsity") -> dict:
+    """Convert a cumulative target (relative to the dense model) into ``select`` arguments for
+    the CURRENT, possibly already pruned, ``params``.
+
+    by="sparsity": returns {"sparsity": {kind: fraction of the current units to remove}} so that
+      every group keeps round((1 - target) * dense units) (never more than it has now).
+    by="budget": returns {"budget": fraction of the current group parameters to remove} so that
+      (1 - target) * dense group parameters remain.
+    Example:
+      keep = ecospa.select(params, groups, scores, **round_target(0.3, groups, dense, params))
+    """
+    sizes = validate(params, groups)
+    if by == "budget":
+        if isinstance(target, Mapping):
+            raise ValueError("a budget is one global fraction, not a per-kind dict")
+        total0 = sum(dense[g.name][1] for g in groups)
+        now = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
+        return {"budget": max(0.0, 1.0 - total0 * (1.0 - target) / now) if now else 0.0}
+    if by != "sparsity":
+        raise ValueError(f"by must be 'sparsity' or 'budget', got {by!r}")
+    out: dict = {}
+    for g in groups:
+        frac = target.get(g.kind, 0.0) if isinstance(target, Mapping) else target
+        n0, n = dense[g.name][0], sizes[g.name][1]
+        want = max(1, min(n, round((1.0 - frac) * n0)))
+        # (want + 0.25) / n keeps round((1 - f) * n) == want away from a .5 rounding edge.
+        f = min(max(0.0, 1.0 - (want + 0.25) / n), 1.0 - 1e-12) if want < n else 0.0
+        if out.get(g.kind, f) != f:
+            raise ValueError(f"groups of kind {g.kind!r} differ in size, so one fraction per kind "
+                             f"cannot hit the target; prune them with a budget instead")
+        out[g.kind] = f
+    return {"sparsity": out}
+
+
+__all__ = ["warmup_cosine", "PruneSchedule", "RAMPS", "dense_sizes", "round_target"]

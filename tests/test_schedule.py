@@ -1,0 +1,88 @@
+"""Learning-rate and sparsity schedules; cumulative targets relative to the dense model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ecospa
+from ecospa.func import llama
+from ecospa.schedule import PruneSchedule, dense_sizes, round_target, warmup_cosine
+
+
+def test_warmup_cosine_shape():
+    lr = warmup_cosine(1.0, 10, 110, min_ratio=0.1)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    vals = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ValueError):
+        warmup_cosine(1.0, 20, 10)
+
+
+def test_rounds_follow_the_ramp():
+    s = PruneSchedule(warmup_steps=100, window=10, rounds=4, every=50, ramp="cubic", sparsity=0.8)
+    rounds = s.rounds_at()
+    assert [r for r, _ in rounds] == [110, 160, 210, 260]
+    for i, (_, t) in enumerate(rounds):
+        assert t == pytest.approx(0.8 * (1 - (1 - (i + 1) / 4) ** 3))
+    assert rounds[-1][1] == pytest.approx(0.8)
+    lin = PruneSchedule(warmup_steps=0, window=5, rounds=2, ramp="linear", sparsity={"mlp": 0.5, "qk": 0.2})
+    assert lin.rounds_at() == [(5, {"mlp": 0.25, "qk": 0.1}), (10, {"mlp": 0.5, "qk": 0.2})]
+    assert s.target_at(109) == 0.0 and s.target_at(170) == rounds[1][1]
+    assert s.in_window(100) and s.in_window(109) and not s.in_window(110) and not s.in_window(99)
+    assert PruneSchedule(sparsity=0.0).rounds_at() == []
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneSchedule(sparsity=0.5, budget=0.5)
+    with pytest.raises(ValueError, match="ramp"):
+        PruneSchedule(ramp="exp")
+    with pytest.raises(ValueError, match="every"):
+        PruneSchedule(window=10, every=5, rounds=2)
+    with pytest.raises(ValueError, match="sparsity"):
+        PruneSchedule(sparsity=1.0)
+
+
+CFG = llama.Config(vocab_size=11, dim=8, n_layers=2, n_heads=2, head_dim=8, ffn_dim=30)
+
+
+def _prune(params, groups, target_kwargs):
+    scores = {g.name: torch.rand(*g.sizes(params), generator=torch.Generator().manual_seed(3),
+                                 dtype=torch.float64) for g in groups}
+    return ecospa.slice_units(params, groups, ecospa.select(params, groups, scores, **target_kwargs))
+
+
+@pytest.mark.parametrize("ramp", ["cubic", "linear"])
+def test_cumulative_sparsity_relative_to_dense(ramp):
+    params = llama.init(CFG)
+    groups = llama.coupled_groups(CFG)
+    dense = dense_sizes(params, groups)
+    sched = PruneSchedule(warmup_steps=0, window=1, rounds=3, ramp=ramp, sparsity={"mlp": 0.7, "qk": 0.5})
+    for _, target in sched.rounds_at():
+        params = _prune(params, groups, round_target(target, groups, dense, params))
+        sizes = ecospa.validate(params, groups)
+        for g in groups:
+            frac = target.get(g.kind, 0.0)
+            assert sizes[g.name][1] == max(1, round((1 - frac) * dense[g.name][0])), (g.name, target)
+    assert ecospa.validate(params, groups)["layers.0.mlp"][1] == 9  # 30 * 0.3
+    assert ecospa.validate(params, groups)["layers.0.qk"][1] == 2  # 4 pairs * 0.5
+
+
+def test_cumulative_budget_relative_to_dense():
+    params = llama.init(CFG)
+    groups = llama.coupled_groups(CFG)
+    dense = dense_sizes(params, groups)
+    total0 = sum(v[1] for v in dense.values())
+    sched = PruneSchedule(warmup_steps=0, window=1, rounds=3, budget=0.6)
+    for _, target in sched.rounds_at():
+        params = _prune(params, groups, round_target(target, groups, dense, params, by="budget"))
+        now = sum(v[1] for v in dense_sizes(params, groups).values())
+        # Whole columns only: the kept total is at most the target and within one column of it.
+        assert now <= total0 * (1 - target) + 1e-9
+        assert now > total0 * (1 - target) - max(g.numel_per_unit(params) * 2 for g in groups)
+    assert math.isclose(1 - now / total0, 0.6, abs_tol=0.05)
