@@ -1,0 +1,246 @@
+"""Read LLaMA-architecture GGUF files (llama.cpp's format) into ecospa parameter trees.
+
+``load_gguf(path)`` dequantizes every tensor (Q4_1, Q8_0, F16, ... via the ``gguf`` package),
+renames it to the Hugging Face convention, UNDOES the Q/K row permutation llama.cpp's converter
+applies for its interleaved rotary layout, and builds the tree with ``llama.from_hf``.
+``gguf_tokenizer(path)`` builds a ``tokenizers`` byte-level BPE from the file's metadata.
+
+Needs the optional ``gguf`` package (``pip install gguf``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+_CONFIG_KEYS = {  # GGUF metadata key (after "llama.") -> HF config.json key
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "context_length": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+}
+_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+
+_LAYER_NAMES = {  # GGUF name inside "blk.N." -> HF name inside "model.layers.N."
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ModuleNotFoundError as err:
+        raise ValueError("reading GGUF files needs the 'gguf' package: pip install gguf") from err
+    return gguf
+
+
+def _reader(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path!r}")
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # numpy/struct errors on truncated or foreign files
+        raise ValueError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def _value(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def hf_config(reader) -> dict:
+    """An HF-style config dict (config.json keys) from a GGUF reader's llama.* metadata."""
+    arch = _value(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' files are supported "
+                         "(LLaMA, SmolLM, TinyLlama, Mistral-style dense decoders)")
+    cfg = {"model_type": "llama"}
+    for key, name in _CONFIG_KEYS.items():
+        v = _value(reader, f"llama.{key}")
+        if v is not None:
+            cfg[name] = v
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {missing}: the file is not a complete llama model")
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    cfg.setdefault("rope_theta", 10000.0)
+    cfg.setdefault("rms_norm_eps", 1e-5)
+    cfg["head_dim"] = _value(reader, "llama.rope.dimension_count") or \
+        cfg["hidden_size"] // cfg["num_attention_heads"]
+    if "vocab_size" not in cfg:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        cfg["vocab_size"] = len(tokens.data) if tokens is not None else None
+    names = {t.name for t in reader.tensors}
+    cfg["tie_word_embeddings"] = "output.weight" not in names
+    return cfg
+
+
+def _array(tensor, gguf) -> np.ndarray:
+    """Dequantized tensor in numpy order (GGUF lists dims reversed: [in, out] -> [out, in])."""
+    kind = tensor.tensor_type
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                gguf.GGMLQuantizationType.F64):
+        data = np.asarray(tensor.data)
+    else:
+        data = gguf.quants.dequantize(tensor.data, kind)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"tensor {tensor.name!r}: {data.size} values for shape {shape}; "
+                         "the file is truncated or corrupt")
+    return data.reshape(shape)
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's Q/K row permutation (interleaved rotary pairs -> rotate-half).
+
+    The converter does, per head: ``w.reshape(n_head, 2, hd//2, dim).swapaxes(1, 2).reshape(w.shape)``.
+    """
+    rows = w.shape[0]
+    hd = rows // n_head
+    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # [H*hd, ...]
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's Q/K row permutation (what its converter writes); ``unpermute`` inverts it."""
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...) from a GGUF reader."""
+    gguf = _gguf()
+    out = {}
+    for t in reader.tensors:
+        stem, _, suffix = t.name.rpartition(".")
+        parts = stem.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+        elif stem in _TOP_NAMES:
+            name = f"{_TOP_NAMES[stem]}.{suffix}"
+        else:
+            continue  # e.g. rope_freqs: recomputed from rope_theta
+        try:
+            w = torch.from_numpy(np.array(_array(t, gguf), dtype=np.float32)).to(dtype)
+        except ValueError:
+            raise
+        except Exception as err:
+            raise ValueError(f"tensor {t.name!r} could not be read ({err}); "
+                             "the file is truncated or corrupt") from err
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            heads = cfg["num_attention_heads"] if parts[2] == "attn_q" else cfg["num_key_value_heads"]
+            w = unpermute(w, heads)
+        out[name] = w
+    _check_complete(out, cfg)
+    return out
+
+
+def _check_complete(sd: dict, cfg: dict) -> None:
+    need = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        need += [f"model.layers.{i}.{n}.weight" for n in _LAYER_NAMES.values()]
+    missing = [n for n in need if n not in sd]
+    if missing:
+        raise ValueError(f"GGUF file lacks {len(missing)} required tensors, e.g. {missing[:3]}")
+
+
+def _from_hf(sd: dict, cfg: dict):
+    try:
+        from ecospa.func._hf_llama import from_hf
+    except ImportError:
+        from ecospa.func.llama import from_hf  # helper A may re-export it here
+    return from_hf(sd, cfg)
+
+
+def tokenizer_info(reader) -> dict:
+    """The tokenizer.ggml.* metadata as a plain dict (tokens, merges, token_type, ids, model)."""
+    info = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            info[key[len("tokenizer.ggml."):]] = field.contents()
+    return info
+
+
+def load_gguf(path, dtype: torch.dtype = torch.float32):
+    """Load a LLaMA-architecture GGUF file as an ecospa model.
+
+    Args:
+      path: the .gguf file.
+      dtype: dtype of the returned parameters (quantized blocks are dequantized first).
+    Returns:
+      (cfg, params, tokenizer_info): ``llama.Config``, the parameter tree, and the
+      ``tokenizer.ggml.*`` metadata (pass the path to ``gguf_tokenizer`` for a tokenizer).
+    Example:
+      cfg, params, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    """
+    reader = _reader(path)
+    cfg = hf_config(reader)
+    sd = hf_state_dict(reader, cfg, dtype)
+    model_cfg, params = _from_hf(sd, cfg)
+    return model_cfg, params, tokenizer_info(reader)
+
+
+def _byte_alphabet() -> dict:
+    """GPT-2's byte -> printable-unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(info: dict):
+    """A ``tokenizers.Tokenizer`` (byte-level BPE) from ``tokenizer_info`` metadata.
+
+    Built the way transformers builds a tokenizer from a GGUF ("gpt2" model): BPE over the
+    file's vocabulary and merges, GPT-2 byte-level pre-tokenizer without a prefix space, and the
+    tokens marked CONTROL (type 3) kept whole as special tokens.
+    """
+    if info.get("model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {info.get('model')!r} is not supported; "
+                         "only byte-level BPE ('gpt2') is")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    alphabet = _byte_alphabet()
+    chars = set(alphabet.values())
+    vocab = {}
+    for i, tok in enumerate(info["tokens"]):
+        if not set(tok) <= chars:
+            tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
+    merges = [tuple(m.split(" ")) for m in info.get("merges", [])]
+    tk = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    types = info.get("token_type") or []
+    special = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(info["tokens"], types) if ty == 3 and set(t) <= chars]
+    if special:
+        tk.add_special_tokens(special)
+    return tk
+
+
+def gguf_tokenizer(path):
+    """A ``tokenizers.Tokenizer`` built from the GGUF file's tokenizer metadata."""
+    return build_tokenizer(tokenizer_info(_reader(path)))
+
+
+__all__ = ["load_gguf", "gguf_tokenizer", "build_tokenizer", "hf_config", "hf_state_dict",
+           "tokenizer_info", "permute", "unpermute"]
