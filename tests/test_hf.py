@@ -28,6 +28,7 @@ LLAMA_VARIANTS = {  # name: (model class, kwargs)
     "mqa_tied": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "mqa_untied_hd12": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=False, head_dim=12)),
     "qwen2_gqa": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral_gqa": ("Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
 }
 
 
@@ -190,6 +191,8 @@ def test_llama_to_hf_round_trip(name, dtype):
     cfg = LLAMA_CFGS[name]
     params = noisy(llama.init(cfg, seed=3, dtype=dtype))
     sd, conf = llama.to_hf(params, cfg)
+    # transformers 4 reads the top-level key, 5 reads rope_parameters: both must hold theta.
+    assert conf["rope_theta"] == conf["rope_parameters"]["rope_theta"] == cfg.rope_theta
     model = fresh_hf(conf).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert unexpected == [] and missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
@@ -215,3 +218,157 @@ def test_gpt2_to_hf_round_trip(dtype):
     cfg2, back = gpt2.from_hf(sd, conf)
     assert cfg2 == cfg
     assert_trees_equal(back, params)
+
+
+# --- pruned export through save_hf and from_pretrained ------------------------------------------
+
+def _from_pretrained(directory, dtype):
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    assert model.dtype == dtype  # save_hf records the dtype; transformers loads it back
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pruned_llama_exports_to_transformers(tmp_path, dtype):
+    cfg = LLAMA_CFGS["gqa_untied"]
+    params = noisy(llama.init(cfg, seed=4, dtype=dtype))
+    groups = llama.coupled_groups(cfg)
+    small = ecospa.pruner(groups, sparsity={"mlp": 0.5})(params, random_scores(params, groups))
+    assert small["layers"][0]["w_up"].shape == (D, 24)
+    out = llama.save_hf(small, cfg, tmp_path / "pruned")
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    model = _from_pretrained(out, dtype)
+    assert model.config.intermediate_size == 24
+    toks = tokens()
+    close(llama.forward(small, toks, cfg), hf_logits(model, toks), HF)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pruned_gpt2_exports_to_transformers(tmp_path, dtype):
+    model0 = hf_gpt2(dtype)
+    cfg, params = gpt2.from_hf(model0.state_dict(), model0.config)
+    groups = gpt2.coupled_groups(cfg)
+    small = ecospa.pruner(groups, sparsity={"mlp": 0.5})(params, random_scores(params, groups))
+    out = gpt2.save_hf(small, cfg, tmp_path / "pruned")
+    model = _from_pretrained(out, dtype)
+    assert model.config.n_inner == 2 * D
+    toks = tokens()
+    close(gpt2.forward(small, toks, cfg), hf_logits(model, toks), HF)
+
+
+def test_save_hf_replaces_an_existing_directory(tmp_path):
+    cfg = LLAMA_CFGS["mqa_tied_hd12"]
+    a, b = noisy(llama.init(cfg), seed=1), noisy(llama.init(cfg), seed=2)
+    llama.save_hf(a, cfg, tmp_path / "m")
+    llama.save_hf(b, cfg, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temp or old directories left behind
+    _, _, loaded = load_hf(tmp_path / "m")
+    assert_trees_equal(loaded, b)
+
+
+# --- what cannot be exported ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["qk", "vo"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_pruned_export_raises(tmp_path, family, kind):
+    mod = llama if family == "llama" else gpt2
+    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else gpt2.Config(vocab_size=V, dim=D, n_heads=4)
+    params = mod.init(cfg)
+    groups = mod.coupled_groups(cfg)
+    small = ecospa.pruner(groups, sparsity={kind: 0.5})(params, random_scores(params, groups))
+    with pytest.raises(ValueError, match=r"layer 0: attention was pruned.*scale"):
+        mod.to_hf(small, cfg)
+    with pytest.raises(ValueError, match="attention was pruned"):
+        mod.save_hf(small, cfg, tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_layer_mlp_widths_export_raises(family):
+    mod = llama if family == "llama" else gpt2
+    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else gpt2.Config(vocab_size=V, dim=D, n_heads=4)
+    params = mod.init(cfg)
+    groups = mod.coupled_groups(cfg)
+    keep = ecospa.keep_all(params, groups)
+    keep = {**keep, "layers.1.mlp": keep["layers.1.mlp"][:, :5]}
+    with pytest.raises(ValueError, match="MLP widths differ"):
+        mod.to_hf(ecospa.slice_units(params, groups, keep), cfg)
+
+
+def test_reordered_rotary_frequencies_export_raises():
+    cfg = LLAMA_CFGS["gqa_untied"]
+    params = llama.init(cfg)
+    layer = dict(params["layers"][1], inv_freq=params["layers"][1]["inv_freq"].flip(-1))
+    bad = dict(params, layers=(params["layers"][0], layer))
+    with pytest.raises(ValueError, match="layer 1: inv_freq"):
+        llama.to_hf(bad, cfg)
+
+
+# --- load_hf on directories ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_load_hf_reads_save_pretrained(tmp_path, family):
+    model = hf_gpt2(torch.float32) if family == "gpt2" else hf_llama(
+        "qwen2_gqa" if family == "qwen2" else "gqa_tied", torch.float32)
+    model.save_pretrained(tmp_path)
+    fam, cfg, params = load_hf(str(tmp_path), dtype=torch.float64)
+    assert fam == ("gpt2" if family == "gpt2" else "llama")
+    assert params["layers"][0]["wq"].dtype == torch.float64
+    toks = tokens()
+    mod = gpt2 if family == "gpt2" else llama
+    close(mod.forward(params, toks, cfg).float(), hf_logits(model, toks), HF)
+
+
+def test_load_hf_reads_shards_and_pickles(tmp_path):
+    model = hf_llama("gqa_untied", torch.float32)
+    _, _, ref = load_hf(_saved(model, tmp_path / "one"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    _, _, sharded = load_hf(tmp_path / "sharded")
+    assert_trees_equal(sharded, ref)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(model.config.to_json_string())
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    _, _, pickled = load_hf(tmp_path / "bin")
+    assert_trees_equal(pickled, ref)
+
+
+def _saved(model, directory):
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_load_hf_truncated_safetensors_raises(tmp_path):
+    d = _saved(hf_llama("gqa_tied", torch.float32), tmp_path)
+    path = d / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        load_hf(d)
+
+
+def test_load_hf_mismatched_config_names_the_tensor(tmp_path):
+    d = _saved(hf_llama("gqa_tied", torch.float32), tmp_path)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "intermediate_size": 40}))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight.*\(48, 32\).*\(40, 32\)"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="lacks .*model.layers.2"):
+        load_hf(d)
+
+
+@pytest.mark.parametrize("setup, words", [
+    ("nothing", "no such model directory"),
+    ("empty", "no config.json"),
+    ("no_weights", "no weights"),
+    ("bert", "model_type 'bert' is not supported"),
+])
+def test_load_hf_bad_directories_raise(tmp_path, setup, words):
+    d = tmp_path / "m"
+    if setup != "nothing":
+        d.mkdir()
+    if setup in ("no_weights", "bert"):
+        (d / "config.json").write_text(json.dumps({"model_type": "llama" if setup == "no_weights"
+                                                   else "bert"}))
+    with pytest.raises(ValueError, match=words):
+        load_hf(str(d))
