@@ -1,0 +1,58 @@
+"""Shared helpers for the benchmark scripts: conditions, timing, results files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+
+def conditions(device: str, dtype: torch.dtype, **settings) -> dict:
+    """Everything a reader needs to interpret the numbers."""
+    import transformers  # noqa: F401  (version recorded when present)
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), **settings}
+    try:
+        info["transformers"] = transformers.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_results(path: str, payload: dict) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

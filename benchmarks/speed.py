@@ -1,0 +1,178 @@
+"""Speed and memory of pruned models vs dense, measured in one run; ratios against FLOP-ideal.
+
+    python benchmarks/speed.py            # full CPU run (LLaMA-60M and GPT-2-small shapes)
+    python benchmarks/speed.py --quick    # minutes-scale smoke run (smaller shapes)
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --models llama-350m llama-1b
+
+For each model and kept fraction f in {1.0, 0.75, 0.5, 0.4} every coupled group keeps a fraction f of
+its units (uniformly; which units does not matter for speed). Reported per fraction:
+prefill latency (batch 1 and 8), training step (forward + backward + AdamW), eager and optionally
+torch.compile'd, as medians; speedup = dense time / pruned time; FLOP-ideal speedup = dense linear
+FLOPs / pruned linear FLOPs (all projections plus the unpruned LM head); efficiency = speedup / ideal.
+Memory: bytes of params + grads + AdamW moments (exact, from the tensors), ratio to dense.
+Functional overhead: ecospa's dense forward vs transformers' forward of the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import ecospa
+from ecospa import optim
+from ecospa.func import gpt2, llama
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import conditions, median_time, write_results  # noqa: E402
+
+MODELS = {
+    # name: (module, config). Shapes of the published protocols (GaLore LLaMA, GPT-2).
+    "llama-60m": (llama, dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, ffn_dim=1376)),
+    "gpt2-small": (gpt2, dict(vocab_size=50257, dim=768, n_layers=12, n_heads=12, ffn_dim=3072)),
+    "llama-350m": (llama, dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, ffn_dim=2736)),
+    "llama-1b": (llama, dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=32, ffn_dim=5461)),
+    # quick-mode stand-ins with the same structure
+    "llama-tiny": (llama, dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=688)),
+    "gpt2-tiny": (gpt2, dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=1024)),
+}
+FRACTIONS = (1.0, 0.75, 0.5, 0.4)
+
+
+def linear_flops_per_token(params, model) -> int:
+    """2 * (weights of every projection + the LM head); embeddings lookups and norms excluded."""
+    skip = {"embed", "wpe", "inv_freq"}
+    total = 0
+    for path, leaf in zip(*ecospa._tree.optree.tree_flatten_with_path(params)[:2]):
+        if leaf.ndim >= 2 and path[-1] not in skip:
+            total += leaf.numel()
+    if model is llama and "lm_head" not in params:
+        total += params["embed"].numel()  # tied head: one leaf used twice
+    return 2 * total
+
+
+def nbytes(tree) -> int:
+    return sum(x.numel() * x.element_size() for x in ecospa._tree.optree.tree_leaves(tree))
+
+
+def shrink(params, groups, fraction):
+    if fraction >= 1.0:
+        return params
+    scores = {g.name: torch.arange(g.sizes(params)[1], dtype=torch.float64).expand(g.sizes(params))
+              for g in groups}
+    return ecospa.pruner(groups, sparsity=1.0 - fraction)(params, scores)
+
+
+def bench_model(name, args, device, dtype):
+    module, kw = MODELS[name]
+    cfg = module.Config(**kw, **({"max_seq_len": max(1024, args.seq)} if module is gpt2 else {}))
+    dense = module.init(cfg, seed=0, dtype=dtype)
+    dense = ecospa._tree.optree.tree_map(lambda x: x.to(device), dense)
+    groups = module.coupled_groups(cfg)
+    gen = torch.Generator().manual_seed(0)
+    toks = {b: torch.randint(0, cfg.vocab_size, (b, args.seq + 1), generator=gen).to(device)
+            for b in (1, args.train_batch, 8)}
+    opt = optim.adamw(1e-4)
+
+    def loss_fn(p, batch):
+        logits = module.forward(p, batch[:, :-1], cfg)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    rows = []
+    for frac in FRACTIONS:
+        p = shrink(dense, groups, frac)
+        state = opt.init(p)
+        grad_fn = torch.func.grad_and_value(loss_fn)
+        row = {"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in ecospa._tree.optree.tree_leaves(p)),
+               "linear_flops_per_token": linear_flops_per_token(p, module),
+               "train_state_bytes": 4 * nbytes(p)}  # params + grads + mu + nu
+        modes = ["eager"] + (["compiled"] if args.compile else [])
+        for mode in modes:
+            fwd = module.forward if mode == "eager" else torch.compile(module.forward)
+            step_grad = grad_fn if mode == "eager" else torch.compile(grad_fn)
+            with torch.no_grad():
+                for b in (1, 8):
+                    x = toks[b][:, :-1]
+                    row[f"prefill_b{b}_{mode}_s"] = median_time(lambda: fwd(p, x, cfg), device, args.warmup, args.reps)
+
+            def train_step():
+                g, loss = step_grad(p, toks[args.train_batch])
+                return opt.update(g, state, p)
+            row[f"train_step_{mode}_s"] = median_time(train_step, device, args.warmup, args.reps)
+        rows.append(row)
+        print(f"  {name} kept={frac:.2f} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                         if k.endswith("_s")), flush=True)
+    base = rows[0]
+    for r in rows:
+        r["flop_ideal_speedup"] = base["linear_flops_per_token"] / r["linear_flops_per_token"]
+        r["memory_ratio"] = r["train_state_bytes"] / base["train_state_bytes"]
+        r["params_ratio"] = r["params"] / base["params"]
+        for k in [k for k in r if k.endswith("_s")]:
+            stem = k[: -len("_s")]
+            r[stem + "_speedup"] = base[k] / r[k]
+            r[stem + "_efficiency"] = r[stem + "_speedup"] / r["flop_ideal_speedup"]
+    return rows, overhead(module, cfg, dense, toks[8][:, :-1], device, args) if args.overhead else None
+
+
+def overhead(module, cfg, params, x, device, args):
+    """ecospa's functional forward vs transformers' forward on the same weights (eager)."""
+    try:
+        import transformers
+    except ImportError:
+        return {"skipped": "transformers not installed"}
+    sd, conf = module.to_hf(params, cfg)
+    cls = transformers.LlamaForCausalLM if module is llama else transformers.GPT2LMHeadModel
+    conf_cls = transformers.LlamaConfig if module is llama else transformers.GPT2Config
+    hf = cls(conf_cls(**conf)).to(device=device, dtype=params["layers"][0]["wq"].dtype).eval()
+    hf.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        t_hf = median_time(lambda: hf(x).logits, device, args.warmup, args.reps)
+        t_fn = median_time(lambda: module.forward(params, x, cfg), device, args.warmup, args.reps)
+    return {"batch": x.shape[0], "seq": x.shape[1], "transformers_s": t_hf, "ecospa_s": t_fn,
+            "ecospa_over_transformers": t_fn / t_hf}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI smoke)")
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--train-batch", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward and step")
+    ap.add_argument("--no-overhead", dest="overhead", action="store_false")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.models = args.models or (["llama-tiny", "gpt2-tiny"] if q else ["llama-60m", "gpt2-small"])
+    args.seq = args.seq or (64 if q else 256)
+    args.train_batch = args.train_batch or (2 if q else 4)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    args.reps = args.reps or (3 if q else 7)
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                        f"speed{'_quick' if q else ''}_{args.device}.json")
+    dtype = getattr(torch, args.dtype)
+    cond = conditions(args.device, dtype, seq=args.seq, train_batch=args.train_batch, warmup=args.warmup,
+                      reps=args.reps, compile=args.compile, models=args.models, fractions=FRACTIONS)
+    print("conditions:", cond, flush=True)
+    results = {"conditions": cond, "rows": [], "overhead": {}}
+    for name in args.models:
+        rows, ov = bench_model(name, args, args.device, dtype)
+        results["rows"] += rows
+        results["overhead"][name] = ov
+        write_results(args.out, results)  # after each model: a long run keeps what it measured
+    for r in results["rows"]:
+        print(f"{r['model']:>11} kept={r['kept_fraction']:.2f} ideal={r['flop_ideal_speedup']:.2f}x "
+              f"prefill_b8={r['prefill_b8_eager_speedup']:.2f}x ({r['prefill_b8_eager_efficiency']:.0%}) "
+              f"train={r['train_step_eager_speedup']:.2f}x ({r['train_step_eager_efficiency']:.0%}) "
+              f"mem={r['memory_ratio']:.2f}")
+    print("overhead:", results["overhead"])
+
+
+if __name__ == "__main__":
+    main()
