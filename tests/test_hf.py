@@ -26,7 +26,8 @@ LLAMA_VARIANTS = {  # name: (model class, kwargs)
     "gqa_tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "gqa_untied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mqa_tied": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
-    "mqa_untied_hd12": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=False, head_dim=12)),
+    "mqa_untied_hd12": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=False,
+                                      head_dim=12)),
     "qwen2_gqa": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral_gqa": ("Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
 }
@@ -223,7 +224,8 @@ def test_gpt2_to_hf_round_trip(dtype):
 # --- pruned export through save_hf and from_pretrained ------------------------------------------
 
 def _from_pretrained(directory, dtype):
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory,
+                                                              attn_implementation="eager")
     assert model.dtype == dtype  # save_hf records the dtype; transformers loads it back
     return model.eval()
 
@@ -268,11 +270,14 @@ def test_save_hf_replaces_an_existing_directory(tmp_path):
 
 # --- what cannot be exported ---------------------------------------------------------------------
 
+GPT2_CFG = gpt2.Config(vocab_size=V, dim=D, n_heads=4)
+
+
 @pytest.mark.parametrize("kind", ["qk", "vo"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_attention_pruned_export_raises(tmp_path, family, kind):
     mod = llama if family == "llama" else gpt2
-    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else gpt2.Config(vocab_size=V, dim=D, n_heads=4)
+    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else GPT2_CFG
     params = mod.init(cfg)
     groups = mod.coupled_groups(cfg)
     small = ecospa.pruner(groups, sparsity={kind: 0.5})(params, random_scores(params, groups))
@@ -286,7 +291,7 @@ def test_attention_pruned_export_raises(tmp_path, family, kind):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_per_layer_mlp_widths_export_raises(family):
     mod = llama if family == "llama" else gpt2
-    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else gpt2.Config(vocab_size=V, dim=D, n_heads=4)
+    cfg = LLAMA_CFGS["gqa_untied"] if family == "llama" else GPT2_CFG
     params = mod.init(cfg)
     groups = mod.coupled_groups(cfg)
     keep = ecospa.keep_all(params, groups)
@@ -350,7 +355,7 @@ def test_load_hf_mismatched_config_names_the_tensor(tmp_path):
     d = _saved(hf_llama("gqa_tied", torch.float32), tmp_path)
     conf = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**conf, "intermediate_size": 40}))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight.*\(48, 32\).*\(40, 32\)"):
+    with pytest.raises(ValueError, match=r"layers.0.mlp.gate_proj.weight.*\(48, 32\).*\(40, 32\)"):
         load_hf(d)
     (d / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="lacks .*model.layers.2"):
@@ -372,3 +377,14 @@ def test_load_hf_bad_directories_raise(tmp_path, setup, words):
                                                    else "bert"}))
     with pytest.raises(ValueError, match=words):
         load_hf(str(d))
+
+
+def test_gpt2_from_hf_accepts_old_checkpoint_names():
+    """openai-community/gpt2's files: no "transformer." prefix, causal-mask buffers stored."""
+    model = hf_gpt2(torch.float64)
+    sd = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
+    for i in range(L):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    cfg, params = gpt2.from_hf(sd, json.loads(model.config.to_json_string()))
+    assert_trees_equal(params, gpt2.from_hf(model.state_dict(), model.config)[1])

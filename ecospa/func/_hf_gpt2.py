@@ -47,7 +47,8 @@ def config_from_hf(config: Any):
 def expected_shapes(cfg) -> dict:
     """Every HF tensor name (with the "transformer." prefix) for ``cfg`` -> shape."""
     D, F_ = cfg.dim, cfg.ffn_dim
-    out = {"transformer.wte.weight": (cfg.vocab_size, D), "transformer.wpe.weight": (cfg.max_seq_len, D),
+    out = {"transformer.wte.weight": (cfg.vocab_size, D),
+           "transformer.wpe.weight": (cfg.max_seq_len, D),
            "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,)}
     layer = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.c_attn.weight": (D, 3 * D),
              "attn.c_attn.bias": (3 * D,), "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,),

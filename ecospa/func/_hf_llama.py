@@ -42,7 +42,9 @@ def _rope_theta(c: dict) -> float:
     rp = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
     for spec in (rp, scaling):
-        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, Mapping) else None
+        if not isinstance(spec, Mapping):
+            continue
+        kind = spec.get("rope_type", spec.get("type", "default"))
         if kind not in (None, "default"):
             raise ValueError(f"rope type {kind!r} is not implemented (only plain RoPE); "
                              "ecospa cannot reproduce this model's positions")

@@ -119,5 +119,5 @@ def load_hf_tokenizer(path_or_id: str):
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
-        raise ValueError("loading a tokenizer needs `pip install ecospa[hf]` (transformers)") from err
+        raise ValueError("loading a tokenizer needs `pip install ecospa[hf]`") from err
     return AutoTokenizer.from_pretrained(path_or_id)
