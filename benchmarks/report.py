@@ -1,0 +1,108 @@
+"""Regenerate the README's result tables (and the plots) from benchmarks/results/*.json.
+
+    python benchmarks/report.py            # rewrites the marked sections of README.md, writes PNGs
+
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md;
+only those sections change. A results file that is missing leaves its section as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _cond_line(c: dict) -> str:
+    keep = ("device", "gpu", "dtype", "torch", "torch_threads", "cpu_count", "seq", "train_batch", "reps", "time")
+    return "Conditions: " + ", ".join(f"{k}={c[k]}" for k in keep if k in c)
+
+
+def speed_table(res: dict) -> str:
+    rows = ["| model | kept | params | FLOP-ideal | prefill b1 | prefill b8 | train step | train-state memory |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        def cell(key):
+            return f"{r[key + '_speedup']:.2f}x ({r[key + '_efficiency']:.0%})"
+        rows.append(f"| {r['model']} | {r['kept_fraction']:.2f} | {r['params'] / 1e6:.1f}M | "
+                    f"{r['flop_ideal_speedup']:.2f}x | {cell('prefill_b1_eager')} | {cell('prefill_b8_eager')} | "
+                    f"{cell('train_step_eager')} | {r['memory_ratio']:.2f} |")
+    ov = ["", "| model | ecospa forward / transformers forward (eager, dense, same weights) |", "|---|---|"]
+    for name, o in (res.get("overhead") or {}).items():
+        if o and "ecospa_over_transformers" in o:
+            ov.append(f"| {name} | {o['ecospa_over_transformers']:.3f} (batch {o['batch']}, seq {o['seq']}) |")
+    note = ("Speedups are dense time / pruned time (medians), in parentheses the fraction of the "
+            "FLOP-ideal speedup reached. Memory = bytes of params + grads + AdamW moments, relative to dense.")
+    return "\n".join([_cond_line(res["conditions"]), "", *rows, *ov, "", note])
+
+
+def generic_table(res: dict) -> str:
+    """Results files that carry their own ready-made 'table' rows: list of dicts."""
+    rows = res.get("table") or []
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join([_cond_line(res.get("conditions", {})), "", *out])
+
+
+def plot_speed(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in res["rows"]}):
+        rs = [r for r in res["rows"] if r["model"] == model]
+        ideal = [r["flop_ideal_speedup"] for r in rs]
+        ax.plot(ideal, [r["prefill_b8_eager_speedup"] for r in rs], "o-", label=f"{model} prefill b8")
+        ax.plot(ideal, [r["train_step_eager_speedup"] for r in rs], "s--", label=f"{model} train step")
+    lim = max(r["flop_ideal_speedup"] for r in res["rows"]) * 1.05
+    ax.plot([1, lim], [1, lim], "k:", label="FLOP-ideal")
+    ax.set_xlabel("FLOP-ideal speedup"), ax.set_ylabel("measured speedup vs dense")
+    ax.set_title(f"pruned vs dense ({res['conditions']['device']}, {res['conditions']['dtype']})")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    print(f"wrote {path}")
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+    if not pat.search(text):
+        print(f"README has no section 'results:{name}'; skipped", file=sys.stderr)
+        return text
+    return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def main() -> None:
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme).read()
+    for fname, section in [("speed_cpu.json", "speed-cpu"), ("speed_cuda.json", "speed-cuda")]:
+        res = _load(fname)
+        if res:
+            text = replace_section(text, section, speed_table(res))
+            plot_speed(res, os.path.join(RESULTS, fname.replace(".json", ".png")))
+    for fname, section in [("pretrain.json", "pretrain"), ("compress.json", "compress")]:
+        res = _load(fname)
+        if res and res.get("table"):
+            text = replace_section(text, section, generic_table(res))
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, readme)
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
