@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import optree
+import torch
 
 from ecospa._types import Path, TensorTree
 
@@ -43,3 +44,22 @@ def leaf_paths(tree: TensorTree) -> list:
     """Every leaf's path, as tuples."""
     paths, _, _ = optree.tree_flatten_with_path(tree)
     return [tuple(p) for p in paths]
+
+
+# Leaves that are buffers, not weights: kept in at least float32 whatever the model dtype.
+FP32_BUFFERS = frozenset({"inv_freq"})
+
+
+def to(tree: TensorTree, device=None, dtype=None) -> TensorTree:
+    """Move a tree to ``device`` and cast its floating leaves to ``dtype``; returns a new tree.
+
+    Rotary frequencies (``inv_freq``) keep at least float32 so bf16 models rotate exactly.
+    Example: ``params = ecospa.to(params, "cuda", torch.bfloat16)``.
+    """
+    def fn(path, leaf):
+        dt = dtype if (dtype is not None and leaf.is_floating_point()) else leaf.dtype
+        if path and path[-1] in FP32_BUFFERS and dt is not None:
+            dt = torch.promote_types(dt, torch.float32)
+        return leaf.to(device=device, dtype=dt)
+
+    return optree.tree_map_with_path(fn, tree, namespace="")

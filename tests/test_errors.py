@@ -113,3 +113,12 @@ def test_group_definitions_are_validated_when_built():
         ecospa.Group("g", "mlp", (ecospa.Member(("w",), 1),))
     with pytest.raises(ValueError, match="must differ"):
         ecospa.Member(("w",), 1, 1)
+
+
+def test_to_casts_weights_but_keeps_rotary_frequencies_fp32():
+    params = llama.init(CFG, seed=0)
+    half = ecospa.to(params, dtype=torch.bfloat16)
+    assert half["layers"][0]["wq"].dtype == torch.bfloat16
+    assert half["layers"][0]["inv_freq"].dtype == torch.float32
+    assert torch.equal(half["layers"][0]["inv_freq"], params["layers"][0]["inv_freq"])
+    assert params["layers"][0]["wq"].dtype == torch.float32  # input untouched
