@@ -53,6 +53,7 @@ class Job:
     seed: int = 0
     export_hf: Optional[str] = None
     progress: bool = True
+    ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
 
     def __post_init__(self):
         if (self.budget is None) == (self.sparsity is None):
@@ -196,8 +197,8 @@ def compress(job: Job, loaded=None) -> dict:
     train_ids, val_ids = encode(tok, corpus(job.data, "train")), encode(tok, corpus(job.data, "val"))
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress)
-    out = {"model": job.model, "ppl_dense": perplexity(forward, dense, cfg, val_ids, **ev),
-           "rounds": []}
+    ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
+    out = {"model": job.model, "ppl_dense": ppl_dense, "rounds": []}
     ce, train_loss = _losses(forward, cfg, dense, job)
     params, per_round = dense, max(1, job.steps // job.rounds) if job.steps else 0
     for r in range(1, job.rounds + 1):
@@ -208,10 +209,13 @@ def compress(job: Job, loaded=None) -> dict:
         params = slice_units(params, groups, _select(params, groups, scores,
                                                      _round_target(job, r, params, dense, groups)))
         pruned = perplexity(forward, params, cfg, val_ids, **ev)
+        t0 = time.perf_counter()
         params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r)
+        seconds = time.perf_counter() - t0
         out["rounds"].append({"ppl_pruned": pruned, "ppl_recovered":
                               perplexity(forward, params, cfg, val_ids, **ev) if per_round else pruned,
-                              "steps": per_round, "final_train_loss": losses[-1] if losses else None})
+                              "steps": per_round, "recover_seconds": seconds,
+                              "final_train_loss": losses[-1] if losses else None})
     out.update(_sizes(dense, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
                ppl_recovered=out["rounds"][-1]["ppl_recovered"],
                latency_ratio=latency(forward, dense, cfg, job.eval_seq_len)
