@@ -388,3 +388,11 @@ def test_gpt2_from_hf_accepts_old_checkpoint_names():
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     cfg, params = gpt2.from_hf(sd, json.loads(model.config.to_json_string()))
     assert_trees_equal(params, gpt2.from_hf(model.state_dict(), model.config)[1])
+
+
+def test_load_hf_unreachable_hub_id_raises(monkeypatch):
+    """A hub id needs the network; offline it must fail with a ValueError that says so."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="not a local directory and could not be downloaded"):
+        load_hf("no-such-org/no-such-model")

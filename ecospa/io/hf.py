@@ -86,8 +86,12 @@ def _local_dir(path_or_id: str) -> str:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise ValueError("loading from the hub needs `pip install huggingface_hub`") from err
-    return snapshot_download(path_or_id, allow_patterns=[
-        "*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"])
+    try:
+        return snapshot_download(path_or_id, allow_patterns=[
+            "*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"])
+    except Exception as err:  # offline, unknown repo, gated model: all mean "cannot get it"
+        raise ValueError(f"{path_or_id!r} is not a local directory and could not be downloaded "
+                         f"from the Hugging Face hub: {type(err).__name__}: {err}") from err
 
 
 def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, object, dict]:
