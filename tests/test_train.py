@@ -1,0 +1,151 @@
+"""The training loop: exact resume through a pruning round, divergence, compile, CLI, custom loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import optree
+import pytest
+import torch
+
+import ecospa
+import ecospa.cli
+from ecospa import checkpoint, train as train_mod
+from ecospa.func import llama
+from ecospa.schedule import PruneSchedule
+from ecospa.train import TrainConfig, TrainingDiverged, make_step, train
+from tolerances import close
+
+MICRO = TrainConfig(
+    model=llama.Config(vocab_size=256, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48),
+    batch_size=4, seq_len=16, steps=13, lr=1e-2, lr_warmup=2, eval_every=6, eval_batches=2,
+    log_every=3, prune=PruneSchedule(warmup_steps=3, window=3, rounds=2, every=4, sparsity=0.5))
+
+
+def leaves(tree):
+    return optree.tree_leaves(tree, namespace="")
+
+
+def assert_tree_equal(a, b):
+    assert optree.tree_structure(a, namespace="") == optree.tree_structure(b, namespace="")
+    for x, y in zip(leaves(a), leaves(b)):
+        assert torch.equal(x, y) if torch.is_tensor(x) else x == y
+
+
+def test_resume_is_exact_through_a_pruning_round(tmp_path):
+    assert MICRO.prune.rounds_at()[1][0] == 10 and MICRO.prune.in_window(8)
+    full = train(dataclasses.replace(MICRO, out=str(tmp_path / "a")))
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path / "b"))
+    first = train(cfg, until=9)  # stops inside the second round's estimation window
+    assert first["steps"] == 9 and len(first["rounds"]) == 1
+    second = train(cfg, resume=True)
+    assert len(second["rounds"]) == 2 and second["kept_params"] < first["kept_params"]
+    assert first["losses"] + second["losses"] == full["losses"]  # bit for bit
+    assert_tree_equal(second["params"], full["params"])
+    assert_tree_equal(second["opt_state"], full["opt_state"])
+    assert second["val_ppl"] == full["val_ppl"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path), steps=4)
+    train(cfg, until=2)
+    with pytest.raises(ValueError, match="lr"):
+        train(dataclasses.replace(cfg, lr=0.5), resume=True)
+
+
+def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = train_mod.lm_loss, {"n": 0}
+
+    def poisoned(forward, cfg):
+        fn = real(forward, cfg)
+
+        def loss(params, batch):
+            calls["n"] += 1
+            out = fn(params, batch)
+            return out * float("nan") if calls["n"] == 6 else out
+        return loss
+
+    monkeypatch.setattr(train_mod, "lm_loss", poisoned)
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path), ckpt_every=2, eval_every=100)
+    with pytest.raises(TrainingDiverged, match="step 5.*lower learning rate"):
+        train(cfg)
+    ck = checkpoint.load_full(tmp_path / "checkpoint")
+    assert ck.step == 4 and all(torch.isfinite(x).all() for x in leaves(ck.params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    cfg = MICRO.model
+    params = llama.init(cfg, seed=0)
+    loss_fn = train_mod.lm_loss(llama.forward, cfg)
+    opt = ecospa.optim.adamw(1e-2)
+    batch = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    eager, compiled = make_step(loss_fn, opt), make_step(loss_fn, opt, compile=True)
+    a = b = (params, opt.init(params))
+    for _ in range(2):
+        ra, rb = eager(*a, batch), compiled(*b, batch)
+        close(rb.loss, ra.loss)
+        a, b = (ra.params, ra.opt_state), (rb.params, rb.opt_state)
+    for x, y in zip(leaves(b[0]), leaves(a[0])):
+        close(x, y)
+
+
+@pytest.mark.slow
+def test_cli_tiny_preset_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ecospa.cli.main(["train", "--steps", "24", "--out", str(out), "--eval-every", "12"]) == 0
+    text = capsys.readouterr().out
+    assert "validation perplexity" in text and "tokens/s after pruning" in text
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["kept_params"] for r in lines if "kept_params" in r]
+    dense = lines[-1]["dense_params"]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3  # shrinks at each round
+    assert kept[-1] < 0.6 * dense
+    assert sum(r.get("event") == "prune" for r in lines) == 3
+    assert any("val_ppl" in r for r in lines)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["param_reduction"] > 0.4
+    _, cfg, _ = checkpoint.load(out / "checkpoint")
+    assert cfg.dim == 128
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    assert ecospa.cli.main(["train", "--steps", "4", "--budget", "1.5", "--out", str(tmp_path)]) == 2
+    assert "budget" in capsys.readouterr().err
+
+
+def test_custom_loop_example():
+    # --- the README's custom loop: coupled Fisher from the step's own gradients, then prune ---
+    import torch.nn.functional as F
+    from ecospa import optim
+    from ecospa.data import ByteTokenizer, corpus, token_batches
+
+    cfg = llama.Config(vocab_size=256, dim=32, n_layers=2, n_heads=4, ffn_dim=64)
+    params = llama.init(cfg, seed=0)
+    groups = llama.coupled_groups(cfg)
+
+    def loss_fn(params, batch):  # batch [B, T+1]
+        logits = llama.forward(params, batch[:, :-1], cfg)  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    grad_fn = torch.func.grad_and_value(loss_fn)
+    opt = optim.adamw(3e-3)
+    est = ecospa.coupled_fisher(groups)
+    opt_state, imp = opt.init(params), est.init(params)
+    batches = token_batches(ByteTokenizer().encode(corpus("pydoc", "train")), 4, 32, seed=0)
+    losses = []
+    for step in range(30):
+        grads, loss = grad_fn(params, next(batches))
+        if 10 <= step < 15:  # estimation window: reuse the gradients the step already has
+            imp = est.update(imp, params, grads)
+        params, opt_state = opt.update(grads, opt_state, params)
+        if step == 14:  # aligned removal of half the units; moments sliced by the same call
+            keep = ecospa.select(params, groups, est.scores(imp), sparsity=0.5)
+            params = ecospa.slice_units(params, groups, keep)
+            opt_state = optim.slice_state(opt_state, groups, keep)
+        losses.append(float(loss))
+    # --- end of the example ---
+    assert params["layers"][0]["w_up"].shape == (32, 32)
+    assert opt_state.mu["layers"][0]["w_up"].shape == (32, 32)
+    assert sum(losses[-5:]) < sum(losses[:5])
