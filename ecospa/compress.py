@@ -209,6 +209,10 @@ def compress(job: Job, loaded=None) -> dict:
         params = slice_units(params, groups, _select(params, groups, scores,
                                                      _round_target(job, r, params, dense, groups)))
         pruned = perplexity(forward, params, cfg, val_ids, **ev)
+        if job.progress:
+            from tqdm.auto import tqdm
+            tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
+                       f" of group params removed, held-out ppl {ppl_dense:.2f} -> {pruned:.2f}")
         t0 = time.perf_counter()
         params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r)
         seconds = time.perf_counter() - t0
