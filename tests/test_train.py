@@ -12,7 +12,7 @@ import ecospa
 import ecospa.cli
 from ecospa import checkpoint, train as train_mod
 from ecospa.func import llama
-from ecospa.schedule import PruneSchedule
+from ecospa.schedule import PruneSchedule, dense_sizes
 from ecospa.train import TrainConfig, TrainingDiverged, make_step, train
 from tolerances import close
 
@@ -149,3 +149,17 @@ def test_custom_loop_example():
     assert params["layers"][0]["w_up"].shape == (32, 32)
     assert opt_state.mu["layers"][0]["w_up"].shape == (32, 32)
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("estimator", ["magnitude", "random", "taylor"])
+def test_other_estimators_and_budget_resume(tmp_path, estimator):
+    prune = PruneSchedule(warmup_steps=2, window=2, rounds=2, every=2, budget=0.4)
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path), steps=8, estimator=estimator, prune=prune)
+    first = train(cfg, until=5)
+    second = train(cfg, resume=True)
+    full = train(dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    assert first["losses"] + second["losses"] == full["losses"]
+    groups = llama.coupled_groups(cfg.model)
+    group_params = lambda p: sum(n for _, n in dense_sizes(p, groups).values())  # noqa: E731
+    removed = 1 - group_params(full["params"]) / group_params(llama.init(cfg.model))
+    assert 0.4 <= removed < 0.45  # the budget counts the groups' parameters (whole columns)
