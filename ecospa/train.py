@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import optree
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ecospa import checkpoint, data, optim
 from ecospa.func import gpt2, llama
@@ -185,7 +186,7 @@ def _prune_round(params, opt_state, groups, scores, target, dense, schedule: Pru
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None,
-          progress: Optional[bool] = None) -> dict:
+          progress: Optional[bool] = None, parallel=None) -> dict:
     """Run (or resume) coupled sparse pre-training; returns a summary dict.
 
     Args:
@@ -194,12 +195,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
         importance and pruning so far; bit-identical losses on CPU).
       until: stop after this many steps (saving a checkpoint) without changing the schedule.
       progress: show a tqdm bar (default: when stderr is a terminal).
+      parallel: the runtime from ``ecospa.distributed.init_from_env()`` for data-parallel
+        training under torchrun (each rank takes its rows of the global batch; rank 0 writes
+        files); default: one process.
     Returns:
       dict with dense_params, kept_params, val_ppl, tokens_per_s_dense/_pruned, peak_mem_mb,
       wall_s, losses (this call's), rounds, and the final params / opt_state.
     Raises:
       TrainingDiverged: the loss became NaN/inf (the last good checkpoint stays intact).
     """
+    from ecospa.distributed import LOCAL
+    par = parallel or LOCAL
     t_start = time.perf_counter()
     out, family = Path(cfg.out), MODELS[cfg.model.name]
     ckpt_path, metrics = out / "checkpoint", out / "metrics.jsonl"
@@ -233,30 +239,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
                                  namespace="")
         opt_state, imp, start, done = opt.init(params), est.init(params), 0, []
         dense, dense_params = dense_sizes(params, groups), count_params(params)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.write_text("")
+        if par.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            metrics.write_text("")
+    log = (lambda record: _write_line(metrics, record)) if par.is_main else (lambda record: None)  # noqa: E731
 
     def save(step):
         extra = {"train_config": _config_json(cfg), "dense": dense, "dense_params": dense_params,
                  "rounds_done": done}
-        checkpoint.save(ckpt_path, params, cfg.model, opt_state=opt_state, state=tuple(imp),
-                        extra=extra, step=step)
+        if par.is_main:  # the checkpoint holds only the global state: written once
+            checkpoint.save(ckpt_path, params, cfg.model, opt_state=opt_state, state=tuple(imp),
+                            extra=extra, step=step)
+        par.barrier()
 
     stop = cfg.steps if until is None else min(until, cfg.steps)
-    step_fn, timer, losses, val_ppl, window = make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (sys.stderr.isatty() if progress is None else progress))
+    step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
+    bar = tqdm(total=cfg.steps, initial=start, disable=not par.is_main or not (
+        sys.stderr.isatty() if progress is None else progress))
     for s in range(start, stop):
         if s in rounds:
-            params, opt_state = _prune_round(params, opt_state, groups, est.scores(imp), rounds[s], dense, cfg.prune)
-            imp, step_fn = est.init(params), make_step(loss_fn, opt, cfg.compile)
+            scores = par.reduce_scores(est.scores(imp))  # the same kept units on every rank
+            params, opt_state = _prune_round(params, opt_state, groups, scores, rounds[s], dense, cfg.prune)
+            imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
             done.append([s, rounds[s], count_params(params)])
             timer.changed()
-            _write_line(metrics, {"event": "prune", "step": s, "target": rounds[s],
-                                  "kept_params": count_params(params), "dense_params": dense_params})
+            log({"event": "prune", "step": s, "target": rounds[s],
+                 "kept_params": count_params(params), "dense_params": dense_params})
         batch = data.batch_at(train_ids, s, cfg.batch_size, cfg.seq_len, cfg.seed).to(device)
         t0 = time.perf_counter()
-        res = step_fn(params, opt_state, batch)
+        res = step_fn(params, opt_state, par.shard(batch))
         loss = float(res.loss)
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
@@ -278,10 +289,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
                               "kept_params": count_params(params), "dense_params": dense_params,
                               "peak_mem_mb": peak_memory_mb(cfg.device)}, []
         if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
-            val_ppl = math.exp(min(evaluate(loss_fn, params, val), 50.0))
+            val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
             record = dict(record or {"step": s + 1, "loss": loss}, val_ppl=val_ppl)
         if record:
-            _write_line(metrics, record)
+            log(record)
             bar.set_postfix(loss=f"{loss:.3f}", kept=f"{count_params(params) / dense_params:.0%}")
         bar.update(1)
         if cfg.ckpt_every and (s + 1) % cfg.ckpt_every == 0 and s + 1 < stop:
@@ -289,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     bar.close()
     save(stop)
     if val_ppl is None:
-        val_ppl = math.exp(min(evaluate(loss_fn, params, val), 50.0))
+        val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
     kept = count_params(params)
     return {"steps": stop, "dense_params": dense_params, "kept_params": kept,
             "param_reduction": 1 - kept / dense_params, "val_ppl": val_ppl,
