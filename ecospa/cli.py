@@ -17,7 +17,8 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ecospa", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ecospa", description="Coupled structured sparsity for transformers: train, compress, eval.")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (mod, help_) in COMMANDS.items():
