@@ -254,7 +254,6 @@ def _tokenizer_spec(model: str) -> Optional[str]:
 def _save(job: Job, params, cfg, summary: dict) -> None:
     from ecospa.func import gpt2, llama
     module = llama if isinstance(cfg, llama.Config) else gpt2
-    cfg = dataclasses.replace(cfg, name=module.__name__.rsplit(".", 1)[1])  # family by cfg.name
     if job.export_hf:
         try:
             module.save_hf(params, cfg, job.export_hf)

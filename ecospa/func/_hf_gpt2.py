@@ -41,7 +41,7 @@ def config_from_hf(config: Any):
                        n_heads=c["n_head"], ffn_dim=c.get("n_inner") or 4 * c["n_embd"],
                        max_seq_len=c.get("n_positions", 1024),
                        norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
-                       name=c.get("_name_or_path") or "gpt2")
+                       name="gpt2")  # the family (checkpoints dispatch on it)
 
 
 def expected_shapes(cfg) -> dict:

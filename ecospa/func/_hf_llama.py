@@ -82,7 +82,7 @@ def config_from_hf(config: Any, tied: Optional[bool] = None):
         ffn_dim=_need(c, "intermediate_size"), head_dim=c.get("head_dim") or dim // heads,
         rope_theta=_rope_theta(c), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
-        max_seq_len=max_len, name=c.get("_name_or_path") or kind)
+        max_seq_len=max_len, name="llama")  # name = the family (checkpoints dispatch on it)
 
 
 def _layer_shapes(cfg) -> dict:
