@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
-from ecospa import presets
+from ecospa import distributed, presets
 from ecospa.importance import ESTIMATORS
 from ecospa.schedule import PruneSchedule
 from ecospa.train import TrainConfig, train
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-every", type=int)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
+    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
+                        help="under torchrun: seconds a collective may wait for the other ranks "
+                             "before the job fails (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -90,10 +94,28 @@ def summary_table(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun shows the recorded traceback of the first failing rank as the root cause.
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_run)(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    result = train(cfg, resume=args.resume, until=args.until, progress=args.progress)
-    print(summary_table(result))
-    keep = {k: v for k, v in result.items() if k not in ("params", "opt_state", "losses")}
-    with open(f"{cfg.out}/summary.json", "w") as f:
-        json.dump(keep, f, indent=1)
+    # Under torchrun (WORLD_SIZE > 1): data-parallel over a process group; else one process.
+    par = distributed.init_from_env(cfg.device, args.dist_timeout)
+    try:
+        distributed.check_divisible(cfg.batch_size, par.world_size)
+        cfg = dataclasses.replace(cfg, device=getattr(par, "device", cfg.device))
+        result = train(cfg, resume=args.resume, until=args.until, progress=args.progress, parallel=par)
+        if par.is_main:
+            if par.world_size > 1:
+                print(f"data-parallel over {par.world_size} processes (global batch {cfg.batch_size})")
+            print(summary_table(result))
+            keep = {k: v for k, v in result.items() if k not in ("params", "opt_state", "losses")}
+            with open(f"{cfg.out}/summary.json", "w") as f:
+                json.dump(dict(keep, world_size=par.world_size) if par.world_size > 1 else keep, f, indent=1)
+    finally:
+        par.close()
     return 0
