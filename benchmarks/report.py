@@ -59,6 +59,40 @@ def generic_table(res: dict) -> str:
     return "\n".join([_cond_line(res.get("conditions", {})), "", *out])
 
 
+def compress_table(res: dict) -> str:
+    """ecospa variants and peers at each removal level; ratios against Torch-Pruning's best."""
+    rows = []
+    for r in res.get("runs", []):
+        rows.append((r["level"], f"ecospa: {r['variant']} ({r['estimator']} scores, {r['target']})", r["kept_params"],
+                     r["ppl_pruned"], r.get("ppl_recovered"), r["steps"]))
+    for r in res.get("peers", []):
+        rows.append((r["level"], f"{r['tool']} {r['importance']}", r["params_kept"], r["ppl_pruned"],
+                     r.get("ppl_recovered"), r["steps"]))
+    best = {}
+    for level, name, _, pp, pr, steps in rows:
+        if name.startswith("torch-pruning"):
+            best[(level, "pruned")] = min(best.get((level, "pruned"), float("inf")), pp)
+            if pr is not None:
+                key = (level, "recovered", steps)
+                best[key] = min(best.get(key, float("inf")), pr)
+    dense = res.get("dense", {}).get("ppl")
+    out = [f"Dense perplexity: {dense:.3f}." if dense else "",
+           "", "| removed | method | params kept | ppl after pruning | ÷ TP best | ppl after recovery (steps) | ÷ TP best |",
+           "|---|---|---|---|---|---|---|"]
+    for level, name, kept, pp, pr, steps in sorted(rows, key=lambda r: (r[0], r[1])):
+        bp = best.get((level, "pruned"))
+        br = best.get((level, "recovered", steps))
+        rec = f"{pr:.2f} ({steps})" if pr is not None and steps else "—"
+        out.append(f"| {level:.0%} of block params | {name} | {kept / 1e6:.1f}M | {pp:.2f} | "
+                   f"{pp / bp:.3f} | {rec} | " + (f"{pr / br:.3f}" if br and pr is not None and steps else "—") + " |"
+                   if bp else
+                   f"| {level:.0%} of block params | {name} | {kept / 1e6:.1f}M | {pp:.2f} | — | {rec} | — |")
+    c = res.get("conditions", {})
+    out += ["", f"Evaluation: {c.get('eval', '?')}. Calibration: {c.get('calibration', '?')}. "
+                f"Recovery: {c.get('recovery', '?')}. TP = Torch-Pruning (DepGraph), best of its criteria at the same level."]
+    return "\n".join(out)
+
+
 def plot_speed(res: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -93,10 +127,12 @@ def main() -> None:
         if res:
             text = replace_section(text, section, speed_table(res))
             plot_speed(res, os.path.join(RESULTS, fname.replace(".json", ".png")))
-    for fname, section in [("pretrain.json", "pretrain"), ("compress.json", "compress")]:
-        res = _load(fname)
-        if res and res.get("table"):
-            text = replace_section(text, section, generic_table(res))
+    res = _load("pretrain.json")
+    if res and res.get("table"):
+        text = replace_section(text, "pretrain", generic_table(res))
+    res = _load("compress.json")
+    if res and (res.get("runs") or res.get("peers")):
+        text = replace_section(text, "compress", compress_table(res))
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
