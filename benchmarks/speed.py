@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -65,6 +66,23 @@ def shrink(params, groups, fraction):
     return ecospa.pruner(groups, sparsity=1.0 - fraction)(params, scores)
 
 
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def interleaved_medians(jobs: dict, device: str, warmup: int, reps: int) -> dict:
+    """Median time of every thunk in ``jobs``, timing rep r of all of them before rep r+1."""
+    for fn in jobs.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in jobs}
+    for _ in range(reps):
+        for k, fn in jobs.items():
+            times[k].append(median_time(fn, device, 0, 1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_model(name, args, device, dtype):
     module, kw = MODELS[name]
     cfg = module.Config(**kw, **({"max_seq_len": max(1024, args.seq)} if module is gpt2 else {}))
@@ -80,30 +98,32 @@ def bench_model(name, args, device, dtype):
         logits = module.forward(p, batch[:, :-1], cfg)
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
-    rows = []
+    # Build every variant first, then time them INTERLEAVED (rep r of every variant before rep
+    # r+1 of any): slow drifts in machine load then hit dense and pruned alike.
+    grad_fn = torch.func.grad_and_value(loss_fn)
+    variants = []
     for frac in FRACTIONS:
         p = shrink(dense, groups, frac)
-        state = opt.init(p)
-        grad_fn = torch.func.grad_and_value(loss_fn)
-        row = {"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in ecospa._tree.optree.tree_leaves(p)),
-               "linear_flops_per_token": linear_flops_per_token(p, module),
-               "train_state_bytes": 4 * nbytes(p)}  # params + grads + mu + nu
-        modes = ["eager"] + (["compiled"] if args.compile else [])
-        for mode in modes:
-            fwd = module.forward if mode == "eager" else torch.compile(module.forward)
-            step_grad = grad_fn if mode == "eager" else torch.compile(grad_fn)
-            with torch.no_grad():
-                for b in (1, 8):
-                    x = toks[b][:, :-1]
-                    row[f"prefill_b{b}_{mode}_s"] = median_time(lambda: fwd(p, x, cfg), device, args.warmup, args.reps)
-
-            def train_step():
-                g, loss = step_grad(p, toks[args.train_batch])
-                return opt.update(g, state, p)
-            row[f"train_step_{mode}_s"] = median_time(train_step, device, args.warmup, args.reps)
-        rows.append(row)
-        print(f"  {name} kept={frac:.2f} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                         if k.endswith("_s")), flush=True)
+        variants.append((frac, p, opt.init(p)))
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    rows = [{"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in ecospa._tree.optree.tree_leaves(p)),
+             "linear_flops_per_token": linear_flops_per_token(p, module),
+             "train_state_bytes": 4 * nbytes(p)}  # params + grads + mu + nu
+            for frac, p, _ in variants]
+    for mode in modes:
+        fwd = module.forward if mode == "eager" else torch.compile(module.forward)
+        step_grad = grad_fn if mode == "eager" else torch.compile(grad_fn)
+        jobs = {}  # (variant index, metric) -> thunk
+        for i, (frac, p, state) in enumerate(variants):
+            for b in (1, 8):
+                jobs[i, f"prefill_b{b}_{mode}_s"] = (lambda p=p, x=toks[b][:, :-1]: _no_grad(fwd, p, x, cfg))
+            jobs[i, f"train_step_{mode}_s"] = (
+                lambda p=p, state=state: opt.update(step_grad(p, toks[args.train_batch])[0], state, p))
+        for (i, key), t in interleaved_medians(jobs, device, args.warmup, args.reps).items():
+            rows[i][key] = t
+    for r in rows:
+        print(f"  {name} kept={r['kept_fraction']:.2f} " + " ".join(
+            f"{k}={v:.4g}" for k, v in r.items() if k.endswith("_s")), flush=True)
     base = rows[0]
     for r in rows:
         r["flop_ideal_speedup"] = base["linear_flops_per_token"] / r["linear_flops_per_token"]
@@ -128,8 +148,9 @@ def overhead(module, cfg, params, x, device, args):
     hf = cls(conf_cls(**conf)).to(device=device, dtype=params["layers"][0]["wq"].dtype).eval()
     hf.load_state_dict(sd, strict=False)
     with torch.no_grad():
-        t_hf = median_time(lambda: hf(x).logits, device, args.warmup, args.reps)
-        t_fn = median_time(lambda: module.forward(params, x, cfg), device, args.warmup, args.reps)
+        t = interleaved_medians({"hf": lambda: hf(x).logits, "fn": lambda: module.forward(params, x, cfg)},
+                                device, args.warmup, args.reps)
+    t_hf, t_fn = t["hf"], t["fn"]
     return {"batch": x.shape[0], "seq": x.shape[1], "transformers_s": t_hf, "ecospa_s": t_fn,
             "ecospa_over_transformers": t_fn / t_hf}
 
