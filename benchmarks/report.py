@@ -63,11 +63,21 @@ def compress_table(res: dict) -> str:
     """ecospa variants and peers at each removal level; ratios against Torch-Pruning's best."""
     rows = []
     for r in res.get("runs", []):
-        rows.append((r["level"], f"ecospa: {r['variant']} ({r['estimator']} scores, {r['target']})", r["kept_params"],
+        label = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
+                 "magnitude": "ecospa: one-side magnitude, global budget"}.get(r["variant"], f"ecospa: {r['variant']}")
+        rows.append((r["level"], label, r["kept_params"],
                      r["ppl_pruned"], r.get("ppl_recovered"), r["steps"]))
     for r in res.get("peers", []):
-        rows.append((r["level"], f"{r['tool']} {r['importance']}", r["params_kept"], r["ppl_pruned"],
-                     r.get("ppl_recovered"), r["steps"]))
+        name = f"{r['tool']} {r['importance']}" + ("" if r.get("mode", "inner") == "inner" else f" ({r['mode']})")
+        if abs(r.get("block_fraction_removed", r["level"]) - r["level"]) > 0.01:
+            name += f" (removed only {r['block_fraction_removed']:.1%}: head pruning skipped)"
+        if r.get("ppl_recovered") is not None or not r.get("ppl_at_steps"):
+            rows.append((r["level"], name, r["params_kept"], r["ppl_pruned"], r.get("ppl_recovered"),
+                         r["steps"] if r.get("ppl_recovered") is not None else 0))
+        for steps, ppl in (r.get("ppl_at_steps") or {}).items():  # intermediate evaluations
+            if int(steps) != r["steps"]:
+                rows.append((r["level"], name, r["params_kept"], r["ppl_pruned"], ppl, int(steps)))
+    rows = list(dict.fromkeys(rows))
     best = {}
     for level, name, _, pp, pr, steps in rows:
         if name.startswith("torch-pruning"):
