@@ -14,6 +14,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+LABELS = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
+          "magnitude": "ecospa: one-side magnitude, global budget"}
 
 
 def _load(name):
@@ -63,8 +65,7 @@ def compress_table(res: dict) -> str:
     """ecospa variants and peers at each removal level; ratios against Torch-Pruning's best."""
     rows = []
     for r in res.get("runs", []):
-        label = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
-                 "magnitude": "ecospa: one-side magnitude, global budget"}.get(r["variant"], f"ecospa: {r['variant']}")
+        label = LABELS.get(r["variant"], f"ecospa: {r['variant']}")
         rows.append((r["level"], label, r["kept_params"],
                      r["ppl_pruned"], r.get("ppl_recovered"), r["steps"]))
     for r in res.get("peers", []):
@@ -121,6 +122,36 @@ def plot_speed(res: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
+    """Perplexity vs kept parameters: SmolLM2 compression (left) and tiny pre-training (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    series = {}
+    for r in (compress or {}).get("runs", []):
+        if r["steps"] == 0:
+            series.setdefault(LABELS.get(r["variant"], r["variant"]), []).append((r["kept_params"] / 1e6, r["ppl_pruned"]))
+    for r in (compress or {}).get("peers", []):
+        if r.get("mode", "inner") == "inner" and abs(r["block_fraction_removed"] - r["level"]) < 0.01:
+            series.setdefault(f"torch-pruning {r['importance']}", []).append((r["params_kept"] / 1e6, r["ppl_pruned"]))
+    for name, pts in sorted(series.items()):
+        pts = sorted(set(pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    if compress and compress.get("dense"):
+        ax.axhline(compress["dense"]["ppl"], color="k", ls=":", label="dense")
+    ax.set_yscale("log"), ax.set_xlabel("parameters kept (M)"), ax.set_ylabel("held-out ppl right after pruning")
+    ax.set_title("SmolLM2-135M, one-shot"), ax.legend(fontsize=7)
+    ax = axes[1]
+    for r in (pretrain or {}).get("rows", []):
+        ax.scatter(r["params"] / 1e6, r["val_ppl"], label=r["variant"])
+    ax.set_xlabel("parameters at the end (M)"), ax.set_ylabel("validation ppl (bytes)")
+    ax.set_title("pre-training, tiny preset, equal steps"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    print(f"wrote {path}")
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pat.search(text):
@@ -143,6 +174,8 @@ def main() -> None:
     res = _load("compress.json")
     if res and (res.get("runs") or res.get("peers")):
         text = replace_section(text, "compress", compress_table(res))
+    if res or _load("pretrain.json"):
+        plot_quality(res, _load("pretrain.json"), os.path.join(RESULTS, "quality.png"))
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
