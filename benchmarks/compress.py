@@ -7,6 +7,7 @@ in 512-token windows. Variants:
   ecospa     coupled Fisher scores, global budget allocated by importance per parameter
   uniform    coupled Fisher scores, the same fraction of units removed in every group
   magnitude  one-side weight magnitude scores, global budget (ablation of the score)
+  ecospa-distill  as ecospa, recovering with 0.5 * CE + 0.5 * KL to the dense model's logits
 
     OMP_NUM_THREADS=2 python benchmarks/compress.py --levels 0.5 0.25 --steps 80
 
@@ -34,7 +35,8 @@ from ecospa.models import encode, forward_for, load_model  # noqa: E402
 
 VARIANTS = {"ecospa": dict(estimator="fisher", target="budget"),
             "uniform": dict(estimator="fisher", target="sparsity"),
-            "magnitude": dict(estimator="magnitude", target="budget")}
+            "magnitude": dict(estimator="magnitude", target="budget"),
+            "ecospa-distill": dict(estimator="fisher", target="budget", distill=True)}
 
 
 def _write(path: str, data: dict) -> None:
@@ -85,7 +87,8 @@ def main() -> None:
             v = VARIANTS[name]
             target = {"budget": level} if v["target"] == "budget" else {"sparsity": level}
             job = Job(args.model, estimator=v["estimator"], steps=args.steps, seed=args.seed,
-                      eval_windows=args.eval_windows, ppl_dense=ppl_dense, **target)
+                      eval_windows=args.eval_windows, ppl_dense=ppl_dense, distill=v.get("distill", False),
+                      **target)
             t1 = time.perf_counter()
             s = compress(job, loaded=loaded)
             print(f"\n== {name} @ {level}\n{table(s)}", flush=True)

@@ -15,7 +15,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 LABELS = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
-          "magnitude": "ecospa: one-side magnitude, global budget"}
+          "magnitude": "ecospa: one-side magnitude, global budget",
+          "ecospa-distill": "ecospa: coupled Fisher, global budget, recovery distilled from dense"}
 
 
 def _load(name):
