@@ -20,14 +20,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+from _common import write_results  # noqa: E402
 from ecospa.compress import Job, compress, table  # noqa: E402
 from ecospa.data import corpus  # noqa: E402
 from ecospa.evaluate import nll  # noqa: E402
@@ -46,10 +47,7 @@ def _write(path: str, data: dict) -> None:
         with open(path) as f:
             current = json.load(f)
         data = {**current, **{k: v for k, v in data.items() if k != "peers"}}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_results(path, data)
 
 
 def main() -> None:

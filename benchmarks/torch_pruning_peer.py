@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from _common import write_results  # noqa: E402
 
 from ecospa.data import batch_at, corpus  # noqa: E402
 from ecospa.evaluate import nll  # noqa: E402
@@ -287,10 +289,7 @@ def _write_peers(path, new_runs):
     keys = {key(r) for r in new_runs}
     peers = [r for r in peers if key(r) not in keys]
     data["peers"] = peers + new_runs
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_results(path, data)
 
 
 def main() -> None:
