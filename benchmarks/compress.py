@@ -8,6 +8,7 @@ in 512-token windows. Variants:
   uniform    coupled Fisher scores, the same fraction of units removed in every group
   magnitude  one-side weight magnitude scores, global budget (ablation of the score)
   ecospa-distill  as ecospa, recovering with 0.5 * CE + 0.5 * KL to the dense model's logits
+  ecospa-distill-2rounds  as ecospa-distill, pruned in 2 rounds (25% then 50%), half the steps each
 
     OMP_NUM_THREADS=2 python benchmarks/compress.py --levels 0.5 0.25 --steps 80
 
@@ -37,7 +38,8 @@ from ecospa.models import encode, forward_for, load_model  # noqa: E402
 VARIANTS = {"ecospa": dict(estimator="fisher", target="budget"),
             "uniform": dict(estimator="fisher", target="sparsity"),
             "magnitude": dict(estimator="magnitude", target="budget"),
-            "ecospa-distill": dict(estimator="fisher", target="budget", distill=True)}
+            "ecospa-distill": dict(estimator="fisher", target="budget", distill=True),
+            "ecospa-distill-2rounds": dict(estimator="fisher", target="budget", distill=True, rounds=2)}
 
 
 def _write(path: str, data: dict) -> None:
@@ -86,7 +88,7 @@ def main() -> None:
             target = {"budget": level} if v["target"] == "budget" else {"sparsity": level}
             job = Job(args.model, estimator=v["estimator"], steps=args.steps, seed=args.seed,
                       eval_windows=args.eval_windows, ppl_dense=ppl_dense, distill=v.get("distill", False),
-                      **target)
+                      rounds=v.get("rounds", 1), **target)
             t1 = time.perf_counter()
             s = compress(job, loaded=loaded)
             print(f"\n== {name} @ {level}\n{table(s)}", flush=True)

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 LABELS = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
           "magnitude": "ecospa: one-side magnitude, global budget",
-          "ecospa-distill": "ecospa: coupled Fisher, global budget, recovery distilled from dense"}
+          "ecospa-distill": "ecospa: coupled Fisher, global budget, recovery distilled from dense",
+          "ecospa-distill-2rounds": "ecospa: as above, 2 prune-and-recover rounds"}
 
 
 def _load(name):
