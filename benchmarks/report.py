@@ -68,8 +68,11 @@ def compress_table(res: dict) -> str:
     rows = []
     for r in res.get("runs", []):
         label = LABELS.get(r["variant"], f"ecospa: {r['variant']}")
-        rows.append((r["level"], label, r["kept_params"],
-                     r["ppl_pruned"], r.get("ppl_recovered"), r["steps"]))
+        pruned = r["ppl_pruned"]
+        if len(r.get("rounds") or []) > 1:  # iterative: the last prune comes after earlier recovery
+            pruned = r["rounds"][-1]["ppl_pruned"]
+            label += f" (ppl after pruning: last of {len(r['rounds'])} rounds)"
+        rows.append((r["level"], label, r["kept_params"], pruned, r.get("ppl_recovered"), r["steps"]))
     for r in res.get("peers", []):
         name = f"{r['tool']} {r['importance']}" + ("" if r.get("mode", "inner") == "inner" else f" ({r['mode']})")
         if abs(r.get("block_fraction_removed", r["level"]) - r["level"]) > 0.01:
