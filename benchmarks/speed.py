@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 
+import optree
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,7 @@ def linear_flops_per_token(params, model) -> int:
     """2 * (weights of every projection + the LM head); embeddings lookups and norms excluded."""
     skip = {"embed", "wpe", "inv_freq"}
     total = 0
-    for path, leaf in zip(*ecospa._tree.optree.tree_flatten_with_path(params)[:2]):
+    for path, leaf in zip(*optree.tree_flatten_with_path(params)[:2]):
         if leaf.ndim >= 2 and path[-1] not in skip:
             total += leaf.numel()
     if model is llama and "lm_head" not in params:
@@ -55,7 +56,7 @@ def linear_flops_per_token(params, model) -> int:
 
 
 def nbytes(tree) -> int:
-    return sum(x.numel() * x.element_size() for x in ecospa._tree.optree.tree_leaves(tree))
+    return sum(x.numel() * x.element_size() for x in optree.tree_leaves(tree))
 
 
 def shrink(params, groups, fraction):
@@ -87,7 +88,7 @@ def bench_model(name, args, device, dtype):
     module, kw = MODELS[name]
     cfg = module.Config(**kw, **({"max_seq_len": max(1024, args.seq)} if module is gpt2 else {}))
     dense = module.init(cfg, seed=0, dtype=dtype)
-    dense = ecospa._tree.optree.tree_map(lambda x: x.to(device), dense)
+    dense = optree.tree_map(lambda x: x.to(device), dense)
     groups = module.coupled_groups(cfg)
     gen = torch.Generator().manual_seed(0)
     toks = {b: torch.randint(0, cfg.vocab_size, (b, args.seq + 1), generator=gen).to(device)
@@ -106,7 +107,7 @@ def bench_model(name, args, device, dtype):
         p = shrink(dense, groups, frac)
         variants.append((frac, p, opt.init(p)))
     modes = ["eager"] + (["compiled"] if args.compile else [])
-    rows = [{"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in ecospa._tree.optree.tree_leaves(p)),
+    rows = [{"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in optree.tree_leaves(p)),
              "linear_flops_per_token": linear_flops_per_token(p, module),
              "train_state_bytes": 4 * nbytes(p)}  # params + grads + mu + nu
             for frac, p, _ in variants]

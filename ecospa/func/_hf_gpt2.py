@@ -116,10 +116,8 @@ def _check_representable(params: dict, cfg) -> int:
                 f"scores by 1/sqrt(its head dim) (ecospa keeps the original scale), so only "
                 f"MLP-pruned trees can be exported")
         widths.append(p["w_in"].shape[1])
-    if len(set(widths)) > 1:
-        raise ValueError(f"MLP widths differ across layers ({widths}); transformers' config has "
-                         "one n_inner. Prune the MLP with a uniform sparsity to export")
-    return widths[0]
+    from ecospa.func._hf_llama import uniform_width
+    return uniform_width(widths, "n_inner")
 
 
 def to_hf(params: dict, cfg) -> tuple:

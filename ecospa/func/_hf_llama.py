@@ -208,9 +208,14 @@ def _check_representable(params: dict, cfg) -> int:
             raise ValueError(f"layer {i}: inv_freq differs from rope_theta={cfg.rope_theta}'s "
                              "frequencies (reordered rotary pairs?); transformers cannot hold it")
         widths.append(p["w_gate"].shape[1])
+    return uniform_width(widths, "intermediate_size")
+
+
+def uniform_width(widths: list, config_key: str) -> int:
+    """The one MLP width every layer shares; ValueError if transformers' single ``config_key`` can't hold them."""
     if len(set(widths)) > 1:
         raise ValueError(f"MLP widths differ across layers ({widths}); transformers' config has "
-                         "one intermediate_size. Prune the MLP with a uniform sparsity to export")
+                         f"one {config_key}. Prune the MLP with a uniform sparsity to export")
     return widths[0]
 
 
