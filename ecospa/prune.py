@@ -15,7 +15,7 @@ import torch
 from ecospa._tree import map_paths
 from ecospa._types import Keep, Params, Scores, TensorTree
 from ecospa.groups import Group, Member, validate
-from ecospa.select import Sparsity, _check_fraction, select
+from ecospa.select import Sparsity, check_target, select
 
 
 def _index_view(idx: torch.Tensor, leaf: torch.Tensor, m: Member) -> torch.Tensor:
@@ -127,13 +127,6 @@ def pruner(groups: Sequence[Group], sparsity: Optional[Sparsity] = None,
       prune = ecospa.pruner(llama.coupled_groups(cfg), sparsity=0.5)
       small = prune(params, scores)
     """
-    if (sparsity is None) == (budget is None):
-        raise ValueError("give exactly one of sparsity= or budget=")
-    if budget is not None:
-        _check_fraction(budget, "budget")
-    elif isinstance(sparsity, dict):
-        for kind, v in sparsity.items():
-            _check_fraction(v, f"sparsity[{kind!r}]")
-    else:
-        _check_fraction(sparsity, "sparsity")
-    return Pruner(tuple(groups), sparsity, budget)
+    groups = tuple(groups)
+    check_target(groups, sparsity, budget)
+    return Pruner(groups, sparsity, budget)

@@ -18,11 +18,74 @@ from ecospa._types import Keep, Params, Scores
 
 Sparsity = Union[float, Mapping[str, float]]
 
+#: The group kinds of the built-in models (``llama`` / ``gpt2`` ``coupled_groups``).
+KINDS = ("qk", "vo", "mlp")
+
 
 def _check_fraction(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def parse_sparsity(text: str, kinds: Sequence[str] = KINDS) -> Sparsity:
+    """Parse a ``--sparsity`` flag: '0.5' -> 0.5; 'qk=0.25,vo=0.25,mlp=0.5' -> {"qk": 0.25, ...}.
+
+    Every fraction must lie in [0, 1) and every kind must be one of ``kinds`` (each at most
+    once); anything else is a ValueError that names the flag's format or the unknown kinds.
+    Example: ``parse_sparsity("mlp=0.5")`` -> ``{"mlp": 0.5}``; ``parse_sparsity("mpl=0.5")`` raises.
+    """
+    fmt = "write a fraction (0.5) or kind=fraction pairs ('qk=0.25,vo=0.25,mlp=0.5')"
+    if not isinstance(text, str):
+        raise ValueError(f"--sparsity {text!r}: {fmt}")
+    try:
+        if "=" not in text:
+            out: Sparsity = float(text)
+        else:
+            out = {}
+            for item in text.split(","):
+                kind, value = item.split("=")
+                kind = kind.strip()
+                if not kind or kind in out:
+                    raise ValueError(f"empty or repeated kind {kind!r}")
+                out[kind] = float(value)
+    except ValueError as err:
+        raise ValueError(f"--sparsity {text!r}: {fmt}") from err
+    if not isinstance(out, dict):
+        return _check_fraction(out, "--sparsity")
+    unknown = [k for k in out if k not in kinds]
+    if unknown:
+        raise ValueError(f"--sparsity names unknown group kinds {unknown}; use {', '.join(kinds)}")
+    for kind, value in out.items():
+        _check_fraction(value, f"--sparsity {kind}")
+    return out
+
+
+def check_target(groups: Sequence[Group], sparsity: Optional[Sparsity] = None,
+                 budget: Optional[float] = None) -> None:
+    """ValueError unless exactly one valid target is given for ``groups``.
+
+    ``budget`` and a float ``sparsity`` must lie in [0, 1). A per-kind ``sparsity`` dict may
+    only name kinds present in ``groups`` (a typo such as {"mpl": 0.5} would otherwise prune
+    nothing), each with a fraction in [0, 1).
+    """
+    if (sparsity is None) == (budget is None):
+        raise ValueError("give exactly one of sparsity= (fraction of units per group) "
+                         "or budget= (fraction of parameters, allocated globally)")
+    if budget is not None:
+        _check_fraction(budget, "budget")
+        return
+    if not isinstance(sparsity, Mapping):
+        _check_fraction(sparsity, "sparsity")
+        return
+    known = list(dict.fromkeys(g.kind for g in groups))
+    unknown = [k for k in sparsity if k not in known]
+    if unknown:
+        raise ValueError(f"sparsity names group kinds {unknown} that none of the groups has; "
+                         f"known kinds: {known}")
+    for g in groups:
+        if g.kind in sparsity:
+            _check_fraction(sparsity[g.kind], f"sparsity for group {g.name!r}")
 
 
 def check_scores(scores: Scores, groups: Sequence[Group], sizes: Mapping[str, tuple]) -> dict:
@@ -116,9 +179,7 @@ def select(params: Params, groups: Sequence[Group], scores: Scores, *,
     Example:
       keep = select(params, groups, scores, sparsity=0.5)
     """
-    if (sparsity is None) == (budget is None):
-        raise ValueError("give exactly one of sparsity= (fraction of units per group) "
-                         "or budget= (fraction of parameters, allocated globally)")
+    check_target(groups, sparsity, budget)
     sizes = validate(params, groups)
     s = check_scores(scores, groups, sizes)
     if sparsity is not None:
@@ -150,4 +211,5 @@ def kept_fraction(params: Params, groups: Sequence[Group], keep: Keep) -> float:
     return kept / total if total else 1.0
 
 
-__all__ = ["select", "keep_all", "compose", "kept_fraction", "keep_top", "check_scores"]
+__all__ = ["select", "keep_all", "compose", "kept_fraction", "keep_top", "check_scores",
+           "check_target", "parse_sparsity", "KINDS"]

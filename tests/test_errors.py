@@ -39,6 +39,65 @@ def test_invalid_sparsity_per_kind_names_the_group(setup):
         ecospa.select(params, groups, scores, sparsity={"mlp": 1.0})
 
 
+@pytest.mark.parametrize("bad", [{"mpl": 0.5}, {"mlp": 0.5, "attn": 0.2}, {"MLP": 0.5}])
+def test_unknown_sparsity_kind_is_rejected_everywhere(setup, bad):
+    """issue 9 B5: a typo'd kind used to prune nothing (pruner) or be ignored (select)."""
+    params, groups, scores = setup
+    with pytest.raises(ValueError, match=r"known kinds: \['qk', 'vo', 'mlp'\]"):
+        ecospa.pruner(groups, sparsity=bad)
+    with pytest.raises(ValueError, match=r"group kinds \[.*that none of the groups has"):
+        ecospa.select(params, groups, scores, sparsity=bad)
+    with pytest.raises(ValueError, match="known kinds"):
+        ecospa.check_target(groups, sparsity=bad)
+
+
+def test_kinds_are_those_of_the_groups(setup):
+    """A kind is known when the groups have it: custom kinds work, absent ones are rejected."""
+    params, groups, scores = setup
+    mlp_only = [g for g in groups if g.kind == "mlp"]
+    with pytest.raises(ValueError, match=r"\['qk'\].*known kinds: \['mlp'\]"):
+        ecospa.pruner(mlp_only, sparsity={"qk": 0.5})
+    custom = [ecospa.Group(g.name, "ffn", g.members) for g in mlp_only]
+    small = ecospa.pruner(custom, sparsity={"ffn": 0.5})(params, scores)
+    assert small["layers"][0]["w_down"].shape[0] == 3
+    ecospa.check_target(groups, sparsity={"qk": 0.0, "vo": 0.5, "mlp": 0.25})
+    ecospa.check_target(groups, budget=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        ecospa.check_target(groups)
+    with pytest.raises(ValueError, match=r"budget must be a number in \[0, 1\)"):
+        ecospa.check_target(groups, budget=-0.1)
+    with pytest.raises(ValueError, match=r"group 'layers\.0\.vo'.*\[0, 1\)"):
+        ecospa.pruner(groups, sparsity={"vo": 1.0})
+
+
+@pytest.mark.parametrize("text, want", [
+    ("0.5", 0.5), ("0", 0.0), ("qk=0.25,vo=0.25,mlp=0.5", {"qk": 0.25, "vo": 0.25, "mlp": 0.5}),
+    (" mlp = 0.5 ", {"mlp": 0.5}),
+])
+def test_parse_sparsity(text, want):
+    assert ecospa.parse_sparsity(text) == want
+
+
+@pytest.mark.parametrize("text, match", [
+    ("mpl=0.5", r"unknown group kinds \['mpl'\]; use qk, vo, mlp"),
+    ("qk=0.3,attn=0.2", r"unknown group kinds \['attn'\]"),
+    ("half", r"--sparsity 'half': write a fraction \(0\.5\) or kind=fraction pairs"),
+    ("qk=0.1,", "kind=fraction pairs"), ("=0.3", "kind=fraction pairs"),
+    ("qk=0.1,qk=0.2", "kind=fraction pairs"), ("qk:0.1", "kind=fraction pairs"),
+    ("1.5", r"--sparsity must be a number in \[0, 1\)"), ("nan", r"\[0, 1\)"),
+    ("mlp=1", r"--sparsity mlp must be a number in \[0, 1\)"), ("vo=-0.1", r"\[0, 1\)"),
+])
+def test_parse_sparsity_rejects(text, match):
+    with pytest.raises(ValueError, match=match):
+        ecospa.parse_sparsity(text)
+
+
+def test_parse_sparsity_custom_kinds():
+    assert ecospa.parse_sparsity("ffn=0.5", kinds=("ffn",)) == {"ffn": 0.5}
+    with pytest.raises(ValueError, match="unknown group kinds"):
+        ecospa.parse_sparsity("mlp=0.5", kinds=("ffn",))
+
+
 def test_budget_that_would_empty_a_group(setup):
     params, groups, scores = setup
     with pytest.raises(ValueError, match=r"empty a group.*at most 0\.\d+"):
