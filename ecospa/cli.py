@@ -1,13 +1,23 @@
 """The ``ecospa`` command line: ``ecospa train``, ``ecospa compress``, ``ecospa eval``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches.
+``run(args) -> int``; this file only dispatches and turns errors into one line each:
+
+- exit 2: bad arguments (argparse, or ``ecospa.errors.UsageError`` found while validating);
+- exit 1: a failure while working (corrupt checkpoint, diverged loss, disk full, ...);
+- exit 130: interrupted (Ctrl-C).
+
+``ecospa --debug COMMAND ...`` (or ``ECOSPA_DEBUG=1``) re-raises with the full traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+
+from ecospa.errors import UsageError
 
 COMMANDS = {
     "train": ("ecospa.train_cli", "sparse pre-training from scratch (default: tiny CPU demo)"),
@@ -15,26 +25,73 @@ COMMANDS = {
     "eval": ("ecospa.evaluate", "perplexity of a checkpoint on a text source"),
 }
 
+# The errors a command may end with on bad input or a failing environment; anything else is a
+# bug in ecospa and keeps its traceback.
+EXPECTED = (ValueError, OSError, RuntimeError, ImportError, KeyError, MemoryError)
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+
+def message(err: BaseException) -> str:
+    """One line that says what went wrong (OSError: the operation's target and the reason)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" {err.filename!r}" if err.filename else ""
+        hint = {errno.ENOSPC: " (disk full: free space and run again; the previous checkpoint is kept)",
+                errno.EROFS: " (read-only file system: choose a writable --out)",
+                errno.ENAMETOOLONG: " (path too long: choose a shorter --out)",
+                errno.EACCES: " (permission denied: choose a writable location)"}.get(err.errno, "")
+        text = f"{err.strerror}{where}{hint}"
+    elif isinstance(err, ModuleNotFoundError) and err.name:
+        text = (f"{err} (an optional dependency is missing: install the extra that provides it, "
+                "e.g. pip install 'ecospa[hf]')")
+    elif isinstance(err, KeyError):
+        text = f"missing key {err}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'ecospa train: error: ... (see ecospa train --help)'."""
+
+    def error(self, text):
+        self.exit(2, f"{self.prog}: error: {' '.join(text.split())} (see {self.prog} --help)\n")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = Parser(
         prog="ecospa", description="Coupled structured sparsity for transformers: train, compress, eval.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (mod, help_) in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name != mod:
-                raise
-            continue  # not built yet
+        modules[name] = importlib.import_module(mod)
         modules[name].add_arguments(sub.add_parser(name, help=help_, description=help_))
+    return parser, modules
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("ECOSPA_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:  # accepted anywhere on the line, not only before the command
+        argv.remove("--debug")
+        debug = True
+    parser, modules = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ecospa {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"ecospa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED as err:
+        if debug:
+            raise
+        if isinstance(err, UsageError):
+            print(f"ecospa {args.command}: error: {message(err)}", file=sys.stderr)
+            return 2
+        print(f"ecospa {args.command}: error: {message(err)} [--debug shows the traceback]",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
