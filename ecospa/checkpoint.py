@@ -9,6 +9,13 @@
 The tree structure (dicts, tuples of layers) is stored in the manifest, so a pruned tree whose
 layers have different widths comes back exactly. Saving writes a sibling temporary directory and
 swaps it in with renames: a failure while writing leaves the previous checkpoint untouched.
+
+Format 2 (written now) also stores the sha256 of the manifest's own content
+(``manifest_sha256``), so an edited manifest (layer order, head_dim, norm_eps, ...) does not load
+silently; format 1 (the same without that checksum) is still read. A save killed between its
+two renames leaves the previous checkpoint as ``.NAME.old-*`` (a kill after writing, the new one
+as ``.NAME.tmp-*``); ``load`` then takes the newest leftover that is complete (its manifest and
+every file's checksum verify), and the next successful save removes the leftovers.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import typing
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -28,7 +36,10 @@ from ecospa.func import gpt2, llama
 from ecospa.optim import AdamWState
 
 FAMILIES = {"llama": llama.Config, "gpt2": gpt2.Config}
-FORMAT = 1
+FORMAT = 2            # 2: the manifest carries the sha256 of its own content
+READABLE = (1, 2)     # format 1 (no manifest checksum) is still read
+MAX_MANIFEST_BYTES = 64 << 20
+_TREES = ("model", "optim", "state")
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                torch.int64, torch.int32, torch.uint8, torch.bool)}
 
@@ -123,10 +134,12 @@ def save(path, params: Params, cfg, *, opt_state: Optional[AdamWState] = None,
             file = tmp / f"{name}.safetensors"
             _write_tensors(file, {k: v.cpu() for k, v in tensors.items()})
             manifest["files"][file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
-        try:
-            text = json.dumps(manifest, indent=1)
-        except TypeError as err:
+        try:  # the checksum covers the content as it will be read back
+            manifest = json.loads(json.dumps(manifest))
+        except (TypeError, ValueError) as err:
             raise ValueError(f"extra metadata must be JSON-serializable: {err}") from err
+        manifest["manifest_sha256"] = _manifest_sha256(manifest)
+        text = json.dumps(manifest, indent=1)
         with open(tmp / "manifest.json", "w") as f:
             f.write(text)
             f.flush()
@@ -135,7 +148,27 @@ def save(path, params: Params, cfg, *, opt_state: Optional[AdamWState] = None,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for left in _leftovers(path):  # of earlier interrupted saves: this one is complete
+        shutil.rmtree(left, ignore_errors=True)
     return path
+
+
+def _leftovers(path: Path) -> list:
+    """``.NAME.old-*`` / ``.NAME.tmp-*`` directories beside ``path`` (interrupted saves)."""
+    if not path.parent.is_dir():
+        return []
+    found = [*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.tmp-*")]
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink())
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own checksum (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"manifest content cannot be checksummed ({err})") from err
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -153,28 +186,175 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 def _resolve(path: Path) -> Path:
+    """``path`` itself, or else the newest complete leftover of an interrupted save."""
     if path.is_dir():
         return path
-    olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
-    if len(olds) == 1 and (olds[0] / "manifest.json").is_file():
-        return olds[0]  # a save was interrupted between its two renames
-    raise FileNotFoundError(f"{path}: no checkpoint directory here")
+    if path.exists():
+        raise ValueError(f"{path} is a file, not a checkpoint directory")
+    found = []
+    for left in _leftovers(path):
+        try:
+            manifest = _read_manifest(left)
+            for name in manifest["trees"]:
+                _verify_file(left, manifest, name)
+            _verify_own_checksum(left, manifest)
+        except (ValueError, OSError):
+            continue  # incomplete (killed while writing or while being removed): skip it
+        step = manifest.get("step")
+        found.append((step if step is not None else -1, (left / "manifest.json").stat().st_mtime, left))
+    if found:
+        return max(found)[2]
+    extra = (f" (the {len(_leftovers(path))} leftover(s) of interrupted saves beside it are incomplete)"
+             if _leftovers(path) else "")
+    raise FileNotFoundError(f"{path}: no checkpoint directory here{extra}")
 
 
-def _read_tree(root: Path, manifest: dict, name: str):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _bad(root: Path, what: str) -> ValueError:
+    return ValueError(f"{root}/manifest.json is not a valid ecospa manifest: {what}; "
+                      "restore it or use an earlier checkpoint")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_spec(root: Path, spec, keys, depth: int = 0) -> None:
+    """A tree structure from the manifest: exactly one of tensor / dict / tuple / value."""
+    if depth > 64:
+        raise _bad(root, "a tree is nested more than 64 levels deep")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise _bad(root, f"a tree node is {type(spec).__name__} {str(spec)[:40]!r}, expected one of "
+                         "{'tensor': key}, {'dict': {...}}, {'tuple': [...]}, {'value': x}")
+    (kind, v), = spec.items()
+    if kind == "tensor":
+        if not isinstance(v, str) or v not in keys:
+            raise _bad(root, f"a tree refers to tensor {str(v)[:40]!r}, which the tensor list lacks")
+    elif kind == "dict":
+        if not isinstance(v, dict):
+            raise _bad(root, "a 'dict' node is not an object")
+        for child in v.values():
+            _check_spec(root, child, keys, depth + 1)
+    elif kind == "tuple":
+        if not isinstance(v, list):
+            raise _bad(root, "a 'tuple' node is not a list")
+        for child in v:
+            _check_spec(root, child, keys, depth + 1)
+    elif kind != "value" or not (v is None or isinstance(v, (bool, int, float, str))):
+        raise _bad(root, f"unknown tree node {str(spec)[:40]!r}")
+
+
+def _check_config(root: Path, family: str, fields) -> None:
+    cls = FAMILIES[family]
+    if not isinstance(fields, dict):
+        raise _bad(root, f"'config' is {type(fields).__name__}, expected an object")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise _bad(root, f"config has fields {unknown[:5]} that {family}.Config does not know")
+    for k, v in fields.items():
+        hint = hints.get(k)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        if v is None and type(None) in allowed:
+            continue
+        ok = ((int in allowed and _is_int(v)) or (float in allowed and isinstance(v, (int, float))
+              and not isinstance(v, bool)) or (bool in allowed and isinstance(v, bool))
+              or (str in allowed and isinstance(v, str)))
+        if not ok:
+            names = "/".join(getattr(a, "__name__", str(a)) for a in allowed)
+            raise _bad(root, f"config field {k!r} is {v!r}, expected {names}")
+    if fields.get("name", family) != family:
+        raise _bad(root, f"config name {fields['name']!r} disagrees with family {family!r}")
+
+
+def _read_manifest(root: Path) -> dict:
+    """The manifest at ``root``, checked: format, own checksum (format >= 2), structure."""
+    file = root / "manifest.json"
+    try:
+        size = file.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise _bad(root, f"{size} bytes, more than any manifest needs ({MAX_MANIFEST_BYTES})")
+        manifest = json.loads(file.read_bytes())
+    except FileNotFoundError as err:
+        raise ValueError(f"{root}: manifest.json is missing; not an ecospa checkpoint") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, absurd nesting
+        if isinstance(err, ValueError) and str(err).startswith(str(root)):
+            raise
+        raise ValueError(f"{root}/manifest.json is truncated or corrupt ({str(err)[:200]})") from err
+    if not isinstance(manifest, dict):
+        raise _bad(root, f"it holds a {type(manifest).__name__}, not an object")
+    fmt = manifest.get("format")
+    if not _is_int(fmt):
+        raise _bad(root, f"no format version (format: {str(fmt)[:20]!r})")
+    if fmt not in READABLE:
+        if fmt > FORMAT:
+            raise ValueError(f"{root}: checkpoint format {fmt} was written by a newer ecospa; this "
+                             f"version reads formats {READABLE[0]}-{READABLE[-1]}: upgrade ecospa")
+        raise _bad(root, f"unknown format {fmt}")
+    missing = [k for k in ("family", "config", "trees", "tensors", "files") if k not in manifest]
+    if missing:
+        raise _bad(root, f"keys {missing} are missing")
+    family = manifest["family"]
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ValueError(f"{root}/manifest.json: unknown model family {str(family)[:40]!r}; expected one of "
+                         f"{sorted(FAMILIES)}")
+    _check_config(root, family, manifest["config"])
+    step, extra = manifest.get("step"), manifest.get("extra", {})
+    if step is not None and not _is_int(step):
+        raise _bad(root, f"step is {str(step)[:20]!r}, expected a whole number")
+    if not isinstance(extra, dict):
+        raise _bad(root, f"'extra' is {type(extra).__name__}, expected an object")
+    trees, tensors, files = manifest["trees"], manifest["tensors"], manifest["files"]
+    for name, v in (("trees", trees), ("tensors", tensors), ("files", files)):
+        if not isinstance(v, dict):
+            raise _bad(root, f"{name!r} is {type(v).__name__}, expected an object")
+    if "model" not in trees or not set(trees) <= set(_TREES) or set(tensors) != set(trees):
+        raise _bad(root, f"trees {sorted(trees)[:5]} / tensor lists {sorted(tensors)[:5]}: expected "
+                         f"'model' and optionally 'optim', 'state' in both")
+    for name in trees:
+        entries = tensors[name]
+        if not isinstance(entries, dict):
+            raise _bad(root, f"the tensor list of {name!r} is not an object")
+        for k, v in entries.items():
+            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
+                    and all(_is_int(n) and n >= 0 for n in v[0]) and isinstance(v[1], str) and v[1] in _DTYPES):
+                raise _bad(root, f"tensor {k[:40]!r} of {name!r}: expected [[sizes...], dtype], "
+                                 f"got {str(v)[:60]}")
+        _check_spec(root, trees[name], entries)
+        want = files.get(f"{name}.safetensors")
+        if not (isinstance(want, dict) and _is_int(want.get("bytes")) and want["bytes"] >= 0
+                and isinstance(want.get("sha256"), str)):
+            raise _bad(root, f"no size and checksum for {name}.safetensors")
+    return manifest
+
+
+def _verify_own_checksum(root: Path, manifest: dict) -> None:
+    """Format >= 2: the manifest's content matches the checksum it was written with. (Checked
+    after the more specific checks, so a damaged file is named as such.)"""
+    if manifest["format"] >= 2 and manifest.get("manifest_sha256") != _manifest_sha256(manifest):
+        raise ValueError(f"{root}/manifest.json was edited or is corrupt: its checksum does not "
+                         "match its content; restore it or use an earlier checkpoint")
+
+
+def _verify_file(root: Path, manifest: dict, name: str) -> Path:
     file = root / f"{name}.safetensors"
-    want = manifest["files"].get(file.name)
-    if want is None or not file.is_file():
+    want = manifest["files"][file.name]
+    if not file.is_file():
         raise ValueError(f"{root}: {file.name} is missing (the manifest lists {sorted(manifest['files'])})")
     size = file.stat().st_size
     if size != want["bytes"] or _sha256(file) != want["sha256"]:
         raise ValueError(f"{file}: truncated or corrupt ({size} bytes, manifest says {want['bytes']} "
                          "with another checksum); restore it or use an earlier checkpoint")
+    return file
+
+
+def _read_tree(root: Path, manifest: dict, name: str):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    file = _verify_file(root, manifest, name)
     try:
         tensors = load_file(str(file))
-    except (SafetensorError, OSError, RuntimeError) as err:
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
     expected = manifest["tensors"][name]
     if set(tensors) != set(expected):
@@ -188,28 +368,28 @@ def _read_tree(root: Path, manifest: dict, name: str):
 
 
 def load_full(path) -> Checkpoint:
-    """Everything ``save`` wrote: params, config, extra, optimizer state, state tree and step."""
+    """Everything ``save`` wrote: params, config, extra, optimizer state, state tree and step.
+
+    ValueError (one line saying what is wrong) for a corrupt, edited or foreign checkpoint;
+    FileNotFoundError when there is none at ``path``.
+    """
     root = _resolve(Path(path))
+    manifest = _read_manifest(root)
+    family = manifest["family"]
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        family, fields = manifest["family"], manifest["config"]
-        manifest["trees"], manifest["tensors"], manifest["files"]  # noqa: B018  (must exist)
-    except FileNotFoundError as err:
-        raise ValueError(f"{root}: manifest.json is missing; not an ecospa checkpoint") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{root}/manifest.json is truncated or corrupt ({err})") from err
-    if family not in FAMILIES:
-        raise ValueError(f"{root}: unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
-    try:
-        cfg = FAMILIES[family](**fields)
-    except TypeError as err:
+        cfg = FAMILIES[family](**manifest["config"])
+    except (TypeError, ValueError, ArithmeticError) as err:
         raise ValueError(f"{root}: config does not fit {family}.Config ({err})") from err
     params = _read_tree(root, manifest, "model")
     opt = None
     if "optim" in manifest["trees"]:
-        opt = AdamWState(**_read_tree(root, manifest, "optim"))
+        tree = _read_tree(root, manifest, "optim")
+        if not isinstance(tree, dict) or set(tree) != set(AdamWState._fields):
+            raise _bad(root, f"the optimizer state needs the fields {list(AdamWState._fields)}")
+        opt = AdamWState(**tree)
     state = _read_tree(root, manifest, "state") if "state" in manifest["trees"] else None
-    return Checkpoint(params, cfg, manifest["extra"], opt, state, manifest.get("step"))
+    _verify_own_checksum(root, manifest)
+    return Checkpoint(params, cfg, manifest.get("extra", {}), opt, state, manifest.get("step"))
 
 
 def load(path):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import optree
 import pytest
@@ -104,3 +106,192 @@ def test_interrupted_swap_falls_back_to_old(tmp_path):
     path = checkpoint.save(tmp_path / "ck", params, CFG, extra={"v": 1})
     path.rename(tmp_path / ".ck.old-1234")  # as if a save died between its two renames
     assert checkpoint.load(tmp_path / "ck")[2] == {"v": 1}
+
+
+# --- issue 9: leftovers of interrupted saves, edited and broken manifests ---------------------
+
+RMTREE = shutil.rmtree
+
+
+def _killed_between_renames(monkeypatch):
+    """The next save that replaces a checkpoint dies between its two renames (the old one moved
+    aside, the new one complete in its temporary directory), like a kill -9: nothing after that
+    point runs, so nothing is cleaned up."""
+    real_replace, calls = checkpoint.os.replace, {"aside": False}
+
+    def replace(src, dst):
+        if calls["aside"]:
+            monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+            monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # dead process
+            raise OSError("injected: killed between the renames")
+        calls["aside"] = ".old-" in Path(dst).name
+        return real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+
+
+def test_two_interrupted_swaps_resume_from_the_newest_complete_one(tmp_path, monkeypatch):
+    """issue 9 B7: two ``.ck.old-*`` leftovers made load say 'no checkpoint directory here'."""
+    params, state = pruned()
+    path = tmp_path / "ck"
+    checkpoint.save(path, params, CFG, extra={"v": 1}, step=1)
+    _killed_between_renames(monkeypatch)
+    with pytest.raises(OSError, match="injected"):
+        checkpoint.save(path, params, CFG, extra={"v": 2}, step=2)  # step 1 aside, 2 in a temp
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", RMTREE)
+    assert not path.exists() and checkpoint.load_full(path).step == 2  # the complete temp
+    RMTREE(next(tmp_path.glob(".ck.tmp-*")))  # as if killed before the temp was complete
+    assert checkpoint.load_full(path).step == 1
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # killed after the swap
+    checkpoint.save(path, params, CFG, opt_state=state, extra={"v": 3}, step=3)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", RMTREE)
+    _killed_between_renames(monkeypatch)
+    with pytest.raises(OSError, match="injected"):
+        checkpoint.save(path, params, CFG, extra={"v": 4}, step=4)  # step 3 aside
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", RMTREE)
+    RMTREE(next(tmp_path.glob(".ck.tmp-*")))
+    assert not path.exists() and len(list(tmp_path.glob(".ck.old-*"))) == 2  # the issue's case
+    # and an incomplete leftover (a kill during the rmtree of an old one, or while writing)
+    (tmp_path / ".ck.tmp-dead").mkdir()
+    (tmp_path / ".ck.tmp-dead" / "model.safetensors").write_bytes(b"partial")
+    ck = checkpoint.load_full(path)
+    assert ck.step == 3 and ck.extra == {"v": 3} and ck.opt_state is not None
+    checkpoint.save(path, params, CFG, extra={"v": 5}, step=5)  # a successful save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert checkpoint.load_full(path).step == 5
+
+
+def test_corrupt_leftover_is_skipped(tmp_path):
+    params, _ = pruned()
+    checkpoint.save(tmp_path / "ck", params, CFG, extra={"v": 1}, step=1)
+    (tmp_path / "ck").rename(tmp_path / ".ck.old-aaaa")
+    checkpoint.save(tmp_path / "x", params, CFG, extra={"v": 2}, step=2)
+    (tmp_path / "x").rename(tmp_path / ".ck.old-bbbb")
+    f = tmp_path / ".ck.old-bbbb" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])  # the newer one is damaged: not complete
+    assert checkpoint.load_full(tmp_path / "ck").step == 1
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load_full(tmp_path / "other")
+
+
+def _edit_manifest(path, fn):
+    m = json.loads((path / "manifest.json").read_text())
+    fn(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["config"].update(norm_eps=0.1),
+    lambda m: m["config"].update(head_dim=4),
+    lambda m: m["trees"]["model"]["dict"]["layers"]["tuple"].reverse(),
+    lambda m: m.update(step=99),
+])
+def test_edited_manifest_does_not_load_silently(tmp_path, edit):
+    """issue 9 C: the manifest's own content is checksummed."""
+    params, _ = pruned()
+    path = checkpoint.save(tmp_path / "ck", params, CFG, step=3)
+    _edit_manifest(path, edit)
+    with pytest.raises(ValueError, match="manifest.json.*(edited|checksum)"):
+        checkpoint.load_full(path)
+
+
+def test_manifest_format_version(tmp_path):
+    params, _ = pruned()
+    path = checkpoint.save(tmp_path / "ck", params, CFG, step=3)
+    assert json.loads((path / "manifest.json").read_text())["format"] == checkpoint.FORMAT
+    _edit_manifest(path, lambda m: m.update(format=99))
+    with pytest.raises(ValueError, match="format 99.*newer"):
+        checkpoint.load_full(path)
+    _edit_manifest(path, lambda m: m.pop("format"))
+    with pytest.raises(ValueError, match="format"):
+        checkpoint.load_full(path)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written before the manifest checksum (format 1) keep loading."""
+    params, state = pruned()
+    path = checkpoint.save(tmp_path / "ck", params, CFG, opt_state=state, step=3)
+    _edit_manifest(path, lambda m: (m.pop("manifest_sha256"), m.update(format=1)))
+    ck = checkpoint.load_full(path)
+    assert_same(ck.params, params) and ck.step == 3
+
+
+@pytest.mark.parametrize("text", [
+    "[]", "null", "3", '"x"', "{}", '{"format": 1}', '{"format": "1", "family": "llama"}',
+    '{"format": 1, "family": "llama", "config": [], "trees": {}, "tensors": {}, "files": {}}',
+    '{"format": 1, "family": "llama", "config": {"dim": "8"}, "trees": {}, "tensors": {}, "files": {}}',
+    '{"format": 1, "family": ["llama"], "config": {}, "trees": {}, "tensors": {}, "files": {}}',
+    "[" * 100000 + "]" * 100000,
+])
+def test_structurally_broken_manifest_gives_one_clear_error(tmp_path, text):
+    params, _ = pruned()
+    path = checkpoint.save(tmp_path / "ck", params, CFG)
+    (path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match="manifest"):
+        checkpoint.load_full(path)
+
+
+def _mutations():
+    from hypothesis import strategies as st
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=8)
+    return st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["set", "del", "replace_root"]),
+                              json_values), min_size=1, max_size=4)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def test_manifest_reader_fuzz(tmp_path_factory):
+    """Random mutations of a real manifest (format 1: no manifest checksum to stop them early,
+    and format 2 with the checksum recomputed) give a checkpoint or a ValueError, nothing else."""
+    from hypothesis import given, settings
+
+    params, state = pruned()
+    root = tmp_path_factory.mktemp("fuzz")
+    good = checkpoint.save(root / "ck", params, CFG, opt_state=state, state={"a": torch.ones(2)}, step=2)
+    base = json.loads((good / "manifest.json").read_text())
+
+    @settings(max_examples=60, deadline=None)
+    @given(_mutations(), st_bool())
+    def check(edits, legacy):
+        m = json.loads(json.dumps(base))
+        for where, op, value in edits:
+            paths = list(_paths(m))
+            p = paths[where % len(paths)]
+            if op == "replace_root" or not p:
+                m = value
+                continue
+            parent = m
+            for k in p[:-1]:
+                parent = parent[k]
+            if op == "del":
+                del parent[p[-1]]
+            else:
+                parent[p[-1]] = value
+        if isinstance(m, dict):
+            m.pop("manifest_sha256", None)
+            if legacy:
+                m["format"] = 1
+            else:
+                m["manifest_sha256"] = checkpoint._manifest_sha256(m)
+        (good / "manifest.json").write_text(json.dumps(m))
+        try:
+            checkpoint.load_full(good)
+        except ValueError:
+            pass
+
+    check()
+
+
+def st_bool():
+    from hypothesis import strategies as st
+    return st.booleans()
