@@ -1,4 +1,4 @@
-"""The ``ecospa`` command line: ``ecospa train``, ``ecospa compress``, ``ecospa eval``.
+"""The ``ecospa`` command line: ``ecospa train``, ``compress``, ``eval``, ``generate``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches and turns errors into one line each:
@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("ecospa.train_cli", "sparse pre-training from scratch (default: tiny CPU demo)"),
     "compress": ("ecospa.compress", "compress a pretrained checkpoint: calibrate, prune, recover, save"),
     "eval": ("ecospa.evaluate", "perplexity of a checkpoint on a text source"),
+    "generate": ("ecospa.generate", "continue a prompt with a model (greedy or sampled, KV cache)"),
 }
 
 # The errors a command may end with on bad input or a failing environment; anything else is a
@@ -58,7 +59,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = Parser(
-        prog="ecospa", description="Coupled structured sparsity for transformers: train, compress, eval.")
+        prog="ecospa", description="Coupled structured sparsity for transformers: train, compress, eval, generate.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}

@@ -1,0 +1,149 @@
+"""Incremental decoding with a KV cache, as pure functions of (params, cache).
+
+    cache = init_cache(params, cfg, batch=1, max_len=256)        # a pytree of zero tensors
+    logits, cache = decode(params, cache, prompt, 0, cfg)         # prefill: T tokens at 0..T-1
+    logits, cache = decode(params, cache, next_tok, T, cfg)       # one token at position T
+
+The cache is fixed-size: per layer ``k [B, Hkv, max_len, Dk]`` and ``v [B, Hkv, max_len, Dv]``,
+sized from that layer's (possibly pruned) weights, so Dk != Dv and widths that differ per layer
+just work. ``pos`` may be an int or a 0-d integer tensor; with a tensor, ``torch.compile`` traces
+one graph for every position (no recompile per token). Nothing is updated in place: ``decode``
+returns a new cache and leaves the one it was given untouched.
+
+Both families are served: LLaMA (RoPE at absolute positions with each layer's kept frequencies,
+GQA) and GPT-2 (learned positions). Logits equal the full forward's at the same positions.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ecospa.func import gpt2, llama
+from ecospa.func._layers import rms_norm, rotate_pairs
+
+Pos = Union[int, torch.Tensor]
+
+
+def _family(cfg) -> str:
+    if isinstance(cfg, llama.Config):
+        return "llama"
+    if isinstance(cfg, gpt2.Config):
+        return "gpt2"
+    raise ValueError(f"no decoder for config type {type(cfg).__name__}; expected llama or gpt2")
+
+
+def _kv_shapes(p: dict, family: str) -> tuple[int, int, int]:
+    """(Hkv, Dk, Dv) of one layer, read from its weights."""
+    if family == "llama":
+        _, h, _, n_pairs = p["wk"].shape
+        return h, 2 * n_pairs, p["wv"].shape[2]
+    return p["wk"].shape[1], p["wk"].shape[2], p["wv"].shape[2]
+
+
+def init_cache(params: dict, cfg, batch: int, max_len: int, dtype: torch.dtype = None) -> dict:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + new ones)."""
+    family = _family(cfg)
+    if not 1 <= max_len <= cfg.max_seq_len:
+        raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]: "
+                         "shorten the prompt or ask for fewer new tokens")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    embed = params["embed"] if family == "llama" else params["wte"]
+    dtype = dtype or embed.dtype
+    layers = []
+    for p in params["layers"]:
+        h, dk, dv = _kv_shapes(p, family)
+        layers.append({"k": embed.new_zeros((batch, h, max_len, dk), dtype=dtype),
+                       "v": embed.new_zeros((batch, h, max_len, dv), dtype=dtype)})
+    return {"layers": tuple(layers)}
+
+
+def _positions(pos: Pos, T: int, device) -> torch.Tensor:
+    start = torch.as_tensor(pos, device=device, dtype=torch.long).reshape(())
+    return start + torch.arange(T, device=device)
+
+
+def _write(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """cache [B, H, L, E] with rows ``positions`` replaced by new [B, H, T, E] (out of place)."""
+    return cache.index_copy(2, positions, new.to(cache.dtype))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """q [B, H, G, T, dk] at ``positions`` against the cache k [B, H, L, dk], v [B, H, L, dv]."""
+    B, H, G, T, _ = q.shape
+    L = k.shape[2]
+    allowed = torch.arange(L, device=q.device)[None, :] <= positions[:, None]  # [T, L] causal
+    qf = rearrange(q, "b h g t d -> b (h g) t d")
+    out = F.scaled_dot_product_attention(qf, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
+                                         scale=scale, enable_gqa=G > 1)
+    return rearrange(out, "b (h g) t d -> b h g t d", g=G)
+
+
+def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg):
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = torch.einsum("btd,dhgrp->bhgtrp", h, p["wq"])
+    k = torch.einsum("btd,dhrp->bhtrp", h, p["wk"])
+    v = torch.einsum("btd,dhe->bhte", h, p["wv"])
+    if "bq" in p:
+        q, k, v = q + p["bq"][:, :, None], k + p["bk"][:, None], v + p["bv"][:, None]
+    inv = p["inv_freq"].to(torch.promote_types(p["inv_freq"].dtype, torch.float32))
+    ang = positions.to(inv.dtype)[None, :, None] * inv[:, None, :]  # [Hkv, T, P]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    q = rearrange(rotate_pairs(q, cos[:, None], sin[:, None]), "b h g t r p -> b h g t (r p)")
+    k = rearrange(rotate_pairs(k, cos, sin), "b h t r p -> b h t (r p)")
+    c = {"k": _write(c["k"], k, positions), "v": _write(c["v"], v, positions)}
+    o = _attend(q, c["k"], c["v"], positions, cfg.head_dim ** -0.5)
+    x = x + torch.einsum("bhgte,hged->btd", o, p["wo"])
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    return x + (F.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"], c
+
+
+def _gpt2_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg):
+    h = F.layer_norm(x, (x.shape[-1],), p["ln1_w"], p["ln1_b"], cfg.norm_eps)
+    q = torch.einsum("btd,dhe->bhte", h, p["wq"]) + p["bq"][:, None]
+    k = torch.einsum("btd,dhe->bhte", h, p["wk"]) + p["bk"][:, None]
+    v = torch.einsum("btd,dhe->bhte", h, p["wv"]) + p["bv"][:, None]
+    c = {"k": _write(c["k"], k, positions), "v": _write(c["v"], v, positions)}
+    o = _attend(q[:, :, None], c["k"], c["v"], positions, cfg.head_dim ** -0.5)[:, :, 0]
+    x = x + torch.einsum("bhte,hed->btd", o, p["wo"]) + p["bo"]
+    h = F.layer_norm(x, (x.shape[-1],), p["ln2_w"], p["ln2_b"], cfg.norm_eps)
+    return x + F.gelu(h @ p["w_in"] + p["b_in"], approximate="tanh") @ p["w_out"] + p["b_out"], c
+
+
+def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg) -> tuple:
+    """Logits [B, T, V] of ``tokens`` [B, T] placed at positions pos..pos+T-1, and the new cache.
+
+    Every position before ``pos`` must already be in ``cache`` (from earlier calls). The caller
+    keeps pos + T <= the cache length; positions past it are not checked while compiling.
+    """
+    family = _family(cfg)
+    T = tokens.shape[1]
+    positions = _positions(pos, T, tokens.device)
+    if not torch.compiler.is_compiling():
+        L = cache["layers"][0]["k"].shape[2]
+        end = int(positions[-1]) + 1
+        if int(positions[0]) < 0 or end > L:
+            raise ValueError(f"positions {int(positions[0])}..{end - 1} do not fit a cache of "
+                             f"{L} tokens; make the cache longer (init_cache max_len)")
+    if family == "llama":
+        x = params["embed"][tokens]
+        step, head = _llama_layer, params.get("lm_head", params["embed"])
+    else:
+        x = params["wte"][tokens] + params["wpe"][positions]
+        step, head = _gpt2_layer, params["wte"]
+    new_layers = []
+    for p, c in zip(params["layers"], cache["layers"]):
+        x, c = step(p, c, x, positions, cfg)
+        new_layers.append(c)
+    if family == "llama":
+        x = rms_norm(x, params["norm"], cfg.norm_eps)
+    else:
+        x = F.layer_norm(x, (x.shape[-1],), params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
+    return x @ head.T, {"layers": tuple(new_layers)}
+
+
+__all__ = ["init_cache", "decode"]

@@ -1,0 +1,157 @@
+"""Text generation with the KV-cache decoder, and the ``ecospa generate`` command.
+
+    ecospa generate --model smollm2-135m --prompt "def fibonacci(n):" --max-new-tokens 64
+    ecospa generate --model runs/smol50/checkpoint --prompt "..." --temperature 0.8 --top-k 40
+
+``--temperature 0`` (the default) is greedy decoding; tokens are streamed to the terminal as
+they are produced. Any model spec that ``ecospa eval`` accepts works (registry name, .gguf,
+Hugging Face directory, ecospa checkpoint), dense or pruned.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Optional
+
+import optree
+import torch
+
+from ecospa.errors import UsageError, nonneg_int, positive_int
+from ecospa.func.decode import decode, init_cache
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax when temperature == 0, else softmax sampling
+    at ``temperature`` restricted to the ``top_k`` most likely tokens (all when None)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_options(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (temperature == temperature and 0 <= temperature < float("inf")):
+        raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
+
+
+def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, seed: int = 0, eos_id: Optional[int] = None,
+             on_token: Optional[Callable[[torch.Tensor], None]] = None, compile: bool = False,
+             ) -> torch.Tensor:
+    """Prompt [B, T] followed by up to ``max_new_tokens`` generated tokens: [B, T + N].
+
+    One prefill call, then one ``decode`` call per token with a fixed-size cache and the position
+    as a tensor, so ``compile=True`` compiles two graphs (prefill, step) and never recompiles per
+    token. Generation stops early when every sequence has produced ``eos_id``. ``on_token`` gets
+    each new column [B] as it is produced (for streaming).
+    """
+    check_options(max_new_tokens, temperature, top_k)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise UsageError(f"prompt must be [batch, tokens] with at least one token, got {tuple(prompt.shape)}")
+    B, T = prompt.shape
+    total = T + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise UsageError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                         f"the model's max_seq_len {cfg.max_seq_len}: shorten the prompt or ask for fewer tokens")
+    if max_new_tokens == 0:
+        return prompt
+    step = torch.compile(decode, fullgraph=True, dynamic=False) if compile else decode
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    cache = init_cache(params, cfg, B, total)
+    out = [prompt]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    with torch.no_grad():
+        logits, cache = step(params, cache, prompt, torch.tensor(0), cfg)
+        for i in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            logits, cache = step(params, cache, nxt[:, None], torch.tensor(T + i), cfg)
+    return torch.cat(out, dim=1)
+
+
+def greedy_reference(forward: Callable, params: dict, cfg, prompt: torch.Tensor,
+                     max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by re-running the full forward on the whole sequence for every token:
+    slow and obviously right; the cached decoder must produce the same tokens."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = forward(params, seq, cfg)[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq
+
+
+class _Streamer:
+    """Prints the text of sequence 0 as tokens arrive (decodes the whole tail each time, so
+    multi-byte characters split across tokens print once complete)."""
+
+    def __init__(self, tokenizer, stream=sys.stdout):
+        self.tok, self.ids, self.printed, self.stream = tokenizer, [], "", stream
+
+    def __call__(self, nxt: torch.Tensor) -> None:
+        self.ids.append(int(nxt[0]))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            return
+        self.stream.write(text[len(self.printed):])
+        self.stream.flush()
+        self.printed = text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ecospa.errors import device
+    p.add_argument("--model", required=True,
+                   help="registry name, .gguf file, Hugging Face directory or ecospa checkpoint")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (two graphs)")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecospa.models import encode, load_model
+    check_options(args.max_new_tokens, args.temperature, args.top_k)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, params, tok = load_model(args.model)
+    if tok is None or not hasattr(tok, "decode"):
+        raise ValueError(f"model {args.model!r} has no tokenizer to turn the prompt into tokens "
+                         "(give a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
+                         "or an ecospa checkpoint that records its tokenizer)")
+    ids = encode(tok, args.prompt)[None].to(args.device)
+    if ids.shape[1] == 0:
+        raise UsageError("the prompt encodes to no tokens; give some text")
+    params = optree.tree_map(lambda x: x.to(args.device), params, namespace="")
+    sys.stdout.write(args.prompt)
+    t0 = time.perf_counter()
+    out = generate(params, cfg, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                   on_token=_Streamer(tok), compile=args.compile)
+    dt = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    print(f"\n[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, prompt {ids.shape[1]} tokens]",
+          file=sys.stderr)
+    return 0
+
+
+__all__ = ["generate", "sample", "greedy_reference", "check_options", "add_arguments", "run"]
