@@ -54,3 +54,38 @@ def random_scores(params, groups, seed: int) -> dict:
 def tokens(cfg, seed: int, batch: int = 2, length: int = 5) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+
+
+@st.composite
+def custom_groups(draw, max_groups: int = 2):
+    """(params, groups) of hand-made coupled groups on float64 leaves of 1-4 axes, with the
+    member axes in any order (block axis before OR after the unit axis, extra axes anywhere),
+    single-block members without a block axis, unmasked members and both sides."""
+    from ecospa.groups import Group, Member
+    gen = torch.Generator().manual_seed(draw(seeds))
+    params, groups = {}, []
+    for gi in range(draw(st.integers(1, max_groups))):
+        n_blocks, n_units = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+        members, leaves = [], {}
+        n_members = draw(st.integers(1, 3))
+        for mi in range(n_members):
+            with_block = n_blocks > 1 or draw(st.booleans())
+            n_extra = draw(st.integers(0, 2))
+            sizes = [n_units] + ([n_blocks] if with_block else []) + [draw(st.integers(1, 3)) for _ in range(n_extra)]
+            order = draw(st.permutations(range(len(sizes))))  # order[a] = which size sits at axis a
+            shape = [sizes[order[a]] for a in range(len(sizes))]
+            unit_axis = order.index(0)
+            block_axis = order.index(1) if with_block else None
+            side = "b" if mi == 0 else draw(st.sampled_from([None, "a", "b"]))
+            masked = mi == 0 or draw(st.booleans())
+            leaves[f"m{mi}"] = torch.randn(*shape, generator=gen, dtype=torch.float64)
+            members.append(Member((f"g{gi}", f"m{mi}"), unit_axis, block_axis, side, masked))
+        params[f"g{gi}"] = leaves
+        groups.append(Group(f"g{gi}", draw(st.sampled_from(["qk", "vo", "mlp", "ffn"])), tuple(members)))
+    return params, groups
+
+
+def float_scores(params, groups, seed: int) -> dict:
+    """Distinct (almost surely) positive float scores: ranks without ties."""
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.rand(g.sizes(params), generator=gen, dtype=torch.float64) + 1e-3 for g in groups}
