@@ -5,49 +5,57 @@ import argparse
 import dataclasses
 import json
 import os
+import uuid
+from pathlib import Path
 
 from ecospa import distributed, presets
+from ecospa.errors import device, fraction, nonneg_int, positive_float, positive_int
 from ecospa.importance import ESTIMATORS
-from ecospa.schedule import PruneSchedule
+from ecospa.select import parse_sparsity
 from ecospa.train import TrainConfig, train
 
 
-def _fraction(text: str):
-    """0.5, or per kind: qk=0.25,vo=0.25,mlp=0.5"""
+def _sparsity(text: str):
+    """argparse type: 0.5, or per kind: qk=0.25,vo=0.25,mlp=0.5 (``ecospa.select.parse_sparsity``)."""
     try:
-        if "=" in text:
-            return {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
-        return float(text)
+        return parse_sparsity(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or kind=number,... got {text!r}") from err
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS),
                         help="model + recipe (default: tiny, a byte-level LLaMA on the embedded pydoc text)")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (the schedules follow)")
+    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (the schedules follow)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=_fraction,
+    target.add_argument("--sparsity", type=_sparsity,
                         help="final fraction of units removed per group (0.5 or qk=0.25,vo=0.25,mlp=0.5); 0 = dense")
-    target.add_argument("--budget", type=float,
+    target.add_argument("--budget", type=fraction,
                         help="final fraction of the groups' parameters removed, allocated globally")
-    parser.add_argument("--rounds", type=int, help="number of pruning rounds")
+    parser.add_argument("--rounds", type=nonneg_int,
+                        help="number of pruning rounds (all must fit in --steps; 0 = dense)")
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator (default fisher)")
     parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--out", default="runs/train", help="output directory (checkpoint, metrics.jsonl)")
-    parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
-    parser.add_argument("--until", type=int, help="stop after this many steps (resume later)")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
+    parser.add_argument("--batch-size", type=positive_int)
+    parser.add_argument("--out", default="runs/train",
+                        help="output directory (checkpoint, metrics.jsonl, summary.json)")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the previous run in OUT (its checkpoint, metrics.jsonl, summary.json); "
+                          "without it a new run refuses a directory that holds one")
+    parser.add_argument("--until", type=positive_int, help="stop after this many steps (resume later)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (recompiled after pruning)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=nonneg_int)
+    parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--ckpt-every", type=int)
+    parser.add_argument("--eval-every", type=positive_int)
+    parser.add_argument("--ckpt-every", type=nonneg_int,
+                        help="steps between checkpoints (default: at every evaluation; 0: only at the end)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
-    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_S,
                         help="under torchrun: seconds a collective may wait for the other ranks "
                              "before the job fails (default %(default)s)")
 
@@ -77,11 +85,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(cfg, prune=sched, **over)
 
 
+def _target_text(r: dict) -> str:
+    """'budget 0.5 -> 0.498' or 'sparsity 0.5 -> qk 0.50, vo 0.50, mlp 0.50' (requested -> reached)."""
+    want, got = r.get("target"), r.get("reached")
+    if not want or not got:
+        return "n/a"
+    if want["budget"] is not None:
+        return f"budget {want['budget']:g} -> {got['budget']:.3f}"
+    s = want["sparsity"]
+    s = s if isinstance(s, (int, float)) else ",".join(f"{k}={v:g}" for k, v in s.items())
+    return f"sparsity {s} -> " + ", ".join(f"{k} {v:.2f}" for k, v in got["sparsity"].items())
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON atomically (a temporary sibling renamed over ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def summary_table(r: dict) -> str:
     """The final summary as aligned text."""
     def fmt(x, spec):
         return "n/a" if x is None else format(x, spec)
     rows = [("steps", str(r["steps"])),
+            ("target (requested -> reached)", _target_text(r)),
             ("parameters (dense -> kept)", f"{r['dense_params']:,} -> {r['kept_params']:,} "
                                            f"(-{r['param_reduction']:.1%})"),
             ("validation perplexity", fmt(r["val_ppl"], ".3f")),
@@ -108,14 +143,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         distributed.check_divisible(cfg.batch_size, par.world_size)
         cfg = dataclasses.replace(cfg, device=getattr(par, "device", cfg.device))
-        result = train(cfg, resume=args.resume, until=args.until, progress=args.progress, parallel=par)
+        result = train(cfg, resume=args.resume, until=args.until, progress=args.progress, parallel=par,
+                       overwrite=args.overwrite)
         if par.is_main:
             if par.world_size > 1:
                 print(f"data-parallel over {par.world_size} processes (global batch {cfg.batch_size})")
             print(summary_table(result))
             keep = {k: v for k, v in result.items() if k not in ("params", "opt_state", "losses")}
-            with open(f"{cfg.out}/summary.json", "w") as f:
-                json.dump(dict(keep, world_size=par.world_size) if par.world_size > 1 else keep, f, indent=1)
+            _write_json(Path(cfg.out) / "summary.json",
+                        dict(keep, world_size=par.world_size) if par.world_size > 1 else keep)
     finally:
         par.close()
     return 0

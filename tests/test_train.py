@@ -47,7 +47,9 @@ def test_resume_is_exact_through_a_pruning_round(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    cfg = dataclasses.replace(MICRO, out=str(tmp_path), steps=4)
+    # (a schedule that fits in 4 steps: rounds past the end are refused since issue 9 B6)
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path), steps=4,
+                              prune=PruneSchedule(warmup_steps=1, window=1, rounds=1, sparsity=0.5))
     train(cfg, until=2)
     with pytest.raises(ValueError, match="lr"):
         train(dataclasses.replace(cfg, lr=0.5), resume=True)
@@ -111,7 +113,9 @@ def test_cli_tiny_preset_end_to_end(tmp_path, capsys):
 
 
 def test_cli_bad_arguments(tmp_path, capsys):
-    assert ecospa.cli.main(["train", "--steps", "4", "--budget", "1.5", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit (since issue 9: typed flags)
+        ecospa.cli.main(["train", "--steps", "4", "--budget", "1.5", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
     assert "budget" in capsys.readouterr().err
 
 
