@@ -11,7 +11,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ecospa.func._hf_llama import as_dict, check_state_dict, write_hf
+from ecospa.func._hf_llama import (as_dict, cfg_bool, cfg_float, cfg_int, cfg_str,
+                                    check_layer_count, check_state_dict, write_hf)
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 # Causal-mask buffers that old checkpoints store; recomputed by every implementation.
@@ -23,24 +24,26 @@ def config_from_hf(config: Any):
     from ecospa.func import gpt2  # here, not at the top: gpt2.py re-exports this module
 
     c = as_dict(config)
-    if c.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"model_type {c['model_type']!r} is not GPT-2")
+    kind = cfg_str(c, "model_type", "gpt2")
+    if kind != "gpt2":
+        raise ValueError(f"model_type {kind!r} is not GPT-2")
     act = c.get("activation_function", "gelu_new")
-    if act not in _TANH_GELU:
+    if not isinstance(act, str) or act not in _TANH_GELU:
         raise ValueError(f"activation_function {act!r} is not supported (tanh GELU only)")
-    if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx"):
+    if not cfg_bool(c, "scale_attn_weights", True) or cfg_bool(c, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("only the standard 1/sqrt(head_dim) attention scale is supported")
-    if c.get("add_cross_attention"):
+    if cfg_bool(c, "add_cross_attention", False):
         raise ValueError("GPT-2 with cross-attention is not a decoder-only LM; not supported")
-    if not c.get("tie_word_embeddings", True):
+    if not cfg_bool(c, "tie_word_embeddings", True):
         raise ValueError("untied GPT-2 embeddings are not supported (ecospa's GPT-2 is tied)")
     for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
         if c.get(key) is None:
             raise ValueError(f"config has no {key!r}; is this a GPT-2 config.json?")
-    return gpt2.Config(vocab_size=c["vocab_size"], dim=c["n_embd"], n_layers=c["n_layer"],
-                       n_heads=c["n_head"], ffn_dim=c.get("n_inner") or 4 * c["n_embd"],
-                       max_seq_len=c.get("n_positions", 1024),
-                       norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+    dim = cfg_int(c, "n_embd")
+    return gpt2.Config(vocab_size=cfg_int(c, "vocab_size"), dim=dim, n_layers=cfg_int(c, "n_layer"),
+                       n_heads=cfg_int(c, "n_head"), ffn_dim=cfg_int(c, "n_inner", 4 * dim),
+                       max_seq_len=cfg_int(c, "n_positions", 1024),
+                       norm_eps=cfg_float(c, "layer_norm_epsilon", 1e-5),
                        name="gpt2")  # the family (checkpoints dispatch on it)
 
 
@@ -78,6 +81,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
     """
     cfg = config_from_hf(config)
     sd = _normalize_names(state_dict)
+    check_layer_count(cfg.n_layers, len(sd), 1, "n_layer")
     check_state_dict(sd, expected_shapes(cfg))
     D, H, E = cfg.dim, cfg.n_heads, cfg.head_dim
 

@@ -11,6 +11,7 @@ dim ``i`` of a head at ``(r, p) = (i // P, i % P)``, so the reshape is the whole
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,25 +32,77 @@ def as_dict(config: Any) -> dict:
     raise ValueError(f"config must be a dict or a transformers config, got {type(config).__name__}")
 
 
+MAX_SIZE = 2**31 - 1  # no dimension, head count or layer count of a real model is larger
+
+
 def _need(c: dict, key: str):
     if c.get(key) is None:
         raise ValueError(f"config has no {key!r}; is this a LLaMA-family config.json?")
     return c[key]
 
 
+def cfg_int(c: dict, key: str, default=None, lo: int = 1, hi: int = MAX_SIZE):
+    """``c[key]`` as a whole number in [lo, hi] (``default`` when absent or null); ValueError
+    naming the key for strings, floats, booleans or out-of-range values (config.json is input)."""
+    v = c.get(key)
+    if v is None:
+        if default is None:
+            raise ValueError(f"config has no {key!r}; is this the model's config.json?")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"config {key!r} must be a whole number, got {v!r} "
+                         f"({type(v).__name__}); fix config.json")
+    if not lo <= v <= hi:
+        raise ValueError(f"config {key!r} = {v} is out of range [{lo}, {hi}]; fix config.json")
+    return v
+
+
+def cfg_float(c: dict, key: str, default: float) -> float:
+    """``c[key]`` as a finite number > 0 (epsilons, rope_theta); ValueError naming the key."""
+    v = c.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"config {key!r} must be a finite number > 0, got {v!r}; fix config.json")
+    return float(v)
+
+
+def cfg_bool(c: dict, key: str, default=None):
+    """``c[key]`` as a JSON boolean (a string such as "false" is an error, not True)."""
+    v = c.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ValueError(f"config {key!r} must be true or false, got {v!r} ({type(v).__name__}); "
+                         "fix config.json")
+    return v
+
+
+def cfg_str(c: dict, key: str, default=None):
+    v = c.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise ValueError(f"config {key!r} must be a string, got {v!r}; fix config.json")
+    return v
+
+
 def _rope_theta(c: dict) -> float:
     """rope_theta from transformers 4 (top level + rope_scaling) or 5 (rope_parameters)."""
-    rp = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    for spec in (rp, scaling):
-        if not isinstance(spec, Mapping):
+    for key in ("rope_parameters", "rope_scaling"):
+        spec = c.get(key)
+        if spec is None:
             continue
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"config {key!r} must be an object or null, got {spec!r}")
         kind = spec.get("rope_type", spec.get("type", "default"))
         if kind not in (None, "default"):
             raise ValueError(f"rope type {kind!r} is not implemented (only plain RoPE); "
                              "ecospa cannot reproduce this model's positions")
-    theta = rp.get("rope_theta") if isinstance(rp, Mapping) else None
-    return float(theta if theta is not None else c.get("rope_theta", 10000.0))
+    rp = c.get("rope_parameters") or {}
+    if rp.get("rope_theta") is not None:
+        return cfg_float(rp, "rope_theta", 10000.0)
+    return cfg_float(c, "rope_theta", 10000.0)
 
 
 def config_from_hf(config: Any, tied: Optional[bool] = None):
@@ -57,32 +110,45 @@ def config_from_hf(config: Any, tied: Optional[bool] = None):
     from ecospa.func import llama  # here, not at the top: llama.py re-exports this module
 
     c = as_dict(config)
-    kind = c.get("model_type", "llama")
+    kind = cfg_str(c, "model_type", "llama")
     if kind not in LLAMA_TYPES:
         raise ValueError(f"model_type {kind!r} is not a LLaMA-family model ({LLAMA_TYPES})")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
-    if c.get("mlp_bias"):
+    act = c.get("hidden_act", "silu")
+    if not isinstance(act, str) or act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
+    if cfg_bool(c, "mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported: ecospa's LLaMA MLP has no biases")
-    if c.get("use_sliding_window") and kind == "qwen2":
+    if cfg_bool(c, "use_sliding_window", False) and kind == "qwen2":
         raise ValueError("Qwen2 sliding-window attention is not implemented; use full attention")
-    if kind != "qwen2" and c.get("attention_bias"):
+    if kind != "qwen2" and cfg_bool(c, "attention_bias", False):
         raise ValueError("attention_bias=True puts a bias on o_proj, which ecospa does not "
                          "represent (Qwen2-style q/k/v biases are supported)")
-    heads = _need(c, "num_attention_heads")
-    dim = _need(c, "hidden_size")
-    max_len = c.get("max_position_embeddings") or 2048
-    if kind == "mistral" and c.get("sliding_window"):
+    for key in ("num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers",
+                "intermediate_size"):
+        _need(c, key)
+    heads = cfg_int(c, "num_attention_heads")
+    dim = cfg_int(c, "hidden_size")
+    max_len = cfg_int(c, "max_position_embeddings", 2048, hi=2**40)
+    if kind == "mistral" and c.get("sliding_window") is not None:
         # ecospa attends over the full causal prefix: identical only within the window.
-        max_len = min(max_len, c["sliding_window"])
-    tie = c.get("tie_word_embeddings")
+        max_len = min(max_len, cfg_int(c, "sliding_window", hi=2**40))
+    tie = cfg_bool(c, "tie_word_embeddings")
     return llama.Config(
-        vocab_size=_need(c, "vocab_size"), dim=dim, n_layers=_need(c, "num_hidden_layers"),
-        n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
-        ffn_dim=_need(c, "intermediate_size"), head_dim=c.get("head_dim") or dim // heads,
-        rope_theta=_rope_theta(c), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        vocab_size=cfg_int(c, "vocab_size"), dim=dim, n_layers=cfg_int(c, "num_hidden_layers"),
+        n_heads=heads, n_kv_heads=cfg_int(c, "num_key_value_heads", heads),
+        ffn_dim=cfg_int(c, "intermediate_size"), head_dim=cfg_int(c, "head_dim", max(1, dim // heads)),
+        rope_theta=_rope_theta(c), norm_eps=cfg_float(c, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
         max_seq_len=max_len, name="llama")  # name = the family (checkpoints dispatch on it)
+
+
+def check_layer_count(n_layers: int, n_tensors: int, per_layer: int, key: str) -> None:
+    """A config cannot describe more layers than the checkpoint has tensors for (checked before
+    anything is built per layer, so a crafted count cannot exhaust memory)."""
+    if n_layers * per_layer > n_tensors:
+        raise ValueError(f"config {key!r} = {n_layers}, but the checkpoint holds only {n_tensors} "
+                         "tensors, fewer than one per layer; does config.json belong to these "
+                         "weights?")
 
 
 def _layer_shapes(cfg) -> dict:
@@ -152,6 +218,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
 
     sd = _normalize_names(state_dict)
     cfg = config_from_hf(config, tied="lm_head.weight" not in sd)
+    check_layer_count(cfg.n_layers, len(sd), 1, "num_hidden_layers")
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # a tied model's state_dict() lists the shared tensor twice
     check_state_dict(sd, expected_shapes(cfg))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ecospa.func._layers import attention
+from ecospa.func.llama import check_fields, check_tokens
 from ecospa.groups import Group, Member
 
 
@@ -38,6 +39,8 @@ class Config:
     name: str = field(default="gpt2", compare=False)
 
     def __post_init__(self):
+        check_fields(self, ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"),
+                     ("ffn_dim", "head_dim"), ("norm_eps",))
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
         if self.ffn_dim is None:
@@ -88,6 +91,10 @@ def _ln(x, w, b, eps):
 def hidden(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Final hidden states [B, T, D] for tokens [B, T]."""
     B, T = tokens.shape
+    check_tokens(tokens, params["wte"].shape[0])
+    if T > params["wpe"].shape[0]:
+        raise ValueError(f"{T} tokens exceed the model's {params['wpe'].shape[0]} learned positions "
+                         "(max_seq_len); use shorter sequences")
     x = params["wte"][tokens] + params["wpe"][:T]  # [B, T, D]
     for p in params["layers"]:
         x = x + _attention(p, _ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps), cfg)

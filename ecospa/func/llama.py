@@ -18,6 +18,7 @@ run through the same function. Each layer carries the frequencies of its kept ro
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,17 +50,52 @@ class Config:
     name: str = field(default="llama", compare=False)
 
     def __post_init__(self):
+        check_fields(self, ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"),
+                     ("n_kv_heads", "head_dim"), ("norm_eps", "rope_theta"))
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         hd = self.dim // self.n_heads if self.head_dim is None else self.head_dim
         object.__setattr__(self, "n_kv_heads", kv)
         object.__setattr__(self, "head_dim", hd)
         if self.n_heads % kv:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
-        if hd % 2:
+        if hd % 2 or hd < 2:
             raise ValueError(f"head_dim={hd} must be even: RoPE rotates dims in pairs")
-        for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def check_fields(cfg, counts: tuple, optional_counts: tuple = (), positive: tuple = ()) -> None:
+    """ValueError naming the field unless every count is a whole number >= 1 (None allowed for
+    ``optional_counts``) and every ``positive`` field a finite number > 0."""
+    for k in counts + optional_counts:
+        v = getattr(cfg, k)
+        if v is None and k in optional_counts:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a whole number >= 1, got {v!r}")
+    for k in positive:
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+
+
+def check_tokens(tokens: torch.Tensor, vocab: int) -> None:
+    """ValueError unless ``tokens`` are integer ids in [0, vocab): a negative id would silently
+    index from the end of the embedding. Skipped while torch.compile traces (no graph break);
+    on accelerators an asynchronous device assert (no host sync)."""
+    if torch.compiler.is_compiling():
+        return
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.numel() == 0:
+        return
+    if tokens.device.type != "cpu":
+        torch._assert_async(((tokens >= 0) & (tokens < vocab)).all(),
+                            "token id out of range [0, vocab_size)")
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside [0, {vocab}) (the model's vocabulary); "
+                         "was the text encoded with another tokenizer?")
 
 
 def inv_freq(cfg: Config) -> torch.Tensor:
@@ -117,7 +153,8 @@ def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def hidden(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Final hidden states [B, T, D] for tokens [B, T]."""
+    """Final hidden states [B, T, D] for tokens [B, T] (ids in [0, vocab); ValueError otherwise)."""
+    check_tokens(tokens, params["embed"].shape[0])
     x = params["embed"][tokens]  # [B, T, D]
     for p in params["layers"]:
         x = x + _attention(p, rms_norm(x, p["attn_norm"], cfg.norm_eps), cfg)

@@ -25,10 +25,14 @@ def _read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: config.json must hold a JSON object, got "
+                         f"{type(config).__name__}; is this a Hugging Face model directory?")
+    return config
 
 
 def _load_file(path: str) -> dict:
@@ -46,15 +50,27 @@ def _load_file(path: str) -> dict:
 def _shards(directory: str, index_name: str) -> list:
     index_path = os.path.join(directory, index_name)
     try:
-        with open(index_path) as f:
+        with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            RecursionError) as err:
         raise ValueError(f"cannot read the shard index {index_path}: {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
     files = sorted(set(weight_map.values()))
-    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    root = os.path.realpath(directory)
+    paths = []
+    for name in files:
+        path = os.path.realpath(os.path.join(root, name))
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or \
+                os.path.commonpath([root, path]) != root:
+            raise ValueError(f"{index_path} lists the shard {name!r}, which is outside the model "
+                             "directory; shard files must be plain names inside it")
+        paths.append(path)
+    missing = [f for f, p in zip(files, paths) if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"{index_path} lists shards that are not there: {missing[:3]}")
-    return [os.path.join(directory, f) for f in files]
+    return paths
 
 
 def read_state_dict(directory: str) -> dict:
@@ -110,8 +126,8 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     directory = _local_dir(str(path_or_id))
     config = _read_config(directory)
     kind = config.get("model_type")
-    if kind not in FAMILIES:
-        raise ValueError(f"model_type {kind!r} is not supported; ecospa reads {sorted(FAMILIES)}")
+    if not isinstance(kind, str) or kind not in FAMILIES:
+        raise ValueError(f"config.json: model_type {kind!r} is not supported; ecospa reads {sorted(FAMILIES)}")
     family = FAMILIES[kind]
     module = llama if family == "llama" else gpt2
     cfg, params = module.from_hf(read_state_dict(directory), config, dtype=dtype)
