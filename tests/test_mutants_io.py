@@ -1,0 +1,149 @@
+"""Tests that kill realistic bugs in the checkpoint writer/reader and the training step wiring
+(issue 15, bugs 2, 3 and 6): a same-size byte flip must not load, a failed save over an existing
+checkpoint must leave it byte for byte, and the importance estimator must see the params the
+gradients were taken at."""
+from __future__ import annotations
+
+import dataclasses
+
+import optree
+import pytest
+import torch
+
+from ecospa import checkpoint, distributed, importance, optim
+from ecospa.func import llama
+from ecospa.schedule import PruneSchedule
+from ecospa.train import TrainConfig, train
+
+CFG = llama.Config(vocab_size=13, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=10)
+
+
+def leaves(tree):
+    return optree.tree_leaves(tree, namespace="")
+
+
+def same(a, b) -> bool:
+    la, lb = leaves(a), leaves(b)
+    return (optree.tree_structure(a, namespace="") == optree.tree_structure(b, namespace="")
+            and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(la, lb)))
+
+
+def saved(tmp_path, seed=0):
+    params = llama.init(CFG, seed=seed)
+    opt = optim.adamw(1e-3)
+    state = opt.init(params)
+    state = state._replace(mu=optree.tree_map(lambda x: x + seed + 1, state.mu, namespace=""), count=3)
+    return params, state
+
+
+# --- bug 2: load must check the sha256, not only the size --------------------------------------
+
+@pytest.mark.parametrize("name", ["model", "optim", "state"])
+@pytest.mark.parametrize("where", [-1, -4, 0.5])
+def test_same_size_byte_flip_is_rejected(tmp_path, name, where):
+    """A flipped bit in a tensor's bytes keeps the file size and the safetensors header valid:
+    only the checksum can tell, and load must refuse it instead of returning wrong weights."""
+    params, state = saved(tmp_path)
+    path = checkpoint.save(tmp_path / "ck", params, CFG, opt_state=state,
+                           state=(torch.arange(6.0), 4), step=5)
+    f = path / f"{name}.safetensors"
+    data = bytearray(f.read_bytes())
+    i = int(len(data) * where) if isinstance(where, float) else len(data) + where
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    i = max(i, header_end)  # inside the tensor data, so the file still parses
+    data[i] ^= 0x10
+    f.write_bytes(bytes(data))
+    assert f.stat().st_size == len(data)
+    with pytest.raises(ValueError, match=rf"{name}\.safetensors.*corrupt"):
+        checkpoint.load_full(path)
+
+
+# --- bug 3: save writes a temporary directory and swaps it in ------------------------------------
+
+@pytest.mark.parametrize("fail_on", ["model", "optim", "state"])
+def test_failed_save_over_a_checkpoint_leaves_it_intact(tmp_path, monkeypatch, fail_on):
+    """Saving DIFFERENT params over an existing checkpoint and failing halfway (disk full while
+    writing the second or third file) leaves the old checkpoint loadable and unchanged, and no
+    stray directories beside it."""
+    import safetensors.torch
+    old_params, old_state = saved(tmp_path, seed=0)
+    path = checkpoint.save(tmp_path / "ck", old_params, CFG, opt_state=old_state,
+                           state=(torch.zeros(3), 1), extra={"v": 1}, step=10)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if str(filename).endswith(f"{fail_on}.safetensors"):
+            real(tensors, filename, *args, **kwargs)  # a partial write first
+            with open(filename, "r+b") as fh:
+                fh.truncate(max(1, fh.seek(0, 2) // 2))
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    new_params, new_state = saved(tmp_path, seed=1)
+    with pytest.raises(Exception):  # noqa: B017  (the message is the caller's business)
+        checkpoint.save(path, new_params, CFG, opt_state=new_state, state=(torch.ones(3), 2),
+                        extra={"v": 2}, step=20)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    ck = checkpoint.load_full(tmp_path / "ck")
+    assert ck.extra == {"v": 1} and ck.step == 10
+    assert same(ck.params, old_params) and same(ck.opt_state, old_state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_successful_save_replaces_every_file(tmp_path):
+    """After a save over a checkpoint that had optimizer moments, a save without them leaves no
+    stale optim.safetensors behind (a fresh directory is swapped in, not files overwritten)."""
+    params, state = saved(tmp_path)
+    path = checkpoint.save(tmp_path / "ck", params, CFG, opt_state=state, state=(torch.ones(2),))
+    other = llama.init(CFG, seed=3)
+    checkpoint.save(path, other, CFG, step=1)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
+    ck = checkpoint.load_full(path)
+    assert same(ck.params, other) and ck.opt_state is None and ck.state is None and ck.step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+# --- bug 6: the estimator sees the params the gradients were taken at ---------------------------
+
+TINY = TrainConfig(
+    model=llama.Config(vocab_size=256, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8),
+    batch_size=2, seq_len=8, steps=6, lr=1e-2, lr_warmup=1, eval_every=6, eval_batches=1, log_every=3,
+    prune=PruneSchedule(warmup_steps=1, window=3, rounds=1, every=3, sparsity=0.5))
+
+
+def test_importance_sees_the_params_the_grads_were_taken_at(tmp_path, monkeypatch):
+    """train() must call ``estimator.update(state, params, grads)`` with the params BEFORE the
+    optimizer step (those ``grads`` were computed at), not the updated ones."""
+    taken = []  # (params, grads) of every step, as the step function saw them
+
+    class Spy(distributed.Local):
+        def make_step(self, loss_fn, optimizer, compile=False):
+            step = super().make_step(loss_fn, optimizer, compile)
+
+            def spied(params, opt_state, batch):
+                out = step(params, opt_state, batch)
+                taken.append((params, out.grads))
+                return out
+            return spied
+
+    fed = []
+
+    def spy_estimator(groups, **kwargs):
+        est = importance.coupled_fisher(groups)
+
+        def update(state, params, grads):
+            fed.append((params, grads))
+            return est.update(state, params, grads)
+        return importance.Importance(est.init, update, est.scores)
+
+    monkeypatch.setitem(importance.ESTIMATORS, "spy", spy_estimator)
+    cfg = dataclasses.replace(TINY, estimator="spy", out=str(tmp_path / "run"))
+    train(cfg, parallel=Spy(), progress=False)
+    assert len(fed) == 3  # the window: steps 1, 2, 3
+    for params, grads in fed:
+        match = [p for p, g in taken if same(g, grads)]
+        assert len(match) == 1, "the estimator got gradients no step produced"
+        assert same(params, match[0]), "the estimator got other params than the gradients' (after the step?)"
