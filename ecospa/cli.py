@@ -24,6 +24,7 @@ COMMANDS = {
     "compress": ("ecospa.compress", "compress a pretrained checkpoint: calibrate, prune, recover, save"),
     "eval": ("ecospa.evaluate", "perplexity of a checkpoint on a text source"),
     "generate": ("ecospa.generate", "continue a prompt with a model (greedy or sampled, KV cache)"),
+    "export": ("ecospa.export", "write a (pruned) model for transformers (padded) or llama.cpp (gguf)"),
 }
 
 # The errors a command may end with on bad input or a failing environment; anything else is a

@@ -1,0 +1,95 @@
+"""hf-padded export of PRUNED trees (pruned attention, per-layer MLP widths) loads in stock
+``transformers`` with no custom code and gives the same logits and the same greedy tokens as
+ecospa; ``ecospa export`` writes both formats from a native checkpoint."""
+from __future__ import annotations
+
+import os
+
+import optree
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import ecospa  # noqa: E402
+from ecospa import checkpoint, cli  # noqa: E402
+from ecospa.export import export  # noqa: E402
+from ecospa.func import gpt2, llama  # noqa: E402
+from ecospa.func.padding import compact  # noqa: E402
+from ecospa.generate import generate  # noqa: E402
+from ecospa.io.hf import load_hf  # noqa: E402
+from strategies import random_scores  # noqa: E402
+from tolerances import HF, close  # noqa: E402
+
+CASES = {
+    "llama_gqa_tied": (llama, llama.Config(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                                           ffn_dim=48, rope_theta=500.0, init_std=0.2)),
+    "qwen2_mqa_untied": (llama, llama.Config(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1,
+                                             ffn_dim=40, tie_embeddings=False, attention_bias=True,
+                                             init_std=0.2)),
+    "gpt2": (gpt2, gpt2.Config(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=32, init_std=0.2)),
+}
+
+
+def _pruned(module, cfg, budget, dtype=torch.float64):
+    params = module.init(cfg, seed=5, dtype=dtype)
+    groups = module.coupled_groups(cfg)
+    return ecospa.pruner(groups, budget=budget)(params, random_scores(params, groups, 5))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("budget", [0.3, 0.6])
+def test_padded_export_loads_in_stock_transformers(tmp_path, case, budget):
+    module, cfg = CASES[case]
+    small = _pruned(module, cfg, budget)
+    widths = {p["wv"].shape[-1] for p in small["layers"]} | {2 * p["wq"].shape[-1] for p in small["layers"]}
+    assert widths != {cfg.head_dim}, "the case must prune attention"
+    res = export(small, cfg, tmp_path / "hf", "hf-padded")
+    model = transformers.AutoModelForCausalLM.from_pretrained(res["path"], attn_implementation="eager",
+                                                              torch_dtype=torch.float64).eval()
+    x = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = model(x).logits
+    close(hf, module.forward(small, x, cfg), HF)
+    # greedy generation: transformers' generate == ecospa's cached decoder
+    prompt = x[:1, :4]
+    with torch.no_grad():
+        want = model.generate(prompt, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                              attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    assert torch.equal(generate(small, cfg, prompt, 8), want)
+    # back in: load_hf + compact gives the pruned shapes and the same logits
+    _, back_cfg, back = load_hf(res["path"], dtype=torch.float64)
+    again = compact(back, back_cfg)
+    assert [t.shape for t in optree.tree_leaves(again, namespace="")] == \
+        [t.shape for t in optree.tree_leaves(small, namespace="")]
+    close(module.forward(again, x, back_cfg), module.forward(small, x, cfg), HF)
+
+
+def test_export_cli_writes_both_formats_from_a_checkpoint(tmp_path, capsys):
+    module, cfg = CASES["llama_gqa_tied"]
+    small = _pruned(module, cfg, 0.5, torch.float32)
+    checkpoint.save(tmp_path / "ck", small, cfg, extra={})
+    assert cli.main(["export", "--model", str(tmp_path / "ck"), "--format", "hf-padded",
+                     "--out", str(tmp_path / "hf")]) == 0
+    assert cli.main(["export", "--model", str(tmp_path / "ck"), "--format", "gguf",
+                     "--out", str(tmp_path / "m.gguf")]) == 0
+    text = capsys.readouterr().out
+    assert "wrote hf-padded" in text and "wrote gguf" in text and "padded" in text
+    from ecospa.models import load_model
+    x = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    for spec in (tmp_path / "hf", tmp_path / "m.gguf"):
+        c2, p2, _ = load_model(str(spec))
+        close(llama.forward(p2, x, c2), llama.forward(small, x, cfg), HF)
+
+
+def test_export_cli_refuses_before_loading(tmp_path, capsys):
+    (tmp_path / "m.gguf").write_bytes(b"keep me")
+    (tmp_path / "file").write_text("x")
+    for fmt, out, needle in (("gguf", "m.gguf", "exists"), ("gguf", "m.bin", "end in .gguf"),
+                             ("hf-padded", "file", "is a file"), ("hf-padded", "file/sub", "under the file")):
+        rc = cli.main(["export", "--model", str(tmp_path / "does-not-exist"), "--format", fmt,
+                       "--out", str(tmp_path / out)])
+        assert rc == 2 and needle in capsys.readouterr().err
+    assert (tmp_path / "m.gguf").read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["file", "m.gguf"]
