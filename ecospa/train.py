@@ -219,7 +219,13 @@ def _prune_round(params, opt_state, groups, scores, target, dense, schedule: Pru
 def _all_finite(tree) -> bool:
     """Whether every floating-point tensor in ``tree`` is finite (one device sync)."""
     xs = [x for x in optree.tree_leaves(tree, namespace="") if torch.is_tensor(x) and x.is_floating_point()]
-    return not xs or bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+    if not xs:
+        return True
+    try:  # the norms are NaN/inf iff a value is (or is so large that its norm overflows)
+        norms = torch._foreach_norm(xs)
+        return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+    except (RuntimeError, AttributeError, TypeError):  # mixed devices, an older torch
+        return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
 def _check_out(out: Path) -> None:
