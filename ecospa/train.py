@@ -239,7 +239,8 @@ def _check_out(out: Path) -> None:
                     raise UsageError(f"--out {out}: {p} is not writable; choose another --out")
                 return
     except OSError as err:  # a name too long, a loop of symlinks, ...
-        raise UsageError(f"--out {out}: {err.strerror or err}; choose another --out") from err
+        shown = str(out) if len(str(out)) < 200 else str(out)[:80] + "..." + str(out)[-40:]
+        raise UsageError(f"--out {shown}: {err.strerror or err}; choose another --out") from err
 
 
 def _run_files(out: Path) -> list:

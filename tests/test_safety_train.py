@@ -300,6 +300,8 @@ def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys, no_training):
     for out in (f, f / "sub"):
         rc, err = cli(["train", "--out", str(out)], capsys)
         assert rc == 2 and "--out" in err and "not a directory" in err, err
+    rc, err = cli(["train", "--out", str(tmp_path / ("a" * 5000))], capsys)
+    assert rc == 2 and "too long" in err and len(err) < 400, err
     assert f.read_text() == "x"
 
 
