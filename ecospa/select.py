@@ -46,8 +46,8 @@ def parse_sparsity(text: str, kinds: Sequence[str] = KINDS) -> Sparsity:
             for item in text.split(","):
                 kind, value = item.split("=")
                 kind = kind.strip()
-                if not kind or kind in out:
-                    raise ValueError(f"empty or repeated kind {kind!r}")
+                if not kind or kind in out:  # empty or repeated kind
+                    raise ValueError
                 out[kind] = float(value)
     except ValueError as err:
         raise ValueError(f"--sparsity {text!r}: {fmt}") from err

@@ -92,6 +92,12 @@ def test_parse_sparsity_rejects(text, match):
         ecospa.parse_sparsity(text)
 
 
+@pytest.mark.parametrize("value", [0.5, None, {"mlp": 0.5}])
+def test_parse_sparsity_wants_text(value):
+    with pytest.raises(ValueError, match=r"^--sparsity .*: write a fraction \(0\.5\) or kind=fraction pairs"):
+        ecospa.parse_sparsity(value)
+
+
 def test_parse_sparsity_custom_kinds():
     assert ecospa.parse_sparsity("ffn=0.5", kinds=("ffn",)) == {"ffn": 0.5}
     with pytest.raises(ValueError, match="unknown group kinds"):
