@@ -21,12 +21,17 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ecospa.errors import UsageError, nonneg_int, positive_float, positive_int
 from ecospa.evaluate import perplexity
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.prune import slice_units
-from ecospa.select import select
+from ecospa.select import check_target, parse_sparsity, select
 
 Sparsity = Union[float, Mapping[str, float]]
+
+
+class RecoveryDiverged(ValueError):
+    """The recovery fine-tune produced a NaN/inf loss or parameters; nothing was saved."""
 
 
 @dataclass(frozen=True)
@@ -56,44 +61,110 @@ class Job:
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
 
     def __post_init__(self):
+        """Check every value and every output path; UsageError before anything is loaded."""
+        try:
+            self._check_values()
+        except UsageError:
+            raise
+        except ValueError as err:  # the sparsity parser's messages: still the user's input
+            raise UsageError(str(err)) from err
+        self._check_paths()
+
+    def _check_values(self) -> None:
         if (self.budget is None) == (self.sparsity is None):
-            raise ValueError("give exactly one target: --budget F (fraction of the coupled groups' "
+            raise UsageError("give exactly one target: --budget F (fraction of the coupled groups' "
                              "parameters removed) or --sparsity (e.g. 'qk=0.25,vo=0.25,mlp=0.5')")
-        if self.budget is not None and not (isinstance(self.budget, (int, float))
-                                            and 0.0 < self.budget < 1.0):
-            raise ValueError(f"--budget must be a fraction in (0, 1), e.g. 0.5; got {self.budget!r}")
-        fracs = self.sparsity.values() if isinstance(self.sparsity, Mapping) else \
-            ([self.sparsity] if self.sparsity is not None else [])
-        if any(not (isinstance(v, (int, float)) and 0.0 <= v < 1.0) for v in fracs):
-            raise ValueError(f"--sparsity fractions must lie in [0, 1); got {self.sparsity!r}")
+        if self.budget is not None and not (_number(self.budget) and 0.0 < self.budget < 1.0):
+            raise UsageError(f"--budget must be a fraction in (0, 1), e.g. 0.5; got {self.budget!r}")
+        if self.sparsity is not None:
+            sparsity = parse_sparsity(self.sparsity) if isinstance(self.sparsity, str) else self.sparsity
+            if isinstance(sparsity, Mapping):
+                for kind in sparsity:
+                    if not isinstance(kind, str) or "=" in kind or "," in kind:
+                        raise UsageError(f"--sparsity names unknown group kinds [{kind!r}]")
+                    parse_sparsity(f"{kind}=0")  # unknown kinds: the one parser's message
+            fracs = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+            if any(not (_number(v) and 0.0 <= v < 1.0) for v in fracs):
+                raise UsageError(f"--sparsity fractions must lie in [0, 1); got {self.sparsity!r}")
+            object.__setattr__(self, "sparsity", sparsity)
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"--estimator {self.estimator!r} is unknown; use one of {sorted(ESTIMATORS)}")
-        for name in ("rounds", "batch_size", "seq_len", "calib_batches", "eval_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.lr < 0 or not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError("--steps and --lr must be >= 0 and --distill-weight in [0, 1]")
-        for path in (self.out, self.export_hf):
-            if path and os.path.abspath(path) == os.path.abspath(self.model):
-                raise ValueError(f"output {path!r} is the input model; choose another directory")
+            raise UsageError(f"--estimator {self.estimator!r} is unknown; use one of {sorted(ESTIMATORS)}")
+        for name in ("rounds", "batch_size", "seq_len", "calib_batches", "eval_seq_len",
+                     "eval_batch_size"):
+            v = getattr(self, name)
+            if not _whole(v) or v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if self.eval_windows is not None and (not _whole(self.eval_windows) or self.eval_windows < 1):
+            raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
+        if not _whole(self.steps) or self.steps < 0:
+            raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
+        if not _whole(self.seed) or self.seed < 0:
+            raise UsageError(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        if not (_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
+        if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
+            raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.ppl_dense is not None and not (_number(self.ppl_dense) and self.ppl_dense > 0):
+            raise UsageError(f"ppl_dense must be a number > 0, got {self.ppl_dense!r}")
+
+    def _check_paths(self) -> None:
+        from ecospa.func._hf_llama import check_export_target
+
+        if not isinstance(self.model, str) or not self.model:
+            raise UsageError(f"--model must name a model, got {self.model!r}")
+        model = os.path.abspath(self.model) if os.path.exists(self.model) else None
+        outs = [(flag, os.path.abspath(p)) for flag, p in (("--out", self.out),
+                                                           ("--export-hf", self.export_hf)) if p]
+        for flag, path in outs:
+            if model is not None and _inside(model, path):
+                raise UsageError(f"{flag} {path!r} is or holds the input model {self.model!r}; "
+                                 "choose another directory")
+        if len(outs) == 2 and (_inside(outs[0][1], outs[1][1]) or _inside(outs[1][1], outs[0][1])):
+            raise UsageError(f"--out {self.out!r} and --export-hf {self.export_hf!r} overlap; "
+                             "give two separate directories")
+        if self.out:
+            check_out_dir(self.out)
+        if self.export_hf:
+            check_export_target(self.export_hf, "--export-hf")
 
 
-def parse_sparsity(text: str) -> Sparsity:
-    """'0.5' -> 0.5; 'qk=0.25,vo=0.25,mlp=0.5' -> {"qk": 0.25, ...}; ValueError otherwise."""
-    try:
-        if "=" not in text:
-            return float(text)
-        out = {}
-        for item in text.split(","):
-            kind, value = item.split("=")
-            out[kind.strip()] = float(value)
-    except ValueError as err:
-        raise ValueError(f"--sparsity {text!r}: write a fraction (0.5) or kind=fraction pairs "
-                         "('qk=0.25,vo=0.25,mlp=0.5')") from err
-    unknown = set(out) - {"qk", "vo", "mlp"}
-    if unknown:
-        raise ValueError(f"--sparsity names unknown group kinds {sorted(unknown)}; use qk, vo, mlp")
-    return out
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies under it (both absolute)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, flag: str = "--out") -> str:
+    """UsageError unless ``out`` can become a native checkpoint without touching anything else:
+    absent, an empty directory, or an earlier ecospa checkpoint (it has manifest.json)."""
+    path = os.path.abspath(out)
+    for part in path.split(os.sep):
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise UsageError(f"{flag} {out!r}: the name {part[:20]}... is longer than 255 bytes; "
+                             "choose a shorter path")
+    if os.path.islink(out):
+        raise UsageError(f"{flag} {out!r} is a symbolic link; give the real directory path")
+    probe = os.path.dirname(path)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise UsageError(f"{flag} {out!r} is under {probe!r}, which is a file, not a directory")
+    if not os.path.lexists(path):
+        return path
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {out!r} is a file; give a directory path for the checkpoint")
+    entries = os.listdir(path)
+    if entries and not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise UsageError(f"{flag} {out!r} is a non-empty directory that is not an ecospa "
+                         f"checkpoint (it holds {sorted(entries)[:3]}); choose a new or empty one")
+    return path
 
 
 def group_params(params, groups) -> int:
@@ -150,7 +221,11 @@ def _losses(forward, cfg, teacher, job: Job):
 
 
 def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
-    """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses)."""
+    """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses).
+
+    Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
+    not finite (the last update comes after the last loss that was seen).
+    """
     from tqdm.auto import tqdm
 
     from ecospa.data import batch_at
@@ -163,10 +238,28 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
     bar = tqdm(range(steps), desc="recover", unit="step", disable=not job.progress, leave=False)
     for step in bar:
         grads, loss = step_fn(params, batch_at(ids, step, job.batch_size, job.seq_len, seed))
+        if not math.isfinite(float(loss)):
+            bar.close()
+            raise RecoveryDiverged(
+                f"recovery diverged: the loss became {float(loss)} at step {step + 1} of {steps} "
+                f"(--lr {job.lr}); nothing was saved. Use a smaller --lr (default 2e-4)")
         params, state = opt.update(grads, state, params)
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    check_finite(params, f"after {steps} recovery steps with --lr {job.lr}")
     return params, losses
+
+
+def check_finite(params, when: str) -> None:
+    """RecoveryDiverged naming the first non-finite leaf: no NaN/inf tree is ever saved."""
+    from ecospa._tree import leaf_paths, get_path
+    for path in leaf_paths(params):
+        x = get_path(params, path)
+        if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
+            name = ".".join(map(str, path))
+            raise RecoveryDiverged(f"recovery diverged: parameter {name} is not finite {when}; "
+                                   "nothing was saved. Use a smaller --lr (default 2e-4)")
 
 
 def latency(forward, params, cfg, seq_len: int, repeats: int = 3) -> float:
@@ -194,6 +287,10 @@ def compress(job: Job, loaded=None) -> dict:
     torch.manual_seed(job.seed)
     cfg, dense, tok = loaded if loaded is not None else load_model(job.model)
     forward, groups = forward_for(cfg), groups_for(cfg)
+    try:
+        check_target(groups, sparsity=job.sparsity, budget=job.budget)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     train_ids, val_ids = encode(tok, corpus(job.data, "train")), encode(tok, corpus(job.data, "val"))
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress)
@@ -242,18 +339,20 @@ def _sizes(dense, params, groups) -> dict:
 
 
 def _tokenizer_spec(model: str) -> Optional[str]:
-    """What ``models.load_tokenizer`` needs later: the source spec, or a checkpoint's own."""
-    import json
-    manifest = os.path.join(model, "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            return json.load(f).get("extra", {}).get("tokenizer")
+    """What ``models.load_tokenizer`` needs later: the source spec, or a checkpoint's own
+    (a compress checkpoint's ``extra["tokenizer"]``, a train checkpoint's train config)."""
+    if os.path.isfile(os.path.join(model, "manifest.json")):
+        from ecospa.models import checkpoint_tokenizer_spec
+        return checkpoint_tokenizer_spec(model)
     return model if not os.path.exists(model) else os.path.abspath(model)
 
 
 def _save(job: Job, params, cfg, summary: dict) -> None:
     from ecospa.func import gpt2, llama
     module = llama if isinstance(cfg, llama.Config) else gpt2
+    check_finite(params, "before saving")
+    if job.out:
+        check_out_dir(job.out)  # again: the directory may have changed while we computed
     if job.export_hf:
         try:
             module.save_hf(params, cfg, job.export_hf)
@@ -262,6 +361,8 @@ def _save(job: Job, params, cfg, summary: dict) -> None:
             summary["export_hf"] = f"not exported: {err}"
     if job.out:
         from ecospa import checkpoint
+        if os.path.isdir(job.out) and not os.listdir(job.out):
+            os.rmdir(job.out)  # an empty directory given as --out: the checkpoint takes its place
         checkpoint.save(job.out, params, cfg,
                         extra={"tokenizer": _tokenizer_spec(job.model), "summary": summary})
 
@@ -296,28 +397,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--sparsity",
                         help="fraction of units removed per group: 0.5 or 'qk=0.25,vo=0.25,mlp=0.5'")
     p.add_argument("--estimator", default="fisher", choices=sorted(ESTIMATORS))
-    p.add_argument("--rounds", type=int, default=1, help="iterative prune-and-recover rounds")
+    p.add_argument("--rounds", type=positive_int, default=1, help="iterative prune-and-recover rounds")
     p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
-    p.add_argument("--distill-weight", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=80, help="recovery steps in total")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--calib-batches", type=int, default=4)
-    p.add_argument("--eval-seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export-hf", help="also write a transformers directory, when representable")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="weight of the KL term, in [0, 1]")
+    p.add_argument("--steps", type=nonneg_int, default=80, help="recovery steps in total")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--calib-batches", type=positive_int, default=4)
+    p.add_argument("--eval-seq-len", type=positive_int, default=512)
+    p.add_argument("--eval-windows", type=positive_int, default=40)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--export-hf", help="also write a transformers directory, when representable "
+                   "(new, empty, or an earlier export of ours: other directories are refused)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the job from the flags (validated before any loading), run it, print the table."""
     fields = {f.name for f in dataclasses.fields(Job)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    if values.get("sparsity") is not None:
-        values["sparsity"] = parse_sparsity(values["sparsity"])
-    job = Job(**values)
+    job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = compress(job)
@@ -327,5 +427,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Job", "compress", "recover", "latency", "parse_sparsity", "group_params", "table",
+__all__ = ["Job", "RecoveryDiverged", "compress", "recover", "check_finite", "check_out_dir",
+           "latency", "parse_sparsity", "group_params", "table",
            "add_arguments", "run"]

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ecospa.errors import positive_int
+
 
 def windows(ids: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping evaluation windows [n, seq_len + 1] from the start of a 1-D stream."""
@@ -82,10 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
     p.add_argument("--data", default="pydoc", help="text source (pydoc, stdlib, file:PATH, ...)")
     p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--max-windows", type=positive_int, default=None,
+                   help="evaluate only the first N windows")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:

