@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Mutation testing of ecospa's core with mutmut 3 (issue 15). One command, from a fresh clone:
+#
+#   bash tools/mutation.sh            # core: groups, select, prune, importance, optim, func/_layers
+#   bash tools/mutation.sh io         # checkpoint.py (all of it) + train.py's step wiring
+#   bash tools/mutation.sh all        # both, one after the other
+#
+# It copies the tracked files (as they are in the working tree) to .mutation/<profile>/, runs
+# `mutmut run` there with the [mutmut] section of setup.cfg (the io profile swaps in its own
+# module and test lists), and prints the score with tools/mutation_score.py, leaving out the
+# equivalent mutants listed in tools/mutation_equivalents.md. Only the fast tests run
+# (-m "not slow"). Inspect a profile afterwards with `cd .mutation/core && mutmut results`,
+# `mutmut show NAME` or `mutmut browse`.
+#
+# Environment: PYTHON (default .venv/bin/python, else python3), JOBS (mutmut --max-children,
+# default 1), MUTATION_DIR (default .mutation). mutmut is installed into that Python if missing.
+# Slow: about 1-2 hours for the core on two shared CPU cores. Not part of .ci/run.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+PY=$(command -v "$PY")
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute, symlinks kept (a venv's python)
+JOBS=${JOBS:-1}
+OUT=${MUTATION_DIR:-$ROOT/.mutation}
+PROFILE=${1:-core}
+shift || true
+
+if ! "$PY" -c 'import mutmut, sys; sys.exit(int(mutmut.__version__.split(".")[0]) < 3)' 2>/dev/null; then
+    echo "installing mutmut 3 into $("$PY" -c 'import sys; print(sys.prefix)')" >&2
+    "$PY" -m pip install -q "mutmut>=3.8,<4"
+fi
+MUTMUT=$(dirname "$PY")/mutmut
+[ -x "$MUTMUT" ] || MUTMUT="$PY -m mutmut"
+
+# train.py: only the step wiring (a mutant of train() itself needs a training run per test).
+TRAIN_NAMES=(
+    'ecospa.train.x_lm_loss__mutmut_*' 'ecospa.train.x_make_step__mutmut_*'
+    'ecospa.train.x_evaluate__mutmut_*' 'ecospa.train.x_estimator_for__mutmut_*'
+    'ecospa.train.x__prune_round__mutmut_*'
+)
+
+run_profile() {
+    local profile=$1; shift
+    local work=$OUT/$profile
+    rm -rf "$work"
+    mkdir -p "$work"
+    # the tracked files as they are in the working tree (deleted ones skipped)
+    git ls-files -z | "$PY" -c '
+import os, shutil, sys
+work = sys.argv[1]
+for path in sys.stdin.buffer.read().decode().split("\0"):
+    if path and os.path.isfile(path):
+        os.makedirs(os.path.join(work, os.path.dirname(path)), exist_ok=True)
+        shutil.copy2(path, os.path.join(work, path))
+' "$work"
+    local names=("$@")
+    if [ "$profile" = io ]; then
+        "$PY" - "$work/setup.cfg" <<'PYCFG'
+import configparser, sys
+path = sys.argv[1]
+cfg = configparser.ConfigParser()
+cfg.read(path)
+cfg["mutmut"]["only_mutate"] = "\necospa/checkpoint.py\necospa/train.py"
+cfg["mutmut"]["pytest_add_cli_args_test_selection"] = (
+    "\ntests/test_checkpoint.py\ntests/test_mutants_io.py\ntests/test_train.py")
+with open(path, "w") as f:
+    cfg.write(f)
+PYCFG
+        if [ ${#names[@]} -eq 0 ]; then
+            names=('ecospa.checkpoint.*' "${TRAIN_NAMES[@]}")
+        fi
+    elif [ "$profile" != core ]; then
+        echo "unknown profile $profile (core, io or all)" >&2
+        exit 2
+    fi
+    echo "== mutmut run ($profile) in $work" >&2
+    local start=$SECONDS
+    (cd "$work" && OMP_NUM_THREADS=1 $MUTMUT run --max-children "$JOBS" "${names[@]}" >"$work/mutmut-run.log" 2>&1) || {
+        tail -c 3000 "$work/mutmut-run.log" >&2
+        echo "mutmut run failed (log: $work/mutmut-run.log)" >&2
+        exit 1
+    }
+    echo "== $profile: $((SECONDS - start)) s; score (equivalents from tools/mutation_equivalents.md):"
+    (cd "$work" && "$PY" "$ROOT/tools/mutation_score.py" --equivalents "$ROOT/tools/mutation_equivalents.md" \
+        --json "$work/score.json" "${names[@]}") || status=1
+}
+
+status=0
+case "$PROFILE" in
+    all) run_profile core; run_profile io ;;
+    *) run_profile "$PROFILE" "$@" ;;
+esac
+exit $status
