@@ -285,13 +285,14 @@ def compress(job: Job, loaded=None) -> dict:
     from ecospa.models import encode, forward_for, groups_for, load_model
 
     torch.manual_seed(job.seed)
+    texts = corpus(job.data, "train"), corpus(job.data, "val")  # a bad --data fails before loading
     cfg, dense, tok = loaded if loaded is not None else load_model(job.model)
     forward, groups = forward_for(cfg), groups_for(cfg)
     try:
         check_target(groups, sparsity=job.sparsity, budget=job.budget)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    train_ids, val_ids = encode(tok, corpus(job.data, "train")), encode(tok, corpus(job.data, "val"))
+    train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress)
     ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)

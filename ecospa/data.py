@@ -107,7 +107,8 @@ def corpus(source: str = "pydoc", split: str = "train", max_chars: int = 50_000_
         return _local(source[len("file:"):], split)[:max_chars]
     if source in ("wikitext103", "c4"):
         return _hf(source, split, max_chars)
-    raise ValueError(f"unknown data source {source!r}; use pydoc, stdlib, file:PATH, wikitext103 or c4")
+    from ecospa.errors import UsageError
+    raise UsageError(f"unknown data source {source!r}; use pydoc, stdlib, file:PATH, wikitext103 or c4")
 
 
 class ByteTokenizer:

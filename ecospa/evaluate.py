@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    text = corpus(args.data, args.split)  # a bad --data fails before the model is loaded
     cfg, params, tok = load_model(args.model)
-    ids = encode(tok, corpus(args.data, args.split))
+    ids = encode(tok, text)
     t0 = time.perf_counter()
     res = nll(forward_for(cfg), params, cfg, ids, args.seq_len, args.batch_size,
               args.max_windows, progress=True)

@@ -315,3 +315,10 @@ def test_compress_reads_a_train_checkpoint(train_run, tmp_path):
     assert s["ppl_recovered"] > 1
     _, params, tok = load_model(str(out))  # the compressed checkpoint keeps the tokenizer
     assert tok is not None and params["layers"][0]["w_up"].shape[1] == 16
+
+
+@pytest.mark.parametrize("command", ["eval", "compress"])
+def test_unknown_data_source_fails_before_loading(tiny_gguf, capsys, no_loading, command):
+    extra = ["--budget", "0.3"] if command == "compress" else []
+    rc = cli.main([command, "--model", str(tiny_gguf), "--data", "nope", *extra])
+    assert rc == 2 and "unknown data source" in capsys.readouterr().err
