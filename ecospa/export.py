@@ -8,6 +8,9 @@ Formats:
   GPT2LMHeadModel, no custom code) in the padded layout (``ecospa.func.padding``): same logits,
   loads everywhere (PEFT, lm-eval's ``hf`` model, vLLM); attention is computed at full size.
   ``ecospa.func.padding.compact`` (or ``load_model(..., compact=True)``) brings it back compact.
+- ``hf-compact``: per-layer pruned sizes kept (real savings) with a self-contained modeling file
+  registered through ``auto_map`` (``ecospa.io.hf_compact``): load with
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; LLaMA family only.
 - ``gguf``: a llama.cpp file, padded the same way (``ecospa.io.gguf_export``), with the source's
   tokenizer metadata when the source has it.
 """
@@ -21,7 +24,7 @@ from ecospa.errors import UsageError
 from ecospa.func import gpt2, llama
 from ecospa.func.padding import pad
 
-FORMATS = ("hf-padded", "gguf")
+FORMATS = ("hf-padded", "hf-compact", "gguf")
 
 
 def _check_out(out: str, fmt: str, overwrite: bool) -> str:
@@ -59,18 +62,24 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
     module = llama if isinstance(cfg, llama.Config) else gpt2 if isinstance(cfg, gpt2.Config) else None
     if module is None:
         raise ValueError(f"no HF export for config type {type(cfg).__name__}")
-    padded, pcfg = pad(params, cfg)
     if dtype == "f16":
         import optree
-        import torch
-        padded = optree.tree_map(lambda x: x.half() if x.is_floating_point() and x.ndim > 1 else x,
-                                 padded, namespace="")
-    path = module.save_hf(padded, pcfg, out)
+        params = optree.tree_map(lambda x: x.half() if x.is_floating_point() and x.ndim > 1 else x,
+                                 params, namespace="")
+    if fmt == "hf-compact":
+        from ecospa.io.hf_compact import save_hf_compact
+        path, pcfg = save_hf_compact(params, cfg, out), cfg
+    else:
+        padded, pcfg = pad(params, cfg)
+        path = module.save_hf(padded, pcfg, out)
     if tokenizer is not None and hasattr(tokenizer, "save") and hasattr(tokenizer, "get_vocab_size"):
         tmp = os.path.join(path, ".tokenizer.json.tmp")
         tokenizer.save(tmp)
         os.replace(tmp, os.path.join(path, "tokenizer.json"))
     notes = []
+    if fmt == "hf-compact":
+        return {"format": fmt, "path": path, "notes": [
+            "load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]}
     widths = sorted({(2 * p["wq"].shape[-1] if module is llama else p["wq"].shape[-1], p["wv"].shape[-1])
                      for p in params["layers"]})
     if widths != [(cfg.head_dim, cfg.head_dim)]:
@@ -103,8 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="registry name, .gguf file, Hugging Face directory or ecospa checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="hf-padded: stock transformers directory; gguf: llama.cpp file")
-    p.add_argument("--out", required=True, help="directory (hf-padded) or .gguf file to write")
+                   help="hf-padded: stock transformers directory; hf-compact: pruned sizes, "
+                        "trust_remote_code; gguf: llama.cpp file")
+    p.add_argument("--out", required=True, help="directory (hf-padded, hf-compact) or .gguf file to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight dtype in the export")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export at --out (hf-padded: only a previous ecospa export)")

@@ -93,3 +93,50 @@ def test_export_cli_refuses_before_loading(tmp_path, capsys):
         assert rc == 2 and needle in capsys.readouterr().err
     assert (tmp_path / "m.gguf").read_bytes() == b"keep me"
     assert sorted(os.listdir(tmp_path)) == ["file", "m.gguf"]
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "qwen2_mqa_untied"])
+def test_compact_export_with_remote_code(tmp_path, case):
+    module, cfg = CASES[case]
+    small = _pruned(module, cfg, 0.5)
+    res = export(small, cfg, tmp_path / "compact", "hf-compact")
+    assert "modeling_ecospa.py" in os.listdir(res["path"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(res["path"], trust_remote_code=True,
+                                                              torch_dtype=torch.float64).eval()
+    # the pruned shapes are real: parameter count equals the compact tree's (+ untied head copy)
+    n_small = sum(t.numel() for t in optree.tree_leaves(small, namespace="")
+                  if t.is_floating_point()) - sum(p["inv_freq"].numel() for p in small["layers"])
+    extra = small["embed"].numel() if cfg.tie_embeddings else 0
+    assert sum(p.numel() for p in model.parameters()) == n_small + extra
+    x = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = model(x).logits
+    close(hf, module.forward(small, x, cfg), HF)
+    prompt = x[:, :5]
+    with torch.no_grad():
+        want = model.generate(prompt, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                              attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    assert torch.equal(generate(small, cfg, prompt, 8), want)
+
+
+def test_compact_export_left_padded_batch(tmp_path):
+    module, cfg = CASES["llama_gqa_tied"]
+    small = _pruned(module, cfg, 0.5)
+    path = export(small, cfg, tmp_path / "compact", "hf-compact")["path"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                              torch_dtype=torch.float64).eval()
+    a, b = torch.tensor([[5, 9, 11, 2, 7]]), torch.tensor([[8, 3, 1]])
+    batch = torch.tensor([[5, 9, 11, 2, 7], [0, 0, 8, 3, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                             min_new_tokens=6, pad_token_id=0)
+    assert torch.equal(out[0, 5:], generate(small, cfg, a, 6)[0, 5:])
+    assert torch.equal(out[1, 5:], generate(small, cfg, b, 6)[0, 3:])
+
+
+def test_compact_export_rejects_gpt2(tmp_path):
+    module, cfg = CASES["gpt2"]
+    with pytest.raises(ValueError, match="llama family only"):
+        export(_pruned(module, cfg, 0.3), cfg, tmp_path / "c", "hf-compact")
+    assert not (tmp_path / "c").exists()
