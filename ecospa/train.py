@@ -381,6 +381,10 @@ def _load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint
     if not state_ok:
         raise ValueError(f"{ckpt_path}: the training state in the checkpoint is incomplete "
                          "(dense sizes, rounds, optimizer or importance state, step)")
+    if not _all_finite(ck.params):
+        raise ValueError(f"{ckpt_path} holds NaN or inf parameters (written after the loss diverged, "
+                         "by an ecospa before issue 9's fix); start a new run (--overwrite) with a "
+                         "lower learning rate")
     _check_resume(cfg, extra["train_config"])
     return ck
 

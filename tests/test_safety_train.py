@@ -169,6 +169,18 @@ def test_diverged_parameters_are_never_saved(tmp_path):
         assert "no checkpoint" in message
 
 
+def test_resume_refuses_a_checkpoint_with_nan_parameters(tmp_path):
+    """As older versions wrote them after a divergence: resuming would diverge at once."""
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path))
+    train(cfg, until=2)
+    ck = checkpoint.load_full(tmp_path / "checkpoint")
+    params = optree.tree_map(lambda x: x * float("nan"), ck.params, namespace="")
+    checkpoint.save(tmp_path / "checkpoint", params, ck.cfg, opt_state=ck.opt_state, extra=ck.extra,
+                    state=ck.state, step=ck.step)
+    with pytest.raises(ValueError, match="NaN or inf parameters"):
+        train(cfg, resume=True)
+
+
 def test_divergence_message_is_true_when_nothing_was_saved(tmp_path, monkeypatch):
     real = train_mod.lm_loss
 
