@@ -137,3 +137,26 @@ def test_compiled_decode_matches_eager_without_per_token_recompiles():
     assert torch.equal(eager, compiled)
     # one graph for the prefill shape and one for the single-token step; none per position
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+@pytest.mark.slow
+def test_generate_cli_on_a_train_checkpoint(tmp_path, capsys):
+    from ecospa import checkpoint, cli
+    from ecospa.data import ByteTokenizer
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "24", "--eval-every", "12", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(out / "checkpoint"), "--prompt", "def f(x):",
+                     "--max-new-tokens", "12"]) == 0
+    text = capsys.readouterr().out
+    params, cfg, _ = checkpoint.load(out / "checkpoint")
+    tok = ByteTokenizer()
+    want = greedy_reference(llama.forward, params, cfg, tok.encode("def f(x):")[None], 12)
+    full = "def f(x):" + tok.decode(want[0, 9:])  # the prompt as given, then the greedy tokens
+    if full.endswith("\ufffd"):  # an incomplete last character is held back, not printed
+        assert full.startswith(text) and len(text) >= len(full.rstrip("\ufffd")) - 1
+    else:
+        assert text == full
+    rc = cli.main(["generate", "--model", str(out / "checkpoint"), "--prompt", "x" * 10,
+                   "--max-new-tokens", str(cfg.max_seq_len)])
+    assert rc == 2 and "exceeds the model's max_seq_len" in capsys.readouterr().err
