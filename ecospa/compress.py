@@ -112,7 +112,8 @@ class Job:
 
         if not isinstance(self.model, str) or not self.model:
             raise UsageError(f"--model must name a model, got {self.model!r}")
-        model = os.path.abspath(self.model) if os.path.exists(self.model) else None
+        from ecospa.models import _run_checkpoint
+        model = os.path.abspath(_run_checkpoint(self.model)) if os.path.exists(self.model) else None
         outs = [(flag, os.path.abspath(p)) for flag, p in (("--out", self.out),
                                                            ("--export-hf", self.export_hf)) if p]
         for flag, path in outs:
@@ -342,8 +343,9 @@ def _sizes(dense, params, groups) -> dict:
 def _tokenizer_spec(model: str) -> Optional[str]:
     """What ``models.load_tokenizer`` needs later: the source spec, or a checkpoint's own
     (a compress checkpoint's ``extra["tokenizer"]``, a train checkpoint's train config)."""
+    from ecospa.models import _run_checkpoint, checkpoint_tokenizer_spec
+    model = _run_checkpoint(model)
     if os.path.isfile(os.path.join(model, "manifest.json")):
-        from ecospa.models import checkpoint_tokenizer_spec
         return checkpoint_tokenizer_spec(model)
     return model if not os.path.exists(model) else os.path.abspath(model)
 

@@ -127,7 +127,7 @@ def load_tokenizer(spec: Optional[str]):
     if spec.startswith(TOKENIZER_PREFIX):
         from ecospa.data import tokenizer
         return tokenizer(spec[len(TOKENIZER_PREFIX):])
-    path = registry_path(spec) if spec in REGISTRY else spec
+    path = registry_path(spec) if spec in REGISTRY else _run_checkpoint(spec)
     if str(path).endswith(".gguf"):
         from ecospa.io.gguf import gguf_tokenizer
         try:
@@ -168,7 +168,7 @@ def load_model(spec, dtype: torch.dtype = torch.float32):
       cfg, params, tok = load_model("smollm2-135m")
       logits = forward_for(cfg)(params, encode(tok, "Hello")[None], cfg)
     """
-    spec = os.fspath(spec)
+    spec = _run_checkpoint(os.fspath(spec))
     if spec in REGISTRY:
         spec = registry_path(spec)
     if spec.endswith(".gguf"):
@@ -201,6 +201,14 @@ def load_model(spec, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{tried}; as a Hugging Face hub id: {err}") from err
     _, cfg, params = load_hf(directory, dtype=dtype)
     return cfg, params, load_tokenizer(directory)
+
+
+def _run_checkpoint(spec: str) -> str:
+    """A training run's directory (``ecospa train --out DIR``) stands for DIR/checkpoint."""
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "manifest.json")) and \
+            os.path.isfile(os.path.join(spec, "checkpoint", "manifest.json")):
+        return os.path.join(spec, "checkpoint")
+    return spec
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -322,3 +322,14 @@ def test_unknown_data_source_fails_before_loading(tiny_gguf, capsys, no_loading,
     extra = ["--budget", "0.3"] if command == "compress" else []
     rc = cli.main([command, "--model", str(tiny_gguf), "--data", "nope", *extra])
     assert rc == 2 and "unknown data source" in capsys.readouterr().err
+
+
+def test_eval_accepts_the_train_run_directory(train_run, capsys):
+    rc = cli.main(["eval", "--model", str(train_run.parent), "--seq-len", "32", "--max-windows", "1"])
+    assert rc == 0 and "perplexity" in capsys.readouterr().out
+
+
+def test_compress_out_cannot_be_the_input_checkpoint(train_run):
+    for model in (train_run, train_run.parent):
+        with pytest.raises(UsageError, match="input model"):
+            Job(str(model), out=str(train_run), budget=0.3)
