@@ -102,8 +102,8 @@ class _Streamer:
     """Prints the text of sequence 0 as tokens arrive (decodes the whole tail each time, so
     multi-byte characters split across tokens print once complete)."""
 
-    def __init__(self, tokenizer, stream=sys.stdout):
-        self.tok, self.ids, self.printed, self.stream = tokenizer, [], "", stream
+    def __init__(self, tokenizer, stream=None):
+        self.tok, self.ids, self.printed, self.stream = tokenizer, [], "", stream or sys.stdout
 
     def __call__(self, nxt: torch.Tensor) -> None:
         self.ids.append(int(nxt[0]))
