@@ -331,3 +331,19 @@ def test_config_rejects_nonsense(field, value):
         with pytest.raises(ValueError, match=field):
             gpt2.Config(**{field: value})
 
+
+
+@pytest.mark.parametrize("tokens, merges, types", [
+    ([1, 2, 3] * 14, ["a b"], [1] * 42),
+    (["a"] * 40, [5, 6], [1] * 40),
+    (["a"] * 40, ["a b"], [1] * 40),     # a merge of tokens that are not in the vocabulary
+    (["a"] * 40, ["ab"], [1] * 40),
+])
+def test_gguf_nonsense_tokenizer_is_a_value_error(tmp_path, tokens, merges, types):
+    pytest.importorskip("gguf")
+    from ecospa.models import load_model
+    from test_gguf import write_gguf
+    write_gguf(tmp_path / "m.gguf", _sd(HF_CFG), HF_CFG,
+               tokenizer={"tokens": tokens, "merges": merges, "token_type": types})
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_model(tmp_path / "m.gguf")

@@ -375,20 +375,32 @@ def build_tokenizer(info: dict):
         raise ValueError(f"GGUF tokenizer model {info.get('model')!r} is not supported; "
                          "only byte-level BPE ('gpt2') is")
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    tokens, raw_merges = info.get("tokens"), info.get("merges") or []
+    types = info.get("token_type") or []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("GGUF tokenizer.ggml.tokens must be a non-empty list of strings")
+    if not isinstance(raw_merges, list) or not all(
+            isinstance(m, str) and len(m.split(" ")) == 2 for m in raw_merges):
+        raise ValueError("GGUF tokenizer.ggml.merges must be a list of 'left right' strings")
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                              for t in types):
+        raise ValueError("GGUF tokenizer.ggml.token_type must be a list of integers")
     alphabet = _byte_alphabet()
     chars = set(alphabet.values())
     vocab = {}
-    for i, tok in enumerate(info["tokens"]):
+    for i, tok in enumerate(tokens):
         if not set(tok) <= chars:
-            tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
+            tok = "".join(alphabet[b] for b in tok.encode("utf-8", "surrogatepass"))
         vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ")) for m in info.get("merges", [])]
-    tk = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    merges = [tuple(m.split(" ")) for m in raw_merges]
+    try:
+        tk = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    except Exception as err:  # tokenizers raises its own exception types
+        raise ValueError(f"GGUF tokenizer metadata is inconsistent: {err}") from err
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    types = info.get("token_type") or []
     special = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(info["tokens"], types) if ty == 3 and set(t) <= chars]
+               for t, ty in zip(tokens, types) if ty == 3 and set(t) <= chars]
     if special:
         tk.add_special_tokens(special)
     return tk
