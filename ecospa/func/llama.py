@@ -77,6 +77,13 @@ def check_fields(cfg, counts: tuple, optional_counts: tuple = (), positive: tupl
             raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
 
 
+def _is_batched(x: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_batchedtensor(x))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_tokens(tokens: torch.Tensor, vocab: int) -> None:
     """ValueError unless ``tokens`` are integer ids in [0, vocab): a negative id would silently
     index from the end of the embedding. Skipped while torch.compile traces (no graph break);
@@ -85,8 +92,8 @@ def check_tokens(tokens: torch.Tensor, vocab: int) -> None:
         return
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-    if tokens.numel() == 0:
-        return
+    if tokens.numel() == 0 or tokens.device.type == "meta" or _is_batched(tokens):
+        return  # no values to check (shape inference, or under vmap: per-example slices)
     if tokens.device.type != "cpu":
         torch._assert_async(((tokens >= 0) & (tokens < vocab)).all(),
                             "token id out of range [0, vocab_size)")
