@@ -6,6 +6,12 @@
 
 ``--rounds N`` repeats calibrate/prune/recover N times on a linear ramp to the final target.
 
+Every flag and both output paths are checked before the model is loaded (``UsageError``, exit
+code 2): ``--out`` must be new, empty or an earlier ecospa checkpoint; ``--export-hf`` new, empty
+or an intact earlier export of ours (anything else, ``.``, a parent of the model or a link, is
+refused, never deleted). A NaN/inf loss or parameter during recovery stops the job
+(``RecoveryDiverged``, exit code 1) and nothing is saved.
+
     ecospa compress --model smollm2-135m --budget 0.5 --steps 80 --out runs/smol50
 """
 from __future__ import annotations
