@@ -55,7 +55,7 @@ def matching_model(model, target_params: int):
 def run(cfg, name, out_root):
     cfg = dataclasses.replace(cfg, out=os.path.join(out_root, name))
     print(f"== {name}: {cfg.steps} steps", flush=True)
-    r = train(cfg, progress=False)
+    r = train(cfg, progress=False, overwrite=True)
     row = {"variant": name, "params": r["kept_params"], "dense_params": r["dense_params"],
            "val_ppl": r["val_ppl"], "wall_s": r["wall_s"],
            "tokens_per_s_final": r["tokens_per_s_pruned"] or r["tokens_per_s_dense"],
