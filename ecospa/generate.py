@@ -71,7 +71,7 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
     out = [prompt]
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     with torch.no_grad():
-        logits, cache = step(params, cache, prompt, torch.tensor(0), cfg)
+        logits, cache = step(params, cache, prompt, torch.tensor(0), cfg, inplace=True)
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_k, generator)
             if eos_id is not None:
@@ -82,7 +82,7 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
                 on_token(nxt)
             if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
-            logits, cache = step(params, cache, nxt[:, None], torch.tensor(T + i), cfg)
+            logits, cache = step(params, cache, nxt[:, None], torch.tensor(T + i), cfg, inplace=True)
     return torch.cat(out, dim=1)
 
 

@@ -160,3 +160,33 @@ def test_generate_cli_on_a_train_checkpoint(tmp_path, capsys):
     rc = cli.main(["generate", "--model", str(out / "checkpoint"), "--prompt", "x" * 10,
                    "--max-new-tokens", str(cfg.max_seq_len)])
     assert rc == 2 and "exceeds the model's max_seq_len" in capsys.readouterr().err
+
+
+def test_inplace_decode_equals_pure_decode():
+    cfg = llama.Config(vocab_size=23, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=20, init_std=0.4)
+    params = llama.init(cfg, seed=1, dtype=torch.float64)
+    seq = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(0))
+    pure = init_cache(params, cfg, 2, 6)
+    donated = init_cache(params, cfg, 2, 6)
+    a, pure = decode(params, pure, seq[:, :4], 0, cfg)
+    b, donated2 = decode(params, donated, seq[:, :4], 0, cfg, inplace=True)
+    assert donated2["layers"][0]["k"] is donated["layers"][0]["k"]  # written in place
+    close(b, a, EXACT)
+    for t in (4, 5):
+        a, pure = decode(params, pure, seq[:, t:t + 1], t, cfg)
+        b, donated2 = decode(params, donated2, seq[:, t:t + 1], t, cfg, inplace=True)
+        close(b, a, EXACT)
+
+
+def test_decode_rejects_out_of_range_tokens_and_positions():
+    cfg = llama.Config(vocab_size=11, dim=8, n_layers=1, n_heads=2, ffn_dim=5)
+    params = llama.init(cfg)
+    cache = init_cache(params, cfg, batch=1, max_len=4)
+    for bad in (-1, 11):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+            decode(params, cache, torch.tensor([[1, bad]]), 0, cfg)
+    g = gpt2.Config(vocab_size=11, dim=4, n_layers=1, n_heads=1, max_seq_len=4)
+    gp = gpt2.init(g)
+    with pytest.raises(ValueError, match="learned positions"):
+        decode(gp, {"layers": tuple({"k": torch.zeros(1, 1, 6, 4), "v": torch.zeros(1, 1, 6, 4)}
+                                    for _ in gp["layers"])}, torch.tensor([[1]]), 5, g)

@@ -8,7 +8,7 @@ The cache is fixed-size: per layer ``k [B, Hkv, max_len, Dk]`` and ``v [B, Hkv, 
 sized from that layer's (possibly pruned) weights, so Dk != Dv and widths that differ per layer
 just work. ``pos`` may be an int or a 0-d integer tensor; with a tensor, ``torch.compile`` traces
 one graph for every position (no recompile per token). Nothing is updated in place: ``decode``
-returns a new cache and leaves the one it was given untouched.
+returns a new cache and leaves the one it was given untouched (unless ``inplace=True``).
 
 Both families are served: LLaMA (RoPE at absolute positions with each layer's kept frequencies,
 GQA) and GPT-2 (learned positions). Logits equal the full forward's at the same positions.
@@ -66,24 +66,32 @@ def _positions(pos: Pos, T: int, device) -> torch.Tensor:
     return start + torch.arange(T, device=device)
 
 
-def _write(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """cache [B, H, L, E] with rows ``positions`` replaced by new [B, H, T, E] (out of place)."""
+def _write(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """cache [B, H, L, E] with rows ``positions`` replaced by new [B, H, T, E]."""
+    if inplace:
+        return cache.index_copy_(2, positions, new.to(cache.dtype))
     return cache.index_copy(2, positions, new.to(cache.dtype))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """q [B, H, G, T, dk] at ``positions`` against the cache k [B, H, L, dk], v [B, H, L, dv]."""
+            scale: float, end) -> torch.Tensor:
+    """q [B, H, G, T, dk] at ``positions`` against the cache k [B, H, L, dk], v [B, H, L, dv].
+    ``end`` (an int, eager only): slots past it are empty and skipped."""
     B, H, G, T, _ = q.shape
+    if end is not None:
+        k, v = k[:, :, :end], v[:, :, :end]
     L = k.shape[2]
-    allowed = torch.arange(L, device=q.device)[None, :] <= positions[:, None]  # [T, L] causal
+    if end is not None and T == 1:
+        allowed = None  # one new token over exactly the filled slots: nothing to mask
+    else:
+        allowed = torch.arange(L, device=q.device)[None, :] <= positions[:, None]  # [T, L] causal
     qf = rearrange(q, "b h g t d -> b (h g) t d")
     out = F.scaled_dot_product_attention(qf, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
                                          scale=scale, enable_gqa=G > 1)
     return rearrange(out, "b (h g) t d -> b h g t d", g=G)
 
 
-def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg):
+def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg, inplace, end):
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = torch.einsum("btd,dhgrp->bhgtrp", h, p["wq"])
     k = torch.einsum("btd,dhrp->bhtrp", h, p["wk"])
@@ -95,40 +103,49 @@ def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     q = rearrange(rotate_pairs(q, cos[:, None], sin[:, None]), "b h g t r p -> b h g t (r p)")
     k = rearrange(rotate_pairs(k, cos, sin), "b h t r p -> b h t (r p)")
-    c = {"k": _write(c["k"], k, positions), "v": _write(c["v"], v, positions)}
-    o = _attend(q, c["k"], c["v"], positions, cfg.head_dim ** -0.5)
+    c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
+    o = _attend(q, c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)
     x = x + torch.einsum("bhgte,hged->btd", o, p["wo"])
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     return x + (F.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"], c
 
 
-def _gpt2_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg):
+def _gpt2_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg, inplace, end):
     h = F.layer_norm(x, (x.shape[-1],), p["ln1_w"], p["ln1_b"], cfg.norm_eps)
     q = torch.einsum("btd,dhe->bhte", h, p["wq"]) + p["bq"][:, None]
     k = torch.einsum("btd,dhe->bhte", h, p["wk"]) + p["bk"][:, None]
     v = torch.einsum("btd,dhe->bhte", h, p["wv"]) + p["bv"][:, None]
-    c = {"k": _write(c["k"], k, positions), "v": _write(c["v"], v, positions)}
-    o = _attend(q[:, :, None], c["k"], c["v"], positions, cfg.head_dim ** -0.5)[:, :, 0]
+    c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
+    o = _attend(q[:, :, None], c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)[:, :, 0]
     x = x + torch.einsum("bhte,hed->btd", o, p["wo"]) + p["bo"]
     h = F.layer_norm(x, (x.shape[-1],), p["ln2_w"], p["ln2_b"], cfg.norm_eps)
     return x + F.gelu(h @ p["w_in"] + p["b_in"], approximate="tanh") @ p["w_out"] + p["b_out"], c
 
 
-def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg) -> tuple:
+def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inplace: bool = False) -> tuple:
     """Logits [B, T, V] of ``tokens`` [B, T] placed at positions pos..pos+T-1, and the new cache.
 
     Every position before ``pos`` must already be in ``cache`` (from earlier calls). The caller
     keeps pos + T <= the cache length; positions past it are not checked while compiling.
+    ``inplace=True`` writes the new keys/values into the given cache's tensors instead of
+    copying them (the caller donates the cache; ``generate`` does this, it owns its cache).
     """
     family = _family(cfg)
     T = tokens.shape[1]
     positions = _positions(pos, T, tokens.device)
+    end = None
     if not torch.compiler.is_compiling():
         L = cache["layers"][0]["k"].shape[2]
         end = int(positions[-1]) + 1
         if int(positions[0]) < 0 or end > L:
             raise ValueError(f"positions {int(positions[0])}..{end - 1} do not fit a cache of "
                              f"{L} tokens; make the cache longer (init_cache max_len)")
+        # eager: attend over the filled slots only (compiled: the whole cache, static shapes)
+        table = params["embed"] if family == "llama" else params["wte"]
+        llama.check_tokens(tokens, table.shape[0])
+        if family == "gpt2" and end > params["wpe"].shape[0]:
+            raise ValueError(f"position {end - 1} is beyond the model's {params['wpe'].shape[0]} "
+                             "learned positions; shorten the prompt or the generation")
     if family == "llama":
         x = params["embed"][tokens]
         step, head = _llama_layer, params.get("lm_head", params["embed"])
@@ -137,7 +154,7 @@ def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg) -> tu
         step, head = _gpt2_layer, params["wte"]
     new_layers = []
     for p, c in zip(params["layers"], cache["layers"]):
-        x, c = step(p, c, x, positions, cfg)
+        x, c = step(p, c, x, positions, cfg, inplace, end)
         new_layers.append(c)
     if family == "llama":
         x = rms_norm(x, params["norm"], cfg.norm_eps)
