@@ -34,8 +34,9 @@ def _check_out(out: str, fmt: str, overwrite: bool) -> str:
             raise UsageError(f"--out {out!r}: a GGUF file name must end in .gguf")
         if os.path.lexists(out) and not overwrite:
             raise UsageError(f"--out {out!r} exists; choose another name or pass --overwrite")
-    elif os.path.isfile(out):
-        raise UsageError(f"--out {out!r} is a file; give a directory for format {fmt}")
+    else:
+        from ecospa.func._hf_llama import check_export_target
+        return check_export_target(out, "--out")  # new, empty, or an earlier export of ours
     parent = os.path.dirname(out)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -66,16 +67,15 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
         import optree
         params = optree.tree_map(lambda x: x.half() if x.is_floating_point() and x.ndim > 1 else x,
                                  params, namespace="")
+    files = {}
+    if tokenizer is not None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab_size"):
+        files["tokenizer.json"] = tokenizer.to_str().encode("utf-8")  # a tokenizers.Tokenizer
     if fmt == "hf-compact":
         from ecospa.io.hf_compact import save_hf_compact
-        path, pcfg = save_hf_compact(params, cfg, out), cfg
+        path, pcfg = save_hf_compact(params, cfg, out, files), cfg
     else:
         padded, pcfg = pad(params, cfg)
-        path = module.save_hf(padded, pcfg, out)
-    if tokenizer is not None and hasattr(tokenizer, "save") and hasattr(tokenizer, "get_vocab_size"):
-        tmp = os.path.join(path, ".tokenizer.json.tmp")
-        tokenizer.save(tmp)
-        os.replace(tmp, os.path.join(path, "tokenizer.json"))
+        path = module.save_hf(padded, pcfg, out, files)
     notes = []
     if fmt == "hf-compact":
         return {"format": fmt, "path": path, "notes": [

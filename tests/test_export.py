@@ -87,7 +87,7 @@ def test_export_cli_refuses_before_loading(tmp_path, capsys):
     (tmp_path / "m.gguf").write_bytes(b"keep me")
     (tmp_path / "file").write_text("x")
     for fmt, out, needle in (("gguf", "m.gguf", "exists"), ("gguf", "m.bin", "end in .gguf"),
-                             ("hf-padded", "file", "is a file"), ("hf-padded", "file/sub", "under the file")):
+                             ("hf-padded", "file", "is a file"), ("hf-padded", "file/sub", "which is a file")):
         rc = cli.main(["export", "--model", str(tmp_path / "does-not-exist"), "--format", fmt,
                        "--out", str(tmp_path / out)])
         assert rc == 2 and needle in capsys.readouterr().err
@@ -140,3 +140,19 @@ def test_compact_export_rejects_gpt2(tmp_path):
     with pytest.raises(ValueError, match="llama family only"):
         export(_pruned(module, cfg, 0.3), cfg, tmp_path / "c", "hf-compact")
     assert not (tmp_path / "c").exists()
+
+
+def test_reexport_replaces_only_our_export_with_its_extra_files(tmp_path):
+    from tokenizers import Tokenizer, models
+    module, cfg = CASES["llama_gqa_tied"]
+    small = _pruned(module, cfg, 0.5, torch.float32)
+    tok = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+    for fmt in ("hf-compact", "hf-padded"):
+        out = tmp_path / fmt
+        export(small, cfg, out, fmt, tokenizer=tok)
+        assert "tokenizer.json" in os.listdir(out)
+        export(small, cfg, out, fmt, tokenizer=tok)  # an earlier export of ours: replaced
+        (out / "notes.txt").write_text("mine")
+        with pytest.raises(ValueError, match="did not write"):
+            export(small, cfg, out, fmt)
+        assert (out / "notes.txt").read_text() == "mine"

@@ -154,7 +154,8 @@ def to_hf(params: dict, cfg) -> tuple:
     return sd, conf
 
 
-def save_hf(params: dict, cfg, directory: str) -> str:
-    """Save as a transformers GPT-2 checkpoint (config.json + model.safetensors) atomically."""
+def save_hf(params: dict, cfg, directory: str, extra_files=None) -> str:
+    """Save as a transformers GPT-2 checkpoint (config.json + model.safetensors) atomically;
+    ``extra_files`` (name -> bytes) are written beside them (see ``write_hf``)."""
     sd, conf = to_hf(params, cfg)
-    return write_hf(sd, conf, directory)
+    return write_hf(sd, conf, directory, extra_files)

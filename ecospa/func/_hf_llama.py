@@ -429,12 +429,14 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def write_hf(sd: dict, conf: dict, directory: str) -> str:
+def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping[str, bytes]] = None) -> str:
     """Write config.json (with the ecospa marker) + model.safetensors into ``directory`` atomically.
 
     The files go to a temporary sibling which is renamed into place, so ``directory`` is never
     half-written. ``directory`` may be absent, empty or an earlier ecospa export; anything else
     is refused with a UsageError before a byte is written (see ``check_export_target``).
+    ``extra_files`` (name -> bytes: tokenizer.json, a modeling file) are written with the
+    weights and listed in the marker like them.
     """
     from safetensors.torch import save_file
 
@@ -449,8 +451,15 @@ def write_hf(sd: dict, conf: dict, directory: str) -> str:
     try:
         weights = os.path.join(tmp, "model.safetensors")
         save_file(sd, weights, metadata={"format": "pt"})
-        marker = {"kind": _EXPORT_KIND, "files": {"model.safetensors": {
-            "bytes": os.path.getsize(weights), "sha256": _sha256(weights)}},
+        for name, data in (extra_files or {}).items():
+            if not name or os.sep in name or name.startswith(".") or name in ("config.json", "model.safetensors"):
+                raise ValueError(f"extra file name {name!r} is not allowed in an export")
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                        "sha256": _sha256(os.path.join(tmp, name))}
+                 for name in ["model.safetensors", *(extra_files or {})]}
+        marker = {"kind": _EXPORT_KIND, "files": files,
             "note": "written by ecospa; a later export replaces this directory only while it "
                     "holds just these files, unchanged"}
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -480,11 +489,11 @@ def _umask() -> int:
     return mask
 
 
-def save_hf(params: dict, cfg, directory: str) -> str:
+def save_hf(params: dict, cfg, directory: str, extra_files: Optional[Mapping[str, bytes]] = None) -> str:
     """Save as a transformers checkpoint (config.json + model.safetensors) atomically.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads the result.
     Raises ValueError if the tree is not representable (see ``to_hf``). Returns the directory.
     """
     sd, conf = to_hf(params, cfg)
-    return write_hf(sd, conf, directory)
+    return write_hf(sd, conf, directory, extra_files)

@@ -13,7 +13,6 @@ LLaMA family only (LLaMA, Mistral without sliding window, Qwen2-style q/k/v bias
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 
@@ -62,15 +61,13 @@ def to_hf_compact(params: dict, cfg) -> tuple:
     return sd, conf
 
 
-def save_hf_compact(params: dict, cfg, directory: str) -> str:
+def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
     """Write the compact remote-code export (see the module docstring); returns the directory."""
     from ecospa.func._hf_llama import write_hf
     sd, conf = to_hf_compact(params, cfg)
-    path = write_hf(sd, conf, directory)
-    tmp = os.path.join(path, ".modeling_ecospa.py.tmp")
-    shutil.copyfile(MODELING, tmp)
-    os.replace(tmp, os.path.join(path, "modeling_ecospa.py"))
-    return path
+    with open(MODELING, "rb") as f:
+        files = {"modeling_ecospa.py": f.read(), **(extra_files or {})}
+    return write_hf(sd, conf, directory, files)
 
 
 __all__ = ["to_hf_compact", "save_hf_compact"]
