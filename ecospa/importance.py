@@ -57,7 +57,7 @@ def unit_dots(params: Params, grads: TensorTree, groups: Sequence[Group], side: 
     return out
 
 
-def _accumulating(groups, per_batch, finish, ema: Optional[float] = None) -> Importance:
+def _accumulating(per_batch, finish, ema: Optional[float] = None) -> Importance:
     def init(params):
         return ImportanceState({}, 0)
 
@@ -86,19 +86,21 @@ def _accumulating(groups, per_batch, finish, ema: Optional[float] = None) -> Imp
 def coupled_fisher(groups: Sequence[Group], ema: Optional[float] = None, side: str = "b") -> Importance:
     """Coupled empirical Fisher: mean (or EMA with factor ``ema``) of v_j**2 per unit."""
     groups = tuple(groups)
-    return _accumulating(groups, lambda p, g: {k: v ** 2 for k, v in unit_dots(p, g, groups, side).items()},
+    return _accumulating(lambda p, g: {k: v ** 2 for k, v in unit_dots(p, g, groups, side).items()},
                          lambda x: x, ema)
 
 
 def taylor(groups: Sequence[Group], side: str = "b") -> Importance:
     """First-order Taylor: |mean over batches of v_j|."""
     groups = tuple(groups)
-    return _accumulating(groups, lambda p, g: unit_dots(p, g, groups, side), torch.abs)
+    return _accumulating(lambda p, g: unit_dots(p, g, groups, side), torch.abs)
 
 
 def uncoupled(groups: Sequence[Group], side: str = "a") -> Importance:
     """Each matrix alone: the per-weight empirical Fisher sum((W * dL/dW)**2) of one side's
     first weight, ignoring its partner (the usual per-matrix structured criterion)."""
+    groups = tuple(groups)
+
     def per_batch(params, grads):
         out = {}
         for g in groups:
@@ -106,7 +108,7 @@ def uncoupled(groups: Sequence[Group], side: str = "a") -> Importance:
             w, gw = get_path(params, m.path), get_path(grads, m.path)
             out[g.name] = _per_unit(w.detach().double() * gw.detach().double(), m, power=2)
         return out
-    return _accumulating(tuple(groups), per_batch, lambda x: x)
+    return _accumulating(per_batch, lambda x: x)
 
 
 def _static(fn) -> Importance:

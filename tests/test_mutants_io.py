@@ -147,3 +147,30 @@ def test_importance_sees_the_params_the_grads_were_taken_at(tmp_path, monkeypatc
         match = [p for p, g in taken if same(g, grads)]
         assert len(match) == 1, "the estimator got gradients no step produced"
         assert same(params, match[0]), "the estimator got other params than the gradients' (after the step?)"
+
+
+# --- the pruning round applies the schedule's kind of target --------------------------------------
+
+@pytest.mark.parametrize("by", ["budget", "sparsity"])
+def test_prune_round_uses_the_schedules_target_kind(by):
+    """A budget schedule allocates globally (round_target(by="budget")); a sparsity schedule
+    keeps round((1 - t) * n) units per group. The two differ on these scores."""
+    from ecospa.prune import slice_units
+    from ecospa.select import select
+    from ecospa.schedule import dense_sizes, round_target
+    from ecospa.train import _prune_round
+    cfg = llama.Config(vocab_size=13, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, ffn_dim=12)
+    params = llama.init(cfg, seed=0)
+    groups = llama.coupled_groups(cfg)
+    g = torch.Generator().manual_seed(0)
+    scores = {gr.name: torch.rand(*gr.sizes(params), generator=g, dtype=torch.float64) ** 4 for gr in groups}
+    opt_state = optim.adamw(1e-3).init(params)
+    dense = dense_sizes(params, groups)
+    schedule = PruneSchedule(rounds=1, window=1, **{by: 0.4})
+    small, small_state = _prune_round(params, opt_state, groups, scores, 0.4, dense, schedule)
+    keeps = {b: select(params, groups, scores, **round_target(0.4, groups, dense, params, by=b))
+             for b in ("budget", "sparsity")}
+    assert not same(slice_units(params, groups, keeps["budget"]),
+                    slice_units(params, groups, keeps["sparsity"]))
+    assert same(small, slice_units(params, groups, keeps[by]))
+    assert same(small_state, optim.slice_state(opt_state, groups, keeps[by]))

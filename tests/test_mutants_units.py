@@ -440,3 +440,23 @@ def test_group_sizes_messages():
     h = Group("h", "qk", (Member(("w",), 1, 0, "b"),))
     with pytest.raises(ValueError, match=r"leaf \('w',\) belongs to both 'g' and 'h'"):
         ecospa.validate({"w": torch.ones(1, 3), "v": torch.ones(3)}, [g, h])
+
+
+def test_fisher_helper_without_batches():
+    """No batches: a gradient-free estimator scores the params as given; Fisher says why it cannot."""
+    cfg = gpt2.Config(vocab_size=7, dim=4, n_layers=1, n_heads=2, ffn_dim=3, max_seq_len=4)
+    params = gpt2.init(cfg, dtype=torch.float64)
+    groups = gpt2.coupled_groups(cfg)
+    got = ecospa.fisher(None, params, groups, [], estimator=ecospa.magnitude(groups))
+    want = ecospa.magnitude(groups).scores(ecospa.magnitude(groups).init(params))
+    assert all(torch.equal(got[g.name], want[g.name]) for g in groups)
+    with pytest.raises(ValueError, match="no batches"):
+        ecospa.fisher(None, params, groups, [])
+
+
+def test_uncoupled_takes_any_iterable_of_groups():
+    params = {"w": torch.tensor([[1.0, 2.0]])}
+    est = ecospa.uncoupled(g for g in [Group("g", "mlp", (Member(("w",), 1, None, "b"),))])
+    grads = {"w": torch.ones(1, 2)}
+    st = est.update(est.update(est.init(params), params, grads), params, grads)
+    assert est.scores(st)["g"].tolist() == [[1.0, 4.0]]
