@@ -63,6 +63,8 @@ class Job:
     eval_batch_size: int = 4
     seed: int = 0
     export_hf: Optional[str] = None
+    export: Optional[str] = None           # another export (see ecospa.export), in export_format
+    export_format: str = "hf-padded"
     progress: bool = True
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
 
@@ -121,18 +123,26 @@ class Job:
         from ecospa.models import _run_checkpoint
         model = os.path.abspath(_run_checkpoint(self.model)) if os.path.exists(self.model) else None
         outs = [(flag, os.path.abspath(p)) for flag, p in (("--out", self.out),
-                                                           ("--export-hf", self.export_hf)) if p]
+                                                           ("--export-hf", self.export_hf),
+                                                           ("--export", self.export)) if p]
         for flag, path in outs:
             if model is not None and _inside(model, path):
                 raise UsageError(f"{flag} {path!r} is or holds the input model {self.model!r}; "
                                  "choose another directory")
-        if len(outs) == 2 and (_inside(outs[0][1], outs[1][1]) or _inside(outs[1][1], outs[0][1])):
-            raise UsageError(f"--out {self.out!r} and --export-hf {self.export_hf!r} overlap; "
-                             "give two separate directories")
+        for i, (fa, a) in enumerate(outs):
+            for fb, b in outs[i + 1:]:
+                if _inside(a, b) or _inside(b, a):
+                    raise UsageError(f"{fa} {a!r} and {fb} {b!r} overlap; give separate paths")
         if self.out:
             check_out_dir(self.out)
         if self.export_hf:
             check_export_target(self.export_hf, "--export-hf")
+        if self.export:
+            from ecospa.export import FORMATS, _check_out
+            if self.export_format not in FORMATS:
+                raise UsageError(f"--export-format must be one of {', '.join(FORMATS)}, "
+                                 f"got {self.export_format!r}")
+            _check_out(self.export, self.export_format, overwrite=False)
 
 
 def _number(v) -> bool:
@@ -368,6 +378,13 @@ def _save(job: Job, params, cfg, summary: dict) -> None:
             summary["export_hf"] = os.path.abspath(job.export_hf)
         except ValueError as err:
             summary["export_hf"] = f"not exported: {err}"
+    if job.export:
+        from ecospa.export import _source_tokenizer_info, export
+        from ecospa.models import load_tokenizer
+        res = export(params, cfg, job.export, job.export_format,
+                     tokenizer=load_tokenizer(_tokenizer_spec(job.model)),
+                     tokenizer_info=_source_tokenizer_info(job.model) if job.export_format == "gguf" else None)
+        summary["export"] = f"{res['format']}: {res['path']}"
     if job.out:
         from ecospa import checkpoint
         if os.path.isdir(job.out) and not os.listdir(job.out):
@@ -389,6 +406,8 @@ def table(summary: dict) -> str:
     rows.append(("forward latency dense / pruned", f"{summary['latency_ratio']:.2f}x"))
     if "export_hf" in summary:
         rows.append(("HF export", summary["export_hf"]))
+    if "export" in summary:
+        rows.append(("export", summary["export"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -419,6 +438,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--export-hf", help="also write a transformers directory, when representable "
                    "(new, empty, or an earlier export of ours: other directories are refused)")
+    p.add_argument("--export", help="also export the compressed model here, in --export-format "
+                   "(any pruned tree: padded or compact layouts, see `ecospa export`)")
+    p.add_argument("--export-format", default="hf-padded", choices=("hf-padded", "hf-compact", "gguf"),
+                   help="format of --export (default hf-padded: stock transformers, exact)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 

@@ -111,3 +111,28 @@ def test_registry_error_names_the_install_command(monkeypatch):
         models.load_model("smollm2-135m")
     with pytest.raises(ValueError, match="no model"):
         models.load_model("no-such-model")
+
+
+@pytest.mark.parametrize("fmt, name", [("hf-padded", "hf"), ("hf-compact", "hfc"), ("gguf", "m.gguf")])
+def test_compress_exports_any_pruned_tree(tiny_gguf, tmp_path, capsys, fmt, name):
+    """--export writes the budget-pruned tree (pruned attention, per-layer widths) in every
+    format with the same code as `ecospa export`; each loads back to the checkpoint's logits."""
+    out, exp = tmp_path / "ckpt", tmp_path / name
+    rc = cli.main(["compress", "--model", str(tiny_gguf), "--out", str(out), "--budget", "0.4",
+                   "--steps", "0", "--batch-size", "2", "--seq-len", "32", "--calib-batches", "1",
+                   "--eval-seq-len", "64", "--eval-windows", "2", "--export", str(exp),
+                   "--export-format", fmt])
+    assert rc == 0 and f"{fmt}: " in capsys.readouterr().out
+    cfg, params, tok = load_model(str(out))
+    x = encode(tok, "the thin thing in the")[None]
+    if fmt == "hf-compact":
+        transformers = pytest.importorskip("transformers")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(exp), trust_remote_code=True).eval()
+        with torch.no_grad():
+            got = model(x).logits
+    else:
+        c2, p2, tok2 = load_model(str(exp))
+        assert tok2 is not None and torch.equal(encode(tok2, "the thin thing in the"), x[0])
+        got = forward_for(c2)(p2, x, c2)
+    from tolerances import HF, close
+    close(got, forward_for(cfg)(params, x, cfg), HF)
