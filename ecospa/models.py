@@ -156,18 +156,28 @@ def _native(path: str):
     return cfg, params, load_tokenizer(spec)
 
 
-def load_model(spec, dtype: torch.dtype = torch.float32):
+def load_model(spec, dtype: torch.dtype = torch.float32, compact: bool = False):
     """Load a model from a registry name, a .gguf file, an HF directory or a native checkpoint.
 
     Args:
       spec: "smollm2-135m", "path/model.gguf", "path/hf_dir" or "path/ecospa_checkpoint".
       dtype: dtype of the returned parameters.
+      compact: drop the units that are zero on a whole side (a padded export, a masked model):
+        the pruned tree comes back with its real sizes (``ecospa.func.padding.compact``).
     Returns:
       (cfg, params, tokenizer); tokenizer may be None when the source has none.
     Example:
       cfg, params, tok = load_model("smollm2-135m")
       logits = forward_for(cfg)(params, encode(tok, "Hello")[None], cfg)
     """
+    cfg, params, tok = _load(spec, dtype)
+    if compact:
+        from ecospa.func.padding import compact as compact_tree
+        params = compact_tree(params, cfg)
+    return cfg, params, tok
+
+
+def _load(spec, dtype: torch.dtype):
     spec = _run_checkpoint(os.fspath(spec))
     if spec in REGISTRY:
         spec = registry_path(spec)

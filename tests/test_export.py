@@ -156,3 +156,17 @@ def test_reexport_replaces_only_our_export_with_its_extra_files(tmp_path):
         with pytest.raises(ValueError, match="did not write"):
             export(small, cfg, out, fmt)
         assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fmt", ["hf-padded", "hf-compact", "gguf"])
+def test_exports_come_back_compact(tmp_path, fmt):
+    from ecospa.models import load_model
+    module, cfg = CASES["llama_gqa_tied"]
+    small = _pruned(module, cfg, 0.5, torch.float32)
+    path = export(small, cfg, tmp_path / ("m.gguf" if fmt == "gguf" else "out"), fmt)["path"]
+    c2, p2, _ = load_model(path, compact=True)
+    assert [t.shape for t in optree.tree_leaves(p2, namespace="")] == \
+        [t.shape for t in optree.tree_leaves(small, namespace="")]
+    for a, b in zip(optree.tree_leaves(p2, namespace=""), optree.tree_leaves(small, namespace="")):
+        assert torch.equal(a, b)
+    assert c2.tie_embeddings == cfg.tie_embeddings

@@ -150,6 +150,10 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     directory = _local_dir(str(path_or_id))
     config = _read_config(directory)
     kind = config.get("model_type")
+    if kind == "ecospa_llama":  # ecospa's compact export (per-layer sizes, remote code)
+        from ecospa.io.hf_compact import from_hf_compact
+        cfg, params = from_hf_compact(read_state_dict(directory), config, dtype=dtype)
+        return "llama", cfg, params
     if not isinstance(kind, str) or kind not in FAMILIES:
         raise ValueError(f"config.json: model_type {kind!r} is not supported; ecospa reads {sorted(FAMILIES)}")
     family = FAMILIES[kind]

@@ -70,4 +70,68 @@ def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
     return write_hf(sd, conf, directory, files)
 
 
-__all__ = ["to_hf_compact", "save_hf_compact"]
+def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) -> tuple:
+    """(llama.Config, params) from a compact export's state dict and config.json (the inverse of
+    ``to_hf_compact``); ValueError naming the tensor when a shape disagrees with the config."""
+    from ecospa.func._hf_llama import cfg_bool, cfg_float, cfg_int
+    n = cfg_int(config, "num_hidden_layers")
+    lists = {}
+    for key in ("layer_qk_pairs", "layer_v_dims", "layer_ffn_dims"):
+        v = config.get(key)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               and 1 <= x <= 2**31 for x in v):
+            raise ValueError(f"config {key!r} must list {n} whole numbers >= 1 (one per layer), got {v!r}")
+        lists[key] = v
+    heads = cfg_int(config, "num_attention_heads")
+    cfg = llama.Config(vocab_size=cfg_int(config, "vocab_size"), dim=cfg_int(config, "hidden_size"),
+                       n_layers=n, n_heads=heads, n_kv_heads=cfg_int(config, "num_key_value_heads", heads),
+                       head_dim=cfg_int(config, "head_dim"), ffn_dim=max(lists["layer_ffn_dims"]),
+                       rope_theta=cfg_float(config, "rope_theta", 10000.0),
+                       norm_eps=cfg_float(config, "rms_norm_eps", 1e-5),
+                       attention_bias=bool(cfg_bool(config, "attention_bias", False)),
+                       max_seq_len=cfg_int(config, "max_position_embeddings", 2048), tie_embeddings=False)
+    D, Hkv, G = cfg.dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+
+    def t(name, shape):
+        if name not in sd:
+            raise ValueError(f"the compact export lacks the tensor {name!r}")
+        x = sd[name]
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}, the config says {tuple(shape)}")
+        return x
+
+    def w(x):
+        return x.to(dtype)
+
+    V = cfg.vocab_size
+    layers = []
+    for i in range(n):
+        P, E, F_ = lists["layer_qk_pairs"][i], lists["layer_v_dims"][i], lists["layer_ffn_dims"][i]
+        pre = f"model.layers.{i}."
+        p = {"attn_norm": w(t(pre + "input_layernorm.weight", (D,))),
+             "wq": w(t(pre + "self_attn.q_proj.weight", (Hkv * G * 2 * P, D)).T.reshape(D, Hkv, G, 2, P)),
+             "wk": w(t(pre + "self_attn.k_proj.weight", (Hkv * 2 * P, D)).T.reshape(D, Hkv, 2, P)),
+             "wv": w(t(pre + "self_attn.v_proj.weight", (Hkv * E, D)).T.reshape(D, Hkv, E)),
+             "wo": w(t(pre + "self_attn.o_proj.weight", (D, Hkv * G * E)).T.reshape(Hkv, G, E, D)),
+             "inv_freq": t(pre + "self_attn.inv_freq", (Hkv, P)).to(torch.float32),
+             "mlp_norm": w(t(pre + "post_attention_layernorm.weight", (D,))),
+             "w_gate": w(t(pre + "mlp.gate_proj.weight", (F_, D)).T),
+             "w_up": w(t(pre + "mlp.up_proj.weight", (F_, D)).T),
+             "w_down": w(t(pre + "mlp.down_proj.weight", (D, F_)).T)}
+        if cfg.attention_bias:
+            p.update(bq=w(t(pre + "self_attn.q_proj.bias", (Hkv * G * 2 * P,)).reshape(Hkv, G, 2, P)),
+                     bk=w(t(pre + "self_attn.k_proj.bias", (Hkv * 2 * P,)).reshape(Hkv, 2, P)),
+                     bv=w(t(pre + "self_attn.v_proj.bias", (Hkv * E,)).reshape(Hkv, E)))
+        layers.append({k: v.contiguous() for k, v in p.items()})
+    embed = t("model.embed_tokens.weight", (V, D))
+    head = t("lm_head.weight", (V, D))
+    params = {"embed": w(embed), "layers": tuple(layers), "norm": w(t("model.norm.weight", (D,)))}
+    if torch.equal(head, embed):  # written twice because the model was tied: tie it again
+        import dataclasses
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    else:
+        params["lm_head"] = w(head)
+    return cfg, params
+
+
+__all__ = ["to_hf_compact", "save_hf_compact", "from_hf_compact"]
