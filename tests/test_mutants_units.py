@@ -96,6 +96,9 @@ def test_global_norm():
     xs = [torch.tensor([3.0, 4.0]), torch.tensor([[12.0]], dtype=torch.float64), torch.tensor([0.0], dtype=torch.bfloat16)]
     n = optim.global_norm(xs)
     assert n.dtype == torch.float64 and n.item() == 13.0
+    # float32 leaves: the norms are combined in float64 (no overflow of the squares' sum)
+    big = optim.global_norm([torch.tensor([3e38]), torch.tensor([-3e38])])
+    assert big.dtype == torch.float64 and math.isclose(big.item(), 3e38 * math.sqrt(2), rel_tol=1e-6)
 
 
 def test_default_trainable():
