@@ -2,7 +2,8 @@
 # Mutation testing of ecospa's core with mutmut 3 (issue 15). One command, from a fresh clone:
 #
 #   bash tools/mutation.sh            # core: groups, select, prune, importance, optim, func/_layers
-#   bash tools/mutation.sh io         # checkpoint.py (all of it) + train.py's step wiring
+#   bash tools/mutation.sh io         # checkpoint.py's writer/reader + train.py's step wiring
+#   bash tools/mutation.sh io 'ecospa.checkpoint.*'   # io with a chosen set of mutants (fnmatch)
 #   bash tools/mutation.sh all        # both, one after the other
 #
 # It copies the tracked files (as they are in the working tree) to .mutation/<profile>/, runs
@@ -37,11 +38,19 @@ fi
 MUTMUT=$(dirname "$PY")/mutmut
 [ -x "$MUTMUT" ] || MUTMUT="$PY -m mutmut"
 
-# train.py: only the step wiring (a mutant of train() itself needs a training run per test).
-TRAIN_NAMES=(
+# io profile, by default: train.py's step wiring (a mutant of train() itself needs a training run
+# per test) and checkpoint.py's writer/reader path. The manifest validators (_read_manifest,
+# _check_spec, _check_config, _manifest_sha256, _verify_own_checksum) are fuzzed by
+# tests/test_checkpoint.py; include them with: bash tools/mutation.sh io 'ecospa.checkpoint.*'
+IO_NAMES=(
     'ecospa.train.x_lm_loss__mutmut_*' 'ecospa.train.x_make_step__mutmut_*'
-    'ecospa.train.x_evaluate__mutmut_*' 'ecospa.train.x_estimator_for__mutmut_*'
-    'ecospa.train.x__prune_round__mutmut_*'
+    'ecospa.train.x_estimator_for__mutmut_*' 'ecospa.train.x__prune_round__mutmut_*'
+    'ecospa.train.x_evaluate__mutmut_*'
+    'ecospa.checkpoint.x_save__*' 'ecospa.checkpoint.x__swap_in__*' 'ecospa.checkpoint.x__write_tensors__*'
+    'ecospa.checkpoint.x__sha256__*' 'ecospa.checkpoint.x__read_tree__*' 'ecospa.checkpoint.x__verify_file__*'
+    'ecospa.checkpoint.x__resolve__*' 'ecospa.checkpoint.x_load__*' 'ecospa.checkpoint.x_load_full__*'
+    'ecospa.checkpoint.x__encode__*' 'ecospa.checkpoint.x__decode__*' 'ecospa.checkpoint.x__bad__*'
+    'ecospa.checkpoint.x__leftovers__*'
 )
 
 run_profile() {
@@ -72,7 +81,7 @@ with open(path, "w") as f:
     cfg.write(f)
 PYCFG
         if [ ${#names[@]} -eq 0 ]; then
-            names=('ecospa.checkpoint.*' "${TRAIN_NAMES[@]}")
+            names=("${IO_NAMES[@]}")
         fi
     elif [ "$profile" != core ]; then
         echo "unknown profile $profile (core, io or all)" >&2
