@@ -170,3 +170,15 @@ def test_exports_come_back_compact(tmp_path, fmt):
     for a, b in zip(optree.tree_leaves(p2, namespace=""), optree.tree_leaves(small, namespace="")):
         assert torch.equal(a, b)
     assert c2.tie_embeddings == cfg.tie_embeddings
+
+
+def test_exported_tokenizer_loads_without_running_remote_code(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from ecospa.models import encode, load_model
+    module, cfg = CASES["llama_gqa_tied"]
+    tok = Tokenizer(models.BPE({chr(97 + i): i for i in range(26)}, []))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = export(_pruned(module, cfg, 0.5, torch.float32), cfg, tmp_path / "c", "hf-compact", tokenizer=tok)["path"]
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run remote code"))
+    _, _, tok2 = load_model(path)
+    assert encode(tok2, "abc").tolist() == [0, 1, 2]

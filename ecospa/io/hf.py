@@ -163,9 +163,20 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
 
 
 def load_hf_tokenizer(path_or_id: str):
-    """The model's tokenizer via ``transformers.AutoTokenizer`` (needs the ``hf`` extra)."""
+    """The model's tokenizer: a bare ``tokenizer.json`` (what ecospa's exports carry) through
+    ``tokenizers``; otherwise ``transformers.AutoTokenizer`` (needs the ``hf`` extra). Never runs
+    a directory's custom code (``trust_remote_code`` stays off)."""
+    local = os.path.isdir(str(path_or_id))
+    single = os.path.join(str(path_or_id), "tokenizer.json")
+    if local and os.path.isfile(single) and not os.path.isfile(
+            os.path.join(str(path_or_id), "tokenizer_config.json")):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise ValueError("loading a tokenizer needs `pip install ecospa[hf]`") from err
+        return Tokenizer.from_file(single)
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
         raise ValueError("loading a tokenizer needs `pip install ecospa[hf]`") from err
-    return AutoTokenizer.from_pretrained(path_or_id)
+    return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
