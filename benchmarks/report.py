@@ -157,6 +157,34 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def generate_table(res: dict) -> str:
+    c = res["conditions"]
+    rows = [f"Conditions: {c.get('model')}, prompt {c.get('prompt')} + {c.get('new_tokens')} new tokens, "
+            f"greedy, device={c.get('device')}, dtype={c.get('dtype')}, torch={c.get('torch')}, "
+            f"threads={c.get('torch_threads')}, transformers={c.get('transformers')}, reps={c.get('reps')}, "
+            f"{c.get('time')}", "",
+            "| batch | variant | tokens/s | ms per step | speedup vs ecospa dense | ideal (weight bytes) | of ideal |",
+            "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        extra = " (same tokens)" if r.get("same_tokens_as_ecospa") else ""
+        rows.append(f"| {r['batch']} | {r['variant']}{extra} | {r['tokens_per_s']:,.1f} | "
+                    f"{r['ms_per_token_step']:.1f} | {r['speedup_vs_ecospa_dense']:.2f}x | "
+                    f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def export_table(res: dict) -> str:
+    rows = [f"SmolLM2-135M, {res['conditions']['budget']:.0%} budget: {res['dense_params']:,} -> "
+            f"{res['pruned_params']:,} params; greedy {res['conditions']['new_tokens']} tokens after a "
+            f"{res['conditions']['prompt_tokens']}-token held-out prompt.", "",
+            "| format | loaded by | params in the runtime | max abs logit diff (scale) | greedy tokens == ecospa |",
+            "|---|---|---|---|---|"]
+    for fmt, r in res["formats"].items():
+        rows.append(f"| {fmt} | {r['loader']} | {r['params']:,} | {r['max_abs_logit_diff']:.1e} "
+                    f"({r['logit_scale']:.0f}) | {r['greedy_tokens_agreeing']}/{res['conditions']['new_tokens']} |")
+    return "\n".join(rows) + "\n"
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pat.search(text):
@@ -179,6 +207,11 @@ def main() -> None:
     res = _load("compress.json")
     if res and (res.get("runs") or res.get("peers")):
         text = replace_section(text, "compress", compress_table(res))
+    for fname, section, fn in [("generate.json", "generate", generate_table),
+                               ("export_smollm2.json", "export", export_table)]:
+        got = _load(fname)
+        if got:
+            text = replace_section(text, section, fn(got))
     if res or _load("pretrain.json"):
         plot_quality(res, _load("pretrain.json"), os.path.join(RESULTS, "quality.png"))
     tmp = readme + ".tmp"
