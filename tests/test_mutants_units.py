@@ -463,3 +463,22 @@ def test_uncoupled_takes_any_iterable_of_groups():
     grads = {"w": torch.ones(1, 2)}
     st = est.update(est.update(est.init(params), params, grads), params, grads)
     assert est.scores(st)["g"].tolist() == [[1.0, 4.0]]
+
+
+def test_adamw_casts_grads_to_the_params_dtype():
+    """Gradients in another dtype act as if cast to each leaf's dtype first."""
+    p = {"w": torch.randn(8, 16, generator=gen(11)).to(torch.bfloat16), "v": torch.randn(5, generator=gen(12))}
+    g = {"w": torch.randn(8, 16, generator=gen(13)) * 3, "v": torch.randn(5, generator=gen(14), dtype=torch.float64)}
+    cast = {"w": g["w"].to(torch.bfloat16), "v": g["v"].float()}
+    for clip in (None, 0.5):
+        opt = optim.adamw(0.01, clip_norm=clip)
+        (a, sa), (b, sb) = opt.update(g, opt.init(p), p), opt.update(cast, opt.init(p), p)
+        for x, y in zip(optree.tree_leaves((a, sa.mu, sa.nu)), optree.tree_leaves((b, sb.mu, sb.nu))):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_adamw_with_nothing_trainable():
+    p = {"inv_freq": torch.ones(3), "ids": torch.arange(3)}
+    opt = optim.adamw(0.1)
+    new, st = opt.update({"inv_freq": torch.ones(3), "ids": torch.zeros(3)}, opt.init(p), p)
+    assert st.count == 1 and torch.equal(new["inv_freq"], p["inv_freq"]) and torch.equal(new["ids"], p["ids"])
