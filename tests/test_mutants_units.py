@@ -453,7 +453,7 @@ def test_fisher_helper_without_batches():
     got = ecospa.fisher(None, params, groups, [], estimator=ecospa.magnitude(groups))
     want = ecospa.magnitude(groups).scores(ecospa.magnitude(groups).init(params))
     assert all(torch.equal(got[g.name], want[g.name]) for g in groups)
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match=r"^no batches were accumulated: call update\(\) at least once$"):
         ecospa.fisher(None, params, groups, [])
 
 
