@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _common import write_results  # noqa: E402
-from ecospa.compress import Job, compress, table  # noqa: E402
-from ecospa.data import corpus  # noqa: E402
-from ecospa.evaluate import nll  # noqa: E402
-from ecospa.models import encode, forward_for, load_model  # noqa: E402
+from ecospa.jobs.compress import Job, compress, table  # noqa: E402
+from ecospa.io.data import corpus  # noqa: E402
+from ecospa.jobs.evaluate import nll  # noqa: E402
+from ecospa.func.families import family_of
+from ecospa.io.load import encode, load_model  # noqa: E402
 
 VARIANTS = {"ecospa": dict(estimator="fisher", target="budget"),
             "uniform": dict(estimator="fisher", target="sparsity"),
@@ -69,7 +70,7 @@ def main() -> None:
     cfg, params, tok = loaded
     val = encode(tok, corpus("pydoc", "val"))
     t0 = time.perf_counter()
-    dense = nll(forward_for(cfg), params, cfg, val, 512, 4, args.eval_windows, progress=True)
+    dense = nll(family_of(cfg).forward, params, cfg, val, 512, 4, args.eval_windows, progress=True)
     ppl_dense = float(torch.tensor(dense["nll"]).exp())
     results["conditions"] = {
         "machine": platform.platform(), "cpu": platform.processor() or platform.machine(),

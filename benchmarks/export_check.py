@@ -22,11 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import conditions, write_results  # noqa: E402
 
 import ecospa  # noqa: E402
-from ecospa.data import corpus  # noqa: E402
-from ecospa.export import _source_tokenizer_info, export  # noqa: E402
+from ecospa.io.data import corpus  # noqa: E402
+from ecospa.jobs.export import export, source_tokenizer_info  # noqa: E402
 from ecospa.func import llama  # noqa: E402
-from ecospa.generate import generate  # noqa: E402
-from ecospa.models import encode, load_model  # noqa: E402
+from ecospa.jobs.generate import generate  # noqa: E402
+from ecospa.io.load import encode, load_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "export_smollm2.json")
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         path = os.path.join(d, "m.gguf" if fmt == "gguf" else fmt)
         t1 = time.perf_counter()
         res = export(small, cfg, path, fmt, tokenizer=tok,
-                     tokenizer_info=_source_tokenizer_info("smollm2-135m") if fmt == "gguf" else None)
+                     tokenizer_info=source_tokenizer_info("smollm2-135m") if fmt == "gguf" else None)
         row = {"export_s": time.perf_counter() - t1, "notes": res["notes"]}
         if fmt == "gguf":
             c2, p2, tok2 = load_model(path)

@@ -29,7 +29,7 @@ from _common import conditions, write_results  # noqa: E402
 
 import ecospa  # noqa: E402
 from ecospa.func import llama  # noqa: E402
-from ecospa.generate import generate  # noqa: E402
+from ecospa.jobs.generate import generate  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json")
 
@@ -50,7 +50,7 @@ def load(quick: bool):
         cfg = llama.Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=172,
                            max_seq_len=256, init_std=0.1)
         return cfg, llama.init(cfg, seed=0), None
-    from ecospa.models import load_model
+    from ecospa.io.load import load_model
     return load_model("smollm2-135m")
 
 
@@ -58,8 +58,8 @@ def calibration(cfg, tok, quick: bool):
     if quick or tok is None:
         g = torch.Generator().manual_seed(0)
         return [torch.randint(0, cfg.vocab_size, (2, 65), generator=g)]
-    from ecospa.data import corpus
-    from ecospa.models import encode
+    from ecospa.io.data import corpus
+    from ecospa.io.load import encode
     ids = encode(tok, corpus("pydoc", "train")[:20000])
     return [ids[i * 129:(i + 1) * 129].reshape(1, -1).repeat(2, 1) for i in range(2)]
 
@@ -79,7 +79,7 @@ def prune(params, cfg, budget, batches):
 def hf_model(params, cfg):
     import transformers
 
-    from ecospa.export import export
+    from ecospa.jobs.export import export
     d = tempfile.mkdtemp(prefix="ecospa-gen-")
     export(params, cfg, os.path.join(d, "hf"), "hf-padded")
     return transformers.AutoModelForCausalLM.from_pretrained(os.path.join(d, "hf"), attn_implementation="sdpa",

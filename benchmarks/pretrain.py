@@ -22,10 +22,9 @@ import tempfile
 
 import torch
 
-from ecospa import presets
-from ecospa.func import gpt2, llama
+from ecospa.func.families import family_of
 from ecospa.schedule import PruneSchedule
-from ecospa.train import count_params, train
+from ecospa.train import count_params, presets, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import conditions, write_results  # noqa: E402
@@ -40,13 +39,11 @@ def scaled_model(model, scale: float):
 
 def matching_model(model, target_params: int):
     """The scaled model whose parameter count is closest to ``target_params``."""
-    family = llama if model.name == "llama" else gpt2
+    init = family_of(model).init
     best = None
     for i in range(10, 101):
         m = scaled_model(model, i / 100)
-        if family is gpt2 and m.head_dim * m.n_heads != m.dim:
-            m = dataclasses.replace(m, head_dim=m.head_dim)  # gpt2 head_dim is free in ecospa's layout
-        n = count_params(family.init(m, 0))
+        n = count_params(init(m, 0))
         if best is None or abs(n - target_params) < abs(best[1] - target_params):
             best = (m, n)
     return best[0]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import ecospa
 from ecospa import optim
 from ecospa.func import gpt2, llama
+from ecospa.io.hf import hf_family_of
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import conditions, median_time, write_results  # noqa: E402
@@ -143,7 +144,7 @@ def overhead(module, cfg, params, x, device, args):
         import transformers
     except ImportError:
         return {"skipped": "transformers not installed"}
-    sd, conf = module.to_hf(params, cfg)
+    sd, conf = hf_family_of(cfg).to_hf(params, cfg)
     cls = transformers.LlamaForCausalLM if module is llama else transformers.GPT2LMHeadModel
     conf_cls = transformers.LlamaConfig if module is llama else transformers.GPT2Config
     hf = cls(conf_cls(**conf)).to(device=device, dtype=params["layers"][0]["wq"].dtype).eval()

@@ -9,7 +9,7 @@ of removed block parameters (q,k,v,o,gate,up,down of every layer) as ecospa's ``
 evaluated exactly like ecospa: held-out perplexity on the pydoc VAL split in non-overlapping
 512-token windows, right after pruning and after an optional recovery fine-tune with ecospa's
 optimizer settings and batches (AdamW lr 2e-4, betas 0.9/0.95, eps 1e-8, no weight decay,
-global grad-norm clip 1.0; 4 x 256 TRAIN windows from ``ecospa.data.batch_at``).
+global grad-norm clip 1.0; 4 x 256 TRAIN windows from ``ecospa.io.data.batch_at``).
 
 Modes (``--mode``):
   inner    heads + MLP channels only; the residual width stays (ecospa's coupled groups prune
@@ -48,19 +48,20 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from _common import write_results  # noqa: E402
 
-from ecospa.data import batch_at, corpus  # noqa: E402
-from ecospa.evaluate import nll  # noqa: E402
 from ecospa.func import llama  # noqa: E402
-from ecospa.models import encode, load_model, load_tokenizer  # noqa: E402
+from ecospa.io import hf_llama  # noqa: E402
+from ecospa.io.data import batch_at, corpus  # noqa: E402
+from ecospa.io.load import encode, load_model, load_tokenizer  # noqa: E402
+from ecospa.jobs.evaluate import nll  # noqa: E402
 
 BLOCK = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------- model
 def hf_from_ecospa(params, cfg, attn="eager"):
-    """LlamaForCausalLM holding exactly ecospa's weights (via ecospa.func.llama.to_hf)."""
+    """LlamaForCausalLM holding exactly ecospa's weights (via ecospa.io.hf_llama.to_hf)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    sd, conf = llama.to_hf(params, cfg)
+    sd, conf = hf_llama.to_hf(params, cfg)
     conf = dict(conf, attn_implementation=attn)
     model = LlamaForCausalLM(LlamaConfig(**conf))
     missing, unexpected = model.load_state_dict(sd, strict=False)

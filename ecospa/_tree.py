@@ -46,6 +46,12 @@ def leaf_paths(tree: TensorTree) -> list:
     return [tuple(p) for p in paths]
 
 
+def count_params(tree: TensorTree) -> int:
+    """Number of floating-point values in a tree (weights and buffers): THE parameter count."""
+    return sum(x.numel() for x in optree.tree_leaves(tree, namespace="")
+               if torch.is_tensor(x) and x.is_floating_point())
+
+
 # Leaves that are buffers, not weights: kept in at least float32 whatever the model dtype.
 FP32_BUFFERS = frozenset({"inv_freq"})
 

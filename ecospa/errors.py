@@ -15,6 +15,11 @@ class UsageError(ValueError):
     """Invalid input from the user (flags, paths, targets); the CLI exits with code 2."""
 
 
+def whole(x) -> bool:
+    """A whole number (an ``int`` that is not a ``bool``): what counts, sizes and steps must be."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _number(text: str, kind, what: str):
     try:
         value = kind(text)
@@ -79,4 +84,4 @@ def device(text: str) -> str:
     return text
 
 
-__all__ = ["UsageError", "positive_int", "nonneg_int", "positive_float", "fraction", "device"]
+__all__ = ["UsageError", "whole", "positive_int", "nonneg_int", "positive_float", "fraction", "device"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ecospa
-from ecospa import checkpoint, optim
+from ecospa import optim
+from ecospa.io import checkpoint
 from ecospa.func import gpt2, llama
 
 CFG = llama.Config(vocab_size=13, dim=8, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=10)

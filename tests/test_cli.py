@@ -44,7 +44,7 @@ def test_cuda_on_a_cpu_build_is_a_usage_error(capsys):
 def _fake_command(monkeypatch, exc):
     def run(args):
         raise exc
-    monkeypatch.setattr(cli.importlib.import_module("ecospa.evaluate"), "run", run)
+    monkeypatch.setattr(cli.importlib.import_module("ecospa.cli.eval"), "run", run)
 
 
 @pytest.mark.parametrize("exc, code, needle", [

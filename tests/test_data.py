@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ecospa import data
+from ecospa.io import data
 
 
 def test_pydoc_split_is_deterministic_and_disjoint():

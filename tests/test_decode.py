@@ -11,7 +11,7 @@ from hypothesis import given, settings
 import ecospa
 from ecospa.func import gpt2, llama
 from ecospa.func.decode import decode, init_cache
-from ecospa.generate import generate, greedy_reference, sample
+from ecospa.jobs.generate import generate, greedy_reference, sample
 from ecospa.errors import UsageError
 from strategies import models, random_scores, seeds, targets, tokens
 from tolerances import EXACT, close
@@ -141,8 +141,9 @@ def test_compiled_decode_matches_eager_without_per_token_recompiles():
 
 @pytest.mark.slow
 def test_generate_cli_on_a_train_checkpoint(tmp_path, capsys):
-    from ecospa import checkpoint, cli
-    from ecospa.data import ByteTokenizer
+    from ecospa import cli
+    from ecospa.io import checkpoint
+    from ecospa.io.data import ByteTokenizer
     out = tmp_path / "run"
     assert cli.main(["train", "--steps", "24", "--eval-every", "12", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()

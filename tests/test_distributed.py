@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import ecospa.cli
-from ecospa import checkpoint, data, distributed
+from ecospa.io import checkpoint, data
+from ecospa.train import runtime as distributed
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule
 from ecospa.train import TrainConfig, train
@@ -30,7 +31,7 @@ MICRO = TrainConfig(
 WORKER = textwrap.dedent("""
     import dataclasses, os, pickle, sys, time
     import torch
-    from ecospa import distributed, train as train_mod
+    from ecospa.train import loop as train_mod, runtime as distributed
     from ecospa.train import train
 
     cfg, out, mode = pickle.load(open(sys.argv[1], "rb")), sys.argv[2], sys.argv[3]

@@ -13,11 +13,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 import ecospa  # noqa: E402
-from ecospa import checkpoint, cli  # noqa: E402
-from ecospa.export import export  # noqa: E402
+from ecospa import cli  # noqa: E402
+from ecospa.io import checkpoint  # noqa: E402
+from ecospa.jobs.export import export  # noqa: E402
 from ecospa.func import gpt2, llama  # noqa: E402
 from ecospa.func.padding import compact  # noqa: E402
-from ecospa.generate import generate  # noqa: E402
+from ecospa.jobs.generate import generate  # noqa: E402
 from ecospa.io.hf import load_hf  # noqa: E402
 from strategies import random_scores  # noqa: E402
 from tolerances import HF, close  # noqa: E402
@@ -76,7 +77,7 @@ def test_export_cli_writes_both_formats_from_a_checkpoint(tmp_path, capsys):
                      "--out", str(tmp_path / "m.gguf")]) == 0
     text = capsys.readouterr().out
     assert "wrote hf-padded" in text and "wrote gguf" in text and "padded" in text
-    from ecospa.models import load_model
+    from ecospa.io.load import load_model
     x = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
     for spec in (tmp_path / "hf", tmp_path / "m.gguf"):
         c2, p2, _ = load_model(str(spec))
@@ -160,7 +161,7 @@ def test_reexport_replaces_only_our_export_with_its_extra_files(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["hf-padded", "hf-compact", "gguf"])
 def test_exports_come_back_compact(tmp_path, fmt):
-    from ecospa.models import load_model
+    from ecospa.io.load import load_model
     module, cfg = CASES["llama_gqa_tied"]
     small = _pruned(module, cfg, 0.5, torch.float32)
     path = export(small, cfg, tmp_path / ("m.gguf" if fmt == "gguf" else "out"), fmt)["path"]
@@ -174,7 +175,7 @@ def test_exports_come_back_compact(tmp_path, fmt):
 
 def test_exported_tokenizer_loads_without_running_remote_code(tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from ecospa.models import encode, load_model
+    from ecospa.io.load import encode, load_model
     module, cfg = CASES["llama_gqa_tied"]
     tok = Tokenizer(models.BPE({chr(97 + i): i for i in range(26)}, []))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

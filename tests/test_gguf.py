@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ecospa.func import llama
-from ecospa.func._hf_llama import from_hf
+from ecospa.io.hf_llama import from_hf
 from tolerances import EXACT, HF, close
 
 gguf = pytest.importorskip("gguf")

@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from ecospa.data import ByteTokenizer  # noqa: E402
-from ecospa.evaluate import nll  # noqa: E402
+from ecospa.io.data import ByteTokenizer  # noqa: E402
+from ecospa.jobs.evaluate import nll  # noqa: E402
 from ecospa.func import llama  # noqa: E402
-from ecospa.harness import EcospaLM  # noqa: E402
+from ecospa.jobs.harness import EcospaLM  # noqa: E402
 
 CFG = llama.Config(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40,
                    init_std=0.2, max_seq_len=64)

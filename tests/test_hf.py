@@ -14,8 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 import ecospa  # noqa: E402
 from ecospa.func import gpt2, llama  # noqa: E402
-from ecospa.func._hf_llama import config_from_hf  # noqa: E402
-from ecospa.io.hf import load_hf  # noqa: E402
+from ecospa.io import hf_gpt2 as io_gpt2, hf_llama as io_llama  # noqa: E402
+from ecospa.io.hf import HF_FAMILIES, load_hf  # noqa: E402
+from ecospa.io.hf_llama import config_from_hf  # noqa: E402
 from tolerances import HF, close  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32]
@@ -110,7 +111,7 @@ def random_scores(params, groups, seed=0):
 @pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
 def test_llama_forward_matches_transformers(variant, dtype):
     model = hf_llama(variant, dtype)
-    cfg, params = llama.from_hf(model.state_dict(), model.config)
+    cfg, params = io_llama.from_hf(model.state_dict(), model.config)
     assert cfg.n_kv_heads == model.config.num_key_value_heads
     assert cfg.tie_embeddings == model.config.tie_word_embeddings
     assert cfg.attention_bias == variant.startswith("qwen2")
@@ -121,7 +122,7 @@ def test_llama_forward_matches_transformers(variant, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpt2_forward_matches_transformers(dtype):
     model = hf_gpt2(dtype, n_inner=40)
-    cfg, params = gpt2.from_hf(model.state_dict(), model.config)
+    cfg, params = io_gpt2.from_hf(model.state_dict(), model.config)
     assert cfg.ffn_dim == 40
     toks = tokens()
     close(gpt2.forward(params, toks, cfg), hf_logits(model, toks), HF)
@@ -132,8 +133,8 @@ def test_from_hf_accepts_plain_names_and_dict_config():
     model = hf_llama("gqa_untied", torch.float64)
     sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
     conf = json.loads(model.config.to_json_string())
-    cfg, params = llama.from_hf(sd, conf)
-    cfg_ref, ref = llama.from_hf(model.state_dict(), model.config)
+    cfg, params = io_llama.from_hf(sd, conf)
+    cfg_ref, ref = io_llama.from_hf(model.state_dict(), model.config)
     assert cfg == cfg_ref
     assert_trees_equal(params, ref)
     before = {k: v.clone() for k, v in sd.items()}
@@ -191,7 +192,7 @@ def fresh_hf(conf: dict):
 def test_llama_to_hf_round_trip(name, dtype):
     cfg = LLAMA_CFGS[name]
     params = noisy(llama.init(cfg, seed=3, dtype=dtype))
-    sd, conf = llama.to_hf(params, cfg)
+    sd, conf = io_llama.to_hf(params, cfg)
     # transformers 4 reads the top-level key, 5 reads rope_parameters: both must hold theta.
     assert conf["rope_theta"] == conf["rope_parameters"]["rope_theta"] == cfg.rope_theta
     model = fresh_hf(conf).to(dtype)
@@ -201,7 +202,7 @@ def test_llama_to_hf_round_trip(name, dtype):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     toks = tokens()
     close(llama.forward(params, toks, cfg), hf_logits(model, toks), HF)
-    cfg2, back = llama.from_hf(sd, conf)
+    cfg2, back = io_llama.from_hf(sd, conf)
     assert cfg2 == cfg
     assert_trees_equal(back, params)
 
@@ -210,13 +211,13 @@ def test_llama_to_hf_round_trip(name, dtype):
 def test_gpt2_to_hf_round_trip(dtype):
     cfg = gpt2.Config(vocab_size=V, dim=D, n_layers=L, n_heads=4, ffn_dim=40, max_seq_len=16)
     params = noisy(gpt2.init(cfg, seed=3, dtype=dtype))
-    sd, conf = gpt2.to_hf(params, cfg)
+    sd, conf = io_gpt2.to_hf(params, cfg)
     model = fresh_hf(conf).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert unexpected == [] and missing == ["lm_head.weight"]
     toks = tokens()
     close(gpt2.forward(params, toks, cfg), hf_logits(model, toks), HF)
-    cfg2, back = gpt2.from_hf(sd, conf)
+    cfg2, back = io_gpt2.from_hf(sd, conf)
     assert cfg2 == cfg
     assert_trees_equal(back, params)
 
@@ -237,7 +238,7 @@ def test_mlp_pruned_llama_exports_to_transformers(tmp_path, dtype):
     groups = llama.coupled_groups(cfg)
     small = ecospa.pruner(groups, sparsity={"mlp": 0.5})(params, random_scores(params, groups))
     assert small["layers"][0]["w_up"].shape == (D, 24)
-    out = llama.save_hf(small, cfg, tmp_path / "pruned")
+    out = io_llama.save_hf(small, cfg, tmp_path / "pruned")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     model = _from_pretrained(out, dtype)
     assert model.config.intermediate_size == 24
@@ -248,10 +249,10 @@ def test_mlp_pruned_llama_exports_to_transformers(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mlp_pruned_gpt2_exports_to_transformers(tmp_path, dtype):
     model0 = hf_gpt2(dtype)
-    cfg, params = gpt2.from_hf(model0.state_dict(), model0.config)
+    cfg, params = io_gpt2.from_hf(model0.state_dict(), model0.config)
     groups = gpt2.coupled_groups(cfg)
     small = ecospa.pruner(groups, sparsity={"mlp": 0.5})(params, random_scores(params, groups))
-    out = gpt2.save_hf(small, cfg, tmp_path / "pruned")
+    out = io_gpt2.save_hf(small, cfg, tmp_path / "pruned")
     model = _from_pretrained(out, dtype)
     assert model.config.n_inner == 2 * D
     toks = tokens()
@@ -261,8 +262,8 @@ def test_mlp_pruned_gpt2_exports_to_transformers(tmp_path, dtype):
 def test_save_hf_replaces_an_existing_directory(tmp_path):
     cfg = LLAMA_CFGS["mqa_tied_hd12"]
     a, b = noisy(llama.init(cfg), seed=1), noisy(llama.init(cfg), seed=2)
-    llama.save_hf(a, cfg, tmp_path / "m")
-    llama.save_hf(b, cfg, tmp_path / "m")
+    io_llama.save_hf(a, cfg, tmp_path / "m")
+    io_llama.save_hf(b, cfg, tmp_path / "m")
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temp or old directories left behind
     _, _, loaded = load_hf(tmp_path / "m")
     assert_trees_equal(loaded, b)
@@ -282,9 +283,9 @@ def test_attention_pruned_export_raises(tmp_path, family, kind):
     groups = mod.coupled_groups(cfg)
     small = ecospa.pruner(groups, sparsity={kind: 0.5})(params, random_scores(params, groups))
     with pytest.raises(ValueError, match=r"layer 0: attention was pruned.*scale"):
-        mod.to_hf(small, cfg)
+        HF_FAMILIES[family].to_hf(small, cfg)
     with pytest.raises(ValueError, match="attention was pruned"):
-        mod.save_hf(small, cfg, tmp_path / "x")
+        HF_FAMILIES[family].save_hf(small, cfg, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -297,7 +298,7 @@ def test_per_layer_mlp_widths_export_raises(family):
     keep = ecospa.keep_all(params, groups)
     keep = {**keep, "layers.1.mlp": keep["layers.1.mlp"][:, :5]}
     with pytest.raises(ValueError, match="MLP widths differ"):
-        mod.to_hf(ecospa.slice_units(params, groups, keep), cfg)
+        HF_FAMILIES[family].to_hf(ecospa.slice_units(params, groups, keep), cfg)
 
 
 def test_reordered_rotary_frequencies_export_raises():
@@ -306,7 +307,7 @@ def test_reordered_rotary_frequencies_export_raises():
     layer = dict(params["layers"][1], inv_freq=params["layers"][1]["inv_freq"].flip(-1))
     bad = dict(params, layers=(params["layers"][0], layer))
     with pytest.raises(ValueError, match="layer 1: inv_freq"):
-        llama.to_hf(bad, cfg)
+        io_llama.to_hf(bad, cfg)
 
 
 # --- load_hf on directories ----------------------------------------------------------------------
@@ -386,8 +387,8 @@ def test_gpt2_from_hf_accepts_old_checkpoint_names():
     for i in range(L):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    cfg, params = gpt2.from_hf(sd, json.loads(model.config.to_json_string()))
-    assert_trees_equal(params, gpt2.from_hf(model.state_dict(), model.config)[1])
+    cfg, params = io_gpt2.from_hf(sd, json.loads(model.config.to_json_string()))
+    assert_trees_equal(params, io_gpt2.from_hf(model.state_dict(), model.config)[1])
 
 
 def test_load_hf_unreachable_hub_id_raises(monkeypatch):

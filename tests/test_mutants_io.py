@@ -10,7 +10,7 @@ import optree
 import pytest
 import torch
 
-from ecospa import checkpoint, distributed, importance, optim
+import ecospa.io.checkpoint as checkpoint, ecospa.train.runtime as distributed, ecospa.importance as importance, ecospa.optim as optim  # noqa: E401,E501
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule
 from ecospa.train import TrainConfig, train
@@ -158,7 +158,7 @@ def test_prune_round_uses_the_schedules_target_kind(by):
     from ecospa.prune import slice_units
     from ecospa.select import select
     from ecospa.schedule import dense_sizes, round_target
-    from ecospa.train import _prune_round
+    from ecospa.train.loop import _prune_round
     cfg = llama.Config(vocab_size=13, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, ffn_dim=12)
     params = llama.init(cfg, seed=0)
     groups = llama.coupled_groups(cfg)

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from ecospa import cli
     rc = cli.main(["train", "--steps", "40", "--eval-every", "20", "--ckpt-every", "20",
                    "--out", sys.argv[1], "--no-progress"])
-    from ecospa import checkpoint
+    from ecospa.io import checkpoint
     checkpoint.load(sys.argv[1] + "/checkpoint")
     print(json.dumps({"rc": rc, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
 """)

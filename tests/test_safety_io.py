@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ecospa.func import gpt2, llama
+from ecospa.io import hf_gpt2, hf_llama
 from ecospa.io.hf import load_hf
 
 HF_CFG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -112,13 +113,13 @@ def test_hf_config_that_is_not_an_object(tmp_path, text):
 
 def test_gpt2_config_nonsense_is_a_clear_error():
     cfg = gpt2.Config(vocab_size=11, dim=8, n_layers=1, n_heads=2, max_seq_len=8)
-    sd, conf = gpt2.to_hf(gpt2.init(cfg), cfg)
+    sd, conf = hf_gpt2.to_hf(gpt2.init(cfg), cfg)
     for change, words in [({"layer_norm_epsilon": -1e-5}, "layer_norm_epsilon"),
                           ({"layer_norm_epsilon": 0}, "layer_norm_epsilon"),
                           ({"n_layer": 10**9}, "n_layer"), ({"n_embd": "8"}, "n_embd"),
                           ({"tie_word_embeddings": "false"}, "tie_word_embeddings")]:
         with memory_cap(), pytest.raises(ValueError, match=words):
-            gpt2.from_hf(sd, {**conf, **change})
+            hf_gpt2.from_hf(sd, {**conf, **change})
 
 
 @pytest.mark.parametrize("entry", ["../outside.bin", "/abs/outside.bin", "sub/../../outside.bin"])
@@ -166,7 +167,7 @@ def test_fuzz_hf_config_reader(changes, drop):
     sd = _SD
     with memory_cap():
         try:
-            cfg, params = llama.from_hf(sd, conf)
+            cfg, params = hf_llama.from_hf(sd, conf)
         except ValueError:
             return
     assert cfg.n_layers == 2
@@ -344,7 +345,7 @@ def test_config_rejects_nonsense(field, value):
 ])
 def test_gguf_nonsense_tokenizer_is_a_value_error(tmp_path, tokens, merges, types):
     pytest.importorskip("gguf")
-    from ecospa.models import load_model
+    from ecospa.io.load import load_model
     from test_gguf import write_gguf
     write_gguf(tmp_path / "m.gguf", _sd(HF_CFG), HF_CFG,
                tokenizer={"tokens": tokens, "merges": merges, "token_type": types})

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ecospa import cli
-from ecospa.compress import Job, compress
 from ecospa.errors import UsageError
 from ecospa.func import gpt2, llama
+from ecospa.io import hf_gpt2, hf_llama
+from ecospa.jobs.compress import Job, compress
 
 gguf = pytest.importorskip("gguf")
 from test_gguf import HF_CFG, _hf_state_dict, write_gguf  # noqa: E402
@@ -50,12 +51,12 @@ def _tree(root) -> dict:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if a model gets loaded: validation must come first."""
-    import ecospa.models
+    import ecospa.io.load
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the arguments were validated")
 
-    monkeypatch.setattr(ecospa.models, "load_model", refuse)
+    monkeypatch.setattr(ecospa.io.load, "load_model", refuse)
 
 
 # --- B1: --export-hf only ever replaces an export of ours ----------------------------------------
@@ -68,7 +69,7 @@ def test_save_hf_refuses_a_foreign_directory(tmp_path):
     (d / "sub" / "data.bin").write_bytes(b"\1\2")
     before = _tree(tmp_path)
     with pytest.raises(UsageError, match="not an ecospa export"):
-        llama.save_hf(llama.init(CFG), CFG, d)
+        hf_llama.save_hf(llama.init(CFG), CFG, d)
     assert _tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["mine"]
 
 
@@ -76,32 +77,32 @@ def test_save_hf_refuses_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "work.py").write_text("print(1)")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="not an ecospa export"):
-        llama.save_hf(llama.init(CFG), CFG, ".")
+        hf_llama.save_hf(llama.init(CFG), CFG, ".")
     assert (tmp_path / "work.py").read_text() == "print(1)"
 
 
 def test_save_hf_refuses_a_symlink(tmp_path):
     target = tmp_path / "real"
-    llama.save_hf(llama.init(CFG), CFG, target)  # even a link to our own export
+    hf_llama.save_hf(llama.init(CFG), CFG, target)  # even a link to our own export
     os.symlink(target, tmp_path / "link")
     before = _tree(tmp_path)
     with pytest.raises(UsageError, match="symbolic link"):
-        llama.save_hf(llama.init(CFG, seed=1), CFG, tmp_path / "link")
+        hf_llama.save_hf(llama.init(CFG, seed=1), CFG, tmp_path / "link")
     assert _tree(tmp_path) == before
 
 
 def test_save_hf_replaces_only_its_own_export(tmp_path):
     d = tmp_path / "hf"
-    llama.save_hf(llama.init(CFG), CFG, d)
+    hf_llama.save_hf(llama.init(CFG), CFG, d)
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
     assert "ecospa_export" in json.loads((d / "config.json").read_text())  # the marker
     gpt_cfg = gpt2.Config(vocab_size=11, dim=8, n_layers=1, n_heads=2, max_seq_len=8)
-    gpt2.save_hf(gpt2.init(gpt_cfg), gpt_cfg, d)  # a previous export of ours: replaced
+    hf_gpt2.save_hf(gpt2.init(gpt_cfg), gpt_cfg, d)  # a previous export of ours: replaced
     assert json.loads((d / "config.json").read_text())["model_type"] == "gpt2"
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     (d / "README.md").write_text("my notes")  # the user added a file: no longer only ours
     with pytest.raises(UsageError, match="README.md"):
-        llama.save_hf(llama.init(CFG), CFG, d)
+        hf_llama.save_hf(llama.init(CFG), CFG, d)
     assert (d / "README.md").read_text() == "my notes"
     (d / "README.md").unlink()
     with open(d / "model.safetensors", "r+b") as f:  # weights edited since: not ours any more
@@ -109,18 +110,18 @@ def test_save_hf_replaces_only_its_own_export(tmp_path):
         f.write(b"\x7f")
     before = _tree(d)
     with pytest.raises(UsageError, match="not an ecospa export"):
-        llama.save_hf(llama.init(CFG), CFG, d)
+        hf_llama.save_hf(llama.init(CFG), CFG, d)
     assert _tree(d) == before
 
 
 def test_save_hf_into_an_empty_directory_and_under_a_file(tmp_path):
     (tmp_path / "empty").mkdir()
-    llama.save_hf(llama.init(CFG), CFG, tmp_path / "empty")
+    hf_llama.save_hf(llama.init(CFG), CFG, tmp_path / "empty")
     assert (tmp_path / "empty" / "config.json").is_file()
     (tmp_path / "f").write_text("x")
     for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
         with pytest.raises(UsageError, match="file"):
-            llama.save_hf(llama.init(CFG), CFG, bad)
+            hf_llama.save_hf(llama.init(CFG), CFG, bad)
     assert (tmp_path / "f").read_text() == "x"
 
 
@@ -249,7 +250,7 @@ def test_eval_bad_flags_fail_before_loading(tiny_gguf, capsys, no_loading, flags
 
 
 def test_hub_id_offline_says_what_was_tried(monkeypatch):
-    from ecospa import models
+    from ecospa.io import load as models
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
         from huggingface_hub import constants
@@ -266,7 +267,7 @@ def test_hub_id_offline_says_what_was_tried(monkeypatch):
 def test_hub_id_without_huggingface_hub(monkeypatch):
     import builtins
 
-    from ecospa import models
+    from ecospa.io import load as models
     real = builtins.__import__
 
     def fake(name, *a, **k):
@@ -301,14 +302,14 @@ def test_eval_reads_a_train_checkpoint(train_run, capsys):
 
 
 def test_load_model_gives_the_train_tokenizer(train_run):
-    from ecospa.models import encode, load_model
+    from ecospa.io.load import encode, load_model
     cfg, params, tok = load_model(str(train_run))
     ids = encode(tok, "héllo")
     assert ids.tolist() == list("héllo".encode("utf-8")) and ids.dtype == torch.long
 
 
 def test_compress_reads_a_train_checkpoint(train_run, tmp_path):
-    from ecospa.models import load_model
+    from ecospa.io.load import load_model
     out = tmp_path / "c"
     s = compress(Job(str(train_run), out=str(out), sparsity={"mlp": 0.5},
                      **dict(FAST, eval_seq_len=32)))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ecospa.cli
-from ecospa import checkpoint, data, presets, train as train_mod
+from ecospa.io import checkpoint, data
+from ecospa.train import loop as train_mod, presets
 from ecospa.errors import UsageError
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule
@@ -68,7 +69,7 @@ def leaves(tree):
 
 def test_default_job_checkpoints_at_every_evaluation(tmp_path, monkeypatch):
     args = ecospa.cli.build_parser()[0].parse_args(["train"])
-    cfg = ecospa.train_cli.config_from_args(args)
+    cfg = ecospa.cli.train.config_from_args(args)
     assert cfg.ckpt_every != 0 and train_mod.checkpoint_every(cfg) == cfg.eval_every == 100
     saved, real = [], checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saved.append(k["step"]) or real(*a, **k))

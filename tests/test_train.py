@@ -10,7 +10,8 @@ import torch
 
 import ecospa
 import ecospa.cli
-from ecospa import checkpoint, train as train_mod
+from ecospa.io import checkpoint
+from ecospa.train import loop as train_mod
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule, dense_sizes
 from ecospa.train import TrainConfig, TrainingDiverged, make_step, train
@@ -123,7 +124,7 @@ def test_custom_loop_example():
     # --- the README's custom loop: coupled Fisher from the step's own gradients, then prune ---
     import torch.nn.functional as F
     from ecospa import optim
-    from ecospa.data import ByteTokenizer, corpus, token_batches
+    from ecospa.io.data import ByteTokenizer, corpus, token_batches
 
     cfg = llama.Config(vocab_size=256, dim=32, n_layers=2, n_heads=4, ffn_dim=64)
     params = llama.init(cfg, seed=0)

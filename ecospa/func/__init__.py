@@ -1,1 +1,3 @@
-"""Pure model definitions: each module has Config, init, forward, coupled_groups, from_hf, to_hf."""
+"""Pure models: each family module has Config, init, forward, coupled_groups (registry: ``families``).
+
+The Hugging Face converters are in ``ecospa.io.hf_llama`` / ``ecospa.io.hf_gpt2`` (``func`` imports nothing from ``io``)."""

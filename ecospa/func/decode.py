@@ -21,18 +21,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ecospa.func import gpt2, llama
+from ecospa.func import llama
+from ecospa.func.families import family_of
 from ecospa.func._layers import rms_norm, rotate_pairs
 
 Pos = Union[int, torch.Tensor]
 
 
 def _family(cfg) -> str:
-    if isinstance(cfg, llama.Config):
-        return "llama"
-    if isinstance(cfg, gpt2.Config):
-        return "gpt2"
-    raise ValueError(f"no decoder for config type {type(cfg).__name__}; expected llama or gpt2")
+    return family_of(cfg).name
 
 
 def _kv_shapes(p: dict, family: str) -> tuple[int, int, int]:

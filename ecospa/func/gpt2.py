@@ -123,4 +123,3 @@ def coupled_groups(cfg: Config) -> tuple:
         groups += [Group(f"layers.{i}.qk", "qk", qk), Group(f"layers.{i}.vo", "vo", vo),
                    Group(f"layers.{i}.mlp", "mlp", mlp)]
     return tuple(groups)
-from ecospa.func._hf_gpt2 import from_hf, save_hf, to_hf  # noqa: E402

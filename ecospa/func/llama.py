@@ -200,4 +200,3 @@ def coupled_groups(cfg: Config) -> tuple:
         groups += [Group(f"layers.{i}.qk", "qk", tuple(qk)), Group(f"layers.{i}.vo", "vo", tuple(vo)),
                    Group(f"layers.{i}.mlp", "mlp", tuple(mlp))]
     return tuple(groups)
-from ecospa.func._hf_llama import from_hf, save_hf, to_hf  # noqa: E402

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from ecospa.func import gpt2, llama
+from ecospa.func.families import family_of
 
 
 def _llama_slots(inv: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -66,11 +67,7 @@ def _mlp_width(params: dict, key: str, axis: int, cfg) -> int:
 
 def pad(params: dict, cfg) -> tuple:
     """(padded params, cfg for them): dense shapes, same logits. Pure; inputs untouched."""
-    if isinstance(cfg, llama.Config):
-        return _pad_llama(params, cfg)
-    if isinstance(cfg, gpt2.Config):
-        return _pad_gpt2(params, cfg)
-    raise ValueError(f"no padded layout for config type {type(cfg).__name__}")
+    return {"llama": _pad_llama, "gpt2": _pad_gpt2}[family_of(cfg).name](params, cfg)
 
 
 def _pad_llama(params: dict, cfg: llama.Config) -> tuple:
@@ -134,9 +131,7 @@ def _gather(x: torch.Tensor, axis: int, index: torch.Tensor, head_axis=None) -> 
 def compact(params: dict, cfg) -> dict:
     """The sliced tree of a padded (or masked) one: units that are all-zero on one coupled side
     (Q or K pair, V or O dim, MLP input or output neuron) are removed. Same logits."""
-    family = "llama" if isinstance(cfg, llama.Config) else "gpt2" if isinstance(cfg, gpt2.Config) else None
-    if family is None:
-        raise ValueError(f"no compact layout for config type {type(cfg).__name__}")
+    family = family_of(cfg).name
     layers = []
     for p in params["layers"]:
         q = dict(p)

@@ -1,1 +1,1 @@
-"""Reading and writing checkpoints in other ecosystems' formats (Hugging Face, GGUF)."""
+"""Files in and out: checkpoints, Hugging Face and GGUF formats, text data and tokenizers, model loading (``load``)."""

@@ -2,18 +2,22 @@
 
 ``load_gguf(path)`` dequantizes every tensor (Q4_1, Q8_0, F16, ... via the ``gguf`` package),
 renames it to the Hugging Face convention, UNDOES the Q/K row permutation llama.cpp's converter
-applies for its interleaved rotary layout, and builds the tree with ``llama.from_hf``.
+applies for its interleaved rotary layout, and builds the tree with ``ecospa.io.hf_llama.from_hf``.
 ``gguf_tokenizer(path)`` builds a ``tokenizers`` byte-level BPE from the file's metadata.
 
 Needs the optional ``gguf`` package (``pip install gguf``).
 """
 from __future__ import annotations
 
+import mmap
 import os
-from typing import Optional
+import struct
 
 import numpy as np
 import torch
+
+from ecospa.io._hf_common import cfg_float, cfg_int
+from ecospa.io.hf_llama import from_hf
 
 _CONFIG_KEYS = {  # GGUF metadata key (after "llama.") -> HF config.json key
     "block_count": "num_hidden_layers",
@@ -57,8 +61,6 @@ def check_header(path) -> dict:
     allocates per declared array element, so a 100-byte file declaring 2**40 elements would
     exhaust memory). Returns {"version", "tensors", "kvs", "data_offset"}; ValueError naming the
     field otherwise. Reads the file through mmap: no allocation beyond a few small objects."""
-    import mmap
-    import struct
 
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -216,7 +218,6 @@ def hf_config(reader) -> dict:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}: the file is not a complete llama model")
-    from ecospa.func._hf_llama import cfg_float, cfg_int
     for key, name in _CONFIG_KEYS.items():  # the types and ranges a model can have
         if name in ("rope_theta", "rms_norm_eps"):
             cfg_float(cfg, name, 1.0)
@@ -314,14 +315,6 @@ def _check_complete(sd: dict, cfg: dict) -> None:
         raise ValueError(f"GGUF file lacks {len(missing)} required tensors, e.g. {missing[:3]}")
 
 
-def _from_hf(sd: dict, cfg: dict):
-    try:
-        from ecospa.func._hf_llama import from_hf
-    except ImportError:
-        from ecospa.func.llama import from_hf  # helper A may re-export it here
-    return from_hf(sd, cfg)
-
-
 def tokenizer_info(reader) -> dict:
     """The tokenizer.ggml.* metadata as a plain dict (tokens, merges, token_type, ids, model)."""
     info = {}
@@ -346,7 +339,7 @@ def load_gguf(path, dtype: torch.dtype = torch.float32):
     reader = _reader(path)
     cfg = hf_config(reader)
     sd = hf_state_dict(reader, cfg, dtype)
-    model_cfg, params = _from_hf(sd, cfg)
+    model_cfg, params = from_hf(sd, cfg)
     return model_cfg, params, tokenizer_info(reader)
 
 

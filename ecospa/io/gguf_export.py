@@ -16,10 +16,12 @@ import os
 import tempfile
 from typing import Optional
 
-import torch
+import numpy as np
 
 from ecospa.func import llama
 from ecospa.func.padding import pad
+from ecospa.io.gguf import permute
+from ecospa.io.hf_llama import to_hf
 
 _NAMES = {  # HF name inside "model.layers.N." -> GGUF name inside "blk.N."
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -71,7 +73,6 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
     Returns:
       what was written: {"path", "layout": "padded", "ffn_width", "mlp_widths", "notes"}.
     """
-    import numpy as np
     try:
         import gguf
     except ModuleNotFoundError as err:
@@ -92,7 +93,7 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
         raise ValueError(f"{path!r} exists; choose another name or pass overwrite=True (--overwrite)")
     widths = [p["w_up"].shape[1] for p in params["layers"]]
     padded, pcfg = pad(params, cfg)
-    sd, _ = llama.to_hf(padded, pcfg)
+    sd, _ = to_hf(padded, pcfg)
     np_dtype = np.float32 if dtype == "f32" else np.float16
 
     directory = os.path.dirname(path)
@@ -118,9 +119,9 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
         for hf_name, w in sd.items():
             w = w.detach().float()
             if ".q_proj." in hf_name:
-                w = _permute(w, pcfg.n_heads)
+                w = permute(w, pcfg.n_heads)
             elif ".k_proj." in hf_name:
-                w = _permute(w, pcfg.n_kv_heads)
+                w = permute(w, pcfg.n_kv_heads)
             arr = w.numpy().astype(np.float32 if w.ndim == 1 else np_dtype)  # norms stay f32
             writer.add_tensor(_gguf_name(hf_name), arr)
         writer.write_header_to_file()
@@ -142,11 +143,6 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
                      "but llama.cpp computes the full head size")
     return {"path": path, "layout": "padded", "ffn_width": pcfg.ffn_dim, "mlp_widths": widths,
             "notes": notes}
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    from ecospa.io.gguf import permute
-    return permute(w, n_head)
 
 
 __all__ = ["save_gguf"]

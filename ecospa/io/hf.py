@@ -2,20 +2,54 @@
 
 ``load_hf(path) -> (family, cfg, params)`` reads config.json and the weights (model.safetensors,
 sharded safetensors with an index, or pytorch_model.bin), picks the model family from
-``model_type`` and converts with ``llama.from_hf`` / ``gpt2.from_hf``.
+``model_type`` and converts with that family's ``HFFamily.from_hf``.
+
+``HF_FAMILIES`` is the Hugging Face half of the family registry (``ecospa.func.families`` holds
+the pure half under the same names): the converters and the ``model_type`` names each reads.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
+from safetensors.torch import load_file
 
-from ecospa.func import gpt2, llama
-from ecospa.func._hf_llama import LLAMA_TYPES
+from ecospa.func.families import FAMILIES, Family, family_of
+from ecospa.io import hf_gpt2, hf_llama
+from ecospa.io.hf_compact import from_hf_compact
 
-FAMILIES = {**{t: "llama" for t in LLAMA_TYPES}, "gpt2": "gpt2"}
+
+@dataclass(frozen=True)
+class HFFamily:
+    """How one model family reads and writes ``transformers`` checkpoints."""
+
+    family: Family
+    model_types: tuple        # config.json ``model_type`` values this family reads
+    from_hf: Callable         # (state_dict, config, dtype=None) -> (cfg, params)
+    to_hf: Callable           # (params, cfg) -> (state_dict, config dict)
+    save_hf: Callable         # (params, cfg, directory, extra_files=None) -> directory
+
+
+HF_FAMILIES = {
+    "llama": HFFamily(FAMILIES["llama"], hf_llama.LLAMA_TYPES, hf_llama.from_hf, hf_llama.to_hf,
+                      hf_llama.save_hf),
+    "gpt2": HFFamily(FAMILIES["gpt2"], ("gpt2",), hf_gpt2.from_hf, hf_gpt2.to_hf, hf_gpt2.save_hf),
+}
+MODEL_TYPES = {t: fam for fam in HF_FAMILIES.values() for t in fam.model_types}
+
+
+def hf_family_of(cfg) -> HFFamily:
+    """The HF converters of ``cfg``'s family."""
+    return HF_FAMILIES[family_of(cfg).name]
+
+
+def save_hf(params, cfg, directory: str, extra_files=None) -> str:
+    """Save ``params`` as a stock transformers directory (see ``hf_llama.save_hf``)."""
+    return hf_family_of(cfg).save_hf(params, cfg, directory, extra_files)
+
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -39,7 +73,6 @@ def _load_file(path: str) -> dict:
     """Tensors of one safetensors or torch pickle file; ValueError naming a corrupt file."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and torch raise their own error types
@@ -151,15 +184,13 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     config = _read_config(directory)
     kind = config.get("model_type")
     if kind == "ecospa_llama":  # ecospa's compact export (per-layer sizes, remote code)
-        from ecospa.io.hf_compact import from_hf_compact
         cfg, params = from_hf_compact(read_state_dict(directory), config, dtype=dtype)
         return "llama", cfg, params
-    if not isinstance(kind, str) or kind not in FAMILIES:
-        raise ValueError(f"config.json: model_type {kind!r} is not supported; ecospa reads {sorted(FAMILIES)}")
-    family = FAMILIES[kind]
-    module = llama if family == "llama" else gpt2
-    cfg, params = module.from_hf(read_state_dict(directory), config, dtype=dtype)
-    return family, cfg, params
+    if not isinstance(kind, str) or kind not in MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {kind!r} is not supported; ecospa reads {sorted(MODEL_TYPES)}")
+    fam = MODEL_TYPES[kind]
+    cfg, params = fam.from_hf(read_state_dict(directory), config, dtype=dtype)
+    return fam.family.name, cfg, params
 
 
 def load_hf_tokenizer(path_or_id: str):
@@ -180,3 +211,7 @@ def load_hf_tokenizer(path_or_id: str):
     except ImportError as err:
         raise ValueError("loading a tokenizer needs `pip install ecospa[hf]`") from err
     return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
+
+
+__all__ = ["HFFamily", "HF_FAMILIES", "MODEL_TYPES", "hf_family_of", "save_hf", "load_hf", "load_hf_tokenizer",
+           "read_state_dict", "hub_dir"]

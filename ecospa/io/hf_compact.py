@@ -12,11 +12,14 @@ LLaMA family only (LLaMA, Mistral without sliding window, Qwen2-style q/k/v bias
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from ecospa.func import llama
+from ecospa.io._hf_common import cfg_bool, cfg_float, cfg_int
+from ecospa.io.hf_write import write_hf
 
 MODELING = os.path.join(os.path.dirname(__file__), "_remote_modeling.py")
 
@@ -63,7 +66,6 @@ def to_hf_compact(params: dict, cfg) -> tuple:
 
 def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
     """Write the compact remote-code export (see the module docstring); returns the directory."""
-    from ecospa.func._hf_llama import write_hf
     sd, conf = to_hf_compact(params, cfg)
     with open(MODELING, "rb") as f:
         files = {"modeling_ecospa.py": f.read(), **(extra_files or {})}
@@ -73,7 +75,6 @@ def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
 def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) -> tuple:
     """(llama.Config, params) from a compact export's state dict and config.json (the inverse of
     ``to_hf_compact``); ValueError naming the tensor when a shape disagrees with the config."""
-    from ecospa.func._hf_llama import cfg_bool, cfg_float, cfg_int
     n = cfg_int(config, "num_hidden_layers")
     lists = {}
     for key in ("layer_qk_pairs", "layer_v_dims", "layer_ffn_dims"):
@@ -127,7 +128,6 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
     head = t("lm_head.weight", (V, D))
     params = {"embed": w(embed), "layers": tuple(layers), "norm": w(t("model.norm.weight", (D,)))}
     if torch.equal(head, embed):  # written twice because the model was tied: tie it again
-        import dataclasses
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
     else:
         params["lm_head"] = w(head)

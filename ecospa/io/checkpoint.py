@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
+from safetensors import SafetensorError
+import safetensors.torch
 
 from ecospa._types import Params, TensorTree
-from ecospa.func import gpt2, llama
+from ecospa.func.families import FAMILIES, family_of
+from ecospa.io.files import fsync_file, sha256_file
 from ecospa.optim import AdamWState
 
-FAMILIES = {"llama": llama.Config, "gpt2": gpt2.Config}
 FORMAT = 2            # 2: the manifest carries the sha256 of its own content
 READABLE = (1, 2)     # format 1 (no manifest checksum) is still read
 MAX_MANIFEST_BYTES = 64 << 20
@@ -84,18 +86,12 @@ def _decode(spec, tensors: dict):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _write_tensors(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-    save_file(tensors, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    safetensors.torch.save_file(tensors, str(path))
+    fsync_file(path)
 
 
 def save(path, params: Params, cfg, *, opt_state: Optional[AdamWState] = None,
@@ -105,16 +101,14 @@ def save(path, params: Params, cfg, *, opt_state: Optional[AdamWState] = None,
 
     Args:
       params: the (possibly pruned) parameter tree.
-      cfg: the model's config dataclass; ``cfg.name`` ("llama"/"gpt2") names the family.
+      cfg: the model's config dataclass; its family's name (``ecospa.func.families``) is stored.
       opt_state: AdamW state whose moments are saved next to the params.
       extra: JSON-serializable metadata returned by ``load``.
       state: any other tree of tensors and numbers (e.g. an importance estimator's state).
       step: the training step, stored in the manifest.
     Example: ``save("runs/x/checkpoint", params, cfg, opt_state=state, step=100)``
     """
-    family = getattr(cfg, "name", None)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
+    family = family_of(cfg).name
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     trees = {"model": params}
@@ -244,7 +238,7 @@ def _check_spec(root: Path, spec, keys, depth: int = 0) -> None:
 
 
 def _check_config(root: Path, family: str, fields) -> None:
-    cls = FAMILIES[family]
+    cls = FAMILIES[family].Config
     if not isinstance(fields, dict):
         raise _bad(root, f"'config' is {type(fields).__name__}, expected an object")
     hints = typing.get_type_hints(cls)
@@ -349,11 +343,9 @@ def _verify_file(root: Path, manifest: dict, name: str) -> Path:
 
 
 def _read_tree(root: Path, manifest: dict, name: str):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     file = _verify_file(root, manifest, name)
     try:
-        tensors = load_file(str(file))
+        tensors = safetensors.torch.load_file(str(file))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
     expected = manifest["tensors"][name]
@@ -377,7 +369,7 @@ def load_full(path) -> Checkpoint:
     manifest = _read_manifest(root)
     family = manifest["family"]
     try:
-        cfg = FAMILIES[family](**manifest["config"])
+        cfg = FAMILIES[family].Config(**manifest["config"])
     except (TypeError, ValueError, ArithmeticError) as err:
         raise ValueError(f"{root}: config does not fit {family}.Config ({err})") from err
     params = _read_tree(root, manifest, "model")

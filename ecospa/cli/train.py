@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import uuid
 from pathlib import Path
 
-from ecospa import distributed, presets
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ecospa._text import aligned
 from ecospa.errors import device, fraction, nonneg_int, positive_float, positive_int
 from ecospa.importance import ESTIMATORS
 from ecospa.select import parse_sparsity
-from ecospa.train import TrainConfig, train
+from ecospa.train import presets, runtime
+from ecospa.train.config import TrainConfig
+from ecospa.train.loop import train
+from ecospa.train.rundir import write_json
 
 
 def _sparsity(text: str):
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between checkpoints (default: at every evaluation; 0: only at the end)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
-    parser.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=positive_float, default=runtime.DEFAULT_TIMEOUT_S,
                         help="under torchrun: seconds a collective may wait for the other ranks "
                              "before the job fails (default %(default)s)")
 
@@ -97,20 +100,6 @@ def _target_text(r: dict) -> str:
     return f"sparsity {s} -> " + ", ".join(f"{k} {v:.2f}" for k, v in got["sparsity"].items())
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON atomically (a temporary sibling renamed over ``path``)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def summary_table(r: dict) -> str:
     """The final summary as aligned text."""
     def fmt(x, spec):
@@ -124,14 +113,12 @@ def summary_table(r: dict) -> str:
             ("tokens/s after pruning", fmt(r["tokens_per_s_pruned"], ",.0f")),
             ("peak memory (MB)", fmt(r["peak_mem_mb"], ",.0f")),
             ("wall time (s)", fmt(r["wall_s"], ".1f"))]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return aligned(rows)
 
 
 def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun shows the recorded traceback of the first failing rank as the root cause.
-        from torch.distributed.elastic.multiprocessing.errors import record
         return record(_run)(args)
     return _run(args)
 
@@ -139,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     # Under torchrun (WORLD_SIZE > 1): data-parallel over a process group; else one process.
-    par = distributed.init_from_env(cfg.device, args.dist_timeout)
+    par = runtime.init_from_env(cfg.device, args.dist_timeout)
     try:
-        distributed.check_divisible(cfg.batch_size, par.world_size)
+        runtime.check_divisible(cfg.batch_size, par.world_size)
         cfg = dataclasses.replace(cfg, device=getattr(par, "device", cfg.device))
         result = train(cfg, resume=args.resume, until=args.until, progress=args.progress, parallel=par,
                        overwrite=args.overwrite)
@@ -150,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"data-parallel over {par.world_size} processes (global batch {cfg.batch_size})")
             print(summary_table(result))
             keep = {k: v for k, v in result.items() if k not in ("params", "opt_state", "losses")}
-            _write_json(Path(cfg.out) / "summary.json",
+            write_json(Path(cfg.out) / "summary.json",
                         dict(keep, world_size=par.world_size) if par.world_size > 1 else keep)
     finally:
         par.close()

@@ -1,7 +1,9 @@
 """The ``ecospa`` command line: ``ecospa train``, ``compress``, ``eval``, ``generate``.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches and turns errors into one line each:
+Each subcommand lives in its own module here (``ecospa.cli.train``, ``.compress``, ``.eval``,
+``.generate``, ``.export``), which provides ``add_arguments(parser)`` and ``run(args) -> int``
+over the library in ``ecospa.train`` / ``ecospa.jobs``; this file only dispatches and turns
+errors into one line each:
 
 - exit 2: bad arguments (argparse, or ``ecospa.errors.UsageError`` found while validating);
 - exit 1: a failure while working (corrupt checkpoint, diverged loss, disk full, ...);
@@ -20,11 +22,11 @@ import sys
 from ecospa.errors import UsageError
 
 COMMANDS = {
-    "train": ("ecospa.train_cli", "sparse pre-training from scratch (default: tiny CPU demo)"),
-    "compress": ("ecospa.compress", "compress a pretrained checkpoint: calibrate, prune, recover, save"),
-    "eval": ("ecospa.evaluate", "perplexity of a checkpoint on a text source"),
-    "generate": ("ecospa.generate", "continue a prompt with a model (greedy or sampled, KV cache)"),
-    "export": ("ecospa.export", "write a (pruned) model for transformers (padded) or llama.cpp (gguf)"),
+    "train": ("ecospa.cli.train", "sparse pre-training from scratch (default: tiny CPU demo)"),
+    "compress": ("ecospa.cli.compress", "compress a pretrained checkpoint: calibrate, prune, recover, save"),
+    "eval": ("ecospa.cli.eval", "perplexity of a checkpoint on a text source"),
+    "generate": ("ecospa.cli.generate", "continue a prompt with a model (greedy or sampled, KV cache)"),
+    "export": ("ecospa.cli.export", "write a (pruned) model for transformers (padded) or llama.cpp (gguf)"),
 }
 
 # The errors a command may end with on bad input or a failing environment; anything else is a

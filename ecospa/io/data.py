@@ -1,4 +1,4 @@
-"""Text sources, tokenizers and deterministic token batches.
+"""Text sources, tokenizers, deterministic training batches and THE evaluation windows.
 
 Sources (``corpus(source, split)``):
 - "pydoc": ``pydoc_data.topics``, ~465 KB of English reference prose that ships with Python;
@@ -7,6 +7,11 @@ Sources (``corpus(source, split)``):
 - "wikitext103", "c4": through the ``datasets`` library when online (lazy import).
 The embedded sources are split into train/val by a hash of each document's key (topic name or
 file path), so the split is deterministic, independent of the Python build, and never overlaps.
+
+Evaluation (``ecospa train``'s validation perplexity, ``ecospa eval``, compress, the lm-eval
+adapter) always scores ``windows``: non-overlapping windows of ``seq_len`` predictions from the
+start of the stream (``seq_len + 1`` tokens each; the last token of one window is the first of the
+next; no context crosses a window boundary).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+
+from ecospa.errors import UsageError
 
 SPLITS = ("train", "val")
 VAL_PERCENT = 10  # documents whose key hashes to 0..9 (mod 100) are held out
@@ -107,7 +114,6 @@ def corpus(source: str = "pydoc", split: str = "train", max_chars: int = 50_000_
         return _local(source[len("file:"):], split)[:max_chars]
     if source in ("wikitext103", "c4"):
         return _hf(source, split, max_chars)
-    from ecospa.errors import UsageError
     raise UsageError(f"unknown data source {source!r}; use pydoc, stdlib, file:PATH, wikitext103 or c4")
 
 
@@ -200,16 +206,33 @@ def token_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int = 
         step += 1
 
 
+def windows(ids: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """The evaluation windows [n, seq_len + 1]: non-overlapping, from the start of a 1-D stream."""
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    n = (ids.numel() - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{ids.numel()} tokens are too few for one window of {seq_len} + 1; "
+                         "use more text or a smaller --seq-len")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        n = min(n, max_windows)
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)  # [n, T+1]
+    return ids[idx]
+
+
 def eval_batches(ids: torch.Tensor, batch_size: int, seq_len: int,
                  max_batches: Optional[int] = None) -> list:
-    """Fixed, non-overlapping windows [B, T+1] from the start of ``ids`` (no randomness)."""
-    _check_ids(ids, seq_len, 1)
-    n = (ids.numel() - 1) // seq_len
-    windows = ids[: n * seq_len + 1]
-    x = torch.stack([windows[i * seq_len: (i + 1) * seq_len + 1] for i in range(n)])  # [n, T+1]
-    out = list(x.split(batch_size))
-    return out if max_batches is None else out[:max_batches]
+    """``windows`` in batches [B, T+1] (at most ``max_batches`` of them; no randomness)."""
+    _check_ids(ids, seq_len, batch_size)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    limit = None if max_batches is None else max_batches * batch_size
+    return list(windows(ids, seq_len, limit).split(batch_size))
 
 
 __all__ = ["corpus", "split_of", "pydoc_documents", "stdlib_documents", "ByteTokenizer",
-           "HFTokenizer", "train_bpe", "tokenizer", "batch_at", "token_batches", "eval_batches"]
+           "HFTokenizer", "train_bpe", "tokenizer", "batch_at", "token_batches", "windows", "eval_batches"]

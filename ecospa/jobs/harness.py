@@ -1,9 +1,9 @@
 """lm-evaluation-harness adapter: score any ecospa model (dense or pruned) with ``lm-eval``.
 
-    python -m ecospa.harness --model runs/smol50/checkpoint --tasks hellaswag,arc_easy
+    python -m ecospa.cli.harness --model runs/smol50/checkpoint --tasks hellaswag,arc_easy
     # or, from Python:
     import lm_eval
-    from ecospa.harness import EcospaLM
+    from ecospa.jobs.harness import EcospaLM
     lm_eval.simple_evaluate(model=EcospaLM("smollm2-135m"), tasks=["hellaswag"])
 
 Needs the optional extra: ``pip install 'ecospa[eval]'`` (lm-eval). Its built-in tasks download
@@ -13,13 +13,11 @@ The ``hf-padded`` export works with lm-eval's own ``hf`` model type as well
 
 Conventions (so scores agree with ``ecospa eval``): ``loglikelihood_rolling`` scores every token
 after the first, in the same non-overlapping windows of ``max_length`` predictions that
-``ecospa.evaluate`` uses (a shorter last window covers the tail); ``loglikelihood`` conditions a
+``ecospa.io.data.windows`` defines (a shorter last window covers the tail); ``loglikelihood`` conditions a
 continuation on the last ``max_length`` tokens of context + continuation.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Optional
 
 import torch
@@ -29,11 +27,13 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ModuleNotFoundError as err:  # pragma: no cover - exercised only without the extra
-    raise ModuleNotFoundError("ecospa.harness needs lm-eval: pip install 'ecospa[eval]'",
+    raise ModuleNotFoundError("ecospa.jobs.harness needs lm-eval: pip install 'ecospa[eval]'",
                               name=err.name) from err
 
-from ecospa.generate import generate
-from ecospa.models import encode, forward_for, load_model
+from ecospa.func.families import family_of
+from ecospa.io import load
+from ecospa.io.load import encode
+from ecospa.jobs.generate import generate
 
 
 @register_model("ecospa")
@@ -47,11 +47,11 @@ class EcospaLM(LM):
         if loaded is None:
             if model is None:
                 raise ValueError("give model=SPEC (registry name, .gguf, HF directory or ecospa checkpoint)")
-            loaded = load_model(model)
+            loaded = load.load_model(model)
         self.cfg, self.params, self.tok = loaded
         if self.tok is None:
             raise ValueError("this model has no tokenizer; lm-eval needs text in and out")
-        self.forward = forward_for(self.cfg)
+        self.forward = family_of(self.cfg).forward
         self.max_length = int(max_length or min(self.cfg.max_seq_len, 2048))
         self.batch_size = int(batch_size)
 
@@ -123,32 +123,4 @@ class EcospaLM(LM):
         return out
 
 
-def main(argv=None) -> int:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    p = argparse.ArgumentParser(prog="python -m ecospa.harness",
-                                description="lm-evaluation-harness tasks on an ecospa model")
-    p.add_argument("--model", required=True, help="registry name, .gguf, HF directory or ecospa checkpoint")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", help="directory with local task YAMLs (offline tasks)")
-    p.add_argument("--limit", type=int, help="examples per task (for a quick look)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--out", help="write the results JSON here")
-    args = p.parse_args(argv)
-    lm = EcospaLM(args.model, max_length=args.max_length, batch_size=args.batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), limit=args.limit,
-                                  task_manager=TaskManager(include_path=args.include_path))
-    print(json.dumps(res["results"], indent=1, default=str))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res["results"], f, indent=1, default=str)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-__all__ = ["EcospaLM", "main"]
+__all__ = ["EcospaLM"]

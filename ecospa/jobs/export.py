@@ -1,4 +1,4 @@
-"""Export a (pruned) model for other tools, and the ``ecospa export`` command.
+"""Export a (pruned) model for other tools (``ecospa export`` is ``ecospa.cli.export``).
 
     ecospa export --model runs/smol50/checkpoint --format hf-padded --out exports/smol50-hf
     ecospa export --model runs/smol50/checkpoint --format gguf --out exports/smol50.gguf
@@ -16,18 +16,27 @@ Formats:
 """
 from __future__ import annotations
 
-import argparse
+import json
 import os
 from typing import Optional
 
+import optree
+
 from ecospa.errors import UsageError
-from ecospa.func import gpt2, llama
+from ecospa.func.families import family_of
 from ecospa.func.padding import pad
+from ecospa.io.gguf import tokenizer_info
+from ecospa.io.gguf_export import save_gguf
+from ecospa.io.hf import hf_family_of
+from ecospa.io.hf_compact import save_hf_compact
+from ecospa.io.hf_write import check_export_target
+from ecospa.io.load import REGISTRY, registry_path
 
 FORMATS = ("hf-padded", "hf-compact", "gguf")
 
 
-def _check_out(out: str, fmt: str, overwrite: bool) -> str:
+def check_out(out: str, fmt: str, overwrite: bool) -> str:
+    """The absolute path an export may write (UsageError, nothing touched, otherwise)."""
     out = os.path.abspath(os.fspath(out))
     if fmt == "gguf":
         if not out.endswith(".gguf"):
@@ -35,7 +44,6 @@ def _check_out(out: str, fmt: str, overwrite: bool) -> str:
         if os.path.lexists(out) and not overwrite:
             raise UsageError(f"--out {out!r} exists; choose another name or pass --overwrite")
     else:
-        from ecospa.func._hf_llama import check_export_target
         return check_export_target(out, "--out")  # new, empty, or an earlier export of ours
     parent = os.path.dirname(out)
     while parent and not os.path.exists(parent):
@@ -55,82 +63,48 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = _check_out(out, fmt, overwrite)
+    out = check_out(out, fmt, overwrite)
     if fmt == "gguf":
-        from ecospa.io.gguf_export import save_gguf
         info = save_gguf(params, cfg, out, tokenizer_info=tokenizer_info, dtype=dtype, overwrite=overwrite)
         return {"format": fmt, "path": info["path"], "notes": info["notes"]}
-    module = llama if isinstance(cfg, llama.Config) else gpt2 if isinstance(cfg, gpt2.Config) else None
-    if module is None:
-        raise ValueError(f"no HF export for config type {type(cfg).__name__}")
+    fam = family_of(cfg)
     if dtype == "f16":
-        import optree
         params = optree.tree_map(lambda x: x.half() if x.is_floating_point() and x.ndim > 1 else x,
                                  params, namespace="")
     files = {}
     if tokenizer is not None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab_size"):
         files["tokenizer.json"] = tokenizer.to_str().encode("utf-8")  # a tokenizers.Tokenizer
     if fmt == "hf-compact":
-        from ecospa.io.hf_compact import save_hf_compact
         path, pcfg = save_hf_compact(params, cfg, out, files), cfg
     else:
         padded, pcfg = pad(params, cfg)
-        path = module.save_hf(padded, pcfg, out, files)
+        path = hf_family_of(cfg).save_hf(padded, pcfg, out, files)
     notes = []
     if fmt == "hf-compact":
         return {"format": fmt, "path": path, "notes": [
             "load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]}
-    widths = sorted({(2 * p["wq"].shape[-1] if module is llama else p["wq"].shape[-1], p["wv"].shape[-1])
-                     for p in params["layers"]})
+    qk_per_unit = 2 if fam.name == "llama" else 1  # a LLaMA qk unit is a rotary pair
+    widths = sorted({(qk_per_unit * p["wq"].shape[-1], p["wv"].shape[-1]) for p in params["layers"]})
     if widths != [(cfg.head_dim, cfg.head_dim)]:
         notes.append("pruned attention written padded with zeros (exact; computed at full head size)")
-    mlp = {p["w_up" if module is llama else "w_in"].shape[1] for p in params["layers"]}
+    mlp = {p[fam.ffn_in].shape[1] for p in params["layers"]}
     if mlp != {pcfg.ffn_dim}:
         notes.append(f"MLP widths {min(mlp)}..{max(mlp)} padded with zeros to {pcfg.ffn_dim}")
     return {"format": fmt, "path": path, "notes": notes}
 
 
-def _source_tokenizer_info(spec: str) -> Optional[dict]:
+def source_tokenizer_info(spec: str) -> Optional[dict]:
     """GGUF tokenizer metadata of a model spec (a .gguf, a registry name, or a native checkpoint
     that records one of those as its tokenizer source), or None."""
-    from ecospa.models import REGISTRY, registry_path
     path = registry_path(spec) if spec in REGISTRY else spec
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
-        import json
         with open(os.path.join(path, "manifest.json")) as f:
             src = (json.load(f).get("extra") or {}).get("tokenizer")
-        return _source_tokenizer_info(src) if isinstance(src, str) and src != spec else None
+        return source_tokenizer_info(src) if isinstance(src, str) and src != spec else None
     if str(path).endswith(".gguf") and os.path.isfile(path):
-        import gguf
-
-        from ecospa.io.gguf import tokenizer_info
+        import gguf  # optional (the hf extra)
         return tokenizer_info(gguf.GGUFReader(path)) or None
     return None
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="registry name, .gguf file, Hugging Face directory or ecospa checkpoint")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="hf-padded: stock transformers directory; hf-compact: pruned sizes, "
-                        "trust_remote_code; gguf: llama.cpp file")
-    p.add_argument("--out", required=True, help="directory (hf-padded, hf-compact) or .gguf file to write")
-    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight dtype in the export")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing export at --out (hf-padded: only a previous ecospa export)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ecospa.models import load_model
-    _check_out(args.out, args.format, args.overwrite)  # before loading anything
-    cfg, params, tok = load_model(args.model)
-    info = _source_tokenizer_info(args.model) if args.format == "gguf" else None
-    res = export(params, cfg, args.out, args.format, tokenizer=tok, tokenizer_info=info,
-                 dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {res['format']} export: {res['path']}")
-    for note in res["notes"]:
-        print(f"  note: {note}")
-    return 0
-
-
-__all__ = ["FORMATS", "export", "add_arguments", "run"]
+__all__ = ["FORMATS", "check_out", "export", "source_tokenizer_info"]

@@ -1,6 +1,6 @@
 """Coupled sparse pre-training: dense warm-up -> coupled Fisher -> aligned removal -> keep training.
 
-The pieces, usable in your own loop (see ``tests/test_train.py::test_custom_loop_example``):
+The pieces (``ecospa.train.step``), usable in your own loop (see the README's "Your own loop"):
     step = make_step(loss_fn, optimizer)           # grads from torch.func.grad_and_value
     params, opt_state, loss, grads = step(params, opt_state, batch)
     imp = estimator.update(imp, old_params, grads) # importance from the step's own grads
@@ -10,41 +10,30 @@ The pieces, usable in your own loop (see ``tests/test_train.py::test_custom_loop
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import resource
-import shutil
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Optional
 
 import optree
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ecospa import checkpoint, data, optim
-from ecospa.errors import UsageError
-from ecospa.func import gpt2, llama
-from ecospa.groups import validate
-from ecospa.importance import ESTIMATORS, ImportanceState
+from ecospa import optim
+from ecospa._tree import count_params
+from ecospa.errors import UsageError, whole
+from ecospa.func.families import family
+from ecospa.importance import ImportanceState
+from ecospa.io import checkpoint, data
 from ecospa.prune import slice_units
-from ecospa.schedule import PruneSchedule, dense_sizes, round_target, warmup_cosine
-from ecospa.select import check_target, select
-
-MODELS = {"llama": llama, "gpt2": gpt2}
-# Fields that may change between a run and its resume without changing the computation.
-RESUMABLE = ("out", "compile", "device", "log_every", "ckpt_every", "eval_every",
-             "eval_batches")
-
-
-# The files a run writes into ``out`` (besides leftovers of interrupted writes).
-RUN_FILES = ("checkpoint", "metrics.jsonl", "summary.json")
+from ecospa.schedule import PruneSchedule, dense_sizes, round_target
+from ecospa.select import select
+from ecospa.train.config import (TrainConfig, check_budget, check_resumable, check_schedule,
+                                 check_run_target, config_json, checkpoint_every, lr_schedule, opt_lr)
+from ecospa.train.rundir import check_fresh, check_out, remove_run, trim_metrics, append_line
+from ecospa.train.runtime import LOCAL
+from ecospa.train.step import estimator_for, lm_loss, peak_memory_mb
 
 
 class TrainingDiverged(ValueError):
@@ -54,134 +43,6 @@ class TrainingDiverged(ValueError):
 
 class CheckpointNotSaved(OSError):
     """The final checkpoint could not be written; the message names the one that is intact."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a pre-training run needs (presets in ``ecospa.presets``)."""
-
-    model: Any = llama.Config(vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172)
-    data: str = "pydoc"
-    tokenizer: str = "byte"
-    batch_size: int = 16
-    seq_len: int = 128
-    steps: int = 1000
-    lr: float = 3e-3
-    lr_warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: Optional[float] = 1.0
-    prune: PruneSchedule = PruneSchedule(warmup_steps=200, window=20, rounds=3, every=100, sparsity=0.5)
-    estimator: str = "fisher"
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: Optional[int] = None  # None: at every evaluation; 0: only at the end (and at ``until``)
-    log_every: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    compile: bool = False
-    out: str = "runs/train"
-
-    def __post_init__(self):
-        if getattr(self.model, "name", None) not in MODELS:
-            raise ValueError(f"model must be a llama.Config or gpt2.Config, got {type(self.model).__name__}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float64, got {self.dtype!r}")
-        for k in ("batch_size", "seq_len", "steps", "eval_every", "log_every", "eval_batches"):
-            if not _is_int(getattr(self, k)) or getattr(self, k) < 1:
-                raise UsageError(f"{k} must be a whole number >= 1, got {getattr(self, k)!r}")
-        if self.ckpt_every is not None and (not _is_int(self.ckpt_every) or self.ckpt_every < 0):
-            raise UsageError(f"ckpt_every must be a whole number >= 0 (0: only at the end) or None "
-                             f"(at every evaluation), got {self.ckpt_every!r}")
-        if not _is_int(self.lr_warmup) or self.lr_warmup < 0:
-            raise UsageError(f"lr_warmup must be a whole number >= 0, got {self.lr_warmup!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"lr must be a finite number > 0, got {self.lr!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def checkpoint_every(cfg: TrainConfig) -> int:
-    """Steps between periodic checkpoints (0: none before the end): ``cfg.ckpt_every``, or the
-    evaluation interval when it is None (the default), so a kill loses at most one interval."""
-    return cfg.eval_every if cfg.ckpt_every is None else cfg.ckpt_every
-
-
-def lm_loss(forward: Callable, model_cfg) -> Callable:
-    """``loss_fn(params, batch)``: next-token cross-entropy on batch [B, T+1] (float32)."""
-    def loss_fn(params, batch):
-        logits = forward(params, batch[:, :-1], model_cfg)  # [B, T, V]
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-    return loss_fn
-
-
-class StepOut(NamedTuple):
-    params: Any
-    opt_state: optim.AdamWState
-    loss: torch.Tensor
-    grads: Any
-
-
-def make_step(loss_fn: Callable, optimizer: optim.Optimizer, compile: bool = False) -> Callable:
-    """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
-
-    ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
-    optimizer's foreach update stays eager). Build a new step after pruning: shapes change.
-    """
-    grad_fn = torch.func.grad_and_value(loss_fn)
-    if compile:
-        grad_fn = torch.compile(grad_fn, dynamic=False)
-
-    def step(params, opt_state, batch):
-        grads, loss = grad_fn(params, batch)
-        new_params, new_state = optimizer.update(grads, opt_state, params)
-        return StepOut(new_params, new_state, loss.detach(), grads)
-
-    return step
-
-
-def count_params(params) -> int:
-    return sum(x.numel() for x in optree.tree_leaves(params, namespace=""))
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak memory: CUDA allocator peak on GPU, the process's max RSS on CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-@torch.no_grad()
-def evaluate(loss_fn: Callable, params, batches) -> float:
-    """Mean loss over fixed batches, weighted by tokens."""
-    total = n = 0.0
-    for b in batches:
-        total += float(loss_fn(params, b)) * b[:, 1:].numel()
-        n += b[:, 1:].numel()
-    return total / n
-
-
-def estimator_for(name: str, groups, seed: int):
-    return ESTIMATORS[name](groups, seed=seed) if name == "random" else ESTIMATORS[name](groups)
-
-
-def _config_json(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _check_resume(cfg: TrainConfig, saved: dict) -> None:
-    now = _config_json(cfg)
-    diff = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
-    if diff:
-        raise UsageError(f"cannot resume exactly: the checkpoint was made with different {diff}; "
-                         "use the same settings (or a new --out)")
 
 
 class _Timer:
@@ -205,11 +66,6 @@ class _Timer:
         return t / s if s > 0 else None
 
 
-def _write_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
     by = "budget" if schedule.budget is not None else "sparsity"
     keep = select(params, groups, scores, **round_target(target, groups, dense, params, by=by))
@@ -228,141 +84,6 @@ def _all_finite(tree) -> bool:
         return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _check_out(out: Path) -> None:
-    """``out`` must be (or become) a writable directory: not a file, not under a file."""
-    try:
-        for p in (out, *out.parents):
-            if p.exists():
-                if not p.is_dir():
-                    raise UsageError(f"--out {out}: {p} is a file, not a directory; choose another --out")
-                if not os.access(p, os.W_OK | os.X_OK):
-                    raise UsageError(f"--out {out}: {p} is not writable; choose another --out")
-                return
-    except OSError as err:  # a name too long, a loop of symlinks, ...
-        shown = str(out) if len(str(out)) < 200 else str(out)[:80] + "..." + str(out)[-40:]
-        raise UsageError(f"--out {shown}: {err.strerror or err}; choose another --out") from err
-
-
-def _run_files(out: Path) -> list:
-    """What a previous run left in ``out``: our files and the leftovers of interrupted writes."""
-    if not out.is_dir():
-        return []
-    found = [out / n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
-    leftovers = [p for n in RUN_FILES for p in out.glob(f".{n}.*-*")
-                 if any(f".{n}.{k}-" in p.name for k in ("old", "tmp", "trash"))]
-    return found + sorted(leftovers)
-
-
-def _check_fresh(out: Path, overwrite: bool) -> list:
-    """A new run needs a directory without another run's files; ``overwrite`` allows replacing
-    them (only ours: a foreign ``checkpoint`` is refused). Returns what is to be replaced."""
-    found = _run_files(out)
-    if found and not overwrite:
-        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise UsageError(f"{out} already holds a training run ({names}); use --resume to continue "
-                         "it, --overwrite to replace it, or another --out")
-    ck = out / "checkpoint"
-    if ck in found and (ck.is_symlink() or not ck.is_dir() or not (ck / "manifest.json").is_file()):
-        raise UsageError(f"{ck} is not an ecospa checkpoint; --overwrite replaces only ecospa's own "
-                         "files: move it away or choose another --out")
-    for name in ("metrics.jsonl", "summary.json"):
-        if out / name in found and ((out / name).is_symlink() or not (out / name).is_file()):
-            raise UsageError(f"{out / name} is not a file ecospa wrote; move it away or choose "
-                             "another --out")
-    return found
-
-
-def _remove_run(paths: list) -> None:
-    """Delete a previous run's files (from ``_run_files``): each is renamed aside first, so a kill
-    midway leaves no partial checkpoint that could pass for a complete one; the checkpoint's
-    leftovers and the checkpoint go before the metrics and the summary."""
-    def base(p: Path) -> str:
-        return next(n for n in RUN_FILES if p.name == n or p.name.startswith(f".{n}."))
-
-    order = {"checkpoint": 0, "summary.json": 1, "metrics.jsonl": 2}
-    for p in sorted(paths, key=lambda p: (not p.name.startswith("."), order[base(p)])):
-        if not (p.exists() or p.is_symlink()):
-            continue
-        trash = p if ".trash-" in p.name else p.with_name(f".{base(p)}.trash-{uuid.uuid4().hex[:8]}")
-        os.replace(p, trash)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines of steps up to ``step`` (the checkpoint's), atomically: a resumed
-    run writes the later ones again."""
-    kept = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill
-            if not isinstance(r, dict) or not _is_int(r.get("step")):
-                continue
-            # a prune event at step s happens before step s trains; a record at s after it
-            if r["step"] < step or (r["step"] == step and "event" not in r):
-                kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            f.write("".join(x + "\n" for x in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _check_schedule(cfg: TrainConfig) -> None:
-    """Every pruning round must run within ``cfg.steps`` (rounds past the end would be dropped)."""
-    rounds = cfg.prune.rounds_at()
-    late = [s for s, _ in rounds if s >= cfg.steps]
-    if not late:
-        return
-    sched, fit = cfg.prune, len(rounds) - len(late)
-    every = sched.every or sched.window
-    first = sched.warmup_steps + sched.window
-    raise UsageError(
-        f"the {len(rounds)} pruning rounds do not fit in {cfg.steps} steps: the first runs at step "
-        f"{first} and then one every {every} steps, so the last would run at step {rounds[-1][0]}; "
-        f"only {fit} fit. Use --rounds {fit} or fewer, or --steps {rounds[-1][0] + 1} or more"
-        if fit else
-        f"the {len(rounds)} pruning rounds do not fit in {cfg.steps} steps: the first would run at "
-        f"step {first}; use --steps {rounds[-1][0] + 1} or more (or fewer --rounds)")
-
-
-def _check_target(cfg: TrainConfig, groups) -> None:
-    """The sparsity's kinds must be those of the model's groups (a typo would prune nothing)."""
-    if cfg.prune.is_dense():
-        return
-    try:
-        check_target(groups, sparsity=cfg.prune.sparsity, budget=cfg.prune.budget)
-    except UsageError:
-        raise
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-
-
-def _check_budget(cfg: TrainConfig, params, groups) -> None:
-    """A budget must be reachable: every group keeps at least one unit per block."""
-    budget = cfg.prune.budget
-    if budget is None or cfg.prune.is_dense():
-        return
-    sizes = validate(params, groups)
-    cost = {g.name: sizes[g.name][0] * g.numel_per_unit(params) for g in groups}
-    total = sum(cost[g.name] * sizes[g.name][1] for g in groups)
-    most = 1.0 - sum(cost.values()) / total
-    if budget > most + 1e-12:
-        raise UsageError(f"--budget {budget} cannot be reached: keeping one unit per block in every "
-                         f"coupled group already keeps {1 - most:.1%} of their parameters; use a "
-                         f"budget of at most {math.floor(most * 1e4) / 1e4:.4f}")
-
-
 def _load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
     try:
         ck = checkpoint.load_full(ckpt_path)
@@ -375,9 +96,9 @@ def _load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint
         raise UsageError(f"--resume: {ckpt_path} was not written by `ecospa train` (it holds no "
                          "training state; `ecospa compress` writes such checkpoints): evaluate or "
                          "compress it instead, or start a new run in another --out")
-    state_ok = (isinstance(extra.get("dense"), dict) and _is_int(extra.get("dense_params"))
+    state_ok = (isinstance(extra.get("dense"), dict) and whole(extra.get("dense_params"))
                 and isinstance(extra.get("rounds_done"), list) and ck.opt_state is not None
-                and isinstance(ck.state, (tuple, list)) and _is_int(ck.step) and ck.step >= 0)
+                and isinstance(ck.state, (tuple, list)) and whole(ck.step) and ck.step >= 0)
     if not state_ok:
         raise ValueError(f"{ckpt_path}: the training state in the checkpoint is incomplete "
                          "(dense sizes, rounds, optimizer or importance state, step)")
@@ -385,7 +106,7 @@ def _load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint
         raise ValueError(f"{ckpt_path} holds NaN or inf parameters (written after the loss diverged, "
                          "by an ecospa before issue 9's fix); start a new run (--overwrite) with a "
                          "lower learning rate")
-    _check_resume(cfg, extra["train_config"])
+    check_resumable(cfg, extra["train_config"])
     return ck
 
 
@@ -422,7 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
       until: stop after this many steps (saving a checkpoint) without changing the schedule;
         >= 1 and, on resume, >= the checkpoint's step.
       progress: show a tqdm bar (default: when stderr is a terminal).
-      parallel: the runtime from ``ecospa.distributed.init_from_env()`` for data-parallel
+      parallel: the runtime from ``ecospa.train.runtime.init_from_env()`` for data-parallel
         training under torchrun (each rank takes its rows of the global batch; rank 0 writes
         files); default: one process.
       overwrite: a new run may replace a previous run's files in ``cfg.out`` (only ecospa's own:
@@ -439,22 +160,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
       CheckpointNotSaved: the final checkpoint could not be written (the message names the
         checkpoint that is intact). A failed periodic save only warns and training goes on.
     """
-    from ecospa.distributed import LOCAL
     par = parallel or LOCAL
     t_start = time.perf_counter()
-    out, family = Path(cfg.out), MODELS[cfg.model.name]
+    out, fam = Path(cfg.out), family(cfg.model.name)
     ckpt_path, metrics = out / "checkpoint", out / "metrics.jsonl"
     dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
 
     # --- validate everything before anything is written or trained ---
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one")
-    if until is not None and (not _is_int(until) or until < 1):
+    if until is not None and (not whole(until) or until < 1):
         raise UsageError(f"--until must be a step >= 1, got {until!r}")
-    _check_out(out)
-    _check_schedule(cfg)
-    groups = family.coupled_groups(cfg.model)
-    _check_target(cfg, groups)
+    check_out(out)
+    check_schedule(cfg)
+    groups = fam.coupled_groups(cfg.model)
+    check_run_target(cfg, groups)
     if resume:
         ck = _load_for_resume(ckpt_path, cfg)
         if until is not None and until < ck.step:
@@ -462,7 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
                              f"run cannot go back; use --until {ck.step} or more")
         replaced = []
     else:
-        replaced = _check_fresh(out, overwrite)
+        replaced = check_fresh(out, overwrite)
     tok = data.tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise UsageError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} tokens but the model's "
@@ -470,8 +190,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     train_ids = tok.encode(data.corpus(cfg.data, "train"))
     val = [b.to(device) for b in data.eval_batches(tok.encode(data.corpus(cfg.data, "val")),
                                                    cfg.batch_size, cfg.seq_len, cfg.eval_batches)]
-    loss_fn = lm_loss(family.forward, cfg.model)
-    opt = optim.adamw(warmup_cosine(cfg.lr, min(cfg.lr_warmup, cfg.steps), cfg.steps, cfg.min_lr_ratio),
+    loss_fn = lm_loss(fam.forward, cfg.model)
+    opt = optim.adamw(lr_schedule(cfg),
                       b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     est = estimator_for(cfg.estimator, groups, cfg.seed)
     rounds = dict(cfg.prune.rounds_at())
@@ -486,21 +206,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
         dense_params, done = ck.extra["dense_params"], ck.extra["rounds_done"]
         last_saved = ck.step
     else:
-        params = optree.tree_map(lambda x: x.to(device), family.init(cfg.model, cfg.seed, dtype),
+        params = optree.tree_map(lambda x: x.to(device), fam.init(cfg.model, cfg.seed, dtype),
                                  namespace="")
-        _check_budget(cfg, params, groups)
+        check_budget(cfg, params, groups)
         opt_state, imp, start, done = opt.init(params), est.init(params), 0, []
         dense, dense_params = dense_sizes(params, groups), count_params(params)
         last_saved = None
     par.barrier()  # every rank validated the same directory before rank 0 changes it
     if par.is_main:
         if resume:
-            _trim_metrics(metrics, start)
+            trim_metrics(metrics, start)
         else:
-            _remove_run(replaced)
+            remove_run(replaced)
             out.mkdir(parents=True, exist_ok=True)
             metrics.write_text("")
-    log = (lambda record: _write_line(metrics, record)) if par.is_main else (lambda record: None)  # noqa: E731
+    log = (lambda record: append_line(metrics, record)) if par.is_main else (lambda record: None)  # noqa: E731
 
     def where() -> str:
         if last_saved is None:
@@ -513,7 +233,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
         if not _all_finite(params):  # never written as "last good"
             raise TrainingDiverged(f"the parameters are NaN or inf at step {step}; not saved; "
                                    f"{where()}. Try a lower learning rate (now {cfg.lr}).")
-        extra = {"train_config": _config_json(cfg), "dense": dense, "dense_params": dense_params,
+        extra = {"train_config": config_json(cfg), "dense": dense, "dense_params": dense_params,
                  "rounds_done": done}
         if par.is_main:  # the checkpoint holds only the global state: written once
             try:
@@ -594,10 +314,4 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
             "losses": losses, "rounds": done, "params": params, "opt_state": opt_state}
 
 
-def opt_lr(cfg: TrainConfig, step: int) -> float:
-    """The learning rate ``train`` uses at ``step``."""
-    return warmup_cosine(cfg.lr, min(cfg.lr_warmup, cfg.steps), cfg.steps, cfg.min_lr_ratio)(step)
-
-
-__all__ = ["TrainConfig", "TrainingDiverged", "CheckpointNotSaved", "checkpoint_every", "train", "make_step", "lm_loss", "evaluate",
-           "count_params", "peak_memory_mb", "StepOut", "opt_lr"]
+__all__ = ["TrainingDiverged", "CheckpointNotSaved", "train"]

@@ -1,4 +1,4 @@
-"""Compression of a pretrained model, and the ``ecospa compress`` command.
+"""Compression of a pretrained model (``ecospa compress`` is ``ecospa.cli.compress``).
 
     load -> calibrate (coupled Fisher on TRAIN batches) -> prune to the target -> recover with a
     short AdamW fine-tune (optionally distilling the dense model) -> held-out perplexity on the
@@ -16,7 +16,6 @@ refused, never deleted). A NaN/inf loss or parameter during recovery stops the j
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -26,12 +25,24 @@ from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ecospa.errors import UsageError, nonneg_int, positive_float, positive_int
-from ecospa.evaluate import perplexity
+from ecospa import optim
+from ecospa._text import aligned
+from ecospa._tree import count_params, get_path, leaf_paths
+from ecospa.errors import UsageError, whole
+from ecospa.func.families import family_of
 from ecospa.importance import ESTIMATORS, fisher
+from ecospa.io import checkpoint, load
+from ecospa.io.data import batch_at, corpus
+from ecospa.io.hf import hf_family_of
+from ecospa.io.hf_write import check_export_target
+from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
+from ecospa.jobs.evaluate import perplexity
+from ecospa.jobs.export import FORMATS, check_out, export, source_tokenizer_info
 from ecospa.prune import slice_units
 from ecospa.select import check_target, parse_sparsity, select
+from ecospa.train.step import lm_loss, make_step
 
 Sparsity = Union[float, Mapping[str, float]]
 
@@ -63,7 +74,7 @@ class Job:
     eval_batch_size: int = 4
     seed: int = 0
     export_hf: Optional[str] = None
-    export: Optional[str] = None           # another export (see ecospa.export), in export_format
+    export: Optional[str] = None           # another export (see ecospa.jobs.export), in export_format
     export_format: str = "hf-padded"
     progress: bool = True
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
@@ -100,13 +111,13 @@ class Job:
         for name in ("rounds", "batch_size", "seq_len", "calib_batches", "eval_seq_len",
                      "eval_batch_size"):
             v = getattr(self, name)
-            if not _whole(v) or v < 1:
+            if not whole(v) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
-        if self.eval_windows is not None and (not _whole(self.eval_windows) or self.eval_windows < 1):
+        if self.eval_windows is not None and (not whole(self.eval_windows) or self.eval_windows < 1):
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
-        if not _whole(self.steps) or self.steps < 0:
+        if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
-        if not _whole(self.seed) or self.seed < 0:
+        if not whole(self.seed) or self.seed < 0:
             raise UsageError(f"--seed must be a whole number >= 0, got {self.seed!r}")
         if not (_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
@@ -116,12 +127,9 @@ class Job:
             raise UsageError(f"ppl_dense must be a number > 0, got {self.ppl_dense!r}")
 
     def _check_paths(self) -> None:
-        from ecospa.func._hf_llama import check_export_target
-
         if not isinstance(self.model, str) or not self.model:
             raise UsageError(f"--model must name a model, got {self.model!r}")
-        from ecospa.models import _run_checkpoint
-        model = os.path.abspath(_run_checkpoint(self.model)) if os.path.exists(self.model) else None
+        model = os.path.abspath(run_checkpoint(self.model)) if os.path.exists(self.model) else None
         outs = [(flag, os.path.abspath(p)) for flag, p in (("--out", self.out),
                                                            ("--export-hf", self.export_hf),
                                                            ("--export", self.export)) if p]
@@ -138,19 +146,14 @@ class Job:
         if self.export_hf:
             check_export_target(self.export_hf, "--export-hf")
         if self.export:
-            from ecospa.export import FORMATS, _check_out
             if self.export_format not in FORMATS:
                 raise UsageError(f"--export-format must be one of {', '.join(FORMATS)}, "
                                  f"got {self.export_format!r}")
-            _check_out(self.export, self.export_format, overwrite=False)
+            check_out(self.export, self.export_format, overwrite=False)
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -186,13 +189,7 @@ def check_out_dir(out: str, flag: str = "--out") -> str:
 
 def group_params(params, groups) -> int:
     """Parameters that belong to the coupled groups (the part pruning can remove)."""
-    from ecospa._tree import get_path
     return sum(get_path(params, m.path).numel() for g in groups for m in g.members if m.masked)
-
-
-def n_params(params) -> int:
-    import optree
-    return sum(x.numel() for x in optree.tree_leaves(params, namespace="") if x.is_floating_point())
 
 
 def _round_target(job: Job, r: int, params, dense_params, groups) -> dict:
@@ -221,9 +218,9 @@ def _select(params, groups, scores, target):
 
 
 def _losses(forward, cfg, teacher, job: Job):
-    def ce(params, batch):
-        logits = forward(params, batch[:, :-1], cfg)  # [B, T, V]
-        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    """(calibration loss, recovery loss): ``lm_loss``, and with ``--distill`` a mix of it and the
+    KL divergence to the dense ``teacher``'s logits."""
+    ce = lm_loss(forward, cfg)
 
     def distill(params, batch):
         logits = forward(params, batch[:, :-1], cfg)
@@ -231,7 +228,7 @@ def _losses(forward, cfg, teacher, job: Job):
             ref = forward(teacher, batch[:, :-1], cfg)
         kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
                       log_target=True, reduction="batchmean")
-        hard = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return (1 - job.distill_weight) * hard + job.distill_weight * kl
 
     return ce, (distill if job.distill else ce)
@@ -243,24 +240,20 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
     """
-    from tqdm.auto import tqdm
-
-    from ecospa.data import batch_at
-    from ecospa.optim import adamw
-
-    opt = adamw(job.lr, weight_decay=0.0)
+    opt = optim.adamw(job.lr, weight_decay=0.0)
     state = opt.init(params)
-    step_fn = torch.func.grad_and_value(train_loss)
+    step_fn = make_step(train_loss, opt)
     losses = []
     bar = tqdm(range(steps), desc="recover", unit="step", disable=not job.progress, leave=False)
     for step in bar:
-        grads, loss = step_fn(params, batch_at(ids, step, job.batch_size, job.seq_len, seed))
+        new_params, new_state, loss, _ = step_fn(params, state, batch_at(ids, step, job.batch_size,
+                                                                          job.seq_len, seed))
         if not math.isfinite(float(loss)):
             bar.close()
             raise RecoveryDiverged(
                 f"recovery diverged: the loss became {float(loss)} at step {step + 1} of {steps} "
                 f"(--lr {job.lr}); nothing was saved. Use a smaller --lr (default 2e-4)")
-        params, state = opt.update(grads, state, params)
+        params, state = new_params, new_state
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -270,7 +263,6 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
 
 def check_finite(params, when: str) -> None:
     """RecoveryDiverged naming the first non-finite leaf: no NaN/inf tree is ever saved."""
-    from ecospa._tree import leaf_paths, get_path
     for path in leaf_paths(params):
         x = get_path(params, path)
         if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
@@ -298,13 +290,11 @@ def compress(job: Job, loaded=None) -> dict:
     ``loaded`` may pass an already loaded ``(cfg, params, tokenizer)`` to skip loading.
     Example: ``summary = compress(Job("smollm2-135m", out="runs/x", budget=0.5))``
     """
-    from ecospa.data import batch_at, corpus
-    from ecospa.models import encode, forward_for, groups_for, load_model
-
     torch.manual_seed(job.seed)
     texts = corpus(job.data, "train"), corpus(job.data, "val")  # a bad --data fails before loading
-    cfg, dense, tok = loaded if loaded is not None else load_model(job.model)
-    forward, groups = forward_for(cfg), groups_for(cfg)
+    cfg, dense, tok = loaded if loaded is not None else load.load_model(job.model)
+    fam = family_of(cfg)
+    forward, groups = fam.forward, fam.coupled_groups(cfg)
     try:
         check_target(groups, sparsity=job.sparsity, budget=job.budget)
     except ValueError as err:
@@ -325,7 +315,6 @@ def compress(job: Job, loaded=None) -> dict:
                                                      _round_target(job, r, params, dense, groups)))
         pruned = perplexity(forward, params, cfg, val_ids, **ev)
         if job.progress:
-            from tqdm.auto import tqdm
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
                        f" of group params removed, held-out ppl {ppl_dense:.2f} -> {pruned:.2f}")
         t0 = time.perf_counter()
@@ -345,13 +334,10 @@ def compress(job: Job, loaded=None) -> dict:
 
 
 def _sizes(dense, params, groups) -> dict:
-    import optree
-
     def blocks(p):
-        return sum(x.numel() for x in optree.tree_leaves(p["layers"], namespace="")
-                   if x.is_floating_point())
+        return count_params(p["layers"])
 
-    return {"dense_params": n_params(dense), "kept_params": n_params(params),
+    return {"dense_params": count_params(dense), "kept_params": count_params(params),
             "group_fraction_removed": 1 - group_params(params, groups) / group_params(dense, groups),
             "block_fraction_removed": 1 - blocks(params) / blocks(dense)}
 
@@ -359,34 +345,28 @@ def _sizes(dense, params, groups) -> dict:
 def _tokenizer_spec(model: str) -> Optional[str]:
     """What ``models.load_tokenizer`` needs later: the source spec, or a checkpoint's own
     (a compress checkpoint's ``extra["tokenizer"]``, a train checkpoint's train config)."""
-    from ecospa.models import _run_checkpoint, checkpoint_tokenizer_spec
-    model = _run_checkpoint(model)
+    model = run_checkpoint(model)
     if os.path.isfile(os.path.join(model, "manifest.json")):
         return checkpoint_tokenizer_spec(model)
     return model if not os.path.exists(model) else os.path.abspath(model)
 
 
 def _save(job: Job, params, cfg, summary: dict) -> None:
-    from ecospa.func import gpt2, llama
-    module = llama if isinstance(cfg, llama.Config) else gpt2
     check_finite(params, "before saving")
     if job.out:
         check_out_dir(job.out)  # again: the directory may have changed while we computed
     if job.export_hf:
         try:
-            module.save_hf(params, cfg, job.export_hf)
+            hf_family_of(cfg).save_hf(params, cfg, job.export_hf)
             summary["export_hf"] = os.path.abspath(job.export_hf)
         except ValueError as err:
             summary["export_hf"] = f"not exported: {err}"
     if job.export:
-        from ecospa.export import _source_tokenizer_info, export
-        from ecospa.models import load_tokenizer
         res = export(params, cfg, job.export, job.export_format,
                      tokenizer=load_tokenizer(_tokenizer_spec(job.model)),
-                     tokenizer_info=_source_tokenizer_info(job.model) if job.export_format == "gguf" else None)
+                     tokenizer_info=source_tokenizer_info(job.model) if job.export_format == "gguf" else None)
         summary["export"] = f"{res['format']}: {res['path']}"
     if job.out:
-        from ecospa import checkpoint
         if os.path.isdir(job.out) and not os.listdir(job.out):
             os.rmdir(job.out)  # an empty directory given as --out: the checkpoint takes its place
         checkpoint.save(job.out, params, cfg,
@@ -408,57 +388,8 @@ def table(summary: dict) -> str:
         rows.append(("HF export", summary["export_hf"]))
     if "export" in summary:
         rows.append(("export", summary["export"]))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``ecospa compress``."""
-    p.add_argument("--model", required=True,
-                   help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
-    p.add_argument("--out", help="native checkpoint directory to write (written atomically)")
-    p.add_argument("--data", default="pydoc", help="text source; train split calibrates/recovers, "
-                   "val split is held out for perplexity")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--budget", type=float, help="fraction of the coupled groups' parameters "
-                        "to remove, allocated globally by importance per parameter")
-    target.add_argument("--sparsity",
-                        help="fraction of units removed per group: 0.5 or 'qk=0.25,vo=0.25,mlp=0.5'")
-    p.add_argument("--estimator", default="fisher", choices=sorted(ESTIMATORS))
-    p.add_argument("--rounds", type=positive_int, default=1, help="iterative prune-and-recover rounds")
-    p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="weight of the KL term, in [0, 1]")
-    p.add_argument("--steps", type=nonneg_int, default=80, help="recovery steps in total")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--lr", type=positive_float, default=2e-4)
-    p.add_argument("--calib-batches", type=positive_int, default=4)
-    p.add_argument("--eval-seq-len", type=positive_int, default=512)
-    p.add_argument("--eval-windows", type=positive_int, default=40)
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--export-hf", help="also write a transformers directory, when representable "
-                   "(new, empty, or an earlier export of ours: other directories are refused)")
-    p.add_argument("--export", help="also export the compressed model here, in --export-format "
-                   "(any pruned tree: padded or compact layouts, see `ecospa export`)")
-    p.add_argument("--export-format", default="hf-padded", choices=("hf-padded", "hf-compact", "gguf"),
-                   help="format of --export (default hf-padded: stock transformers, exact)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the job from the flags (validated before any loading), run it, print the table."""
-    fields = {f.name for f in dataclasses.fields(Job)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = compress(job)
-    print(table(summary))
-    if job.out:
-        print(f"saved {os.path.abspath(job.out)}")
-    return 0
+    return aligned(rows)
 
 
 __all__ = ["Job", "RecoveryDiverged", "compress", "recover", "check_finite", "check_out_dir",
-           "latency", "parse_sparsity", "group_params", "table",
-           "add_arguments", "run"]
+           "latency", "group_params", "table"]

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m ecospa train --preset tiny
 
-``train(cfg, parallel=...)`` takes one of two runtimes with the same methods:
+``ecospa.train.train(cfg, parallel=...)`` takes one of two runtimes with the same methods:
 - ``LOCAL`` (one process, no ``torch.distributed``): exactly the plain loop;
 - ``DataParallel``: every rank holds the same parameter tree and takes its own rows of the same
   deterministic global batch. The gradients are averaged by ``DistributedDataParallel`` (its
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ecospa.optim import Optimizer, default_trainable
-from ecospa.train import StepOut, evaluate, make_step
+from ecospa.train.step import StepOut, evaluate, make_step
 
 DEFAULT_TIMEOUT_S = 600.0
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -159,12 +159,12 @@ class DataParallel:
         self.timeout_s, self.is_main = timeout_s, rank == 0
 
     def make_step(self, loss_fn: Callable, optimizer: Optimizer, compile: bool = False) -> Callable:
-        """``step(params, opt_state, batch) -> StepOut``, like ``train.make_step``.
+        """``step(params, opt_state, batch) -> StepOut``, like ``ecospa.train.step.make_step``.
 
         ``batch`` is this rank's shard. The returned loss is the mean over all ranks and the
         grads are the all-ranks average, so both are the same on every rank. The DDP module is
         built around ``params`` on the first call (a collective: every rank must call it) and
-        rebuilt if the shapes change; build a new step after pruning as with ``train.make_step``.
+        rebuilt if the shapes change; build a new step after pruning as with ``make_step``.
         """
         held = {"module": None, "ddp": None}
 

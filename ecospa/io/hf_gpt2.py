@@ -11,8 +11,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ecospa.func._hf_llama import (as_dict, cfg_bool, cfg_float, cfg_int, cfg_str,
-                                    check_layer_count, check_state_dict, write_hf)
+from ecospa.func import gpt2
+from ecospa.io._hf_common import (as_dict, cfg_bool, cfg_float, cfg_int, cfg_str, check_layer_count,
+                                  check_state_dict, uniform_width)
+from ecospa.io.hf_write import write_hf
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 # Causal-mask buffers that old checkpoints store; recomputed by every implementation.
@@ -21,8 +23,6 @@ _IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 
 def config_from_hf(config: Any):
     """``gpt2.Config`` from an HF GPT-2 config (object or config.json dict)."""
-    from ecospa.func import gpt2  # here, not at the top: gpt2.py re-exports this module
-
     c = as_dict(config)
     kind = cfg_str(c, "model_type", "gpt2")
     if kind != "gpt2":
@@ -77,7 +77,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
 
     Keys may carry the "transformer." prefix or not; lm_head.weight (tied to wte) is ignored.
     Returns a new tree; the inputs are neither modified nor aliased.
-    Example: ``cfg, params = gpt2.from_hf(model.state_dict(), model.config)``
+    Example: ``cfg, params = hf_gpt2.from_hf(model.state_dict(), model.config)``
     """
     cfg = config_from_hf(config)
     sd = _normalize_names(state_dict)
@@ -120,7 +120,6 @@ def _check_representable(params: dict, cfg) -> int:
                 f"scores by 1/sqrt(its head dim) (ecospa keeps the original scale), so only "
                 f"MLP-pruned trees can be exported")
         widths.append(p["w_in"].shape[1])
-    from ecospa.func._hf_llama import uniform_width
     return uniform_width(widths, "n_inner")
 
 
@@ -159,3 +158,6 @@ def save_hf(params: dict, cfg, directory: str, extra_files=None) -> str:
     ``extra_files`` (name -> bytes) are written beside them (see ``write_hf``)."""
     sd, conf = to_hf(params, cfg)
     return write_hf(sd, conf, directory, extra_files)
+
+
+__all__ = ["config_from_hf", "expected_shapes", "from_hf", "to_hf", "save_hf"]

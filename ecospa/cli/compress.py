@@ -1,0 +1,71 @@
+"""``ecospa compress``: calibrate, prune, recover and save a pretrained model (``ecospa.jobs.compress``).
+
+    ecospa compress --model smollm2-135m --budget 0.5 --steps 80 --out runs/smol50
+
+Every flag's default is the ``Job`` field's default; the flags are validated by building the
+``Job`` (UsageError, exit code 2) before the model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import torch
+
+from ecospa.errors import nonneg_int, positive_float, positive_int
+from ecospa.importance import ESTIMATORS
+from ecospa.jobs.compress import Job, compress, table
+from ecospa.jobs.export import FORMATS
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``ecospa compress``."""
+    p.add_argument("--model", required=True,
+                   help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
+    p.add_argument("--out", help="native checkpoint directory to write (written atomically)")
+    p.add_argument("--data", default=_DEFAULTS["data"], help="text source; train split calibrates/recovers, "
+                   "val split is held out for perplexity")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", type=float, help="fraction of the coupled groups' parameters "
+                        "to remove, allocated globally by importance per parameter")
+    target.add_argument("--sparsity",
+                        help="fraction of units removed per group: 0.5 or 'qk=0.25,vo=0.25,mlp=0.5'")
+    p.add_argument("--estimator", default=_DEFAULTS["estimator"], choices=sorted(ESTIMATORS))
+    p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
+    p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
+    p.add_argument("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], help="weight of the KL term, in [0, 1]")
+    p.add_argument("--steps", type=nonneg_int, default=_DEFAULTS["steps"], help="recovery steps in total")
+    p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS["batch_size"])
+    p.add_argument("--seq-len", type=positive_int, default=_DEFAULTS["seq_len"])
+    p.add_argument("--lr", type=positive_float, default=_DEFAULTS["lr"])
+    p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"])
+    p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"])
+    p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"])
+    p.add_argument("--seed", type=nonneg_int, default=_DEFAULTS["seed"])
+    p.add_argument("--export-hf", help="also write a transformers directory, when representable "
+                   "(new, empty, or an earlier export of ours: other directories are refused)")
+    p.add_argument("--export", help="also export the compressed model here, in --export-format "
+                   "(any pruned tree: padded or compact layouts, see `ecospa export`)")
+    p.add_argument("--export-format", default=_DEFAULTS["export_format"], choices=FORMATS,
+                   help="format of --export (default hf-padded: stock transformers, exact)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the job from the flags (validated before any loading), run it, print the table."""
+    fields = {f.name for f in dataclasses.fields(Job)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = compress(job)
+    print(table(summary))
+    if job.out:
+        print(f"saved {os.path.abspath(job.out)}")
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

@@ -1,0 +1,38 @@
+"""``ecospa export``: write a (pruned) model for transformers or llama.cpp.
+
+    ecospa export --model runs/smol50/checkpoint --format hf-padded --out exports/smol50-hf
+    ecospa export --model runs/smol50/checkpoint --format gguf --out exports/smol50.gguf
+"""
+from __future__ import annotations
+
+import argparse
+
+from ecospa.io import load
+from ecospa.jobs.export import FORMATS, check_out, export, source_tokenizer_info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="registry name, .gguf file, Hugging Face directory or ecospa checkpoint")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="hf-padded: stock transformers directory; hf-compact: pruned sizes, "
+                        "trust_remote_code; gguf: llama.cpp file")
+    p.add_argument("--out", required=True, help="directory (hf-padded, hf-compact) or .gguf file to write")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight dtype in the export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export at --out (hf-padded: only a previous ecospa export)")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_out(args.out, args.format, args.overwrite)  # before loading anything
+    cfg, params, tok = load.load_model(args.model)
+    info = source_tokenizer_info(args.model) if args.format == "gguf" else None
+    res = export(params, cfg, args.out, args.format, tokenizer=tok, tokenizer_info=info,
+                 dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {res['format']} export: {res['path']}")
+    for note in res["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

@@ -1,0 +1,77 @@
+"""One training step, one loss, one evaluation: the pieces every loop in ecospa shares.
+
+    loss_fn = lm_loss(family.forward, cfg)          # next-token cross-entropy, float32
+    step = make_step(loss_fn, optim.adamw(3e-3))     # grads from torch.func.grad_and_value
+    params, opt_state, loss, grads = step(params, opt_state, batch)
+    mean_nll = evaluate(loss_fn, params, eval_batches(val_ids, 16, 128))
+
+``ecospa train`` (``ecospa.train.loop``), ``ecospa compress``'s recovery and ``ecospa eval``
+all use these, so the same params and windows give the same loss and perplexity everywhere.
+"""
+from __future__ import annotations
+
+import resource
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ecospa import optim
+from ecospa.importance import ESTIMATORS
+
+
+def lm_loss(forward: Callable, model_cfg) -> Callable:
+    """``loss_fn(params, batch)``: next-token cross-entropy on batch [B, T+1] (float32)."""
+    def loss_fn(params, batch):
+        logits = forward(params, batch[:, :-1], model_cfg)  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    return loss_fn
+
+
+class StepOut(NamedTuple):
+    params: Any
+    opt_state: optim.AdamWState
+    loss: torch.Tensor
+    grads: Any
+
+
+def make_step(loss_fn: Callable, optimizer: optim.Optimizer, compile: bool = False) -> Callable:
+    """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
+
+    ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
+    optimizer's foreach update stays eager). Build a new step after pruning: shapes change.
+    """
+    grad_fn = torch.func.grad_and_value(loss_fn)
+    if compile:
+        grad_fn = torch.compile(grad_fn, dynamic=False)
+
+    def step(params, opt_state, batch):
+        grads, loss = grad_fn(params, batch)
+        new_params, new_state = optimizer.update(grads, opt_state, params)
+        return StepOut(new_params, new_state, loss.detach(), grads)
+
+    return step
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory: CUDA allocator peak on GPU, the process's max RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(loss_fn: Callable, params, batches) -> float:
+    """Mean loss over fixed batches, weighted by tokens."""
+    total = n = 0.0
+    for b in batches:
+        total += float(loss_fn(params, b)) * b[:, 1:].numel()
+        n += b[:, 1:].numel()
+    return total / n
+
+
+def estimator_for(name: str, groups, seed: int):
+    return ESTIMATORS[name](groups, seed=seed) if name == "random" else ESTIMATORS[name](groups)
+
+
+__all__ = ["lm_loss", "StepOut", "make_step", "evaluate", "peak_memory_mb", "estimator_for"]
