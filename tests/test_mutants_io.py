@@ -10,7 +10,9 @@ import optree
 import pytest
 import torch
 
-import ecospa.io.checkpoint as checkpoint, ecospa.train.runtime as distributed, ecospa.importance as importance, ecospa.optim as optim  # noqa: E401,E501
+import ecospa.io.checkpoint as checkpoint
+import ecospa.train.runtime as distributed
+from ecospa import importance, optim
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule
 from ecospa.train import TrainConfig, train
@@ -81,11 +83,13 @@ def test_failed_save_over_a_checkpoint_leaves_it_intact(tmp_path, monkeypatch, f
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    if hasattr(checkpoint, "save_file"):  # imported by name
+        monkeypatch.setattr(checkpoint, "save_file", full_disk)
     new_params, new_state = saved(tmp_path, seed=1)
     with pytest.raises(Exception):  # noqa: B017  (the message is the caller's business)
         checkpoint.save(path, new_params, CFG, opt_state=new_state, state=(torch.ones(3), 2),
                         extra={"v": 2}, step=20)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     ck = checkpoint.load_full(tmp_path / "ck")
     assert ck.extra == {"v": 1} and ck.step == 10
@@ -174,3 +178,138 @@ def test_prune_round_uses_the_schedules_target_kind(by):
                     slice_units(params, groups, keeps["sparsity"]))
     assert same(small, slice_units(params, groups, keeps[by]))
     assert same(small_state, optim.slice_state(opt_state, groups, keeps[by]))
+
+
+# --- the step wiring: compile only when asked, the random estimator's seed ----------------------
+
+def test_make_step_compiles_only_when_asked(monkeypatch):
+    from ecospa.train.step import make_step
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    params = {"w": torch.tensor([1.0, -2.0])}
+
+    def loss(p, batch):
+        return (p["w"] * batch).sum() ** 2
+    opt = optim.adamw(0.1, clip_norm=None)
+    out = make_step(loss, opt)(params, opt.init(params), torch.tensor([1.0, 1.0]))
+    assert calls == []
+    assert out.loss.item() == 1.0 and out.grads["w"].tolist() == [-2.0, -2.0]
+    want, _ = opt.update(out.grads, opt.init(params), params)
+    assert torch.equal(out.params["w"], want["w"]) and out.opt_state.count == 1
+    out2 = make_step(loss, opt, compile=True)(params, opt.init(params), torch.tensor([1.0, 1.0]))
+    assert calls == [{"dynamic": False}] and torch.equal(out2.params["w"], out.params["w"])
+
+
+def test_estimator_for_passes_the_seed_to_random():
+    from ecospa.train.step import estimator_for
+    cfg = llama.Config(vocab_size=11, dim=4, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=6)
+    params, groups = llama.init(cfg), llama.coupled_groups(cfg)
+
+    def scores(est):
+        return est.scores(est.update(est.init(params), params, None))
+    a, b = scores(estimator_for("random", groups, 3)), scores(importance.random(groups, seed=3))
+    c = scores(importance.random(groups, seed=0))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    fisher = estimator_for("fisher", groups, 3)
+    assert fisher.init(params) == importance.ImportanceState({}, 0)
+
+
+# --- checkpoint reader: every refusal says what is wrong and what to do ---------------------------
+
+HINT = "restore it or use an earlier checkpoint"
+
+
+def _rewrite(path, edit):
+    """Apply ``edit`` to the manifest and re-seal it (file entries and its own checksum), as a
+    tool that knows the format would: only the deeper checks can then refuse it."""
+    import json
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    for name in m["files"]:
+        f = path / name
+        if f.is_file():
+            m["files"][name] = {"bytes": f.stat().st_size, "sha256": checkpoint._sha256(f)}
+    if "manifest_sha256" in m:
+        m["manifest_sha256"] = checkpoint._manifest_sha256(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_checkpoint_refusals_name_the_problem_and_the_remedy(tmp_path):
+    import json
+    import safetensors.torch
+    params, state = saved(tmp_path)
+    path = checkpoint.save(tmp_path / "ck", params, CFG, opt_state=state, step=5)
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: truncated or corrupt \({len(data)} bytes, manifest says "
+                                         rf"{len(data)} with another checksum\); {HINT}$"):
+        checkpoint.load(path)
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    (path / "optim.safetensors").unlink()
+    with pytest.raises(ValueError, match=r": optim\.safetensors is missing \(the manifest lists "
+                                         r"\['model\.safetensors', 'optim\.safetensors'\]\)$"):
+        checkpoint.load(path)
+    path = checkpoint.save(tmp_path / "ck2", params, CFG, step=5)
+    m = json.loads((path / "manifest.json").read_text())
+    m["step"] = 6
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"manifest\.json was edited or is corrupt: its checksum does not match "
+                                         rf"its content; {HINT}$"):
+        checkpoint.load(path)
+    path = checkpoint.save(tmp_path / "ck3", params, CFG, step=5)
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    _rewrite(path, lambda m: None)
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file \("):
+        checkpoint.load(path)
+    names = [f"k{i}" for i in range(7)]
+    safetensors.torch.save_file({k: torch.zeros(1) for k in names}, str(path / "model.safetensors"))
+    _rewrite(path, lambda m: None)
+    expected = sorted(set(names) ^ set(json.loads((path / "manifest.json").read_text())["tensors"]["model"]))[:5]
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensors disagree with the manifest \(differing keys "
+                                         + __import__("re").escape(str(expected)) + r"\)$"):
+        checkpoint.load(path)
+
+
+def test_checkpoint_bad_manifest_hint(tmp_path):
+    params, _ = saved(tmp_path)
+    path = checkpoint.save(tmp_path / "ck", params, CFG, step=5)
+    _rewrite(path, lambda m: m.update(trees=5))
+    with pytest.raises(ValueError, match=rf"manifest\.json is not a valid ecospa manifest: .*; {HINT}$"):
+        checkpoint.load(path)
+
+
+def test_resolve_picks_the_newest_complete_leftover(tmp_path):
+    import os
+    import time
+    params, _ = saved(tmp_path)
+    a = checkpoint.save(tmp_path / "a", params, CFG, step=7)
+    b = checkpoint.save(tmp_path / "b", params, CFG, step=0)   # written later, but an earlier step
+    c = checkpoint.save(tmp_path / "c", params, CFG)           # no step at all: ranks below both
+    os.utime(b / "manifest.json", (time.time() + 10, time.time() + 10))
+    os.utime(c / "manifest.json", (time.time() + 20, time.time() + 20))
+    bad = tmp_path / ".ck.old-0000"  # sorts first, incomplete: skipped, the others still looked at
+    bad.mkdir()
+    a.rename(tmp_path / ".ck.old-1111")
+    b.rename(tmp_path / ".ck.tmp-2222")
+    c.rename(tmp_path / ".ck.old-3333")
+    assert checkpoint.load_full(tmp_path / "ck").step == 7
+    (tmp_path / ".ck.old-1111" / "model.safetensors").write_bytes(b"x")
+    assert checkpoint.load_full(tmp_path / "ck").step == 0
+    (tmp_path / ".ck.tmp-2222" / "manifest.json").unlink()
+    assert checkpoint.load_full(tmp_path / "ck").step is None
+    (tmp_path / ".ck.old-3333" / "manifest.json").write_text("{")
+    with pytest.raises(FileNotFoundError, match=r"ck: no checkpoint directory here \(the 4 leftover\(s\) of "
+                                                r"interrupted saves beside it are incomplete\)$"):
+        checkpoint.load(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match=r"other: no checkpoint directory here$"):
+        checkpoint.load(tmp_path / "other")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file is a file, not a checkpoint directory$"):
+        checkpoint.load(tmp_path / "file")

@@ -38,19 +38,25 @@ fi
 MUTMUT=$(dirname "$PY")/mutmut
 [ -x "$MUTMUT" ] || MUTMUT="$PY -m mutmut"
 
-# io profile, by default: train.py's step wiring (a mutant of train() itself needs a training run
-# per test) and checkpoint.py's writer/reader path. The manifest validators (_read_manifest,
-# _check_spec, _check_config, _manifest_sha256, _verify_own_checksum) are fuzzed by
-# tests/test_checkpoint.py; include them with: bash tools/mutation.sh io 'ecospa.checkpoint.*'
+# io profile, by default: the training step wiring (train/step.py and the pruning round of
+# train/loop.py; a mutant of train() itself would need a training run per test) and the
+# checkpoint writer/reader (io/checkpoint.py) without its manifest validators (_read_manifest,
+# _check_spec, _check_config, fuzzed by tests/test_checkpoint.py). Everything in the checkpoint
+# module: bash tools/mutation.sh io 'ecospa.io.checkpoint.*'
+IO_FILES="ecospa/io/checkpoint.py ecospa/train/step.py ecospa/train/loop.py"
+IO_TESTS="tests/test_checkpoint.py tests/test_mutants_io.py tests/test_train.py"
 IO_NAMES=(
-    'ecospa.train.x_lm_loss__mutmut_*' 'ecospa.train.x_make_step__mutmut_*'
-    'ecospa.train.x_estimator_for__mutmut_*' 'ecospa.train.x__prune_round__mutmut_*'
-    'ecospa.train.x_evaluate__mutmut_*'
-    'ecospa.checkpoint.x_save__*' 'ecospa.checkpoint.x__swap_in__*' 'ecospa.checkpoint.x__write_tensors__*'
-    'ecospa.checkpoint.x__sha256__*' 'ecospa.checkpoint.x__read_tree__*' 'ecospa.checkpoint.x__verify_file__*'
-    'ecospa.checkpoint.x__resolve__*' 'ecospa.checkpoint.x_load__*' 'ecospa.checkpoint.x_load_full__*'
-    'ecospa.checkpoint.x__encode__*' 'ecospa.checkpoint.x__decode__*' 'ecospa.checkpoint.x__bad__*'
-    'ecospa.checkpoint.x__leftovers__*'
+    'ecospa.train.step.x_lm_loss__mutmut_*' 'ecospa.train.step.x_make_step__mutmut_*'
+    'ecospa.train.step.x_evaluate__mutmut_*' 'ecospa.train.step.x_estimator_for__mutmut_*'
+    'ecospa.train.loop.x__prune_round__mutmut_*'
+    'ecospa.io.checkpoint.x_save__*' 'ecospa.io.checkpoint.x__swap_in__*'
+    'ecospa.io.checkpoint.x__write_tensors__*' 'ecospa.io.checkpoint.x__sha256__*'
+    'ecospa.io.checkpoint.x__encode__*' 'ecospa.io.checkpoint.x__decode__*'
+    'ecospa.io.checkpoint.x__leftovers__*' 'ecospa.io.checkpoint.x__manifest_sha256__*'
+    'ecospa.io.checkpoint.x__resolve__*' 'ecospa.io.checkpoint.x__bad__*'
+    'ecospa.io.checkpoint.x__verify_own_checksum__*' 'ecospa.io.checkpoint.x__verify_file__*'
+    'ecospa.io.checkpoint.x__read_tree__*' 'ecospa.io.checkpoint.x_load_full__*'
+    'ecospa.io.checkpoint.x_load__*'
 )
 
 run_profile() {
@@ -69,14 +75,13 @@ for path in sys.stdin.buffer.read().decode().split("\0"):
 ' "$work"
     local names=("$@")
     if [ "$profile" = io ]; then
-        "$PY" - "$work/setup.cfg" <<'PYCFG'
+        "$PY" - "$work/setup.cfg" "$IO_FILES" "$IO_TESTS" <<'PYCFG'
 import configparser, sys
-path = sys.argv[1]
+path, files, tests = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 cfg = configparser.ConfigParser()
 cfg.read(path)
-cfg["mutmut"]["only_mutate"] = "\necospa/checkpoint.py\necospa/train.py"
-cfg["mutmut"]["pytest_add_cli_args_test_selection"] = (
-    "\ntests/test_checkpoint.py\ntests/test_mutants_io.py\ntests/test_train.py")
+cfg["mutmut"]["only_mutate"] = "\n" + "\n".join(files)
+cfg["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
 with open(path, "w") as f:
     cfg.write(f)
 PYCFG
