@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
 
 class UsageError(ValueError):
     """Invalid input from the user (flags, paths, targets); the CLI exits with code 2."""
@@ -64,7 +66,6 @@ def fraction(text: str) -> float:
 
 def device(text: str) -> str:
     """argparse type: a torch device this build of torch can use ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    import torch
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):

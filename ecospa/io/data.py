@@ -19,6 +19,7 @@ import hashlib
 import os
 import sysconfig
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -42,7 +43,6 @@ def _check_split(split: str) -> None:
 
 def pydoc_documents() -> dict:
     """{topic key: text} from ``pydoc_data.topics``."""
-    from pydoc_data.topics import topics
     return dict(topics)
 
 
@@ -82,7 +82,7 @@ def _local(path: str, split: str) -> str:
 
 def _hf(source: str, split: str, max_chars: int) -> str:
     try:
-        import datasets  # noqa: F401  (optional, online)
+        import datasets  # noqa: F401  (optional extra, online)
     except ModuleNotFoundError as err:
         raise ValueError(f"data source {source!r} needs the `datasets` package and internet: "
                          "pip install datasets; or use --data pydoc|stdlib|file:PATH") from err

@@ -7,6 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Union
 
+from ecospa.errors import UsageError
+
 
 def sha256_file(path) -> str:
     """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
@@ -39,4 +41,22 @@ def atomic_write(path, data: Union[str, bytes]) -> None:
             tmp.unlink()
 
 
-__all__ = ["sha256_file", "fsync_file", "atomic_write"]
+def check_output_path(raw: str, flag: str, link_note: str = "") -> str:
+    """The absolute path of an output ``raw`` (given as ``flag``); UsageError, nothing touched,
+    for a name longer than 255 bytes, a symbolic link, or a path under a file."""
+    path = os.path.abspath(raw)
+    for part in path.split(os.sep):
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise UsageError(f"{flag} {raw!r}: the name {part[:20]}... is longer than 255 bytes; "
+                             "choose a shorter path")
+    if os.path.islink(raw) or os.path.islink(path):
+        raise UsageError(f"{flag} {raw!r} is a symbolic link; give the real directory path{link_note}")
+    probe = os.path.dirname(path)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise UsageError(f"{flag} {raw!r} is under {probe!r}, which is a file, not a directory")
+    return path
+
+
+__all__ = ["sha256_file", "fsync_file", "atomic_write", "check_output_path"]

@@ -32,13 +32,13 @@ _CONFIG_KEYS = {  # GGUF metadata key (after "llama.") -> HF config.json key
 }
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
 
-_LAYER_NAMES = {  # GGUF name inside "blk.N." -> HF name inside "model.layers.N."
+LAYER_NAMES = {  # GGUF name inside "blk.N." -> HF name inside "model.layers.N."
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def _gguf():
@@ -281,10 +281,10 @@ def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
         parts = stem.split(".")
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-            name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
-        elif stem in _TOP_NAMES:
-            name = f"{_TOP_NAMES[stem]}.{suffix}"
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+        elif stem in TOP_NAMES:
+            name = f"{TOP_NAMES[stem]}.{suffix}"
         else:
             continue  # e.g. rope_freqs: recomputed from rope_theta
         try:
@@ -309,7 +309,7 @@ def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict
 def _check_complete(sd: dict, cfg: dict) -> None:
     need = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg["num_hidden_layers"]):
-        need += [f"model.layers.{i}.{n}.weight" for n in _LAYER_NAMES.values()]
+        need += [f"model.layers.{i}.{n}.weight" for n in LAYER_NAMES.values()]
     missing = [n for n in need if n not in sd]
     if missing:
         raise ValueError(f"GGUF file lacks {len(missing)} required tensors, e.g. {missing[:3]}")

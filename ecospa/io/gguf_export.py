@@ -20,16 +20,11 @@ import numpy as np
 
 from ecospa.func import llama
 from ecospa.func.padding import pad
-from ecospa.io.gguf import permute
+from ecospa.io.gguf import LAYER_NAMES, TOP_NAMES, permute
 from ecospa.io.hf_llama import to_hf
 
-_NAMES = {  # HF name inside "model.layers.N." -> GGUF name inside "blk.N."
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_NAMES = {hf: g for g, hf in LAYER_NAMES.items()}  # HF name inside "model.layers.N." -> "blk.N."
+_TOP = {hf: g for g, hf in TOP_NAMES.items()}
 
 
 def _gguf_name(hf: str) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from ecospa.func import llama
 from ecospa.io._hf_common import cfg_bool, cfg_float, cfg_int
+from ecospa.io.hf_llama import layer_to_hf
 from ecospa.io.hf_write import write_hf
 
 MODELING = os.path.join(os.path.dirname(__file__), "_remote_modeling.py")
@@ -38,19 +39,8 @@ def to_hf_compact(params: dict, cfg) -> tuple:
         pairs.append(p["wq"].shape[-1])
         vdims.append(p["wv"].shape[-1])
         ffn.append(p["w_up"].shape[1])
-        sd.update({n + "input_layernorm.weight": p["attn_norm"],
-                   n + "self_attn.q_proj.weight": p["wq"].reshape(D, -1).T,
-                   n + "self_attn.k_proj.weight": p["wk"].reshape(D, -1).T,
-                   n + "self_attn.v_proj.weight": p["wv"].reshape(D, -1).T,
-                   n + "self_attn.o_proj.weight": p["wo"].reshape(-1, D).T,
-                   n + "self_attn.inv_freq": p["inv_freq"].to(torch.float32),
-                   n + "post_attention_layernorm.weight": p["mlp_norm"],
-                   n + "mlp.gate_proj.weight": p["w_gate"].T, n + "mlp.up_proj.weight": p["w_up"].T,
-                   n + "mlp.down_proj.weight": p["w_down"].T})
-        if cfg.attention_bias:
-            sd.update({n + "self_attn.q_proj.bias": p["bq"].reshape(-1),
-                       n + "self_attn.k_proj.bias": p["bk"].reshape(-1),
-                       n + "self_attn.v_proj.bias": p["bv"].reshape(-1)})
+        sd.update(layer_to_hf(p, n, D))
+        sd[n + "self_attn.inv_freq"] = p["inv_freq"].to(torch.float32)  # kept frequencies: a buffer
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
     conf = {"architectures": ["EcospaLlamaForCausalLM"], "model_type": "ecospa_llama",
             "auto_map": {"AutoConfig": "modeling_ecospa.EcospaLlamaConfig",

@@ -203,19 +203,7 @@ def to_hf(params: dict, cfg) -> tuple:
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = params["lm_head"]
     for i, p in enumerate(params["layers"]):
-        n = f"model.layers.{i}."
-        sd.update({n + "input_layernorm.weight": p["attn_norm"],
-                   n + "self_attn.q_proj.weight": p["wq"].reshape(D, -1).T,  # [Hq*hd, D]
-                   n + "self_attn.k_proj.weight": p["wk"].reshape(D, -1).T,  # [Hkv*hd, D]
-                   n + "self_attn.v_proj.weight": p["wv"].reshape(D, -1).T,
-                   n + "self_attn.o_proj.weight": p["wo"].reshape(-1, D).T,  # [D, Hq*hd]
-                   n + "post_attention_layernorm.weight": p["mlp_norm"],
-                   n + "mlp.gate_proj.weight": p["w_gate"].T, n + "mlp.up_proj.weight": p["w_up"].T,
-                   n + "mlp.down_proj.weight": p["w_down"].T})
-        if cfg.attention_bias:
-            sd.update({n + "self_attn.q_proj.bias": p["bq"].reshape(-1),
-                       n + "self_attn.k_proj.bias": p["bk"].reshape(-1),
-                       n + "self_attn.v_proj.bias": p["bv"].reshape(-1)})
+        sd.update(layer_to_hf(p, f"model.layers.{i}.", D))
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
     kind = "qwen2" if cfg.attention_bias else "llama"
     conf = {"architectures": ["Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"],
@@ -229,6 +217,25 @@ def to_hf(params: dict, cfg) -> tuple:
     if not cfg.attention_bias:
         conf.update(attention_bias=False, mlp_bias=False)
     return sd, conf
+
+
+def layer_to_hf(p: dict, prefix: str, dim: int) -> dict:
+    """One layer's tensors under HF names (``prefix`` + "self_attn.q_proj.weight", ...): the
+    ``x @ W`` layout transposed back to [out, in]; q/k/v biases when the layer has them. Views
+    of ``p``'s tensors; any widths (the compact export writes pruned layers with it too)."""
+    out = {prefix + "input_layernorm.weight": p["attn_norm"],
+           prefix + "self_attn.q_proj.weight": p["wq"].reshape(dim, -1).T,  # [Hq*hd, D]
+           prefix + "self_attn.k_proj.weight": p["wk"].reshape(dim, -1).T,  # [Hkv*hd, D]
+           prefix + "self_attn.v_proj.weight": p["wv"].reshape(dim, -1).T,
+           prefix + "self_attn.o_proj.weight": p["wo"].reshape(-1, dim).T,  # [D, Hq*hd]
+           prefix + "post_attention_layernorm.weight": p["mlp_norm"],
+           prefix + "mlp.gate_proj.weight": p["w_gate"].T, prefix + "mlp.up_proj.weight": p["w_up"].T,
+           prefix + "mlp.down_proj.weight": p["w_down"].T}
+    if "bq" in p:
+        out.update({prefix + "self_attn.q_proj.bias": p["bq"].reshape(-1),
+                    prefix + "self_attn.k_proj.bias": p["bk"].reshape(-1),
+                    prefix + "self_attn.v_proj.bias": p["bv"].reshape(-1)})
+    return out
 
 
 def _dtype_name(x: torch.Tensor) -> str:

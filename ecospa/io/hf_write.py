@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 from safetensors.torch import save_file
 
 from ecospa.errors import UsageError
-from ecospa.io.files import sha256_file
+from ecospa.io.files import check_output_path, sha256_file
 
 # Every export's config.json carries this key (transformers keeps unknown keys as attributes):
 # the files ecospa wrote with their sizes and sha256. Only a directory whose config.json has it
@@ -34,20 +34,7 @@ def check_export_target(directory, flag: str = "the export directory") -> str:
     raw = os.fspath(directory)
     if not raw:
         raise UsageError(f"{flag} is empty; give a directory path")
-    path = os.path.abspath(raw)
-    for part in path.split(os.sep):
-        if len(part.encode("utf-8", "surrogateescape")) > 255:
-            raise UsageError(f"{flag} {raw!r}: the name {part[:20]}... is longer than 255 bytes; "
-                         "choose a shorter path")
-    if os.path.islink(raw) or os.path.islink(path):
-        raise UsageError(f"{flag} {raw!r} is a symbolic link; give the real directory path (an export "
-                     "never follows or replaces a link)")
-    parent = os.path.dirname(path)
-    probe = parent
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if probe and not os.path.isdir(probe):
-        raise UsageError(f"{flag} {raw!r} is under {probe!r}, which is a file, not a directory")
+    path = check_output_path(raw, flag, " (an export never follows or replaces a link)")
     if not os.path.lexists(path):
         return path
     if not os.path.isdir(path):

@@ -26,6 +26,7 @@ from ecospa.errors import UsageError
 from ecospa.func.families import family_of
 from ecospa.func.padding import pad
 from ecospa.io.gguf import tokenizer_info
+from ecospa.io.files import check_output_path
 from ecospa.io.gguf_export import save_gguf
 from ecospa.io.hf import hf_family_of
 from ecospa.io.hf_compact import save_hf_compact
@@ -38,19 +39,13 @@ FORMATS = ("hf-padded", "hf-compact", "gguf")
 def check_out(out: str, fmt: str, overwrite: bool) -> str:
     """The absolute path an export may write (UsageError, nothing touched, otherwise)."""
     out = os.path.abspath(os.fspath(out))
-    if fmt == "gguf":
-        if not out.endswith(".gguf"):
-            raise UsageError(f"--out {out!r}: a GGUF file name must end in .gguf")
-        if os.path.lexists(out) and not overwrite:
-            raise UsageError(f"--out {out!r} exists; choose another name or pass --overwrite")
-    else:
+    if fmt != "gguf":
         return check_export_target(out, "--out")  # new, empty, or an earlier export of ours
-    parent = os.path.dirname(out)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise UsageError(f"--out {out!r} is under the file {parent!r}")
-    return out
+    if not out.endswith(".gguf"):
+        raise UsageError(f"--out {out!r}: a GGUF file name must end in .gguf")
+    if os.path.lexists(out) and not overwrite:
+        raise UsageError(f"--out {out!r} exists; choose another name or pass --overwrite")
+    return check_output_path(out, "--out", " (an export never writes through a link)")
 
 
 def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info: Optional[dict] = None,

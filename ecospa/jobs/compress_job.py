@@ -1,0 +1,146 @@
+"""``Job``: everything ``ecospa compress`` needs, validated when built: every value and every
+output path is checked (``UsageError``, exit code 2) before a model is loaded or a file touched."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+from ecospa.errors import UsageError, whole
+from ecospa.importance import ESTIMATORS
+from ecospa.io.files import check_output_path
+from ecospa.io.hf_write import check_export_target
+from ecospa.io.load import run_checkpoint
+from ecospa.jobs.export import FORMATS, check_out
+from ecospa.select import parse_sparsity
+
+Sparsity = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything ``compress`` needs; validated when built (a bad value never touches files)."""
+
+    model: str
+    out: Optional[str] = None
+    data: str = "pydoc"
+    budget: Optional[float] = None
+    sparsity: Optional[Sparsity] = None
+    estimator: str = "fisher"
+    rounds: int = 1
+    distill: bool = False
+    distill_weight: float = 0.5
+    steps: int = 80
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-4
+    calib_batches: int = 4
+    eval_seq_len: int = 512
+    eval_windows: Optional[int] = 40
+    eval_batch_size: int = 4
+    seed: int = 0
+    export_hf: Optional[str] = None
+    export: Optional[str] = None           # another export (see ecospa.jobs.export), in export_format
+    export_format: str = "hf-padded"
+    progress: bool = True
+    ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
+
+    def __post_init__(self):
+        """Check every value and every output path; UsageError before anything is loaded."""
+        try:
+            self._check_values()
+        except UsageError:
+            raise
+        except ValueError as err:  # the sparsity parser's messages: still the user's input
+            raise UsageError(str(err)) from err
+        self._check_paths()
+
+    def _check_values(self) -> None:
+        if (self.budget is None) == (self.sparsity is None):
+            raise UsageError("give exactly one target: --budget F (fraction of the coupled groups' "
+                             "parameters removed) or --sparsity (e.g. 'qk=0.25,vo=0.25,mlp=0.5')")
+        if self.budget is not None and not (_number(self.budget) and 0.0 < self.budget < 1.0):
+            raise UsageError(f"--budget must be a fraction in (0, 1), e.g. 0.5; got {self.budget!r}")
+        if self.sparsity is not None:
+            sparsity = parse_sparsity(self.sparsity) if isinstance(self.sparsity, str) else self.sparsity
+            if isinstance(sparsity, Mapping):
+                for kind in sparsity:
+                    if not isinstance(kind, str) or "=" in kind or "," in kind:
+                        raise UsageError(f"--sparsity names unknown group kinds [{kind!r}]")
+                    parse_sparsity(f"{kind}=0")  # unknown kinds: the one parser's message
+            fracs = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+            if any(not (_number(v) and 0.0 <= v < 1.0) for v in fracs):
+                raise UsageError(f"--sparsity fractions must lie in [0, 1); got {self.sparsity!r}")
+            object.__setattr__(self, "sparsity", sparsity)
+        if self.estimator not in ESTIMATORS:
+            raise UsageError(f"--estimator {self.estimator!r} is unknown; use one of {sorted(ESTIMATORS)}")
+        for name in ("rounds", "batch_size", "seq_len", "calib_batches", "eval_seq_len",
+                     "eval_batch_size"):
+            v = getattr(self, name)
+            if not whole(v) or v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if self.eval_windows is not None and (not whole(self.eval_windows) or self.eval_windows < 1):
+            raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
+        if not whole(self.steps) or self.steps < 0:
+            raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
+        if not whole(self.seed) or self.seed < 0:
+            raise UsageError(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        if not (_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
+        if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
+            raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.ppl_dense is not None and not (_number(self.ppl_dense) and self.ppl_dense > 0):
+            raise UsageError(f"ppl_dense must be a number > 0, got {self.ppl_dense!r}")
+
+    def _check_paths(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise UsageError(f"--model must name a model, got {self.model!r}")
+        model = os.path.abspath(run_checkpoint(self.model)) if os.path.exists(self.model) else None
+        outs = [(flag, os.path.abspath(p)) for flag, p in (("--out", self.out),
+                                                           ("--export-hf", self.export_hf),
+                                                           ("--export", self.export)) if p]
+        for flag, path in outs:
+            if model is not None and _inside(model, path):
+                raise UsageError(f"{flag} {path!r} is or holds the input model {self.model!r}; "
+                                 "choose another directory")
+        for i, (fa, a) in enumerate(outs):
+            for fb, b in outs[i + 1:]:
+                if _inside(a, b) or _inside(b, a):
+                    raise UsageError(f"{fa} {a!r} and {fb} {b!r} overlap; give separate paths")
+        if self.out:
+            check_out_dir(self.out)
+        if self.export_hf:
+            check_export_target(self.export_hf, "--export-hf")
+        if self.export:
+            if self.export_format not in FORMATS:
+                raise UsageError(f"--export-format must be one of {', '.join(FORMATS)}, "
+                                 f"got {self.export_format!r}")
+            check_out(self.export, self.export_format, overwrite=False)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies under it (both absolute)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, flag: str = "--out") -> str:
+    """UsageError unless ``out`` can become a native checkpoint without touching anything else:
+    absent, an empty directory, or an earlier ecospa checkpoint (it has manifest.json)."""
+    path = check_output_path(out, flag)
+    if not os.path.lexists(path):
+        return path
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {out!r} is a file; give a directory path for the checkpoint")
+    entries = os.listdir(path)
+    if entries and not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise UsageError(f"{flag} {out!r} is a non-empty directory that is not an ecospa "
+                         f"checkpoint (it holds {sorted(entries)[:3]}); choose a new or empty one")
+    return path
+
+
+__all__ = ["Job", "Sparsity", "check_out_dir"]
