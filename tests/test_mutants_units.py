@@ -482,3 +482,25 @@ def test_adamw_with_nothing_trainable():
     opt = optim.adamw(0.1)
     new, st = opt.update({"inv_freq": torch.ones(3), "ids": torch.zeros(3)}, opt.init(p), p)
     assert st.count == 1 and torch.equal(new["inv_freq"], p["inv_freq"]) and torch.equal(new["ids"], p["ids"])
+
+
+def test_mask_and_slice_follow_the_leaves_device():
+    """The kept indices live on the CPU; the masks and gathers move to each leaf's device (the
+    meta device stands in for an accelerator here: mixing it with CPU tensors is an error)."""
+    params = {"w": torch.ones(2, 3, 4, device="meta"), "v": torch.ones(3, 2, device="meta"),
+              "u": torch.ones(4, 3, device="meta")}
+    groups = [Group("g", "mlp", (Member(("w",), 1, 0, "b"), Member(("v",), 0, 1, "a"),
+                                 Member(("u",), 1, None, None)))]
+    keep = {"g": torch.tensor([[0, 2], [1, 2]])}
+    with pytest.raises(ValueError, match="blocks"):  # u has no block axis but 2 blocks: sizes disagree
+        ecospa.mask(params, groups, keep)
+    groups = [Group("g", "mlp", groups[0].members[:2])]
+    masked, small = ecospa.mask(params, groups, keep), ecospa.slice_units(params, groups, keep)
+    assert masked["w"].device.type == "meta" and masked["w"].shape == (2, 3, 4)
+    assert masked["v"].device.type == "meta" and masked["v"].shape == (3, 2)
+    assert small["w"].device.type == "meta" and small["w"].shape == (2, 2, 4)
+    assert small["v"].device.type == "meta" and small["v"].shape == (2, 2)
+    one = [Group("h", "mlp", (Member(("u",), 1, None, "b"),))]
+    k1 = {"h": torch.tensor([[0, 2]])}
+    assert ecospa.mask(params, one, k1)["u"].device.type == "meta"
+    assert ecospa.slice_units(params, one, k1)["u"].shape == (4, 2)
