@@ -407,6 +407,10 @@ def test_budget_message_and_edges():
         ecospa.select(params, groups, scores, budget=0.8)
     keep = ecospa.select(params, groups, scores, budget=1 - 10 / 34)  # exactly the floor: fits
     assert keep["g"].shape == (2, 1) and keep["h"].shape == (1, 1)
+    b = 0.7058823529705882  # leaves 9.999999999 parameters: within the 1e-9 tolerance of the floor
+    assert 34 * (1 - b) + 1e-9 == 10.0
+    keep = ecospa.select(params, groups, scores, budget=b)
+    assert keep["g"].shape == (2, 1) and keep["h"].shape == (1, 1)
     keep = ecospa.select(params, groups, scores, budget=0.0)
     assert keep["g"].shape == (2, 3) and keep["h"].shape == (1, 5)
 
