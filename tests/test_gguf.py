@@ -12,7 +12,8 @@ from ecospa.io.hf_llama import from_hf
 from tolerances import EXACT, HF, close
 
 gguf = pytest.importorskip("gguf")
-from ecospa.io.gguf import build_tokenizer, gguf_tokenizer, load_gguf  # noqa: E402
+from ecospa.io.gguf import load_gguf  # noqa: E402
+from ecospa.io.gguf_tokenizer import build_tokenizer, gguf_tokenizer  # noqa: E402
 
 HF_CFG = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=48, head_dim=8, rope_theta=10000.0,
@@ -151,7 +152,7 @@ def test_not_llama_or_missing_tensor_is_a_value_error(tmp_path):
 
 
 def test_tokenizer_from_metadata(tmp_path):
-    from ecospa.io.gguf import _byte_alphabet
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
     alpha = _byte_alphabet()
     tokens = ["<|endoftext|>"] + [alpha[b] for b in range(256)] + ["Ġt", "he", "Ġthe"]
     info = {"tokens": tokens, "merges": ["Ġ t", "h e", "Ġt he"],

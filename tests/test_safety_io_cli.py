@@ -27,7 +27,7 @@ FAST_FLAGS = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--calib-b
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from ecospa.io.gguf import _byte_alphabet
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
     alpha = _byte_alphabet()
     tokens = [alpha[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "in"]
     info = {"tokens": tokens, "merges": ["Ġ t", "h e", "Ġt he", "i n"], "token_type": [1] * 260}

@@ -3,20 +3,19 @@
 ``load_gguf(path)`` dequantizes every tensor (Q4_1, Q8_0, F16, ... via the ``gguf`` package),
 renames it to the Hugging Face convention, UNDOES the Q/K row permutation llama.cpp's converter
 applies for its interleaved rotary layout, and builds the tree with ``ecospa.io.hf_llama.from_hf``.
-``gguf_tokenizer(path)`` builds a ``tokenizers`` byte-level BPE from the file's metadata.
+``ecospa.io.gguf_tokenizer.gguf_tokenizer(path)`` builds its tokenizer.
 
 Needs the optional ``gguf`` package (``pip install gguf``).
 """
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 
 import numpy as np
 import torch
 
 from ecospa.io._hf_common import cfg_float, cfg_int
+from ecospa.io.gguf_header import check_header, gguf_module
 from ecospa.io.hf_llama import from_hf
 
 _CONFIG_KEYS = {  # GGUF metadata key (after "llama.") -> HF config.json key
@@ -41,151 +40,12 @@ LAYER_NAMES = {  # GGUF name inside "blk.N." -> HF name inside "model.layers.N."
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _gguf():
-    try:
-        import gguf
-    except ModuleNotFoundError as err:
-        raise ValueError("reading GGUF files needs the 'gguf' package: pip install gguf") from err
-    return gguf
-
-
-_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> bytes
-_STRING, _ARRAY = 8, 9
-MAX_ARRAY_ITEMS = 4_000_000  # all metadata arrays together (a 256K vocabulary needs ~1M)
-MAX_DIMS = 4                 # GGML_MAX_DIMS
-
-
-def check_header(path) -> dict:
-    """Walk a GGUF file's header, metadata and tensor infos with every count and length bounded
-    by the bytes the file holds, BEFORE ``gguf.GGUFReader`` builds anything from them (it
-    allocates per declared array element, so a 100-byte file declaring 2**40 elements would
-    exhaust memory). Returns {"version", "tensors", "kvs", "data_offset"}; ValueError naming the
-    field otherwise. Reads the file through mmap: no allocation beyond a few small objects."""
-
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    if size < 24:
-        raise ValueError(f"{path!r} is not a GGUF file: {size} bytes is shorter than the header")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"GGUF":
-            raise ValueError(f"{path!r} is not a GGUF file (no GGUF magic)")
-        order = "<"
-        version = struct.unpack_from("<I", m, 4)[0]
-        if version & 0xFFFF == 0:
-            order, version = ">", struct.unpack_from(">I", m, 4)[0]
-        if version not in (2, 3):
-            raise ValueError(f"{path!r}: GGUF version {version} is not supported (2 or 3 are)")
-        pos = 8
-        items = 0
-
-        def need(n: int, what: str) -> None:
-            if n < 0 or pos + n > size:
-                raise ValueError(f"{path!r}: GGUF {what} needs {n} bytes at offset {pos}, but the "
-                                 f"file has {size} bytes (truncated or corrupt file)")
-
-        def u(fmt: str, what: str):
-            nonlocal pos
-            n = struct.calcsize(fmt)
-            need(n, what)
-            v = struct.unpack_from(order + fmt, m, pos)[0]
-            pos += n
-            return v
-
-        def string(what: str) -> bytes:
-            nonlocal pos
-            n = u("Q", what + " length")
-            need(n, what)
-            out = m[pos:pos + n] if n <= 4096 else b""
-            pos += n
-            return out
-
-        def value(kind: int, what: str, depth: int = 0) -> None:
-            nonlocal pos, items
-            if kind in _SCALARS:
-                need(_SCALARS[kind], what)
-                pos += _SCALARS[kind]
-            elif kind == _STRING:
-                string(what)
-            elif kind == _ARRAY:
-                if depth > 1:
-                    raise ValueError(f"{path!r}: GGUF field {what!r} nests arrays too deeply")
-                inner = u("I", what + " element type")
-                count = u("Q", what + " length")
-                unit = _SCALARS.get(inner, 8 if inner == _STRING else 12 if inner == _ARRAY else 0)
-                if unit == 0:
-                    raise ValueError(f"{path!r}: GGUF field {what!r} has unknown element type {inner}")
-                if count * unit > size - pos:
-                    raise ValueError(f"{path!r}: GGUF field {what!r} declares {count} elements, "
-                                     f"more than the {size - pos} remaining bytes can hold "
-                                     "(truncated or corrupt file)")
-                items += count
-                if items > MAX_ARRAY_ITEMS:
-                    raise ValueError(f"{path!r}: GGUF field {what!r}: metadata arrays hold more "
-                                     f"than {MAX_ARRAY_ITEMS} elements; not a model ecospa reads")
-                if inner in _SCALARS:
-                    pos += count * unit
-                else:
-                    for _ in range(count):
-                        value(inner, what, depth + 1)
-            else:
-                raise ValueError(f"{path!r}: GGUF field {what!r} has unknown value type {kind}")
-
-        n_tensors = u("Q", "tensor count")
-        n_kv = u("Q", "metadata count")
-        if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:
-            raise ValueError(f"{path!r}: GGUF header declares {n_kv} metadata fields and "
-                             f"{n_tensors} tensors, more than {size} bytes can hold (corrupt file)")
-        alignment = 32
-        for i in range(n_kv):
-            key = string(f"metadata key {i}").decode("utf-8", errors="replace")
-            kind = u("I", f"type of {key!r}")
-            start = pos
-            value(kind, key)
-            if key == "general.alignment":
-                if kind != 4:
-                    raise ValueError(f"{path!r}: GGUF general.alignment must be a uint32")
-                alignment = struct.unpack_from(order + "I", m, start)[0]
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise ValueError(f"{path!r}: GGUF general.alignment {alignment} is not a power of two")
-        infos = []
-        for i in range(n_tensors):
-            name = string(f"tensor {i} name").decode("utf-8", errors="replace")
-            n_dims = u("I", f"tensor {name!r} rank")
-            if n_dims > MAX_DIMS:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})")
-            dims = [u("Q", f"tensor {name!r} shape") for _ in range(n_dims)]
-            kind = u("I", f"tensor {name!r} type")
-            offset = u("Q", f"tensor {name!r} offset")
-            infos.append((name, dims, kind, offset))
-        data_offset = pos + (-pos % alignment)
-        sizes = _quant_sizes()
-        for name, dims, kind, offset in infos:
-            n = 1
-            for d in dims:
-                n *= d
-            if kind not in sizes:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r} has unknown type {kind}")
-            block, nbytes = sizes[kind]
-            if n % block:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r}: {n} values are not whole "
-                                 f"blocks of {block}")
-            end = data_offset + offset + n // block * nbytes
-            if end > size:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r} (shape {dims}) needs bytes up to "
-                                 f"{end}, but the file has {size} (truncated or corrupt file)")
-    return {"version": version, "tensors": len(infos), "kvs": n_kv, "data_offset": data_offset}
-
-
-def _quant_sizes() -> dict:
-    gguf = _gguf()
-    return {int(k): (int(v[0]), int(v[1])) for k, v in gguf.GGML_QUANT_SIZES.items()}
-
-
-def _reader(path):
+def open_reader(path):
+    """A ``gguf.GGUFReader`` over ``path`` after ``check_header`` bounded its counts."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")
-    gguf = _gguf()
+    gguf = gguf_module()
     check_header(path)
     try:
         return gguf.GGUFReader(path)
@@ -276,7 +136,7 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict:
     """HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...) from a GGUF reader."""
-    gguf = _gguf()
+    gguf = gguf_module()
     out = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
@@ -336,73 +196,12 @@ def load_gguf(path, dtype: torch.dtype = torch.float32):
     Example:
       cfg, params, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     """
-    reader = _reader(path)
+    reader = open_reader(path)
     cfg = hf_config(reader)
     sd = hf_state_dict(reader, cfg, dtype)
     model_cfg, params = from_hf(sd, cfg)
     return model_cfg, params, tokenizer_info(reader)
 
 
-def _byte_alphabet() -> dict:
-    """GPT-2's byte -> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_tokenizer(info: dict):
-    """A ``tokenizers.Tokenizer`` (byte-level BPE) from ``tokenizer_info`` metadata.
-
-    Built the way transformers builds a tokenizer from a GGUF ("gpt2" model): BPE over the
-    file's vocabulary and merges, GPT-2 byte-level pre-tokenizer without a prefix space, and the
-    tokens marked CONTROL (type 3) kept whole as special tokens.
-    """
-    if info.get("model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {info.get('model')!r} is not supported; "
-                         "only byte-level BPE ('gpt2') is")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    tokens, raw_merges = info.get("tokens"), info.get("merges") or []
-    types = info.get("token_type") or []
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise ValueError("GGUF tokenizer.ggml.tokens must be a non-empty list of strings")
-    if not isinstance(raw_merges, list) or not all(
-            isinstance(m, str) and len(m.split(" ")) == 2 for m in raw_merges):
-        raise ValueError("GGUF tokenizer.ggml.merges must be a list of 'left right' strings")
-    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                              for t in types):
-        raise ValueError("GGUF tokenizer.ggml.token_type must be a list of integers")
-    alphabet = _byte_alphabet()
-    chars = set(alphabet.values())
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        if not set(tok) <= chars:
-            tok = "".join(alphabet[b] for b in tok.encode("utf-8", "surrogatepass"))
-        vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ")) for m in raw_merges]
-    try:
-        tk = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
-    except Exception as err:  # tokenizers raises its own exception types
-        raise ValueError(f"GGUF tokenizer metadata is inconsistent: {err}") from err
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty == 3 and set(t) <= chars]
-    if special:
-        tk.add_special_tokens(special)
-    return tk
-
-
-def gguf_tokenizer(path):
-    """A ``tokenizers.Tokenizer`` built from the GGUF file's tokenizer metadata."""
-    return build_tokenizer(tokenizer_info(_reader(path)))
-
-
-__all__ = ["load_gguf", "gguf_tokenizer", "build_tokenizer", "hf_config", "hf_state_dict",
-           "tokenizer_info", "permute", "unpermute"]
+__all__ = ["load_gguf", "open_reader", "hf_config", "hf_state_dict", "tokenizer_info", "permute", "unpermute",
+           "LAYER_NAMES", "TOP_NAMES"]

@@ -25,7 +25,8 @@ from ecospa._tree import leaf_paths, map_paths
 from ecospa.func.padding import compact as compact_tree
 from ecospa.io import checkpoint
 from ecospa.io.data import ByteTokenizer, tokenizer
-from ecospa.io.gguf import gguf_tokenizer, load_gguf
+from ecospa.io.gguf import load_gguf
+from ecospa.io.gguf_tokenizer import gguf_tokenizer
 from ecospa.io.hf import hub_dir, load_hf, load_hf_tokenizer
 
 

@@ -25,7 +25,7 @@ import optree
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
 from ecospa.func.padding import pad
-from ecospa.io.gguf import tokenizer_info
+from ecospa.io.gguf import open_reader, tokenizer_info
 from ecospa.io.files import check_output_path
 from ecospa.io.gguf_export import save_gguf
 from ecospa.io.hf import hf_family_of
@@ -97,8 +97,7 @@ def source_tokenizer_info(spec: str) -> Optional[dict]:
             src = (json.load(f).get("extra") or {}).get("tokenizer")
         return source_tokenizer_info(src) if isinstance(src, str) and src != spec else None
     if str(path).endswith(".gguf") and os.path.isfile(path):
-        import gguf  # optional (the hf extra)
-        return tokenizer_info(gguf.GGUFReader(path)) or None
+        return tokenizer_info(open_reader(path)) or None
     return None
 
 
