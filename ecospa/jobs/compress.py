@@ -63,7 +63,7 @@ def _round_target(job: Job, r: int, params, dense_params, groups) -> dict:
     for name, (kind, now, dense) in sizes.items():
         s = job.sparsity.get(kind, 0.0) if isinstance(job.sparsity, Mapping) else job.sparsity
         rel[name] = max(0.0, 1.0 - (1.0 - s * frac) * dense / now)
-    return {"sparsity": {name: v for name, v in rel.items()}}
+    return {"sparsity": rel}
 
 
 def _select(params, groups, scores, target):
@@ -188,7 +188,7 @@ def compress(job: Job, loaded=None) -> dict:
                ppl_recovered=out["rounds"][-1]["ppl_recovered"],
                latency_ratio=latency(forward, dense, cfg, job.eval_seq_len)
                / latency(forward, params, cfg, job.eval_seq_len),
-               job={k: v for k, v in dataclasses.asdict(job).items()})
+               job=dataclasses.asdict(job))
     _save(job, params, cfg, out)
     return out
 
