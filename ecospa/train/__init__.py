@@ -3,7 +3,7 @@
 - ``step``: ``lm_loss``, ``make_step``, ``evaluate`` (shared with ``ecospa compress`` and ``eval``);
 - ``config``: ``TrainConfig``, checked before anything runs; ``presets``: named configs;
 - ``runtime``: one process (``LOCAL``) or data-parallel under torchrun (``DataParallel``);
-- ``rundir``: the files a run owns in ``--out``;
+- ``rundir``: the files a run owns in ``--out``; ``saving``: its checkpoints (save, resume);
 - ``loop``: ``train(cfg)``: schedules, evaluation, metrics, checkpoints, exact resume.
 """
 from ecospa._tree import count_params

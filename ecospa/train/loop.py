@@ -25,24 +25,17 @@ from ecospa._tree import count_params
 from ecospa.errors import UsageError, whole
 from ecospa.func.families import family
 from ecospa.importance import ImportanceState
-from ecospa.io import checkpoint, data
+from ecospa.io import data
 from ecospa.prune import slice_units
 from ecospa.schedule import PruneSchedule, dense_sizes, round_target
 from ecospa.select import select
-from ecospa.train.config import (TrainConfig, check_budget, check_resumable, check_schedule,
-                                 check_run_target, config_json, checkpoint_every, lr_schedule, opt_lr)
-from ecospa.train.rundir import check_fresh, check_out, remove_run, trim_metrics, append_line
+from ecospa.train.config import (TrainConfig, check_budget, check_run_target, check_schedule,
+                                 checkpoint_every, lr_schedule, opt_lr)
+from ecospa.train.rundir import append_line, check_fresh, check_out, remove_run, trim_metrics
 from ecospa.train.runtime import LOCAL
+from ecospa.train.saving import (CheckpointNotSaved, Checkpointer, TrainingDiverged, all_finite,
+                                 load_for_resume)
 from ecospa.train.step import estimator_for, lm_loss, peak_memory_mb
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the parameters became NaN or inf; the last good checkpoint is left intact
-    (nothing non-finite is ever saved)."""
-
-
-class CheckpointNotSaved(OSError):
-    """The final checkpoint could not be written; the message names the one that is intact."""
 
 
 class _Timer:
@@ -70,44 +63,6 @@ def _prune_round(params, opt_state, groups, scores, target, dense, schedule: Pru
     by = "budget" if schedule.budget is not None else "sparsity"
     keep = select(params, groups, scores, **round_target(target, groups, dense, params, by=by))
     return slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
-
-
-def _all_finite(tree) -> bool:
-    """Whether every floating-point tensor in ``tree`` is finite (one device sync)."""
-    xs = [x for x in optree.tree_leaves(tree, namespace="") if torch.is_tensor(x) and x.is_floating_point()]
-    if not xs:
-        return True
-    try:  # the norms are NaN/inf iff a value is (or is so large that its norm overflows)
-        norms = torch._foreach_norm(xs)
-        return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
-    except (RuntimeError, AttributeError, TypeError):  # mixed devices, an older torch
-        return all(bool(torch.isfinite(x).all()) for x in xs)
-
-
-def _load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
-    try:
-        ck = checkpoint.load_full(ckpt_path)
-    except FileNotFoundError as err:
-        raise UsageError(f"--resume: {err}: there is no checkpoint to continue from; start a new "
-                         "run without --resume (with --overwrite if the directory holds an "
-                         "unfinished one)") from err
-    extra = ck.extra
-    if not isinstance(extra.get("train_config"), dict):
-        raise UsageError(f"--resume: {ckpt_path} was not written by `ecospa train` (it holds no "
-                         "training state; `ecospa compress` writes such checkpoints): evaluate or "
-                         "compress it instead, or start a new run in another --out")
-    state_ok = (isinstance(extra.get("dense"), dict) and whole(extra.get("dense_params"))
-                and isinstance(extra.get("rounds_done"), list) and ck.opt_state is not None
-                and isinstance(ck.state, (tuple, list)) and whole(ck.step) and ck.step >= 0)
-    if not state_ok:
-        raise ValueError(f"{ckpt_path}: the training state in the checkpoint is incomplete "
-                         "(dense sizes, rounds, optimizer or importance state, step)")
-    if not _all_finite(ck.params):
-        raise ValueError(f"{ckpt_path} holds NaN or inf parameters (written after the loss diverged, "
-                         "by an ecospa before issue 9's fix); start a new run (--overwrite) with a "
-                         "lower learning rate")
-    check_resumable(cfg, extra["train_config"])
-    return ck
 
 
 def _targets(cfg: TrainConfig, params, groups, dense: dict, done: list, dense_params: int) -> tuple:
@@ -176,7 +131,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     groups = fam.coupled_groups(cfg.model)
     check_run_target(cfg, groups)
     if resume:
-        ck = _load_for_resume(ckpt_path, cfg)
+        ck = load_for_resume(ckpt_path, cfg)
         if until is not None and until < ck.step:
             raise UsageError(f"--until {until} is before the checkpoint's step {ck.step}: a resumed "
                              f"run cannot go back; use --until {ck.step} or more")
@@ -221,39 +176,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
             out.mkdir(parents=True, exist_ok=True)
             metrics.write_text("")
     log = (lambda record: append_line(metrics, record)) if par.is_main else (lambda record: None)  # noqa: E731
-
-    def where() -> str:
-        if last_saved is None:
-            return f"no checkpoint was written (checkpoints every {every} steps)" if every else \
-                "no checkpoint was written (--ckpt-every 0: only at the end)"
-        return f"the last good checkpoint (step {last_saved}) in {ckpt_path} is intact"
+    every = checkpoint_every(cfg)
+    saver = Checkpointer(ckpt_path, cfg, par, every, last_saved)
 
     def save(step: int, final: bool) -> None:
-        nonlocal last_saved
-        if not _all_finite(params):  # never written as "last good"
-            raise TrainingDiverged(f"the parameters are NaN or inf at step {step}; not saved; "
-                                   f"{where()}. Try a lower learning rate (now {cfg.lr}).")
-        extra = {"train_config": config_json(cfg), "dense": dense, "dense_params": dense_params,
-                 "rounds_done": done}
-        if par.is_main:  # the checkpoint holds only the global state: written once
-            try:
-                checkpoint.save(ckpt_path, params, cfg.model, opt_state=opt_state, state=tuple(imp),
-                                extra=extra, step=step)
-            except Exception as err:  # noqa: BLE001  (disk full, read-only, a missing module, ...)
-                kept = (f"the previous checkpoint (step {last_saved}) in {ckpt_path} is intact"
-                        if last_saved is not None else "no checkpoint has been written yet")
-                what = f"could not save the checkpoint at step {step} ({type(err).__name__}: {err}); {kept}"
-                if final:
-                    raise CheckpointNotSaved(f"{what}. Fix the cause and run again"
-                                             + (" with --resume" if last_saved is not None else "")
-                                             ) from err
-                tqdm.write(f"warning: {what}; training goes on and saves again at the next "
-                           "checkpoint", file=sys.stderr)
-            else:
-                last_saved = step
-        par.barrier()
-
-    every = checkpoint_every(cfg)
+        saver.save(step, final, params, opt_state, imp,
+                   {"dense": dense, "dense_params": dense_params, "rounds_done": done})
     stop = cfg.steps if until is None else min(until, cfg.steps)
     step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
     bar = tqdm(total=cfg.steps, initial=start, disable=not par.is_main or not (
@@ -272,11 +200,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
         res = step_fn(params, opt_state, par.shard(batch))
         loss = float(res.loss)
         dt = time.perf_counter() - t0
-        if not math.isfinite(loss) or not _all_finite(res.params):
+        if not math.isfinite(loss) or not all_finite(res.params):
             bar.close()
             what = (f"loss became {loss}" if not math.isfinite(loss)
                     else f"the parameters became NaN or inf in the update (loss {loss:.4g})")
-            raise TrainingDiverged(f"{what} at step {s}; {where()}. Try a lower learning rate "
+            raise TrainingDiverged(f"{what} at step {s}; {saver.where()}. Try a lower learning rate "
                                    f"(now {cfg.lr}) or a smaller clip_norm.")
         if cfg.prune.in_window(s):
             imp = est.update(imp, params, res.grads)
