@@ -508,3 +508,27 @@ def test_mask_and_slice_follow_the_leaves_device():
     k1 = {"h": torch.tensor([[0, 2]])}
     assert ecospa.mask(params, one, k1)["u"].device.type == "meta"
     assert ecospa.slice_units(params, one, k1)["u"].shape == (4, 2)
+
+
+def test_bad_keep_shapes():
+    params, groups = _two_groups()
+    good = ecospa.keep_all(params, groups)
+    for transform in (ecospa.mask, ecospa.slice_units):
+        with pytest.raises(ValueError, match=r"^group 'h': no kept indices given$"):
+            transform(params, groups, {"g": good["g"]})
+        with pytest.raises(ValueError, match=r"^group 'g': keep must be int64 \[2, k\], got torch.int64 \(3,\)$"):
+            transform(params, groups, {**good, "g": torch.tensor([0, 1, 2])})
+        with pytest.raises(ValueError, match=r"^group 'g': keep must be int64 \[2, k\], got torch.int64 \(3, 3\)$"):
+            transform(params, groups, {**good, "g": torch.arange(3).expand(3, 3)})
+
+
+def test_budget_column_that_exactly_fits():
+    """A column that fills the budget up to the 1e-9 tolerance is kept."""
+    params = {"a": torch.ones(2, 3, 3), "b": torch.ones(8, 2)}  # 18 + 16 = 34 parameters
+    groups = [Group("g", "qk", (Member(("a",), 1, 0, "b"),)),  # columns of 6 parameters
+              Group("h", "mlp", (Member(("b",), 0, None, "b"),))]  # columns of 2
+    scores = {"g": torch.ones(2, 3), "h": torch.ones(1, 8)}  # per parameter: h 0.5, g 0.33
+    b = 0.7058823529705882  # leaves 9.999999999: the floor (8) plus one h column, within 1e-9
+    assert 34 * (1 - b) + 1e-9 == 10.0
+    keep = ecospa.select(params, groups, scores, budget=b)
+    assert keep["h"].shape == (1, 2) and keep["g"].shape == (2, 1)
