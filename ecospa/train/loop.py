@@ -179,9 +179,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     every = checkpoint_every(cfg)
     saver = Checkpointer(ckpt_path, cfg, par, every, last_saved)
 
-    def save(step: int, final: bool) -> None:
-        saver.save(step, final, params, opt_state, imp,
-                   {"dense": dense, "dense_params": dense_params, "rounds_done": done})
+    state = {"dense": dense, "dense_params": dense_params, "rounds_done": done}  # done grows in place
     stop = cfg.steps if until is None else min(until, cfg.steps)
     step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
     bar = tqdm(total=cfg.steps, initial=start, disable=not par.is_main or not (
@@ -227,9 +225,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
             bar.set_postfix(loss=f"{loss:.3f}", kept=f"{count_params(params) / dense_params:.0%}")
         bar.update(1)
         if every and (s + 1) % every == 0 and s + 1 < stop:
-            save(s + 1, final=False)
+            saver.save(s + 1, False, params, opt_state, imp, state)
     bar.close()
-    save(stop, final=True)
+    saver.save(stop, True, params, opt_state, imp, state)
     if val_ppl is None:
         val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
     kept = count_params(params)
