@@ -520,6 +520,10 @@ def test_bad_keep_shapes():
             transform(params, groups, {**good, "g": torch.tensor([0, 1, 2])})
         with pytest.raises(ValueError, match=r"^group 'g': keep must be int64 \[2, k\], got torch.int64 \(3, 3\)$"):
             transform(params, groups, {**good, "g": torch.arange(3).expand(3, 3)})
+        with pytest.raises(ValueError, match=r"^group 'h': kept indices must lie in \[0, 5\)$"):
+            transform(params, groups, {**good, "h": torch.tensor([[1, 5]])})  # one past the end
+        with pytest.raises(ValueError, match=r"^group 'h': kept indices must lie in \[0, 5\)$"):
+            transform(params, groups, {**good, "h": torch.tensor([[-1, 4]])})
 
 
 def test_budget_column_that_exactly_fits():
