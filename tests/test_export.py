@@ -104,11 +104,11 @@ def test_compact_export_with_remote_code(tmp_path, case):
     assert "modeling_ecospa.py" in os.listdir(res["path"])
     model = transformers.AutoModelForCausalLM.from_pretrained(res["path"], trust_remote_code=True,
                                                               torch_dtype=torch.float64).eval()
-    # the pruned shapes are real: parameter count equals the compact tree's (+ untied head copy)
+    # the pruned shapes are real: parameter count equals the compact tree's (a tied head is shared)
     n_small = sum(t.numel() for t in optree.tree_leaves(small, namespace="")
                   if t.is_floating_point()) - sum(p["inv_freq"].numel() for p in small["layers"])
-    extra = small["embed"].numel() if cfg.tie_embeddings else 0
-    assert sum(p.numel() for p in model.parameters()) == n_small + extra
+    assert sum(p.numel() for p in model.parameters()) == n_small
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == cfg.tie_embeddings
     x = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hf = model(x).logits

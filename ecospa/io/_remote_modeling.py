@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
+# transformers 5 maps tied parameter names to their source; 4.x lists them
+_TIED = ({"lm_head.weight": "model.embed_tokens.weight"}
+         if int(transformers.__version__.split(".")[0]) >= 5 else ["lm_head.weight"])
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -176,8 +180,16 @@ class EcospaLlamaForCausalLM(EcospaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    _tied_weights_keys = _TIED
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new):
+        self.lm_head = new
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, labels=None, return_dict=None, **kwargs):

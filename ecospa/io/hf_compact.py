@@ -31,8 +31,9 @@ def to_hf_compact(params: dict, cfg) -> tuple:
         raise ValueError(f"hf-compact supports the llama family only, got {type(cfg).__name__}; "
                          "use the hf-padded format")
     D = cfg.dim
-    sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"],
-          "lm_head.weight": params.get("lm_head", params["embed"])}  # tied: written twice
+    sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = params["lm_head"]  # tied: the modeling file ties lm_head to the embedding
     pairs, vdims, ffn = [], [], []
     for i, p in enumerate(params["layers"]):
         n = f"model.layers.{i}."
@@ -50,7 +51,7 @@ def to_hf_compact(params: dict, cfg) -> tuple:
             "head_dim": cfg.head_dim, "layer_qk_pairs": pairs, "layer_v_dims": vdims,
             "layer_ffn_dims": ffn, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attention_bias,
-            "tie_word_embeddings": False, "torch_dtype": str(params["embed"].dtype).removeprefix("torch.")}
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(params["embed"].dtype).removeprefix("torch.")}
     return sd, conf
 
 
@@ -80,7 +81,8 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
                        rope_theta=cfg_float(config, "rope_theta", 10000.0),
                        norm_eps=cfg_float(config, "rms_norm_eps", 1e-5),
                        attention_bias=bool(cfg_bool(config, "attention_bias", False)),
-                       max_seq_len=cfg_int(config, "max_position_embeddings", 2048), tie_embeddings=False)
+                       max_seq_len=cfg_int(config, "max_position_embeddings", 2048),
+                       tie_embeddings=bool(cfg_bool(config, "tie_word_embeddings", False)))
     D, Hkv, G = cfg.dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
 
     def t(name, shape):
@@ -115,11 +117,11 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
                      bv=w(t(pre + "self_attn.v_proj.bias", (Hkv * E,)).reshape(Hkv, E)))
         layers.append({k: v.contiguous() for k, v in p.items()})
     embed = t("model.embed_tokens.weight", (V, D))
-    head = t("lm_head.weight", (V, D))
+    head = None if cfg.tie_embeddings else t("lm_head.weight", (V, D))
     params = {"embed": w(embed), "layers": tuple(layers), "norm": w(t("model.norm.weight", (D,)))}
-    if torch.equal(head, embed):  # written twice because the model was tied: tie it again
+    if head is not None and torch.equal(head, embed):  # a head identical to the embedding: tie them
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
-    else:
+    elif head is not None:
         params["lm_head"] = w(head)
     return cfg, params
 
