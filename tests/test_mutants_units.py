@@ -35,7 +35,8 @@ def test_rms_norm_reference(dtype):
     w = torch.randn(5, generator=gen(1), dtype=dtype)
     for eps in (1e-5, 0.7):
         want = w * (x / torch.sqrt((x * x).sum(-1, keepdim=True) / 5 + eps))
-        torch.testing.assert_close(rms_norm(x, w, eps), want, rtol=1e-6, atol=1e-6)
+        tol = 1e-13 if dtype == torch.float64 else 1e-6  # float64 is computed in float64
+        torch.testing.assert_close(rms_norm(x, w, eps), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -524,6 +525,9 @@ def test_bad_keep_shapes():
             transform(params, groups, {**good, "h": torch.tensor([[1, 5]])})  # one past the end
         with pytest.raises(ValueError, match=r"^group 'h': kept indices must lie in \[0, 5\)$"):
             transform(params, groups, {**good, "h": torch.tensor([[-1, 4]])})
+        for bad in ([[1, 0]], [[1, 1, 2]], [[0, 2, 1]]):  # unsorted (k=2), repeated, unsorted after the first
+            with pytest.raises(ValueError, match=r"^group 'h': kept indices must be sorted and unique per block$"):
+                transform(params, groups, {**good, "h": torch.tensor(bad)})
 
 
 def test_budget_column_that_exactly_fits():
@@ -536,3 +540,8 @@ def test_budget_column_that_exactly_fits():
     assert 34 * (1 - b) + 1e-9 == 10.0
     keep = ecospa.select(params, groups, scores, budget=b)
     assert keep["h"].shape == (1, 2) and keep["g"].shape == (2, 1)
+
+
+def test_rope_tables_on_the_frequencies_device():
+    cos, sin = rope_tables(torch.ones(2, 3, device="meta"), 5, torch.float32)
+    assert cos.device.type == sin.device.type == "meta" and cos.shape == (2, 5, 3)
