@@ -545,3 +545,26 @@ def test_budget_column_that_exactly_fits():
 def test_rope_tables_on_the_frequencies_device():
     cos, sin = rope_tables(torch.ones(2, 3, device="meta"), 5, torch.float32)
     assert cos.device.type == sin.device.type == "meta" and cos.shape == (2, 5, 3)
+
+
+def test_ties_with_many_units_go_to_the_lower_index():
+    """Past 16 elements torch's default (unstable) CPU sort reorders ties: the stable one is needed."""
+    s = torch.zeros(2, 40, dtype=torch.float64)
+    s[0, 30:] = 1.0
+    assert keep_top(s, 12).tolist() == [[0, 1] + list(range(30, 40)), list(range(12))]
+    assert _ranked(s)[1].tolist() == list(range(40))
+    assert _ranked(s)[0].tolist() == list(range(30, 40)) + list(range(30))
+
+
+def test_select_messages_in_full():
+    params, groups = _two_groups()
+    with pytest.raises(ValueError, match=r"^give exactly one of sparsity= \(fraction of units per group\) "
+                                         r"or budget= \(fraction of parameters, allocated globally\)$"):
+        ecospa.select(params, groups, {}, sparsity=None)
+    sizes = ecospa.validate(params, groups)
+    extra = {f"x{i}": torch.ones(1) for i in range(6)}
+    with pytest.raises(ValueError, match=r"^group 'g': no scores given \(have \['x0', 'x1', 'x2', 'x3'\]\.\.\.\)$"):
+        check_scores(extra, groups, sizes)
+    with pytest.raises(ValueError, match=r"^group 'g': scores contain NaN or inf; check the loss and gradients "
+                                         r"that produced them$"):
+        check_scores({"g": torch.full((2, 3), float("nan")), "h": torch.ones(5)}, groups, sizes)
