@@ -438,6 +438,8 @@ def test_group_sizes_messages():
         g.sizes({"w": torch.ones(3), "v": torch.ones(3)})
     with pytest.raises(ValueError, match=r"too few axes"):
         g.sizes({"w": 3.0, "v": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"member \('w',\) has shape \(1, 3\), too few axes"):
+        Group("k", "mlp", (Member(("w",), 1, 2, "b"),)).sizes({"w": torch.ones(1, 3)})  # block axis 2
     with pytest.raises(ValueError, match=r"members disagree on sizes \(\('w',\): shape \(2, 3\) -> 2 blocks x 3 units; "
                                          r"\('v',\): shape \(3,\) -> 1 blocks x 3 units\)"):
         g.sizes({"w": torch.ones(2, 3), "v": torch.ones(3)})
