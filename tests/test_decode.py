@@ -145,7 +145,8 @@ def test_generate_cli_on_a_train_checkpoint(tmp_path, capsys):
     from ecospa.io import checkpoint
     from ecospa.io.data import ByteTokenizer
     out = tmp_path / "run"
-    assert cli.main(["train", "--steps", "24", "--eval-every", "12", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["train", "--steps", "6", "--eval-every", "3", "--sparsity", "0", "--out", str(out),
+                     "--no-progress"]) == 0
     capsys.readouterr()
     assert cli.main(["generate", "--model", str(out / "checkpoint"), "--prompt", "def f(x):",
                      "--max-new-tokens", "12"]) == 0

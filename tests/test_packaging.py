@@ -26,8 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json, sys
     from ecospa import cli
-    rc = cli.main(["train", "--steps", "40", "--eval-every", "20", "--ckpt-every", "20",
-                   "--out", sys.argv[1], "--no-progress"])
+    rc = cli.main(["train", "--steps", "6", "--eval-every", "3", "--sparsity", "0",
+                   "--out", sys.argv[1], "--no-progress"])  # trains, evaluates, checkpoints twice
     from ecospa.io import checkpoint
     checkpoint.load(sys.argv[1] + "/checkpoint")
     print(json.dumps({"rc": rc}))
