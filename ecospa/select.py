@@ -96,10 +96,13 @@ def check_scores(scores: Scores, groups: Sequence[Group], sizes: Mapping[str, tu
             raise ValueError(f"group {g.name!r}: no scores given (have {sorted(scores)[:4]}...)")
         s = torch.as_tensor(scores[g.name]).detach()
         shape = sizes[g.name]
-        if s.numel() != shape[0] * shape[1]:
+        # exactly [blocks, units]; a 1-D vector only for a single block. Anything else (a transposed
+        # matrix with the right number of values) is refused, never reshaped.
+        if tuple(s.shape) != tuple(shape) and not (s.ndim == 1 and shape[0] == 1 and s.numel() == shape[1]):
             raise ValueError(
                 f"group {g.name!r}: scores have {tuple(s.shape)} ({s.numel()} values), "
-                f"the params have {shape[0]} blocks x {shape[1]} units")
+                f"the params have {shape[0]} blocks x {shape[1]} units; give [{shape[0]}, {shape[1]}] "
+                "(a transposed matrix is not reshaped)")
         s = s.reshape(shape).to(torch.float64)
         if not torch.isfinite(s).all():
             raise ValueError(f"group {g.name!r}: scores contain NaN or inf; "

@@ -187,3 +187,13 @@ def test_to_casts_weights_but_keeps_rotary_frequencies_fp32():
     assert half["layers"][0]["inv_freq"].dtype == torch.float32
     assert torch.equal(half["layers"][0]["inv_freq"], params["layers"][0]["inv_freq"])
     assert params["layers"][0]["wq"].dtype == torch.float32  # input untouched
+
+
+def test_transposed_scores_are_refused_not_reshaped(setup):
+    params, groups, scores = setup
+    vo = scores["layers.0.vo"]  # [2 KV heads, 4 value dims]
+    assert vo.shape[0] > 1 and vo.shape[0] != vo.shape[1]
+    with pytest.raises(ValueError, match=r"'layers\.0\.vo'.*\(4, 2\).*give \[2, 4\]"):
+        ecospa.select(params, groups, {**scores, "layers.0.vo": vo.T.contiguous()}, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"'layers\.0\.vo'"):
+        ecospa.select(params, groups, {**scores, "layers.0.vo": vo.flatten()}, sparsity=0.5)
