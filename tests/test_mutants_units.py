@@ -563,6 +563,8 @@ def test_select_messages_in_full():
     with pytest.raises(ValueError, match=r"^give exactly one of sparsity= \(fraction of units per group\) "
                                          r"or budget= \(fraction of parameters, allocated globally\)$"):
         ecospa.select(params, groups, {}, sparsity=None)
+    with pytest.raises(ValueError, match=r"^sparsity must be a number in \[0, 1\), got 1\.5$"):
+        ecospa.pruner(groups, sparsity=1.5)
     sizes = ecospa.validate(params, groups)
     extra = {f"x{i}": torch.ones(1) for i in range(6)}
     with pytest.raises(ValueError, match=r"^group 'g': no scores given \(have \['x0', 'x1', 'x2', 'x3'\]\.\.\.\)$"):
