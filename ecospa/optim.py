@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import optree
 import torch
 
+from ecospa._tree import FP32_BUFFERS
 from ecospa._types import Keep, Params, Path, TensorTree
 from ecospa.groups import Group
 from ecospa.prune import slice_units
@@ -39,8 +40,8 @@ class Optimizer(NamedTuple):
 
 
 def default_trainable(path: Path, leaf: torch.Tensor) -> bool:
-    """Every floating leaf except rotary frequencies (``inv_freq``), which are buffers."""
-    return bool(path) and path[-1] != "inv_freq" and leaf.is_floating_point()
+    """Every floating leaf except the buffers (``_tree.FP32_BUFFERS``: rotary frequencies)."""
+    return bool(path) and path[-1] not in FP32_BUFFERS and leaf.is_floating_point()
 
 
 def _check(value: float, lo: float, hi: float, what: str) -> float:
