@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ecospa.func import llama
+from ecospa.func import gpt2, llama
 from ecospa.func.families import family_of
-from ecospa.func._layers import rms_norm, rotate_pairs
+from ecospa.func._layers import rms_norm
 
 Pos = Union[int, torch.Tensor]
 
@@ -89,34 +89,22 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
 
 
 def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg, inplace, end):
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = torch.einsum("btd,dhgrp->bhgtrp", h, p["wq"])
-    k = torch.einsum("btd,dhrp->bhtrp", h, p["wk"])
-    v = torch.einsum("btd,dhe->bhte", h, p["wv"])
-    if "bq" in p:
-        q, k, v = q + p["bq"][:, :, None], k + p["bk"][:, None], v + p["bv"][:, None]
     inv = p["inv_freq"].to(torch.promote_types(p["inv_freq"].dtype, torch.float32))
-    ang = positions.to(inv.dtype)[None, :, None] * inv[:, None, :]  # [Hkv, T, P]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    q = rearrange(rotate_pairs(q, cos[:, None], sin[:, None]), "b h g t r p -> b h g t (r p)")
-    k = rearrange(rotate_pairs(k, cos, sin), "b h t r p -> b h t (r p)")
+    ang = positions.to(inv.dtype)[None, :, None] * inv[:, None, :]  # [Hkv, T, P] at the positions
+    q, k, v = llama.qkv(p, rms_norm(x, p["attn_norm"], cfg.norm_eps), ang.cos().to(x.dtype),
+                        ang.sin().to(x.dtype))
     c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
     o = _attend(q, c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)
     x = x + torch.einsum("bhgte,hged->btd", o, p["wo"])
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    return x + (F.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"], c
+    return x + llama._mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps)), c
 
 
 def _gpt2_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg, inplace, end):
-    h = F.layer_norm(x, (x.shape[-1],), p["ln1_w"], p["ln1_b"], cfg.norm_eps)
-    q = torch.einsum("btd,dhe->bhte", h, p["wq"]) + p["bq"][:, None]
-    k = torch.einsum("btd,dhe->bhte", h, p["wk"]) + p["bk"][:, None]
-    v = torch.einsum("btd,dhe->bhte", h, p["wv"]) + p["bv"][:, None]
+    q, k, v = gpt2.qkv(p, gpt2._ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps))
     c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
     o = _attend(q[:, :, None], c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)[:, :, 0]
     x = x + torch.einsum("bhte,hed->btd", o, p["wo"]) + p["bo"]
-    h = F.layer_norm(x, (x.shape[-1],), p["ln2_w"], p["ln2_b"], cfg.norm_eps)
-    return x + F.gelu(h @ p["w_in"] + p["b_in"], approximate="tanh") @ p["w_out"] + p["b_out"], c
+    return x + gpt2._mlp(p, gpt2._ln(x, p["ln2_w"], p["ln2_b"], cfg.norm_eps)), c
 
 
 def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inplace: bool = False) -> tuple:
@@ -156,7 +144,7 @@ def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inpla
     if family == "llama":
         x = rms_norm(x, params["norm"], cfg.norm_eps)
     else:
-        x = F.layer_norm(x, (x.shape[-1],), params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
+        x = gpt2._ln(x, params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
     return x @ head.T, {"layers": tuple(new_layers)}
 
 

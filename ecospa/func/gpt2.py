@@ -72,10 +72,16 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
             "ln_f_w": torch.ones(D, dtype=dtype), "ln_f_b": torch.zeros(D, dtype=dtype)}
 
 
+def qkv(p: dict, x: torch.Tensor) -> tuple:
+    """q, k [B, H, T, Dk] and v [B, H, T, Dv] of one layer (the forward and the decoder)."""
+    q = torch.einsum("btd,dhe->bhte", x, p["wq"]) + p["bq"][:, None]
+    k = torch.einsum("btd,dhe->bhte", x, p["wk"]) + p["bk"][:, None]
+    v = torch.einsum("btd,dhe->bhte", x, p["wv"]) + p["bv"][:, None]
+    return q, k, v
+
+
 def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    q = torch.einsum("btd,dhe->bhte", x, p["wq"]) + p["bq"][:, None]  # [B, H, T, Dk]
-    k = torch.einsum("btd,dhe->bhte", x, p["wk"]) + p["bk"][:, None]  # [B, H, T, Dk]
-    v = torch.einsum("btd,dhe->bhte", x, p["wv"]) + p["bv"][:, None]  # [B, H, T, Dv]
+    q, k, v = qkv(p, x)
     o = attention(q[:, :, None], k, v, cfg.head_dim ** -0.5)  # [B, H, 1, T, Dv]
     return torch.einsum("bhte,hed->btd", o[:, :, 0], p["wo"]) + p["bo"]
 

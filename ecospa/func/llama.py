@@ -137,8 +137,9 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
     return params
 
 
-def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    B, T, D = x.shape
+def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Rotated q [B, Hkv, G, T, 2P], k [B, Hkv, T, 2P] and v [B, Hkv, T, Dv] of one layer, with
+    the rotary tables cos/sin [Hkv, T, P] of the tokens' positions (the forward and the decoder)."""
     q = torch.einsum("btd,dhgrp->bhgtrp", x, p["wq"])  # [B, Hkv, G, T, 2, P]
     k = torch.einsum("btd,dhrp->bhtrp", x, p["wk"])  # [B, Hkv, T, 2, P]
     v = torch.einsum("btd,dhe->bhte", x, p["wv"])  # [B, Hkv, T, Dv]
@@ -146,11 +147,16 @@ def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
         q = q + p["bq"][:, :, None]
         k = k + p["bk"][:, None]
         v = v + p["bv"][:, None]
-    cos, sin = rope_tables(p["inv_freq"], T, x.dtype)  # [Hkv, T, P]
     q = rotate_pairs(q, cos[:, None], sin[:, None])
     k = rotate_pairs(k, cos, sin)
     q = rearrange(q, "b h g t r p -> b h g t (r p)")  # rotate-half order: all r=0, then r=1
     k = rearrange(k, "b h t r p -> b h t (r p)")
+    return q, k, v
+
+
+def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    cos, sin = rope_tables(p["inv_freq"], x.shape[1], x.dtype)  # [Hkv, T, P]
+    q, k, v = qkv(p, x, cos, sin)
     o = attention(q, k, v, cfg.head_dim ** -0.5)  # [B, Hkv, G, T, Dv]
     return torch.einsum("bhgte,hged->btd", o, p["wo"])
 
