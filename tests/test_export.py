@@ -187,40 +187,24 @@ def test_exported_tokenizer_loads_without_running_remote_code(tmp_path, monkeypa
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 
-from strategies import gpt2_configs, llama_configs, seeds, targets  # noqa: E402
+from strategies import models, seeds, targets  # noqa: E402
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cfg=llama_configs(), seed=seeds, target=targets)
-def test_random_pruned_trees_export_padded_to_stock_transformers(tmp_path_factory, cfg, seed, target):
-    """Random LLaMA/Qwen2 structures (MHA/GQA/MQA, biases, tied or not) and random targets."""
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=models(), seed=seeds, target=targets)
+def test_random_pruned_trees_export_padded_to_stock_transformers(tmp_path_factory, model, seed, target):
+    """Random LLaMA/Qwen2 (MHA/GQA/MQA, biases, tied or not) and GPT-2 structures, random targets."""
+    module, cfg = model
     assume(cfg.dim % cfg.n_heads == 0)  # transformers 5 rejects other configs, whatever head_dim says
-    params = llama.init(cfg, seed=seed, dtype=torch.float64)
-    groups = llama.coupled_groups(cfg)
+    params = module.init(cfg, seed=seed, dtype=torch.float64)
+    groups = module.coupled_groups(cfg)
     try:
         small = ecospa.pruner(groups, **target)(params, random_scores(params, groups, seed))
     except ValueError:
         small = params
     path = export(small, cfg, tmp_path_factory.mktemp("hyp") / "hf", "hf-padded")["path"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                              torch_dtype=torch.float64).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                           torch_dtype=torch.float64).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        close(model(x).logits, llama.forward(small, x, cfg), HF)
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cfg=gpt2_configs(), seed=seeds, target=targets)
-def test_random_pruned_gpt2_exports_padded_to_stock_transformers(tmp_path_factory, cfg, seed, target):
-    params = gpt2.init(cfg, seed=seed, dtype=torch.float64)
-    groups = gpt2.coupled_groups(cfg)
-    try:
-        small = ecospa.pruner(groups, **target)(params, random_scores(params, groups, seed))
-    except ValueError:
-        small = params
-    path = export(small, cfg, tmp_path_factory.mktemp("hyp") / "hf", "hf-padded")["path"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                              torch_dtype=torch.float64).eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        close(model(x).logits, gpt2.forward(small, x, cfg), HF)
+        close(hf(x).logits, module.forward(small, x, cfg), HF)
