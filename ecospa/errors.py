@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 
 import torch
 
@@ -56,12 +57,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def check_fraction(value, what: str, *, zero: bool = True) -> float:
+    """The one fraction check (targets, budgets, sparsities, flags): ``value`` must be a real
+    number, not a bool or a string, in [0, 1), or in (0, 1) with ``zero=False``; NaN never is.
+
+    Returns ``float(value)``; otherwise a ValueError naming ``what``:
+    ``check_fraction(1.5, "sparsity")`` -> "sparsity must be a number in [0, 1), got 1.5".
+    """
+    inside = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        0.0 <= value < 1.0 if zero else 0.0 < value < 1.0)
+    if not inside:
+        raise ValueError(f"{what} must be a number in {'[0, 1)' if zero else '(0, 1)'}, got {value!r}")
+    return float(value)
+
+
 def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
+    """argparse type: a number in [0, 1) (``check_fraction``)."""
     value = _number(text, float, "a fraction in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+    try:
+        return check_fraction(value, "the value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
 
 
 def device(text: str) -> str:
@@ -85,4 +101,4 @@ def device(text: str) -> str:
     return text
 
 
-__all__ = ["UsageError", "whole", "positive_int", "nonneg_int", "positive_float", "fraction", "device"]
+__all__ = ["UsageError", "whole", "check_fraction", "positive_int", "nonneg_int", "positive_float", "fraction", "device"]

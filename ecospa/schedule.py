@@ -7,8 +7,8 @@ steps just before each round. The cumulative target after round r (0-based) samp
 gradual magnitude pruning) or ``t`` (linear).
 
 Targets are always relative to the ORIGINAL dense model. After the first round the tree is
-smaller, so ``round_target`` converts a cumulative target into what ``ecospa.select`` must
-remove from the CURRENT tree.
+smaller, so ``round_target`` converts a cumulative target into the units every group of the
+CURRENT tree keeps (``select(..., counts=...)``).
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from ecospa._types import Params
+from ecospa._types import Params, Scores
+from ecospa.errors import check_fraction
 from ecospa.groups import Group, validate
-from ecospa.select import Sparsity, _check_fraction
+from ecospa.select import Sparsity, allocate
 
 
 def warmup_cosine(peak_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -81,7 +82,7 @@ class PruneSchedule:
             raise ValueError(f"every={self.every} must be >= window={self.window}: "
                              "estimation windows may not overlap a previous round")
         for kind, v in self._final_items():
-            _check_fraction(v, f"{'budget' if self.budget is not None else 'sparsity'}[{kind}]")
+            check_fraction(v, f"{'budget' if self.budget is not None else 'sparsity'}[{kind}]")
 
     def _final_items(self):
         final = self.budget if self.budget is not None else self.sparsity
@@ -131,14 +132,16 @@ def dense_sizes(params: Params, groups: Sequence[Group]) -> dict:
 
 
 def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tuple], params: Params,
-                 by: str = "sparsity") -> dict:
+                 by: str = "sparsity", scores: Optional[Scores] = None) -> dict:
     """Convert a cumulative target (relative to the dense model) into ``select`` arguments for
-    the CURRENT, possibly already pruned, ``params``.
+    the CURRENT, possibly already pruned, ``params``: {"counts": {group name: units kept}}.
 
-    by="sparsity": returns {"sparsity": {kind: fraction of the current units to remove}} so that
-      every group keeps round((1 - target) * dense units) (never more than it has now).
-    by="budget": returns {"budget": fraction of the current group parameters to remove} so that
-      (1 - target) * dense group parameters remain.
+    by="sparsity": every group keeps ``max(1, round((1 - target) * dense units))`` units, never
+      more than it has now (``target``: a fraction, or {kind: fraction}, missing kinds 0).
+    by="budget": at most ``(1 - target) * dense group parameters`` remain, allocated globally by
+      ``scores`` (``ecospa.select.allocate``). Without ``scores`` it returns the equivalent
+      fraction of the CURRENT group parameters instead, {"budget": f}, for ``select(budget=)``.
+    ``dense`` is ``dense_sizes`` of the dense tree.
     Example:
       keep = ecospa.select(params, groups, scores, **round_target(0.3, groups, dense, params))
     """
@@ -146,23 +149,20 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     if by == "budget":
         if isinstance(target, Mapping):
             raise ValueError("a budget is one global fraction, not a per-kind dict")
-        total0 = sum(dense[g.name][1] for g in groups)
+        check_fraction(target, "budget target")
+        allowed = sum(dense[g.name][1] for g in groups) * (1.0 - target)
+        if scores is not None:
+            return {"counts": allocate(params, groups, scores, allowed)}
         now = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
-        return {"budget": max(0.0, 1.0 - total0 * (1.0 - target) / now) if now else 0.0}
+        return {"budget": max(0.0, 1.0 - allowed / now) if now else 0.0}
     if by != "sparsity":
         raise ValueError(f"by must be 'sparsity' or 'budget', got {by!r}")
-    out: dict = {}
+    counts = {}
     for g in groups:
         frac = target.get(g.kind, 0.0) if isinstance(target, Mapping) else target
-        n0, n = dense[g.name][0], sizes[g.name][1]
-        want = max(1, min(n, round((1.0 - frac) * n0)))
-        # (want + 0.25) / n keeps round((1 - f) * n) == want away from a .5 rounding edge.
-        f = min(max(0.0, 1.0 - (want + 0.25) / n), 1.0 - 1e-12) if want < n else 0.0
-        if out.get(g.kind, f) != f:
-            raise ValueError(f"groups of kind {g.kind!r} differ in size, so one fraction per kind "
-                             f"cannot hit the target; prune them with a budget instead")
-        out[g.kind] = f
-    return {"sparsity": out}
+        check_fraction(frac, f"sparsity target for group {g.name!r}")
+        counts[g.name] = max(1, min(sizes[g.name][1], round((1.0 - frac) * dense[g.name][0])))
+    return {"counts": counts}
 
 
 __all__ = ["warmup_cosine", "PruneSchedule", "RAMPS", "dense_sizes", "round_target"]

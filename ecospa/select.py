@@ -1,10 +1,13 @@
 """Choosing the kept units from per-unit scores and a target.
 
-Two targets:
+Three targets (give exactly one):
 - ``sparsity``: a fraction of units to remove in every group (a float, or one per group kind,
   e.g. {"qk": 0.25, "vo": 0.25, "mlp": 0.5}); every block keeps ``max(1, round((1-s) * n))``.
 - ``budget``: a fraction of all the groups' parameters to remove, allocated globally by
   importance per parameter, so layers and group kinds end up with different widths.
+- ``counts``: the number of units every block of a group keeps, {group name: k} with
+  1 <= k <= units (groups not named keep all their units). Schedules compute these
+  (``ecospa.schedule.round_target``), so nothing depends on how a fraction is rounded.
 Either way all blocks of one group keep the same number of units (one batched attention).
 """
 from __future__ import annotations
@@ -13,19 +16,15 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from ecospa.errors import check_fraction, whole
 from ecospa.groups import Group, validate
 from ecospa._types import Keep, Params, Scores
 
 Sparsity = Union[float, Mapping[str, float]]
+Counts = Mapping[str, int]  # group name -> units kept in every block of the group
 
 #: The group kinds of the built-in models (``llama`` / ``gpt2`` ``coupled_groups``).
 KINDS = ("qk", "vo", "mlp")
-
-
-def _check_fraction(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def parse_sparsity(text: str, kinds: Sequence[str] = KINDS) -> Sparsity:
@@ -52,31 +51,38 @@ def parse_sparsity(text: str, kinds: Sequence[str] = KINDS) -> Sparsity:
     except ValueError as err:
         raise ValueError(f"--sparsity {text!r}: {fmt}") from err
     if not isinstance(out, dict):
-        return _check_fraction(out, "--sparsity")
+        return check_fraction(out, "--sparsity")
     unknown = [k for k in out if k not in kinds]
     if unknown:
         raise ValueError(f"--sparsity names unknown group kinds {unknown}; use {', '.join(kinds)}")
     for kind, value in out.items():
-        _check_fraction(value, f"--sparsity {kind}")
+        check_fraction(value, f"--sparsity {kind}")
     return out
 
 
 def check_target(groups: Sequence[Group], sparsity: Optional[Sparsity] = None,
-                 budget: Optional[float] = None) -> None:
+                 budget: Optional[float] = None, counts: Optional[Counts] = None) -> None:
     """ValueError unless exactly one valid target is given for ``groups``.
 
     ``budget`` and a float ``sparsity`` must lie in [0, 1). A per-kind ``sparsity`` dict may
     only name kinds present in ``groups`` (a typo such as {"mpl": 0.5} would otherwise prune
-    nothing), each with a fraction in [0, 1).
+    nothing), each with a fraction in [0, 1). ``counts`` may only name groups in ``groups``,
+    each with a whole number >= 1 (``select`` also checks it against the group's units).
     """
-    if (sparsity is None) == (budget is None):
+    if counts is not None and (sparsity is not None or budget is not None):
+        raise ValueError("give exactly one target: counts= (units kept per group) fixes the "
+                         "widths itself, so it takes no sparsity= or budget=")
+    if counts is None and (sparsity is None) == (budget is None):
         raise ValueError("give exactly one of sparsity= (fraction of units per group) "
                          "or budget= (fraction of parameters, allocated globally)")
     if budget is not None:
-        _check_fraction(budget, "budget")
+        check_fraction(budget, "budget")
+        return
+    if counts is not None:
+        _check_counts(counts, groups)
         return
     if not isinstance(sparsity, Mapping):
-        _check_fraction(sparsity, "sparsity")
+        check_fraction(sparsity, "sparsity")
         return
     known = list(dict.fromkeys(g.kind for g in groups))
     unknown = [k for k in sparsity if k not in known]
@@ -85,7 +91,24 @@ def check_target(groups: Sequence[Group], sparsity: Optional[Sparsity] = None,
                          f"known kinds: {known}")
     for g in groups:
         if g.kind in sparsity:
-            _check_fraction(sparsity[g.kind], f"sparsity for group {g.name!r}")
+            check_fraction(sparsity[g.kind], f"sparsity for group {g.name!r}")
+
+
+def _check_counts(counts: Counts, groups: Sequence[Group], sizes: Optional[Mapping] = None) -> None:
+    """Known group names, whole numbers in [1, units] (the units only when ``sizes`` is given)."""
+    if not isinstance(counts, Mapping):
+        raise ValueError(f"counts must be a dict {{group name: units to keep}}, got {counts!r}")
+    names = [g.name for g in groups]
+    unknown = [k for k in counts if k not in names]
+    if unknown:
+        raise ValueError(f"counts names groups {unknown[:4]} that are not among the groups "
+                         f"({names[:4]}{'...' if len(names) > 4 else ''})")
+    for name, k in counts.items():
+        units = sizes[name][1] if sizes is not None else None
+        if not whole(k) or k < 1 or (units is not None and k > units):
+            most = f", at most {units} (its units)" if units is not None else ""
+            raise ValueError(f"counts for group {name!r} must be a whole number >= 1{most}; "
+                             f"got {k!r} (a group never empties)")
 
 
 def check_scores(scores: Scores, groups: Sequence[Group], sizes: Mapping[str, tuple]) -> dict:
@@ -113,9 +136,7 @@ def check_scores(scores: Scores, groups: Sequence[Group], sizes: Mapping[str, tu
 
 def _ranked(s: torch.Tensor) -> torch.Tensor:
     """Unit indices per block by descending score; ties broken by lower index (deterministic)."""
-    n = s.shape[1]
-    # Stable sort on -score keeps index order among ties.
-    return torch.sort(-s, dim=1, stable=True).indices[:, :n]
+    return torch.sort(-s, dim=1, stable=True).indices  # stable: index order among ties
 
 
 def keep_top(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,33 +144,38 @@ def keep_top(s: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(_ranked(s)[:, :k], dim=1).values
 
 
-def _by_fraction(groups, s, sizes, sparsity) -> dict:
+def _by_fraction(groups, sizes, sparsity) -> dict:
     counts = {}
     for g in groups:
         frac = sparsity.get(g.kind, 0.0) if isinstance(sparsity, Mapping) else sparsity
-        frac = _check_fraction(frac, f"sparsity for group {g.name!r}")
         n = sizes[g.name][1]
         counts[g.name] = max(1, min(n, round((1.0 - frac) * n)))
     return counts
 
 
-def _by_budget(groups, s, sizes, params, budget) -> dict:
-    """Global allocation: keep the columns with the most importance per parameter.
+def allocate(params: Params, groups: Sequence[Group], scores: Scores, max_params: float) -> dict:
+    """Global allocation: {group name: units kept} keeping at most ``max_params`` of the groups'
+    parameters, the columns with the most importance per parameter first.
 
     Column c of a group is the c-th best unit of every block (uniform widths), so it costs
     n_blocks * numel_per_unit parameters and is worth the sum of the blocks' c-th best scores.
-    Column 0 is always kept: a group never empties.
+    Column 0 is always kept: a group never empties (ValueError if ``max_params`` is below that).
     """
-    budget = _check_fraction(budget, "budget")
+    sizes = validate(params, groups)
+    s = check_scores(scores, groups, sizes)
+    return _allocate(groups, s, sizes, params, max_params)
+
+
+def _allocate(groups, s, sizes, params, allowed: float, budget: Optional[float] = None) -> dict:
     cost = {g.name: sizes[g.name][0] * g.numel_per_unit(params) for g in groups}
     total = sum(cost[g.name] * sizes[g.name][1] for g in groups)
-    allowed = total * (1.0 - budget)
     floor = sum(cost.values())
     if floor > allowed + 1e-9:
+        asked = (f"budget {budget} keeps {allowed:.0f} of {total} parameters" if budget is not None
+                 else f"keeping at most {allowed:.0f} of {total} parameters")
         raise ValueError(
-            f"budget {budget} keeps {allowed:.0f} of {total} parameters, but keeping one unit "
-            f"per block in every group already needs {floor}; it would empty a group. "
-            f"Use a budget of at most {1 - floor / total:.4f}.")
+            f"{asked}, but keeping one unit per block in every group already needs {floor}; "
+            f"it would empty a group. Use a budget of at most {1 - floor / total:.4f}.")
     items = []  # (value per parameter, group order, column, name)
     for gi, g in enumerate(groups):
         col = torch.sort(s[g.name], dim=1, descending=True).values.sum(0)  # [n_units]
@@ -168,7 +194,8 @@ def _by_budget(groups, s, sizes, params, budget) -> dict:
 
 
 def select(params: Params, groups: Sequence[Group], scores: Scores, *,
-           sparsity: Optional[Sparsity] = None, budget: Optional[float] = None) -> Keep:
+           sparsity: Optional[Sparsity] = None, budget: Optional[float] = None,
+           counts: Optional[Counts] = None) -> Keep:
     """Choose the kept units of every group.
 
     Args:
@@ -177,18 +204,26 @@ def select(params: Params, groups: Sequence[Group], scores: Scores, *,
       scores: {group name: importance per unit}, higher is more important.
       sparsity: fraction of units to remove per group (float or {kind: float}).
       budget: fraction of the groups' parameters to remove, allocated globally.
+      counts: {group name: units every block keeps}, each in [1, units]; unnamed groups keep all.
     Returns:
       {group name: sorted int64 indices [n_blocks, k]}.
     Example:
       keep = select(params, groups, scores, sparsity=0.5)
+      keep = select(params, groups, scores, counts={"layers.0.mlp": 9})
     """
-    check_target(groups, sparsity, budget)
+    if counts is None or sparsity is not None or budget is not None:
+        check_target(groups, sparsity, budget, counts)
     sizes = validate(params, groups)
+    if counts is not None:
+        _check_counts(counts, groups, sizes)  # also against the units, which check_target lacks
     s = check_scores(scores, groups, sizes)
-    if sparsity is not None:
-        counts = _by_fraction(groups, s, sizes, sparsity)
+    if counts is not None:
+        counts = {g.name: counts.get(g.name, sizes[g.name][1]) for g in groups}
+    elif sparsity is not None:
+        counts = _by_fraction(groups, sizes, sparsity)
     else:
-        counts = _by_budget(groups, s, sizes, params, budget)
+        total = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
+        counts = _allocate(groups, s, sizes, params, total * (1.0 - budget), budget)
     return {g.name: keep_top(s[g.name], counts[g.name]) for g in groups}
 
 
@@ -214,5 +249,5 @@ def kept_fraction(params: Params, groups: Sequence[Group], keep: Keep) -> float:
     return kept / total if total else 1.0
 
 
-__all__ = ["select", "keep_all", "compose", "kept_fraction", "keep_top", "check_scores",
-           "check_target", "parse_sparsity", "KINDS"]
+__all__ = ["select", "allocate", "keep_all", "compose", "kept_fraction", "keep_top", "check_scores",
+           "check_target", "parse_sparsity", "KINDS", "Counts", "Sparsity"]

@@ -5,10 +5,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import ecospa
 from ecospa.func import llama
 from ecospa.schedule import PruneSchedule, dense_sizes, round_target, warmup_cosine
+from strategies import float_scores, models, seeds
 
 
 def test_warmup_cosine_shape():
@@ -86,3 +89,63 @@ def test_cumulative_budget_relative_to_dense():
         assert now <= total0 * (1 - target) + 1e-9
         assert now > total0 * (1 - target) - max(g.numel_per_unit(params) * 2 for g in groups)
     assert math.isclose(1 - now / total0, 0.6, abs_tol=0.05)
+
+
+# --- round_target gives counts: honoured exactly, reaching each cumulative target -------------
+
+ramps = st.lists(st.floats(0.0, 0.95), min_size=1, max_size=4).map(sorted)
+
+
+@given(models(), seeds, ramps, st.booleans())
+def test_round_counts_reach_the_cumulative_sparsity(model_cfg, seed, ramp, per_kind):
+    """Every round keeps exactly max(1, round((1 - t) * dense units)) units in every group,
+    whatever the earlier rounds left (no dependence on how select rounds a fraction)."""
+    model, cfg = model_cfg
+    params, groups = model.init(cfg, seed=seed, dtype=torch.float64), model.coupled_groups(cfg)
+    dense = dense_sizes(params, groups)
+    for t in ramp:
+        target = {"mlp": t, "qk": t / 2} if per_kind else t
+        counts = round_target(target, groups, dense, params)["counts"]
+        before = ecospa.validate(params, groups)
+        assert all(1 <= counts[g.name] <= before[g.name][1] for g in groups)
+        params = ecospa.slice_units(params, groups, ecospa.select(
+            params, groups, float_scores(params, groups, seed), counts=counts))
+        after = ecospa.validate(params, groups)
+        for g in groups:
+            frac = target.get(g.kind, 0.0) if per_kind else target
+            assert after[g.name][1] == counts[g.name] == max(1, round((1 - frac) * dense[g.name][0]))
+
+
+@given(models(), seeds, ramps.map(lambda r: [0.6 * t for t in r]))
+def test_round_counts_reach_the_cumulative_budget(model_cfg, seed, ramp):
+    """A budget's counts keep at most (1 - t) of the dense group parameters, and no group that
+    lost units this round could take one more column without passing it."""
+    model, cfg = model_cfg
+    params, groups = model.init(cfg, seed=seed, dtype=torch.float64), model.coupled_groups(cfg)
+    dense = dense_sizes(params, groups)
+    total0 = sum(v[1] for v in dense.values())
+    column = {g.name: g.sizes(params)[0] * g.numel_per_unit(params) for g in groups}
+    assume(sum(column.values()) <= total0 * (1 - ramp[-1]))  # one unit per block must fit
+    for t in ramp:
+        scores, before = float_scores(params, groups, seed), ecospa.validate(params, groups)
+        counts = round_target(t, groups, dense, params, by="budget", scores=scores)["counts"]
+        params = ecospa.slice_units(params, groups, ecospa.select(params, groups, scores, counts=counts))
+        now = ecospa.validate(params, groups)
+        kept = sum(column[g.name] * now[g.name][1] for g in groups)
+        assert kept <= total0 * (1 - t) + 1e-9
+        for g in groups:
+            assert now[g.name][1] == counts[g.name]
+            if counts[g.name] < before[g.name][1]:  # (units removed earlier stay removed)
+                assert kept + column[g.name] > total0 * (1 - t) - 1e-9
+
+
+def test_round_target_budget_without_scores_is_a_fraction_of_the_current_tree():
+    params = llama.init(CFG)
+    groups = llama.coupled_groups(CFG)
+    dense = dense_sizes(params, groups)
+    assert round_target(0.0, groups, dense, params, by="budget") == {"budget": 0.0}
+    assert round_target(0.4, groups, dense, params, by="budget")["budget"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="one global fraction"):
+        round_target({"mlp": 0.4}, groups, dense, params, by="budget")
+    with pytest.raises(ValueError, match="by must be"):
+        round_target(0.4, groups, dense, params, by="units")

@@ -61,7 +61,8 @@ class _Timer:
 
 def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
     by = "budget" if schedule.budget is not None else "sparsity"
-    keep = select(params, groups, scores, **round_target(target, groups, dense, params, by=by))
+    counts = round_target(target, groups, dense, params, by=by, scores=scores)["counts"]
+    keep = select(params, groups, scores, counts=counts)
     return slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
 
 
