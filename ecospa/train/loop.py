@@ -31,6 +31,7 @@ from ecospa.schedule import PruneSchedule, dense_sizes, round_target
 from ecospa.select import select
 from ecospa.train.config import (TrainConfig, check_budget, check_run_target, check_schedule,
                                  checkpoint_every, lr_schedule, opt_lr)
+from ecospa.train.flops import train_step_flops
 from ecospa.train.rundir import append_line, check_fresh, check_out, remove_run, trim_metrics
 from ecospa.train.runtime import LOCAL
 from ecospa.train.saving import (CheckpointNotSaved, Checkpointer, TrainingDiverged, all_finite,
@@ -181,6 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     saver = Checkpointer(ckpt_path, cfg, par, every, last_saved)
 
     state = {"dense": dense, "dense_params": dense_params, "rounds_done": done}  # done grows in place
+    state["train_flops"] = int(ck.extra.get("train_flops", 0)) if resume else 0  # ecospa.train.flops
     stop = cfg.steps if until is None else min(until, cfg.steps)
     step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
     bar = tqdm(total=cfg.steps, initial=start, disable=not par.is_main or not (
@@ -209,6 +211,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
             imp = est.update(imp, params, res.grads)
         params, opt_state = res.params, res.opt_state
         losses.append(loss)
+        state["train_flops"] += train_step_flops(params, cfg.model.name, cfg.batch_size, cfg.seq_len)
         phase = "dense" if not done else ("pruned" if s >= (last_round or 0) else None)
         timer.add(phase, dt, batch[:, 1:].numel())
         window.append((dt, batch[:, 1:].numel()))
@@ -222,6 +225,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
             val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
             record = dict(record or {"step": s + 1, "loss": loss}, val_ppl=val_ppl)
         if record:
+            record["train_flops"] = state["train_flops"]
             log(record)
             bar.set_postfix(loss=f"{loss:.3f}", kept=f"{count_params(params) / dense_params:.0%}")
         bar.update(1)
@@ -235,7 +239,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
     requested, reached = _targets(cfg, params, groups, dense, done, dense_params)
     return {"steps": stop, "dense_params": dense_params, "kept_params": kept,
             "param_reduction": 1 - kept / dense_params, "target": requested, "reached": reached,
-            "val_ppl": val_ppl,
+            "val_ppl": val_ppl, "train_flops": state["train_flops"],
             "tokens_per_s_dense": timer.rate("dense"), "tokens_per_s_pruned": timer.rate("pruned"),
             "peak_mem_mb": peak_memory_mb(cfg.device), "wall_s": time.perf_counter() - t_start,
             "losses": losses, "rounds": done, "params": params, "opt_state": opt_state}
