@@ -44,8 +44,19 @@ TINY = TrainConfig(
     eval_every=100, eval_batches=8, log_every=10,
     prune=PruneSchedule(warmup_steps=100, window=20, rounds=3, every=80, ramp="cubic", sparsity=0.5))
 
+# "small": the capacity-bound CPU regime (issue 14): the embedded stdlib source (~28 MB of train
+# bytes, no epoch repeats within a run), where the dense model beats a dense model with half its
+# block parameters at equal steps. Sizes found by measurement (benchmarks/results/pretrain_search.json).
+SMALL = TrainConfig(
+    model=llama.Config(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                       max_seq_len=128),
+    data="stdlib", tokenizer="byte", batch_size=16, seq_len=128, steps=900, lr=3e-3, lr_warmup=30,
+    eval_every=100, eval_batches=16, log_every=20,
+    prune=PruneSchedule(warmup_steps=60, window=40, rounds=3, every=100, ramp="cubic", budget=0.5))
+
 PRESETS = {
     "tiny": TINY,
+    "small": SMALL,
     "gpt2-tiny": dataclasses.replace(TINY, model=gpt2.Config(vocab_size=256, dim=128, n_layers=4,
                                                               n_heads=4, ffn_dim=512, max_seq_len=128)),
     "llama-60m": _galore(512, 8, 8, 1376, 10_000, 1e-3),
@@ -57,6 +68,38 @@ PRESETS = {
 }
 
 
+PUBLISHED = ("llama-60m", "llama-130m", "llama-350m", "llama-1b", "gpt2-small", "gpt2-medium")
+
+
+def shrink(cfg: TrainConfig, steps: int = 12, dim: int = 32, n_layers: int = 2, batch_size: int = 2,
+           seq_len: int = 16, data: str = "pydoc") -> TrainConfig:
+    """The same pipeline at toy size, for CPU smoke tests of the published presets.
+
+    Changes only sizes and the data: the model's width/depth (heads: the most that divide ``dim`` with head_dim >= 8,
+    ffn scaled with the width, vocab 256 for the byte tokenizer), batch, sequence, steps (every
+    step count of the LR and pruning schedules scaled by the same factor, >= 1), ``data`` with the
+    byte tokenizer in place of C4/WikiText, CPU float32, evaluation once at the end. The optimizer,
+    LR shape, estimator, number of rounds, ramp and target are the preset's.
+    """
+    f = steps / cfg.steps
+    scale = lambda n, least=1: max(least, round(n * f))  # noqa: E731
+    m = cfg.model
+    heads = max(h for h in range(1, min(m.n_heads, dim // 8) + 1) if dim % h == 0 and (dim // h) % 2 == 0)
+    changes = dict(dim=dim, n_layers=n_layers, n_heads=heads, head_dim=dim // heads,
+                   ffn_dim=max(2, round(m.ffn_dim * dim / m.dim)), vocab_size=256, max_seq_len=seq_len)
+    if getattr(m, "n_kv_heads", None) is not None:
+        changes["n_kv_heads"] = max(k for k in range(1, heads + 1) if heads % k == 0 and k <= m.n_kv_heads)
+    p = cfg.prune
+    window = scale(p.window)
+    prune = dataclasses.replace(p, warmup_steps=scale(p.warmup_steps, 0), window=window,
+                                every=None if p.every is None else max(window, scale(p.every)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data, tokenizer="byte",
+                               batch_size=batch_size, seq_len=seq_len, steps=steps,
+                               lr_warmup=min(steps, scale(cfg.lr_warmup, 0)), eval_every=steps,
+                               eval_batches=1, log_every=1, ckpt_every=0, dtype="float32", device="cpu",
+                               prune=prune)
+
+
 def get(name: str) -> TrainConfig:
     """The preset called ``name``; ValueError listing the choices otherwise."""
     if name not in PRESETS:
@@ -64,4 +107,4 @@ def get(name: str) -> TrainConfig:
     return PRESETS[name]
 
 
-__all__ = ["PRESETS", "TINY", "get"]
+__all__ = ["PRESETS", "PUBLISHED", "SMALL", "TINY", "get", "shrink"]
