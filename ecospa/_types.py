@@ -1,7 +1,17 @@
-"""Type aliases shared across ecospa. A parameter tree holds only dicts, tuples and tensors."""
+"""Type aliases and the typed contracts shared across ecospa. A parameter tree holds only dicts,
+tuples and tensors.
+
+The two pluggable pieces are Protocols, optax style (pure functions over trees, state passed in
+and returned, nothing mutated):
+- ``EstimatorProtocol``: ``init(params) -> state``, ``update(state, params, grads) -> state``,
+  ``scores(state) -> Scores`` (``ecospa.importance.Importance`` is one);
+- ``OptimizerProtocol``: ``init(params) -> state``, ``update(grads, state, params) ->
+  (params, state)`` (``ecospa.optim.Optimizer`` from ``adamw`` is one).
+Anything with these members works in ``make_step``, ``fisher`` and the train loop.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
@@ -12,3 +22,53 @@ Params = Any  # nested dict/tuple of tensors (a pytree)
 TensorTree = Any  # any tree with the structure of Params (grads, AdamW moments, masks)
 Scores = Mapping[str, Tensor]  # group name -> importance per unit, shape [n_blocks, n_units]
 Keep = Mapping[str, Tensor]  # group name -> kept unit indices (int64), shape [n_blocks, k], sorted
+State = Any  # an estimator's or optimizer's state: a NamedTuple of trees and counters
+
+
+class InitFn(Protocol):
+    """``init(params) -> state`` (estimators and optimizers alike)."""
+
+    def __call__(self, params: Params) -> State: ...
+
+
+class EstimatorUpdateFn(Protocol):
+    """``update(state, params, grads) -> state``: fold in one batch's gradients."""
+
+    def __call__(self, state: State, params: Params, grads: TensorTree) -> State: ...
+
+
+class ScoresFn(Protocol):
+    """``scores(state) -> {group name: [n_blocks, n_units]}``, higher = keep."""
+
+    def __call__(self, state: State) -> Scores: ...
+
+
+class OptimizerUpdateFn(Protocol):
+    """``update(grads, state, params) -> (new_params, new_state)``, pure."""
+
+    def __call__(self, grads: TensorTree, state: State, params: Params) -> Tuple[Params, State]: ...
+
+
+@runtime_checkable
+class EstimatorProtocol(Protocol):
+    """An importance estimator (``ecospa.importance.Importance`` or your own)."""
+
+    @property
+    def init(self) -> InitFn: ...
+
+    @property
+    def update(self) -> EstimatorUpdateFn: ...
+
+    @property
+    def scores(self) -> ScoresFn: ...
+
+
+@runtime_checkable
+class OptimizerProtocol(Protocol):
+    """An optimizer, optax style (``ecospa.optim.adamw(...)`` or your own)."""
+
+    @property
+    def init(self) -> InitFn: ...
+
+    @property
+    def update(self) -> OptimizerUpdateFn: ...

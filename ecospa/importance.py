@@ -1,6 +1,8 @@
-"""Importance estimators: one signature, optax style.
+"""Importance estimators: one constructor signature, one contract, optax style.
 
-Every estimator is ``Importance(init, update, scores)``:
+Every constructor is ``name(groups, *, seed=0, **its own keyword options)`` (``EstimatorFactory``;
+deterministic estimators ignore ``seed``), so ``ESTIMATORS[name](groups, seed=seed)`` builds any
+of them. Every estimator is ``Importance(init, update, scores)`` (``ecospa._types.EstimatorProtocol``):
     state  = est.init(params)
     state  = est.update(state, params, grads)   # once per batch, with the step's own gradients
     scores = est.scores(state)                  # {group name: [n_blocks, n_units]}, higher = keep
@@ -9,22 +11,35 @@ The coupled empirical Fisher uses the first-order effect of removing unit j,
 ``v_j = sum over j's indices of W * dL/dW``, which is the derivative of the loss with respect to
 a virtual mask on the inner dimension and can be read from either linear side of the pair.
 Its importance is the mean (or an exponential moving average) of ``v_j ** 2`` over batches.
+
+The state is always ``ImportanceState(stat, count)`` with ``stat`` {group name: [n_blocks,
+n_units]}: small, so checkpoints stay small. Static estimators (magnitude, norm_product, random)
+keep the scores of the params they last saw, never the params themselves.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
 from ecospa._tree import get_path
-from ecospa._types import Params, Scores, TensorTree
+from ecospa._types import (EstimatorProtocol, EstimatorUpdateFn, InitFn, Params, Scores, ScoresFn,
+                           TensorTree)
 from ecospa.groups import Group, Member
 
 
 class Importance(NamedTuple):
-    init: Callable      # (params) -> state
-    update: Callable    # (state, params, grads) -> state
-    scores: Callable    # (state) -> Scores
+    """An estimator: three pure functions (satisfies ``ecospa._types.EstimatorProtocol``)."""
+
+    init: InitFn                 # (params) -> state
+    update: EstimatorUpdateFn    # (state, params, grads) -> state
+    scores: ScoresFn             # (state) -> Scores
+
+
+class EstimatorFactory(Protocol):
+    """The one constructor signature: ``ESTIMATORS[name](groups, seed=seed)``."""
+
+    def __call__(self, groups: Sequence[Group], *, seed: int = 0) -> Importance: ...
 
 
 class ImportanceState(NamedTuple):
@@ -83,20 +98,21 @@ def _accumulating(per_batch, finish, ema: Optional[float] = None) -> Importance:
     return Importance(init, update, scores)
 
 
-def coupled_fisher(groups: Sequence[Group], ema: Optional[float] = None, side: str = "b") -> Importance:
+def coupled_fisher(groups: Sequence[Group], *, seed: int = 0, ema: Optional[float] = None,
+                   side: str = "b") -> Importance:
     """Coupled empirical Fisher: mean (or EMA with factor ``ema``) of v_j**2 per unit."""
     groups = tuple(groups)
     return _accumulating(lambda p, g: {k: v ** 2 for k, v in unit_dots(p, g, groups, side).items()},
                          lambda x: x, ema)
 
 
-def taylor(groups: Sequence[Group], side: str = "b") -> Importance:
+def taylor(groups: Sequence[Group], *, seed: int = 0, side: str = "b") -> Importance:
     """First-order Taylor: |mean over batches of v_j|."""
     groups = tuple(groups)
     return _accumulating(lambda p, g: unit_dots(p, g, groups, side), torch.abs)
 
 
-def uncoupled(groups: Sequence[Group], side: str = "a") -> Importance:
+def uncoupled(groups: Sequence[Group], *, seed: int = 0, side: str = "a") -> Importance:
     """Each matrix alone: the per-weight empirical Fisher sum((W * dL/dW)**2) of one side's
     first weight, ignoring its partner (the usual per-matrix structured criterion)."""
     groups = tuple(groups)
@@ -111,11 +127,18 @@ def uncoupled(groups: Sequence[Group], side: str = "a") -> Importance:
     return _accumulating(per_batch, lambda x: x)
 
 
-def _static(fn) -> Importance:
-    """An estimator that needs no gradients: scores come from the params of the last update."""
-    return Importance(lambda params: ImportanceState({"params": params}, 0),
-                      lambda state, params, grads: ImportanceState({"params": params}, state.count + 1),
-                      lambda state: fn(state.stat["params"]))
+def _static(fn: Callable[[Params], dict]) -> Importance:
+    """An estimator that needs no gradients: the scores of the params it last saw (at ``init`` or
+    the last ``update``). The state holds those scores, not a copy of the params."""
+    def scores(state):
+        legacy = state.stat.get("params")
+        if isinstance(legacy, (Mapping, tuple, list)):  # a checkpoint from before: it held the params
+            return fn(legacy)
+        return dict(state.stat)
+
+    return Importance(lambda params: ImportanceState(fn(params), 0),
+                      lambda state, params, grads: ImportanceState(fn(params), state.count + 1),
+                      scores)
 
 
 def _side_norm(params, g: Group, side: str) -> torch.Tensor:
@@ -125,33 +148,39 @@ def _side_norm(params, g: Group, side: str) -> torch.Tensor:
     return sum(_per_unit(get_path(params, m.path).detach().double(), m, 2) for m in members).sqrt()
 
 
-def magnitude(groups: Sequence[Group], side: str = "b") -> Importance:
+def magnitude(groups: Sequence[Group], *, seed: int = 0, side: str = "b") -> Importance:
     """One-side weight magnitude: the L2 norm of the unit's slice of one side."""
+    groups = tuple(groups)
     return _static(lambda p: {g.name: _side_norm(p, g, side) for g in groups})
 
 
-def norm_product(groups: Sequence[Group]) -> Importance:
+def norm_product(groups: Sequence[Group], *, seed: int = 0) -> Importance:
     """Product of the two sides' norms, ||a_j|| * ||b_j|| (falls back to side b alone)."""
+    groups = tuple(groups)
+
     def fn(p):
         return {g.name: _side_norm(p, g, "b") * (_side_norm(p, g, "a") if g.side("a") else 1.0)
                 for g in groups}
     return _static(fn)
 
 
-def random(groups: Sequence[Group], seed: int = 0) -> Importance:
+def random(groups: Sequence[Group], *, seed: int = 0) -> Importance:
     """Uniform random scores (deterministic in ``seed``)."""
+    groups = tuple(groups)
+
     def fn(p):
         gen = torch.Generator().manual_seed(seed)
         return {g.name: torch.rand(*g.sizes(p), generator=gen, dtype=torch.float64) for g in groups}
     return _static(fn)
 
 
-ESTIMATORS = {"fisher": coupled_fisher, "taylor": taylor, "uncoupled": uncoupled,
-              "magnitude": magnitude, "norm_product": norm_product, "random": random}
+ESTIMATORS: Mapping[str, EstimatorFactory] = {
+    "fisher": coupled_fisher, "taylor": taylor, "uncoupled": uncoupled,
+    "magnitude": magnitude, "norm_product": norm_product, "random": random}
 
 
 def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: Iterable,
-           estimator: Optional[Importance] = None) -> Scores:
+           estimator: Optional[EstimatorProtocol] = None) -> Scores:
     """Coupled empirical Fisher scores from calibration batches.
 
     Args:

@@ -21,7 +21,7 @@ import optree
 import torch
 
 from ecospa._tree import FP32_BUFFERS
-from ecospa._types import Keep, Params, Path, TensorTree
+from ecospa._types import InitFn, Keep, OptimizerUpdateFn, Params, Path, TensorTree
 from ecospa.groups import Group
 from ecospa.prune import slice_units
 
@@ -35,8 +35,10 @@ class AdamWState(NamedTuple):
 
 
 class Optimizer(NamedTuple):
-    init: Callable      # (params) -> AdamWState
-    update: Callable    # (grads, state, params) -> (new_params, new_state)
+    """An optimizer as two pure functions (satisfies ``ecospa._types.OptimizerProtocol``)."""
+
+    init: InitFn                 # (params) -> AdamWState
+    update: OptimizerUpdateFn    # (grads, state, params) -> (new_params, new_state)
 
 
 def default_trainable(path: Path, leaf: torch.Tensor) -> bool:

@@ -216,6 +216,24 @@ def test_format_1_checkpoints_still_load(tmp_path):
     assert_same(ck.params, params) and ck.step == 3
 
 
+def test_old_static_importance_states_still_load_and_score(tmp_path):
+    """Static estimators used to keep the params in their state (so checkpoints held them twice);
+    such a checkpoint still loads, and its state still gives the same scores as a new one."""
+    params, state = pruned()
+    groups = llama.coupled_groups(CFG)
+    old = ecospa.ImportanceState({"params": params}, 5)
+    path = checkpoint.save(tmp_path / "ck", params, CFG, opt_state=state, state=old, step=3)
+    loaded = ecospa.ImportanceState(*checkpoint.load_full(path).state)
+    for name in ("magnitude", "norm_product", "random"):
+        est = ecospa.ESTIMATORS[name](groups, seed=1)
+        got, want = est.scores(loaded), est.scores(est.init(params))
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        new = est.update(loaded, params, None)  # the next update drops the params copy
+        assert set(new.stat) == {g.name for g in groups} and new.count == 6
+    small = checkpoint.save(tmp_path / "new", params, CFG, state=est.init(params))
+    assert (small / "state.safetensors").stat().st_size < (path / "state.safetensors").stat().st_size / 4
+
+
 @pytest.mark.parametrize("text", [
     "[]", "null", "3", '"x"', "{}", '{"format": 1}', '{"format": "1", "family": "llama"}',
     '{"format": 1, "family": "llama", "config": [], "trees": {}, "tensors": {}, "files": {}}',

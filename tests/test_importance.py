@@ -99,3 +99,48 @@ def test_scores_without_batches_is_a_clear_error():
     est = ecospa.coupled_fisher(gpt2.coupled_groups(cfg))
     with pytest.raises(ValueError, match="no batches"):
         est.scores(est.init(gpt2.init(cfg)))
+
+
+# --- one constructor signature, typed contracts, small static states ---------------------------
+
+@pytest.mark.parametrize("name", sorted(ecospa.ESTIMATORS))
+def test_every_estimator_takes_groups_and_a_seed_and_meets_the_protocol(name):
+    from ecospa._types import EstimatorProtocol, OptimizerProtocol
+    from ecospa import optim
+    cfg = gpt2.Config(vocab_size=7, dim=4, n_layers=1, n_heads=2, ffn_dim=6, max_seq_len=8)
+    groups = gpt2.coupled_groups(cfg)
+    est = ecospa.ESTIMATORS[name](groups, seed=3)
+    assert isinstance(est, EstimatorProtocol) and isinstance(optim.adamw(1e-3), OptimizerProtocol)
+    assert not isinstance(optim.adamw(1e-3), EstimatorProtocol)  # no scores: not an estimator
+    with pytest.raises(TypeError):
+        ecospa.ESTIMATORS[name](groups, 3)  # options are keyword-only, the same for all
+
+
+@pytest.mark.parametrize("name", ["magnitude", "norm_product", "random"])
+def test_static_estimators_keep_scores_not_a_copy_of_the_params(name):
+    """The state (which checkpoints save) holds [n_blocks, n_units] per group, no params."""
+    cfg = llama.Config(vocab_size=17, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=12)
+    params, groups = llama.init(cfg, seed=1), llama.coupled_groups(cfg)
+    est = ecospa.ESTIMATORS[name](groups, seed=2)
+    grads = torch.func.grad(lm_loss(llama, cfg))(params, tokens(cfg, 0))
+    moved = {k: v for k, v in params.items()}
+    moved["layers"] = tuple({**layer, "w_up": layer["w_up"] * 2} for layer in params["layers"])
+    state = est.update(est.init(params), moved, grads)
+    assert set(state.stat) == {g.name for g in groups} and state.count == 1
+    assert all(state.stat[g.name].shape == g.sizes(params) for g in groups)
+    assert sum(v.numel() for v in state.stat.values()) < sum(
+        x.numel() for layer in params["layers"] for x in layer.values()) / 10
+    want = est.scores(est.init(moved))  # the params of the last update count
+    assert all(torch.equal(est.scores(state)[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "norm_product", "random"])
+def test_a_static_state_from_an_old_checkpoint_still_scores(name):
+    """Before, static states were ImportanceState({"params": params}, n); they still work."""
+    cfg = llama.Config(vocab_size=17, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=12)
+    params, groups = llama.init(cfg, seed=1), llama.coupled_groups(cfg)
+    est = ecospa.ESTIMATORS[name](groups, seed=2)
+    old = ecospa.ImportanceState({"params": params}, 3)
+    want = est.scores(est.init(params))
+    got = est.scores(old)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ecospa import optim
+from ecospa._types import OptimizerProtocol, State
 from ecospa.importance import ESTIMATORS
 
 
@@ -30,12 +30,12 @@ def lm_loss(forward: Callable, model_cfg) -> Callable:
 
 class StepOut(NamedTuple):
     params: Any
-    opt_state: optim.AdamWState
+    opt_state: State
     loss: torch.Tensor
     grads: Any
 
 
-def make_step(loss_fn: Callable, optimizer: optim.Optimizer, compile: bool = False) -> Callable:
+def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False) -> Callable:
     """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
 
     ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
@@ -71,7 +71,8 @@ def evaluate(loss_fn: Callable, params, batches) -> float:
 
 
 def estimator_for(name: str, groups, seed: int):
-    return ESTIMATORS[name](groups, seed=seed) if name == "random" else ESTIMATORS[name](groups)
+    """The estimator ``name`` (a key of ``ESTIMATORS``); every one takes the same arguments."""
+    return ESTIMATORS[name](groups, seed=seed)
 
 
 __all__ = ["lm_loss", "StepOut", "make_step", "evaluate", "peak_memory_mb", "estimator_for"]
