@@ -24,7 +24,7 @@ import torch
 from ecospa._tree import leaf_paths, map_paths
 from ecospa.func.padding import compact as compact_tree
 from ecospa.io import checkpoint
-from ecospa.io.data import ByteTokenizer, tokenizer
+from ecospa.io.data import ByteTokenizer, HFTokenizer, tokenizer
 from ecospa.io.gguf import load_gguf
 from ecospa.io.gguf_tokenizer import gguf_tokenizer
 from ecospa.io.hf import hub_dir, load_hf, load_hf_tokenizer
@@ -70,16 +70,19 @@ def registry_path(name: str) -> str:
 
 def encode(tokenizer, text: str) -> torch.Tensor:
     """Token ids (int64, 1-D) of ``text`` with a ``tokenizers``, a transformers or an
-    ``ecospa.io.data`` tokenizer (ByteTokenizer, HFTokenizer)."""
+    ``ecospa.io.data`` tokenizer (ByteTokenizer, HFTokenizer).
+
+    There is one adapter: a bare ``tokenizers`` / transformers object is wrapped in
+    ``ecospa.io.data.HFTokenizer``, the class ``ecospa train`` encodes with, so a model is scored
+    on the ids it was trained on (no special tokens added by transformers' ``encode``).
+    """
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; load it from a source that has one "
                          "(a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
                          "an ecospa checkpoint written by train or compress)")
-    out = tokenizer.encode(text)
-    if torch.is_tensor(out):  # ecospa.io.data tokenizers
-        return out.to(torch.long).reshape(-1)
-    ids = getattr(out, "ids", out)  # tokenizers.Encoding or a plain list
-    return torch.tensor(ids, dtype=torch.long)
+    if not isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
+        tokenizer = HFTokenizer(tokenizer)
+    return tokenizer.encode(text).to(torch.long).reshape(-1)
 
 
 TOKENIZER_PREFIX = "tokenizer:"  # spec of an ``ecospa.io.data.tokenizer(name)`` (what train uses)
