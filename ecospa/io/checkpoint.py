@@ -16,15 +16,15 @@ silently; format 1 (the same without that checksum) is still read. A save killed
 two renames leaves the previous checkpoint as ``.NAME.old-*`` (a kill after writing, the new one
 as ``.NAME.tmp-*``); ``load`` then takes the newest leftover that is complete (its manifest and
 every file's checksum verify), and the next successful save removes the leftovers.
+
+The manifest's format, checksum and validity checks live in ``ecospa.io._manifest``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import typing
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -35,15 +35,11 @@ import safetensors.torch
 
 from ecospa._types import Params, TensorTree
 from ecospa.func.families import FAMILIES, family_of
+from ecospa.io._manifest import FORMAT, READABLE, bad, manifest_sha256, read_manifest, verify_own_checksum
 from ecospa.io.files import fsync_file, sha256_file
 from ecospa.optim import AdamWState
 
-FORMAT = 2            # 2: the manifest carries the sha256 of its own content
-READABLE = (1, 2)     # format 1 (no manifest checksum) is still read
-MAX_MANIFEST_BYTES = 64 << 20
-_TREES = ("model", "optim", "state")
-_DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
-                               torch.int64, torch.int32, torch.uint8, torch.bool)}
+_manifest_sha256 = manifest_sha256  # (the name it had here; tests rebuild manifests with it)
 
 
 class Checkpoint(NamedTuple):
@@ -132,7 +128,7 @@ def save(path, params: Params, cfg, *, opt_state: Optional[AdamWState] = None,
             manifest = json.loads(json.dumps(manifest))
         except (TypeError, ValueError) as err:
             raise ValueError(f"extra metadata must be JSON-serializable: {err}") from err
-        manifest["manifest_sha256"] = _manifest_sha256(manifest)
+        manifest["manifest_sha256"] = manifest_sha256(manifest)
         text = json.dumps(manifest, indent=1)
         with open(tmp / "manifest.json", "w") as f:
             f.write(text)
@@ -153,16 +149,6 @@ def _leftovers(path: Path) -> list:
         return []
     found = [*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.tmp-*")]
     return sorted(p for p in found if p.is_dir() and not p.is_symlink())
-
-
-def _manifest_sha256(manifest: dict) -> str:
-    """sha256 of the manifest's content without its own checksum (canonical JSON)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as err:
-        raise ValueError(f"manifest content cannot be checksummed ({err})") from err
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -188,10 +174,10 @@ def _resolve(path: Path) -> Path:
     found = []
     for left in _leftovers(path):
         try:
-            manifest = _read_manifest(left)
+            manifest = read_manifest(left)
             for name in manifest["trees"]:
                 _verify_file(left, manifest, name)
-            _verify_own_checksum(left, manifest)
+            verify_own_checksum(left, manifest)
         except (ValueError, OSError):
             continue  # incomplete (killed while writing or while being removed): skip it
         step = manifest.get("step")
@@ -201,133 +187,6 @@ def _resolve(path: Path) -> Path:
     extra = (f" (the {len(_leftovers(path))} leftover(s) of interrupted saves beside it are incomplete)"
              if _leftovers(path) else "")
     raise FileNotFoundError(f"{path}: no checkpoint directory here{extra}")
-
-
-def _bad(root: Path, what: str) -> ValueError:
-    return ValueError(f"{root}/manifest.json is not a valid ecospa manifest: {what}; "
-                      "restore it or use an earlier checkpoint")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_spec(root: Path, spec, keys, depth: int = 0) -> None:
-    """A tree structure from the manifest: exactly one of tensor / dict / tuple / value."""
-    if depth > 64:
-        raise _bad(root, "a tree is nested more than 64 levels deep")
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise _bad(root, f"a tree node is {type(spec).__name__} {str(spec)[:40]!r}, expected one of "
-                         "{'tensor': key}, {'dict': {...}}, {'tuple': [...]}, {'value': x}")
-    (kind, v), = spec.items()
-    if kind == "tensor":
-        if not isinstance(v, str) or v not in keys:
-            raise _bad(root, f"a tree refers to tensor {str(v)[:40]!r}, which the tensor list lacks")
-    elif kind == "dict":
-        if not isinstance(v, dict):
-            raise _bad(root, "a 'dict' node is not an object")
-        for child in v.values():
-            _check_spec(root, child, keys, depth + 1)
-    elif kind == "tuple":
-        if not isinstance(v, list):
-            raise _bad(root, "a 'tuple' node is not a list")
-        for child in v:
-            _check_spec(root, child, keys, depth + 1)
-    elif kind != "value" or not (v is None or isinstance(v, (bool, int, float, str))):
-        raise _bad(root, f"unknown tree node {str(spec)[:40]!r}")
-
-
-def _check_config(root: Path, family: str, fields) -> None:
-    cls = FAMILIES[family].Config
-    if not isinstance(fields, dict):
-        raise _bad(root, f"'config' is {type(fields).__name__}, expected an object")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise _bad(root, f"config has fields {unknown[:5]} that {family}.Config does not know")
-    for k, v in fields.items():
-        hint = hints.get(k)
-        allowed = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
-        if v is None and type(None) in allowed:
-            continue
-        ok = ((int in allowed and _is_int(v)) or (float in allowed and isinstance(v, (int, float))
-              and not isinstance(v, bool)) or (bool in allowed and isinstance(v, bool))
-              or (str in allowed and isinstance(v, str)))
-        if not ok:
-            names = "/".join(getattr(a, "__name__", str(a)) for a in allowed)
-            raise _bad(root, f"config field {k!r} is {v!r}, expected {names}")
-    if fields.get("name", family) != family:
-        raise _bad(root, f"config name {fields['name']!r} disagrees with family {family!r}")
-
-
-def _read_manifest(root: Path) -> dict:
-    """The manifest at ``root``, checked: format, own checksum (format >= 2), structure."""
-    file = root / "manifest.json"
-    try:
-        size = file.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise _bad(root, f"{size} bytes, more than any manifest needs ({MAX_MANIFEST_BYTES})")
-        manifest = json.loads(file.read_bytes())
-    except FileNotFoundError as err:
-        raise ValueError(f"{root}: manifest.json is missing; not an ecospa checkpoint") from err
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, absurd nesting
-        if isinstance(err, ValueError) and str(err).startswith(str(root)):
-            raise
-        raise ValueError(f"{root}/manifest.json is truncated or corrupt ({str(err)[:200]})") from err
-    if not isinstance(manifest, dict):
-        raise _bad(root, f"it holds a {type(manifest).__name__}, not an object")
-    fmt = manifest.get("format")
-    if not _is_int(fmt):
-        raise _bad(root, f"no format version (format: {str(fmt)[:20]!r})")
-    if fmt not in READABLE:
-        if fmt > FORMAT:
-            raise ValueError(f"{root}: checkpoint format {fmt} was written by a newer ecospa; this "
-                             f"version reads formats {READABLE[0]}-{READABLE[-1]}: upgrade ecospa")
-        raise _bad(root, f"unknown format {fmt}")
-    missing = [k for k in ("family", "config", "trees", "tensors", "files") if k not in manifest]
-    if missing:
-        raise _bad(root, f"keys {missing} are missing")
-    family = manifest["family"]
-    if not isinstance(family, str) or family not in FAMILIES:
-        raise ValueError(f"{root}/manifest.json: unknown model family {str(family)[:40]!r}; expected one of "
-                         f"{sorted(FAMILIES)}")
-    _check_config(root, family, manifest["config"])
-    step, extra = manifest.get("step"), manifest.get("extra", {})
-    if step is not None and not _is_int(step):
-        raise _bad(root, f"step is {str(step)[:20]!r}, expected a whole number")
-    if not isinstance(extra, dict):
-        raise _bad(root, f"'extra' is {type(extra).__name__}, expected an object")
-    trees, tensors, files = manifest["trees"], manifest["tensors"], manifest["files"]
-    for name, v in (("trees", trees), ("tensors", tensors), ("files", files)):
-        if not isinstance(v, dict):
-            raise _bad(root, f"{name!r} is {type(v).__name__}, expected an object")
-    if "model" not in trees or not set(trees) <= set(_TREES) or set(tensors) != set(trees):
-        raise _bad(root, f"trees {sorted(trees)[:5]} / tensor lists {sorted(tensors)[:5]}: expected "
-                         f"'model' and optionally 'optim', 'state' in both")
-    for name in trees:
-        entries = tensors[name]
-        if not isinstance(entries, dict):
-            raise _bad(root, f"the tensor list of {name!r} is not an object")
-        for k, v in entries.items():
-            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
-                    and all(_is_int(n) and n >= 0 for n in v[0]) and isinstance(v[1], str) and v[1] in _DTYPES):
-                raise _bad(root, f"tensor {k[:40]!r} of {name!r}: expected [[sizes...], dtype], "
-                                 f"got {str(v)[:60]}")
-        _check_spec(root, trees[name], entries)
-        want = files.get(f"{name}.safetensors")
-        if not (isinstance(want, dict) and _is_int(want.get("bytes")) and want["bytes"] >= 0
-                and isinstance(want.get("sha256"), str)):
-            raise _bad(root, f"no size and checksum for {name}.safetensors")
-    return manifest
-
-
-def _verify_own_checksum(root: Path, manifest: dict) -> None:
-    """Format >= 2: the manifest's content matches the checksum it was written with. (Checked
-    after the more specific checks, so a damaged file is named as such.)"""
-    if manifest["format"] >= 2 and manifest.get("manifest_sha256") != _manifest_sha256(manifest):
-        raise ValueError(f"{root}/manifest.json was edited or is corrupt: its checksum does not "
-                         "match its content; restore it or use an earlier checkpoint")
 
 
 def _verify_file(root: Path, manifest: dict, name: str) -> Path:
@@ -366,7 +225,7 @@ def load_full(path) -> Checkpoint:
     FileNotFoundError when there is none at ``path``.
     """
     root = _resolve(Path(path))
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     family = manifest["family"]
     try:
         cfg = FAMILIES[family].Config(**manifest["config"])
@@ -377,10 +236,10 @@ def load_full(path) -> Checkpoint:
     if "optim" in manifest["trees"]:
         tree = _read_tree(root, manifest, "optim")
         if not isinstance(tree, dict) or set(tree) != set(AdamWState._fields):
-            raise _bad(root, f"the optimizer state needs the fields {list(AdamWState._fields)}")
+            raise bad(root, f"the optimizer state needs the fields {list(AdamWState._fields)}")
         opt = AdamWState(**tree)
     state = _read_tree(root, manifest, "state") if "state" in manifest["trees"] else None
-    _verify_own_checksum(root, manifest)
+    verify_own_checksum(root, manifest)
     return Checkpoint(params, cfg, manifest.get("extra", {}), opt, state, manifest.get("step"))
 
 
@@ -393,4 +252,4 @@ def load(path):
     return ck.params, ck.cfg, ck.extra
 
 
-__all__ = ["Checkpoint", "FAMILIES", "save", "load", "load_full"]
+__all__ = ["Checkpoint", "FAMILIES", "FORMAT", "READABLE", "save", "load", "load_full"]
