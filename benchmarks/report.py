@@ -157,6 +157,60 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def pretrain_section(res: dict, search: dict = None) -> str:
+    """The pre-training section: regime, the regime search, the comparison table (with FLOPs),
+    the figure and a plain verdict against the issue-14 targets."""
+    c = res.get("conditions", {})
+    m = c.get("model", {})
+    rows = {r["variant"]: r for r in res.get("rows", [])}
+    out = [f"Regime: preset `{c.get('preset')}`, {m.get('name', '?')} dim {m.get('dim')} x {m.get('n_layers')} layers "
+           f"(ffn {m.get('ffn_dim')}), data `{c.get('data')}` (byte-level), batch {c.get('batch_size')} x seq "
+           f"{c.get('seq_len')}, {c.get('steps')} steps = {c.get('tokens_seen', 0) / 1e6:.2f}M training tokens, lr "
+           f"{c.get('lr')}, EcoSpa budget {c.get('budget')} of the coupled-group parameters; schedule "
+           f"{c.get('schedule')}. Same seed, data order and LR schedule for every variant.", ""]
+    if search and search.get("table"):
+        out += ["Regime search (dense vs a dense model with half the block parameters, equal steps; "
+                "`benchmarks/results/pretrain_search.json`):", "", generic_table({"table": search["table"]}).split("\n", 2)[2], ""]
+    out += [generic_table(res), "", "![val ppl vs steps and vs training FLOPs](benchmarks/results/pretrain.png)", ""]
+    e, d, s = rows.get("ecospa"), rows.get("dense"), rows.get("dense-small")
+    if e and d and s:
+        rs, rd = e["val_ppl"] / s["val_ppl"], e["val_ppl"] / d["val_ppl"]
+        rf = e["train_flops"] / d["train_flops"] if e.get("train_flops") and d.get("train_flops") else float("nan")
+        gap = s["val_ppl"] / d["val_ppl"] - 1
+        ok = lambda b: "met" if b else "MISSED"  # noqa: E731
+        out += [f"Capacity gap: dense-small is {gap:+.1%} vs dense. EcoSpa / dense-small = {rs:.3f} "
+                f"(target <= 0.98: {ok(rs <= 0.98)}), EcoSpa / dense = {rd:.3f} (target <= 1.02: {ok(rd <= 1.02)}), "
+                f"EcoSpa training FLOPs / dense = {rf:.2f} (target <= 0.80: {ok(rf <= 0.80)}). "
+                + ("EcoSpa beat dense-small." if rs < 1 else "EcoSpa did NOT beat dense-small.")]
+    notes = res.get("notes")
+    if notes:
+        out += ["", *(f"- {n}" for n in notes)]
+    return "\n".join(out)
+
+
+def plot_pretrain(res: dict, path: str) -> None:
+    """Validation ppl against steps (left) and against training FLOPs (right), every variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in res.get("rows", []):
+        pts = [p for p in r.get("curve") or [] if p[1] is not None]
+        if not pts:
+            continue
+        style = "-" if "@" not in r["variant"] else ":"
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=r["variant"])
+        if all(p[2] for p in pts):
+            axes[1].plot([p[2] / 1e12 for p in pts], [p[1] for p in pts], style, marker=".", label=r["variant"])
+    c = res.get("conditions", {})
+    for ax, xl in zip(axes, ("training steps", "training FLOPs (TFLOP, ecospa.train.flops)")):
+        ax.set_xlabel(xl), ax.set_ylabel("validation ppl (bytes)"), ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"pre-training, preset {c.get('preset')} on {c.get('data')}, {c.get('steps')} steps")
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    print(f"wrote {path}")
+
+
 def generate_table(res: dict) -> str:
     c = res["conditions"]
     rows = [f"Conditions: {c.get('model')}, prompt {c.get('prompt')} + {c.get('new_tokens')} new tokens, "
@@ -203,7 +257,8 @@ def main() -> None:
             plot_speed(res, os.path.join(RESULTS, fname.replace(".json", ".png")))
     res = _load("pretrain.json")
     if res and res.get("table"):
-        text = replace_section(text, "pretrain", generic_table(res))
+        text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json")))
+        plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
     res = _load("compress.json")
     if res and (res.get("runs") or res.get("peers")):
         text = replace_section(text, "compress", compress_table(res))
