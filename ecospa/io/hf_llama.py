@@ -7,6 +7,7 @@ HF stores ``nn.Linear`` weights as [out, in]; ecospa stores ``x @ W`` with expli
 
 HF query head ``h*G + g`` reads KV head ``h`` (``repeat_kv``), and HF's rotate-half layout puts
 dim ``i`` of a head at ``(r, p) = (i // P, i % P)``, so the reshape is the whole conversion.
+config.json is read and written by ``ecospa.io.hf_llama_config``.
 """
 from __future__ import annotations
 
@@ -15,71 +16,11 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ecospa.func import llama
-from ecospa.io._hf_common import (as_dict, cfg_bool, cfg_float, cfg_int, cfg_str, check_layer_count,
-                                  check_state_dict, uniform_width)
+from ecospa.io._hf_common import check_layer_count, check_state_dict, uniform_width
+from ecospa.io.hf_llama_config import LLAMA_TYPES, config_from_hf, config_to_hf
 from ecospa.io.hf_write import write_hf
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed here
-
-
-def _need(c: dict, key: str):
-    if c.get(key) is None:
-        raise ValueError(f"config has no {key!r}; is this a LLaMA-family config.json?")
-    return c[key]
-
-
-def _rope_theta(c: dict) -> float:
-    """rope_theta from transformers 4 (top level + rope_scaling) or 5 (rope_parameters)."""
-    for key in ("rope_parameters", "rope_scaling"):
-        spec = c.get(key)
-        if spec is None:
-            continue
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"config {key!r} must be an object or null, got {spec!r}")
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ValueError(f"rope type {kind!r} is not implemented (only plain RoPE); "
-                             "ecospa cannot reproduce this model's positions")
-    rp = c.get("rope_parameters") or {}
-    if rp.get("rope_theta") is not None:
-        return cfg_float(rp, "rope_theta", 10000.0)
-    return cfg_float(c, "rope_theta", 10000.0)
-
-
-def config_from_hf(config: Any, tied: Optional[bool] = None):
-    """``llama.Config`` from an HF config; ``tied`` is the fallback for tie_word_embeddings."""
-    c = as_dict(config)
-    kind = cfg_str(c, "model_type", "llama")
-    if kind not in LLAMA_TYPES:
-        raise ValueError(f"model_type {kind!r} is not a LLaMA-family model ({LLAMA_TYPES})")
-    act = c.get("hidden_act", "silu")
-    if not isinstance(act, str) or act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
-    if cfg_bool(c, "mlp_bias", False):
-        raise ValueError("mlp_bias=True is not supported: ecospa's LLaMA MLP has no biases")
-    if cfg_bool(c, "use_sliding_window", False) and kind == "qwen2":
-        raise ValueError("Qwen2 sliding-window attention is not implemented; use full attention")
-    if kind != "qwen2" and cfg_bool(c, "attention_bias", False):
-        raise ValueError("attention_bias=True puts a bias on o_proj, which ecospa does not "
-                         "represent (Qwen2-style q/k/v biases are supported)")
-    for key in ("num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers",
-                "intermediate_size"):
-        _need(c, key)
-    heads = cfg_int(c, "num_attention_heads")
-    dim = cfg_int(c, "hidden_size")
-    max_len = cfg_int(c, "max_position_embeddings", 2048, hi=2**40)
-    if kind == "mistral" and c.get("sliding_window") is not None:
-        # ecospa attends over the full causal prefix: identical only within the window.
-        max_len = min(max_len, cfg_int(c, "sliding_window", hi=2**40))
-    tie = cfg_bool(c, "tie_word_embeddings")
-    return llama.Config(
-        vocab_size=cfg_int(c, "vocab_size"), dim=dim, n_layers=cfg_int(c, "num_hidden_layers"),
-        n_heads=heads, n_kv_heads=cfg_int(c, "num_key_value_heads", heads),
-        ffn_dim=cfg_int(c, "intermediate_size"), head_dim=cfg_int(c, "head_dim", max(1, dim // heads)),
-        rope_theta=_rope_theta(c), norm_eps=cfg_float(c, "rms_norm_eps", 1e-6),
-        tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
-        max_seq_len=max_len, name="llama")  # name = the family (checkpoints dispatch on it)
 
 
 def _layer_shapes(cfg) -> dict:
@@ -205,18 +146,7 @@ def to_hf(params: dict, cfg) -> tuple:
     for i, p in enumerate(params["layers"]):
         sd.update(layer_to_hf(p, f"model.layers.{i}.", D))
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
-    kind = "qwen2" if cfg.attention_bias else "llama"
-    conf = {"architectures": ["Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"],
-            "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": D,
-            "intermediate_size": ffn, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "tie_word_embeddings": cfg.tie_embeddings, "dtype": _dtype_name(params["embed"])}
-    if not cfg.attention_bias:
-        conf.update(attention_bias=False, mlp_bias=False)
-    return sd, conf
+    return sd, config_to_hf(cfg, ffn, params["embed"].dtype)
 
 
 def layer_to_hf(p: dict, prefix: str, dim: int) -> dict:
@@ -238,10 +168,6 @@ def layer_to_hf(p: dict, prefix: str, dim: int) -> dict:
     return out
 
 
-def _dtype_name(x: torch.Tensor) -> str:
-    return str(x.dtype).removeprefix("torch.")
-
-
 def save_hf(params: dict, cfg, directory: str, extra_files: Optional[Mapping[str, bytes]] = None) -> str:
     """Save as a transformers checkpoint (config.json + model.safetensors) atomically.
 
@@ -252,4 +178,4 @@ def save_hf(params: dict, cfg, directory: str, extra_files: Optional[Mapping[str
     return write_hf(sd, conf, directory, extra_files)
 
 
-__all__ = ["LLAMA_TYPES", "config_from_hf", "expected_shapes", "from_hf", "to_hf", "save_hf"]
+__all__ = ["LLAMA_TYPES", "config_from_hf", "expected_shapes", "from_hf", "to_hf", "layer_to_hf", "save_hf"]

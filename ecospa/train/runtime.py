@@ -6,9 +6,10 @@
 - ``LOCAL`` (one process, no ``torch.distributed``): exactly the plain loop;
 - ``DataParallel``: every rank holds the same parameter tree and takes its own rows of the same
   deterministic global batch. The gradients are averaged by ``DistributedDataParallel`` (its
-  bucketing overlaps the all-reduce with the backward) over ``TreeModule``, a thin ``nn.Module``
-  whose forward rebuilds the tree from its ``nn.Parameter``s and calls the pure loss. The
-  functional AdamW update then runs identically on every rank.
+  bucketing overlaps the all-reduce with the backward) over ``TreeModule``
+  (``ecospa.train.tree_module``), a thin ``nn.Module`` whose forward rebuilds the tree from its
+  ``nn.Parameter``s and calls the pure loss. The functional AdamW update then runs identically
+  on every rank.
 
 Why the ranks agree: the averaged gradient of B/W rows on each of W ranks is the gradient of
 the global batch of B rows (the loss is a mean over equally many tokens per rank). So the coupled
@@ -22,18 +23,17 @@ so a run can resume with any number of processes.
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
-import optree
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ecospa.optim import Optimizer, default_trainable
+from ecospa._types import OptimizerProtocol
 from ecospa.train.step import StepOut, evaluate, make_step
+from ecospa.train.tree_module import NO_BUFFER_SYNC, TreeModule, same_shapes
 
 DEFAULT_TIMEOUT_S = 600.0
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -61,74 +61,12 @@ def check_divisible(batch_size: int, world_size: int) -> None:
                          f"{world_size} (e.g. --batch-size {world_size * max(1, batch_size // world_size)})")
 
 
-# The buffers (rotary frequencies) are the same on every rank: no broadcast before each forward.
-# torch >= 2.13 names this option forward_sync_buffers and deprecates broadcast_buffers.
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                   inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-                   else {"broadcast_buffers": False})
-
-
-def _key(path) -> str:
-    return "/".join(str(k) for k in path)  # nn.Module names may not contain "."
-
-
-class TreeModule(nn.Module):
-    """A parameter tree as an ``nn.Module``, so that DDP can average its gradients.
-
-    Trainable leaves (``optim.default_trainable``) become ``nn.Parameter``s keyed by their path
-    ("layers/0/wq"); the others (rotary ``inv_freq``) become buffers. ``forward(batch)`` rebuilds
-    the tree from them and returns ``loss_fn(tree, batch)``.
-    """
-
-    def __init__(self, params, loss_fn: Callable):
-        super().__init__()
-        paths, leaves, self.spec = optree.tree_flatten_with_path(params, namespace="")
-        self.keys = [_key(p) for p in paths]
-        self.trainable = [default_trainable(tuple(p), x) for p, x in zip(paths, leaves)]
-        self.weights = nn.ParameterDict()
-        self.loss_fn = loss_fn
-        for k, x, t in zip(self.keys, leaves, self.trainable):
-            if t:
-                self.weights[k] = nn.Parameter(x.detach().clone())
-            else:
-                self.register_buffer(k, x.detach().clone())
-
-    def leaves(self) -> list:
-        """The module's tensors in the tree's flatten order."""
-        return [self.weights[k] if t else getattr(self, k) for k, t in zip(self.keys, self.trainable)]
-
-    def tree(self):
-        return optree.tree_unflatten(self.spec, self.leaves())
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.tree(), batch)
-
-    @torch.no_grad()
-    def load(self, params) -> None:
-        """Copy ``params`` (the same structure and shapes) into the module."""
-        new = self.spec.flatten_up_to(params)
-        torch._foreach_copy_(self.leaves(), [x.detach() for x in new])
-
-    def grads(self):
-        """The gradients as a tree with the params' structure (zeros for buffers)."""
-        out = [(x.grad if x.grad is not None else torch.zeros_like(x)) if t else torch.zeros_like(x)
-               for x, t in zip(self.leaves(), self.trainable)]
-        return optree.tree_unflatten(self.spec, out)
-
-
-def _same_shapes(params, module: Optional[TreeModule]) -> bool:
-    if module is None:
-        return False
-    leaves, spec = optree.tree_flatten(params, namespace="")
-    return spec == module.spec and all(a.shape == b.shape for a, b in zip(leaves, module.leaves()))
-
-
 class Local:
     """The single-process runtime: the plain loop, no ``torch.distributed``."""
 
     rank, world_size, is_main = 0, 1, True
 
-    def make_step(self, loss_fn: Callable, optimizer: Optimizer, compile: bool = False) -> Callable:
+    def make_step(self, loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False) -> Callable:
         return make_step(loss_fn, optimizer, compile)
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
@@ -158,7 +96,7 @@ class DataParallel:
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
         self.timeout_s, self.is_main = timeout_s, rank == 0
 
-    def make_step(self, loss_fn: Callable, optimizer: Optimizer, compile: bool = False) -> Callable:
+    def make_step(self, loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False) -> Callable:
         """``step(params, opt_state, batch) -> StepOut``, like ``ecospa.train.step.make_step``.
 
         ``batch`` is this rank's shard. The returned loss is the mean over all ranks and the
@@ -171,12 +109,12 @@ class DataParallel:
         def build(params):
             module = TreeModule(params, loss_fn)
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-            ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, **_NO_BUFFER_SYNC)
+            ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, **NO_BUFFER_SYNC)
             held.update(module=module, ddp=torch.compile(ddp, dynamic=False) if compile else ddp)
 
         def step(params, opt_state, batch):
             try:
-                if not _same_shapes(params, held["module"]):
+                if not same_shapes(params, held["module"]):
                     build(params)
                 else:
                     held["module"].load(params)
