@@ -56,3 +56,30 @@ def write_results(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before it: measured by
+    the allocator, not computed from tensor sizes. CUDA: ``torch.cuda.max_memory_allocated``.
+    CPU: the torch profiler's memory events (every allocation and free of the CPU allocator while
+    profiling, in order; blocks allocated before ``fn`` and freed inside it are not subtracted)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    total = peak = 0
+    for _, nb in events:
+        total += nb
+        peak = max(peak, total)
+    return int(peak)
