@@ -1,7 +1,6 @@
 """GGUF loading: a tiny file written here with gguf.GGUFWriter, and the real SmolLM2 file."""
 import importlib.util
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from ecospa.func import llama
 from ecospa.io.hf_llama import from_hf
+from _helpers import hf_llama_state_dict as _hf_state_dict  # (test_compress imports it from here)
 from tolerances import EXACT, HF, close
 
 gguf = pytest.importorskip("gguf")
@@ -18,27 +18,6 @@ from ecospa.io.gguf_tokenizer import build_tokenizer, gguf_tokenizer  # noqa: E4
 HF_CFG = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=48, head_dim=8, rope_theta=10000.0,
               rms_norm_eps=1e-5, tie_word_embeddings=False, model_type="llama")
-
-
-def _hf_state_dict(c: dict, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    D, hd, F_ = c["hidden_size"], c["head_dim"], c["intermediate_size"]
-    H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
-
-    def w(*s):
-        return torch.randn(*s, generator=g) * 0.2
-
-    sd = {"model.embed_tokens.weight": w(c["vocab_size"], D), "model.norm.weight": 1 + w(D)}
-    if not c["tie_word_embeddings"]:
-        sd["lm_head.weight"] = w(c["vocab_size"], D)
-    for i in range(c["num_hidden_layers"]):
-        n = f"model.layers.{i}."
-        sd.update({n + "self_attn.q_proj.weight": w(H * hd, D), n + "self_attn.k_proj.weight": w(Hkv * hd, D),
-                   n + "self_attn.v_proj.weight": w(Hkv * hd, D), n + "self_attn.o_proj.weight": w(D, H * hd),
-                   n + "mlp.gate_proj.weight": w(F_, D), n + "mlp.up_proj.weight": w(F_, D),
-                   n + "mlp.down_proj.weight": w(D, F_), n + "input_layernorm.weight": 1 + w(D),
-                   n + "post_attention_layernorm.weight": 1 + w(D)})
-    return sd
 
 
 def _converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from ecospa.func import gpt2, llama
 from ecospa.io import hf_gpt2, hf_llama
 from ecospa.io.hf import load_hf
+from _helpers import hf_llama_state_dict as _sd
 
 HF_CFG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=24, head_dim=4, rope_theta=10000.0,
@@ -47,27 +48,6 @@ def memory_cap(extra: int = 1 << 30):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _sd(c: dict, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    D, hd, F_ = c["hidden_size"], c["head_dim"], c["intermediate_size"]
-    H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
-
-    def w(*s):
-        return torch.randn(*s, generator=g) * 0.2
-
-    sd = {"model.embed_tokens.weight": w(c["vocab_size"], D), "model.norm.weight": 1 + w(D)}
-    if not c["tie_word_embeddings"]:
-        sd["lm_head.weight"] = w(c["vocab_size"], D)
-    for i in range(c["num_hidden_layers"]):
-        n = f"model.layers.{i}."
-        sd.update({n + "self_attn.q_proj.weight": w(H * hd, D), n + "self_attn.k_proj.weight": w(Hkv * hd, D),
-                   n + "self_attn.v_proj.weight": w(Hkv * hd, D), n + "self_attn.o_proj.weight": w(D, H * hd),
-                   n + "mlp.gate_proj.weight": w(F_, D), n + "mlp.up_proj.weight": w(F_, D),
-                   n + "mlp.down_proj.weight": w(D, F_), n + "input_layernorm.weight": 1 + w(D),
-                   n + "post_attention_layernorm.weight": 1 + w(D)})
-    return sd
 
 
 def _hf_dir(path, config, sd=None):

@@ -1,0 +1,27 @@
+"""Helpers that several test files share (no optional dependency is imported here)."""
+from __future__ import annotations
+
+import torch
+
+
+def hf_llama_state_dict(c: dict, seed: int = 0) -> dict:
+    """A random LLaMA state dict under transformers' names ("model.layers.0.self_attn.q_proj.
+    weight", ...) for the HF config dict ``c`` (weights ~ N(0, 0.2^2), norms around 1)."""
+    g = torch.Generator().manual_seed(seed)
+    D, hd, F_ = c["hidden_size"], c["head_dim"], c["intermediate_size"]
+    H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
+
+    def w(*s):
+        return torch.randn(*s, generator=g) * 0.2
+
+    sd = {"model.embed_tokens.weight": w(c["vocab_size"], D), "model.norm.weight": 1 + w(D)}
+    if not c["tie_word_embeddings"]:
+        sd["lm_head.weight"] = w(c["vocab_size"], D)
+    for i in range(c["num_hidden_layers"]):
+        n = f"model.layers.{i}."
+        sd.update({n + "self_attn.q_proj.weight": w(H * hd, D), n + "self_attn.k_proj.weight": w(Hkv * hd, D),
+                   n + "self_attn.v_proj.weight": w(Hkv * hd, D), n + "self_attn.o_proj.weight": w(D, H * hd),
+                   n + "mlp.gate_proj.weight": w(F_, D), n + "mlp.up_proj.weight": w(F_, D),
+                   n + "mlp.down_proj.weight": w(D, F_), n + "input_layernorm.weight": 1 + w(D),
+                   n + "post_attention_layernorm.weight": 1 + w(D)})
+    return sd
