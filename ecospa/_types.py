@@ -49,12 +49,14 @@ class OptimizerUpdateFn(Protocol):
     def __call__(self, grads: TensorTree, state: State, params: Params) -> Tuple[Params, State]: ...
 
 
-@runtime_checkable
-class EstimatorProtocol(Protocol):
-    """An importance estimator (``ecospa.importance.Importance`` or your own)."""
-
+class _Stateful(Protocol):
     @property
     def init(self) -> InitFn: ...
+
+
+@runtime_checkable
+class EstimatorProtocol(_Stateful, Protocol):
+    """An importance estimator (``ecospa.importance.Importance`` or your own)."""
 
     @property
     def update(self) -> EstimatorUpdateFn: ...
@@ -64,11 +66,8 @@ class EstimatorProtocol(Protocol):
 
 
 @runtime_checkable
-class OptimizerProtocol(Protocol):
+class OptimizerProtocol(_Stateful, Protocol):
     """An optimizer, optax style (``ecospa.optim.adamw(...)`` or your own)."""
-
-    @property
-    def init(self) -> InitFn: ...
 
     @property
     def update(self) -> OptimizerUpdateFn: ...
