@@ -15,7 +15,9 @@ import torch
 
 from ecospa.errors import nonneg_int, positive_float, positive_int
 from ecospa.importance import ESTIMATORS
+from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
+from ecospa.jobs.compress_job import LR_SCHEDULES, RANK_BY
 from ecospa.jobs.export import FORMATS
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
@@ -36,7 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimator", default=_DEFAULTS["estimator"], choices=sorted(ESTIMATORS))
     p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
     p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
-    p.add_argument("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], help="weight of the KL term, in [0, 1]")
+    p.add_argument("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], help="weight of the KL term, in [0, 1] (1: distillation only, no hard labels)")
+    p.add_argument("--rank-by", default=_DEFAULTS["rank_by"], choices=RANK_BY,
+                   help="which units of the vo/mlp groups to keep: by --estimator's scores, or 'obs': "
+                   "by the calibration error that remains after refitting the output projection")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=_DEFAULTS["reconstruct"],
+                   help="layer-wise ridge refit of the output projections to the dense model after "
+                   "pruning (no gradients; --no-reconstruct to switch it off)")
+    p.add_argument("--recon-batches", type=positive_int, default=_DEFAULTS["recon_batches"],
+                   help="TRAIN batches (--batch-size x --seq-len tokens each) for the refit and obs scores")
+    p.add_argument("--ridge", type=positive_float, default=_DEFAULTS["ridge"],
+                   help="ridge of the refit, relative to the Gram matrix's mean diagonal")
+    p.add_argument("--recon-target", default=_DEFAULTS["recon_target"], choices=TARGETS,
+                   help="residual: repair the stream up to each layer; local: match each layer alone")
+    p.add_argument("--lr-schedule", default=_DEFAULTS["lr_schedule"], choices=LR_SCHEDULES)
+    p.add_argument("--warmup", type=nonneg_int, default=_DEFAULTS["warmup"],
+                   help="warm-up steps of --lr-schedule cosine")
+    p.add_argument("--eval-extra", nargs="*", default=list(_DEFAULTS["eval_extra"]),
+                   help="other held-out sources scored on their VAL split (never trained on)")
     p.add_argument("--steps", type=nonneg_int, default=_DEFAULTS["steps"], help="recovery steps in total")
     p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS["batch_size"])
     p.add_argument("--seq-len", type=positive_int, default=_DEFAULTS["seq_len"])

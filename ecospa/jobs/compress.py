@@ -40,8 +40,13 @@ from ecospa.jobs.evaluate import perplexity
 from ecospa.jobs.compress_job import Job, check_out_dir
 from ecospa.jobs.export import export, source_tokenizer_info
 from ecospa.prune import slice_units
-from ecospa.select import check_target, select
+from ecospa.func.reconstruct import obs_scores, reconstruct
+from ecospa.schedule import dense_sizes, round_target, warmup_cosine
+from ecospa.select import check_target, keep_top, select
 from ecospa.train.step import lm_loss, make_step
+
+EXTRA_CHARS = 2_000_000  # of each extra held-out source's val split: far more than 40 windows need
+
 
 class RecoveryDiverged(ValueError):
     """The recovery fine-tune produced a NaN/inf loss or parameters; nothing was saved."""
@@ -52,34 +57,29 @@ def group_params(params, groups) -> int:
     return sum(get_path(params, m.path).numel() for g in groups for m in g.members if m.masked)
 
 
-def _round_target(job: Job, r: int, params, dense_params, groups) -> dict:
-    """select() kwargs reaching round r's cumulative target (linear ramp, relative to dense)."""
+def _keep(job: Job, r: int, params, dense_sizes_, groups, scores, obs) -> dict:
+    """Round r's kept units: the cumulative target (a linear ramp, relative to the dense model)
+    turned into per-group counts by ``schedule.round_target``; with ``rank_by="obs"`` the units
+    of the vo/mlp groups are then chosen by their error after the refit, not by ``scores``."""
     frac = r / job.rounds
     if job.budget is not None:
-        keep = group_params(dense_params, groups) * (1.0 - job.budget * frac)
-        return {"budget": max(0.0, 1.0 - keep / group_params(params, groups))}
-    sizes = {g.name: (g.kind, g.sizes(params)[1], g.sizes(dense_params)[1]) for g in groups}
-    rel = {}
-    for name, (kind, now, dense) in sizes.items():
-        s = job.sparsity.get(kind, 0.0) if isinstance(job.sparsity, Mapping) else job.sparsity
-        rel[name] = max(0.0, 1.0 - (1.0 - s * frac) * dense / now)
-    return {"sparsity": rel}
-
-
-def _select(params, groups, scores, target):
-    if "budget" in target:
-        return select(params, groups, scores, budget=target["budget"])
-    # per-group fractions: select() keys by kind, so run it once per group
-    keep = {}
-    for g in groups:
-        keep.update(select(params, (g,), {g.name: scores[g.name]},
-                           sparsity=target["sparsity"][g.name]))
+        target = job.budget * frac
+    elif isinstance(job.sparsity, Mapping):
+        target = {k: v * frac for k, v in job.sparsity.items()}
+    else:
+        target = job.sparsity * frac
+    counts = round_target(target, groups, dense_sizes_, params,
+                          by="budget" if job.budget is not None else "sparsity", scores=scores)["counts"]
+    keep = select(params, groups, scores, counts=counts)
+    if obs is not None:
+        keep.update({g: keep_top(obs[g], keep[g].shape[1]) for g in obs})
     return keep
 
 
 def _losses(forward, cfg, teacher, job: Job):
     """(calibration loss, recovery loss): ``lm_loss``, and with ``--distill`` a mix of it and the
-    KL divergence to the dense ``teacher``'s logits."""
+    KL divergence to the dense ``teacher``'s logits (``--distill-weight 1``: KL only). The
+    teacher runs once per step, under no_grad, outside what is differentiated."""
     ce = lm_loss(forward, cfg)
 
     def distill(params, batch):
@@ -88,6 +88,8 @@ def _losses(forward, cfg, teacher, job: Job):
             ref = forward(teacher, batch[:, :-1], cfg)
         kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
                       log_target=True, reduction="batchmean")
+        if job.distill_weight == 1.0:
+            return kl
         hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return (1 - job.distill_weight) * hard + job.distill_weight * kl
 
@@ -100,7 +102,9 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
     """
-    opt = optim.adamw(job.lr, weight_decay=0.0)
+    lr = job.lr if job.lr_schedule == "constant" or not steps else \
+        warmup_cosine(job.lr, min(job.warmup, steps), steps)
+    opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
     step_fn = make_step(train_loss, opt)
     losses = []
@@ -160,31 +164,56 @@ def compress(job: Job, loaded=None) -> dict:
     except ValueError as err:
         raise UsageError(str(err)) from err
     train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
+    extra_ids = {src: encode(tok, corpus(src, "val", max_chars=EXTRA_CHARS)) for src in job.eval_extra}
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress)
+
+    def held_out(p) -> dict:
+        """Perplexity on each extra held-out source (never calibrated or recovered on)."""
+        return {src: perplexity(forward, p, cfg, ids, **ev) for src, ids in extra_ids.items()}
+
     ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
-    out = {"model": job.model, "ppl_dense": ppl_dense, "rounds": []}
+    extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
+    out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
+           "calibration_tokens": 0, "rounds": []}
     ce, train_loss = _losses(forward, cfg, dense, job)
     params, per_round = dense, max(1, job.steps // job.rounds) if job.steps else 0
+    sizes = dense_sizes(dense, groups)
     for r in range(1, job.rounds + 1):
-        est = ESTIMATORS[job.estimator](groups)
+        est = ESTIMATORS[job.estimator](groups, seed=job.seed)
         calib = [batch_at(train_ids, 10_000 * r + i, job.batch_size, job.seq_len, job.seed + 1)
                  for i in range(job.calib_batches)]
+        refit = [batch_at(train_ids, 10_000 * r + 5_000 + i, job.batch_size, job.seq_len, job.seed + 2)
+                 for i in range(job.recon_batches)] if job.reconstruct or job.rank_by == "obs" else []
+        out["calibration_tokens"] += sum(b.numel() for b in calib + refit)
         scores = fisher(ce, params, groups, calib, estimator=est)
-        params = slice_units(params, groups, _select(params, groups, scores,
-                                                     _round_target(job, r, params, dense, groups)))
-        pruned = perplexity(forward, params, cfg, val_ids, **ev)
+        obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge) if job.rank_by == "obs" else None
+        params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
+        row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
+        if job.reconstruct:
+            t0 = time.perf_counter()
+            bar = tqdm(total=cfg.n_layers, desc="reconstruct", unit="layer", disable=not job.progress,
+                       leave=False)
+            params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
+                                 on_layer=lambda i, n: bar.update())
+            bar.close()
+            row.update(reconstruct_seconds=time.perf_counter() - t0,
+                       ppl_reconstructed=perplexity(forward, params, cfg, val_ids, **ev))
         if job.progress:
+            done = row.get("ppl_reconstructed", row["ppl_pruned"])
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
-                       f" of group params removed, held-out ppl {ppl_dense:.2f} -> {pruned:.2f}")
+                       f" of group params removed, held-out ppl {ppl_dense:.2f} -> {row['ppl_pruned']:.2f}"
+                       + (f" -> {done:.2f} after the refit" if job.reconstruct else ""))
         t0 = time.perf_counter()
         params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r)
-        seconds = time.perf_counter() - t0
-        out["rounds"].append({"ppl_pruned": pruned, "ppl_recovered":
-                              perplexity(forward, params, cfg, val_ids, **ev) if per_round else pruned,
-                              "steps": per_round, "recover_seconds": seconds,
-                              "final_train_loss": losses[-1] if losses else None})
+        row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
+                   final_train_loss=losses[-1] if losses else None,
+                   ppl_recovered=perplexity(forward, params, cfg, val_ids, **ev) if per_round
+                   else row.get("ppl_reconstructed", row["ppl_pruned"]))
+        out["rounds"].append(row)
+    out["ppl_extra"] = held_out(params)
     out.update(_sizes(dense, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
+               ppl_reconstructed=out["rounds"][0].get("ppl_reconstructed"),
                ppl_recovered=out["rounds"][-1]["ppl_recovered"],
                latency_ratio=latency(forward, dense, cfg, job.eval_seq_len)
                / latency(forward, params, cfg, job.eval_seq_len),
@@ -241,8 +270,14 @@ def table(summary: dict) -> str:
             ("block params removed", f"{summary['block_fraction_removed']:.1%}"),
             ("ppl dense", f"{summary['ppl_dense']:.2f}")]
     for i, r in enumerate(summary["rounds"], 1):
-        rows += [(f"ppl after prune (round {i})", f"{r['ppl_pruned']:.2f}"),
-                 (f"ppl after recovery (round {i}, {r['steps']} steps)", f"{r['ppl_recovered']:.2f}")]
+        rows.append((f"ppl after prune (round {i})", f"{r['ppl_pruned']:.2f}"))
+        if r.get("ppl_reconstructed") is not None:
+            rows.append((f"ppl after the refit (round {i})", f"{r['ppl_reconstructed']:.2f}"))
+        rows.append((f"ppl after recovery (round {i}, {r['steps']} steps)", f"{r['ppl_recovered']:.2f}"))
+    for src, dense_ppl in summary.get("ppl_dense_extra", {}).items():
+        final = summary["ppl_extra"][src]
+        rows.append((f"held-out {src}: ppl dense -> final", f"{dense_ppl:.2f} -> {final:.2f} "
+                     f"({final / dense_ppl:.2f}x)"))
     rows.append(("forward latency dense / pruned", f"{summary['latency_ratio']:.2f}x"))
     if "export_hf" in summary:
         rows.append(("HF export", summary["export_hf"]))

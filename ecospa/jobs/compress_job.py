@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
-from ecospa.errors import UsageError, whole
+from ecospa.errors import UsageError, check_fraction, whole
+from ecospa.func.reconstruct import TARGETS
 from ecospa.importance import ESTIMATORS
 from ecospa.io.files import check_output_path
 from ecospa.io.hf_write import check_export_target
@@ -16,6 +17,8 @@ from ecospa.jobs.export import FORMATS, check_out
 from ecospa.select import parse_sparsity
 
 Sparsity = Union[float, Mapping[str, float]]
+RANK_BY = ("estimator", "obs")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,14 @@ class Job:
     estimator: str = "fisher"
     rounds: int = 1
     distill: bool = False
-    distill_weight: float = 0.5
+    distill_weight: float = 0.5            # 1.0: KD only (no hard-label cross-entropy)
+    rank_by: str = "estimator"             # or "obs": vo/mlp units by their error after the refit
+    reconstruct: bool = False              # layer-wise ridge refit of the output projections
+    recon_batches: int = 8                 # TRAIN batches (batch_size x seq_len) for the refit
+    ridge: float = 1e-2                    # relative to the Gram's mean diagonal
+    recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
+    lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
+    warmup: int = 0                        # warm-up steps of the cosine schedule
     steps: int = 80
     batch_size: int = 4
     seq_len: int = 256
@@ -40,11 +50,13 @@ class Job:
     eval_windows: Optional[int] = 40
     eval_batch_size: int = 4
     seed: int = 0
+    eval_extra: tuple = ("stdlib",)        # more held-out sources (their VAL split), never trained on
     export_hf: Optional[str] = None
     export: Optional[str] = None           # another export (see ecospa.jobs.export), in export_format
     export_format: str = "hf-padded"
     progress: bool = True
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
+    ppl_dense_extra: Optional[Mapping[str, float]] = None  # the same for eval_extra's sources
 
     def __post_init__(self):
         """Check every value and every output path; UsageError before anything is loaded."""
@@ -60,8 +72,8 @@ class Job:
         if (self.budget is None) == (self.sparsity is None):
             raise UsageError("give exactly one target: --budget F (fraction of the coupled groups' "
                              "parameters removed) or --sparsity (e.g. 'qk=0.25,vo=0.25,mlp=0.5')")
-        if self.budget is not None and not (_number(self.budget) and 0.0 < self.budget < 1.0):
-            raise UsageError(f"--budget must be a fraction in (0, 1), e.g. 0.5; got {self.budget!r}")
+        if self.budget is not None:
+            check_fraction(self.budget, "--budget", zero=False)
         if self.sparsity is not None:
             sparsity = parse_sparsity(self.sparsity) if isinstance(self.sparsity, str) else self.sparsity
             if isinstance(sparsity, Mapping):
@@ -70,8 +82,8 @@ class Job:
                         raise UsageError(f"--sparsity names unknown group kinds [{kind!r}]")
                     parse_sparsity(f"{kind}=0")  # unknown kinds: the one parser's message
             fracs = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
-            if any(not (_number(v) and 0.0 <= v < 1.0) for v in fracs):
-                raise UsageError(f"--sparsity fractions must lie in [0, 1); got {self.sparsity!r}")
+            for v in fracs:
+                check_fraction(v, "--sparsity fraction")
             object.__setattr__(self, "sparsity", sparsity)
         if self.estimator not in ESTIMATORS:
             raise UsageError(f"--estimator {self.estimator!r} is unknown; use one of {sorted(ESTIMATORS)}")
@@ -90,6 +102,24 @@ class Job:
             raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
         if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
             raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.rank_by not in RANK_BY:
+            raise UsageError(f"--rank-by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
+        if self.recon_target not in TARGETS:
+            raise UsageError(f"--recon-target must be one of {', '.join(TARGETS)}, got {self.recon_target!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if not (_number(self.ridge) and math.isfinite(self.ridge) and self.ridge > 0):
+            raise UsageError(f"--ridge must be a finite number > 0, e.g. 1e-2; got {self.ridge!r}")
+        if not whole(self.recon_batches) or self.recon_batches < 1:
+            raise UsageError(f"--recon-batches must be a whole number >= 1, got {self.recon_batches!r}")
+        if not whole(self.warmup) or self.warmup < 0 or (self.steps and self.warmup > self.steps):
+            raise UsageError(f"--warmup must be a whole number in [0, --steps], got {self.warmup!r}")
+        extra = (self.eval_extra,) if isinstance(self.eval_extra, str) else tuple(self.eval_extra or ())
+        if any(not isinstance(x, str) or not x for x in extra) or self.data in extra:
+            raise UsageError(f"--eval-extra must name other text sources than --data {self.data!r}, "
+                             f"got {self.eval_extra!r}")
+        object.__setattr__(self, "eval_extra", extra)
         if self.ppl_dense is not None and not (_number(self.ppl_dense) and self.ppl_dense > 0):
             raise UsageError(f"ppl_dense must be a number > 0, got {self.ppl_dense!r}")
 
@@ -143,4 +173,4 @@ def check_out_dir(out: str, flag: str = "--out") -> str:
     return path
 
 
-__all__ = ["Job", "Sparsity", "check_out_dir"]
+__all__ = ["Job", "Sparsity", "check_out_dir", "RANK_BY", "LR_SCHEDULES"]

@@ -1,0 +1,198 @@
+"""Layer-wise reconstruction of a pruned model: refit each output projection by ridge least squares.
+
+    params = reconstruct(pruned, dense, cfg, batches)        # pure: inputs untouched
+
+For every layer in order and each of its two residual sublayers (``ecospa.func.sublayers``):
+the pruned model's inner activations H [N, K] (K = the KEPT value dims of every query head, or
+the kept MLP neurons) are computed on the pruned model's own inputs, which already went through
+the refit earlier layers; the target is what the DENSE model's residual stream holds after the
+same sublayer. The output projection W [K, D] (and the output bias, where the family has one)
+is refit to
+
+    W' = argmin ||H W' - Y||^2 + lam ||W' - W||^2 = (HᵀH + lam I)^-1 (HᵀY + lam W)
+
+with lam = ``ridge`` x mean(diag HᵀH). Targets (``target=``):
+  "residual"  Y = y_dense - x_pruned: the sublayer also repairs the error of everything before
+              it (the residual stream is pulled back onto the dense one);
+  "local"     Y = the dense sublayer's branch on the pruned model's inputs (classic layer-wise).
+HᵀH and HᵀY are accumulated batch by batch in float64 (never all activations at once); only
+the [N, D] residual streams of the current layer are kept. Because W itself is a feasible
+point, the refit never increases the calibration error ||H W - Y||^2 of a sublayer.
+
+No gradients, no training: about three forward passes over the calibration tokens plus one
+K x K solve per sublayer. Nothing is pruned here: the kept units are the pruned tree's.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ecospa.func.families import family_of
+from ecospa.func.sublayers import EMBED, SUBLAYERS, Sublayer
+
+TARGETS = ("residual", "local")
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(G + lam I)^-1 (C + lam W), lam = ridge * mean(diag G) (float64; G [K, K], C and W [K, D])."""
+    gram, cross, w = gram.double(), cross.double(), w.double()
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    a = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    b = cross + lam * w
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b).solution  # numerically indefinite: least squares instead
+
+
+def _check(params: dict, dense: dict, cfg, batches) -> list:
+    fam = family_of(cfg)
+    if not isinstance(params, dict) or not isinstance(dense, dict) or "layers" not in params \
+            or "layers" not in dense:
+        raise ValueError("reconstruct needs two parameter trees of the model family (dicts with 'layers')")
+    if len(params["layers"]) != len(dense["layers"]):
+        raise ValueError(f"pruned and dense trees do not match: {len(params['layers'])} vs "
+                         f"{len(dense['layers'])} layers; pass the dense model the pruned one came from")
+    if params[fam.embed].shape != dense[fam.embed].shape:
+        raise ValueError(f"pruned and dense trees do not match: embedding {tuple(params[fam.embed].shape)} "
+                         f"vs {tuple(dense[fam.embed].shape)}")
+    for i, (p, d) in enumerate(zip(params["layers"], dense["layers"])):
+        for s in SUBLAYERS[fam.name]:
+            kp, kd = s.weight(p).shape, s.weight(d).shape
+            if kp[1] != kd[1] or kp[0] > kd[0]:
+                raise ValueError(f"pruned and dense trees do not match at layers.{i}.{s.out}: "
+                                 f"{tuple(p[s.out].shape)} is not a pruned {tuple(d[s.out].shape)}")
+    batches = [torch.as_tensor(b) for b in batches]
+    if not batches:
+        raise ValueError("reconstruct needs at least one calibration batch of token ids [B, T]")
+    for b in batches:
+        if b.ndim != 2 or b.is_floating_point():
+            raise ValueError(f"calibration batches must be integer token ids [B, T], got {tuple(b.shape)} "
+                             f"{b.dtype}")
+    return batches
+
+
+def _finite(x: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"non-finite activations at {where} during reconstruction; the model or "
+                         "the calibration batch is broken (NaN/inf weights?)")
+    return x
+
+
+def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor], *,
+                ridge: float = 1e-2, target: str = "residual", bias: bool = True,
+                on_layer: Optional[Callable[[int, int], None]] = None) -> dict:
+    """The pruned ``params`` with every output projection refit to the ``dense`` model (see the
+    module doc). ``batches``: calibration token ids [B, T] (TRAIN text only). ``bias``: refit the
+    output bias too where the family has one. ``on_layer(i, n)`` is called after each layer.
+
+    Example: ``params = reconstruct(slice_units(dense, groups, keep), dense, cfg, calib)``
+    """
+    if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge > 0):
+        raise ValueError(f"ridge must be a number > 0 (relative to the Gram's mean diagonal), got {ridge!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    batches = _check(params, dense, cfg, batches)
+    fam = family_of(cfg)
+    subs, embed = SUBLAYERS[fam.name], EMBED[fam.name]
+    layers = [dict(p) for p in params["layers"]]
+    with torch.no_grad():
+        xp = [embed(params, b, cfg) for b in batches]
+        xd = [embed(dense, b, cfg) for b in batches]
+        for i, d in enumerate(dense["layers"]):
+            p = layers[i]
+            for s in subs:
+                where = f"layers.{i}.{s.name}"
+                w = s.weight(p)
+                with_bias = bias and s.bias is not None
+                k = w.shape[0] + with_bias
+                gram = torch.zeros(k, k, dtype=torch.float64)
+                cross = torch.zeros(k, w.shape[1], dtype=torch.float64)
+                new_xd = []
+                for j in range(len(batches)):
+                    branch_d = s.apply(d, s.inner(d, xd[j], cfg))
+                    new_xd.append(xd[j] + branch_d)
+                    h = _finite(s.inner(p, xp[j], cfg), where).reshape(-1, w.shape[0]).double()
+                    if target == "residual":
+                        y = new_xd[j] - xp[j]
+                    else:
+                        y = s.apply(d, s.inner(d, xp[j], cfg))
+                    if s.bias is not None and not with_bias:
+                        y = y - p[s.bias]  # the kept bias is part of the branch, not refit
+                    y = _finite(y, where).reshape(-1, w.shape[1]).double()
+                    if with_bias:
+                        h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
+                    gram += h.T @ h
+                    cross += h.T @ y
+                w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
+                w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
+                if with_bias:
+                    p[s.bias] = w_new[-1].clone()
+                    w_new = w_new[:-1]
+                p[s.out] = w_new.reshape(p[s.out].shape).contiguous()
+                xp = [x + s.apply(p, s.inner(p, x, cfg)) for x in xp]
+                xd = new_xd
+            if on_layer is not None:
+                on_layer(i, len(layers))
+    return {**params, "layers": tuple(layers)}
+
+
+
+
+def _unit_rows(group, sub: Sublayer, p: dict) -> Optional[torch.Tensor]:
+    """Rows of ``sub``'s [K, D] output matrix that belong to each unit of ``group``: [blocks,
+    units, rows per unit], or None when the group has no member on that output leaf."""
+    for m in group.members:
+        if m.path[-1] == sub.out:
+            leaf = p[sub.out]
+            idx = torch.arange(leaf[..., 0].numel()).reshape(leaf.shape[:-1])
+            front = ([m.block_axis] if m.block_axis is not None else []) + [m.unit_axis]
+            rest = [a for a in range(idx.ndim) if a not in front]
+            idx = idx.permute(*front, *rest)
+            return idx.reshape(*idx.shape[:len(front)], -1) if m.block_axis is not None \
+                else idx.reshape(1, idx.shape[0], -1)
+    return None
+
+
+def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
+               ridge: float = 1e-2) -> dict:
+    """Compensation-aware scores: for each group that ends in an output projection (vo, mlp), the
+    calibration error that REMAINS when unit u alone is removed and the other units' output
+    weights are refit (optimal brain surgeon on the layer's Gram H = Σ hhᵀ of the dense inner
+    activations): tr(W_Sᵀ [(H + lam I)^-1_SS]^-1 W_S) over the unit's rows S. Higher = keep.
+    Groups with no output-projection member (qk) are absent: score them another way.
+    """
+    batches = _check(dense, dense, cfg, batches)
+    fam = family_of(cfg)
+    subs, embed = SUBLAYERS[fam.name], EMBED[fam.name]
+    by_layer = {}
+    for g in groups:
+        by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
+    out = {}
+    with torch.no_grad():
+        xd = [embed(dense, b, cfg) for b in batches]
+        for i, d in enumerate(dense["layers"]):
+            for s in subs:
+                w = s.weight(d).double()
+                gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64)
+                hs = []
+                for j in range(len(batches)):
+                    h = _finite(s.inner(d, xd[j], cfg), f"layers.{i}.{s.name}")
+                    gram += h.reshape(-1, w.shape[0]).double().T @ h.reshape(-1, w.shape[0]).double()
+                    hs.append(xd[j] + s.apply(d, h))
+                xd = hs
+                lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+                hinv = torch.linalg.inv(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
+                for g in by_layer.get(i, []):
+                    rows = _unit_rows(g, s, d)
+                    if rows is None:
+                        continue
+                    sub_inv = hinv[rows[..., :, None], rows[..., None, :]]  # [B, U, r, r]
+                    ws = w[rows]                                             # [B, U, r, D]
+                    sol = torch.linalg.solve(sub_inv, ws)
+                    out[g.name] = (ws * sol).sum((-1, -2))                   # [B, U]
+    return out
+
+
+__all__ = ["reconstruct", "ridge_solve", "obs_scores", "TARGETS"]
