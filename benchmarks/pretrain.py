@@ -78,7 +78,8 @@ def run(cfg, name, out_root):
            "val_ppl": r["val_ppl"], "train_flops": r.get("train_flops"), "wall_s": r["wall_s"],
            "peak_mem_mb": r["peak_mem_mb"],
            "tokens_per_s_final": r["tokens_per_s_pruned"] or r["tokens_per_s_dense"],
-           "final_loss": r["losses"][-1], "rounds": r["rounds"], "curve": curve}
+           "final_loss": r["losses"][-1], "rounds": r["rounds"], "schedule": dataclasses.asdict(cfg.prune),
+           "lr": cfg.lr, "curve": curve}
     print(f"   { {k: v for k, v in row.items() if k != 'curve'} }", flush=True)
     return row
 
@@ -118,6 +119,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--every", type=int, default=None)
     ap.add_argument("--tag", default=None, help="a label for this run's rows (levers, search points)")
+    ap.add_argument("--reuse-search", action="store_true",
+                    help="copy the dense / dense-small rows of this exact configuration from the search "
+                         "file instead of rerunning them (with --merge)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the results' notes (with --merge)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = presets.get(args.preset)
@@ -163,8 +168,22 @@ def main(argv=None):
         order = {v: i for i, v in enumerate(["dense", "dense-small", "ecospa", "uncoupled", "magnitude", "random"])}
         merged = sorted(keep + rows, key=lambda r: (order.get(r["variant"].split("@")[0], 99), r["variant"]))
         extra = {k: v for k, v in payload.items() if args.merge and k not in ("conditions", "rows", "table")}
-        return {**extra, "conditions": cond, "rows": merged, "table": _table(merged)}
+        if args.note:
+            extra["notes"] = extra.get("notes", []) + [n for n in args.note if n not in extra.get("notes", [])]
+        main_cond = payload.get("conditions") if args.tag and args.merge and payload.get("conditions") else cond
+        return {**extra, "conditions": main_cond, "rows": merged, "table": _table(merged)}
 
+    if args.reuse_search or (args.note and not args.variants):
+        same = ("model", "steps", "lr", "seq_len", "batch_size", "data", "seed")
+        path = os.path.join(results, "pretrain_search.json")
+        runs = (json.load(open(path)).get("runs", []) if args.reuse_search and os.path.exists(path) else [])
+        found = {r["variant"]: r for r in runs  # the latest run of each variant
+                 if r["variant"] in args.variants and all(r["conditions"].get(k) == cond[k] for k in same)}
+        rows += [{**{k: v for k, v in r.items() if k != "conditions"}, "reused_from": "pretrain_search.json"}
+                 for r in found.values()]
+        print(f"reused {[r['variant'] for r in rows]} from {path}" if args.reuse_search else "notes", flush=True)
+        locked_update(out, save)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for v in args.variants:
             if v == "dense":
