@@ -14,6 +14,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from speed_report import plot_speed, speed_table  # noqa: E402  (the speed sections)
 LABELS = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
           "magnitude": "ecospa: one-side magnitude, global budget",
           "ecospa-distill": "ecospa: coupled Fisher, global budget, recovery distilled from dense",
@@ -31,24 +33,6 @@ def _load(name):
 def _cond_line(c: dict) -> str:
     keep = ("device", "gpu", "dtype", "torch", "torch_threads", "cpu_count", "seq", "train_batch", "reps", "time")
     return "Conditions: " + ", ".join(f"{k}={c[k]}" for k in keep if k in c)
-
-
-def speed_table(res: dict) -> str:
-    rows = ["| model | kept | params | FLOP-ideal | prefill b1 | prefill b8 | train step | train-state memory |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        def cell(key):
-            return f"{r[key + '_speedup']:.2f}x ({r[key + '_efficiency']:.0%})"
-        rows.append(f"| {r['model']} | {r['kept_fraction']:.2f} | {r['params'] / 1e6:.1f}M | "
-                    f"{r['flop_ideal_speedup']:.2f}x | {cell('prefill_b1_eager')} | {cell('prefill_b8_eager')} | "
-                    f"{cell('train_step_eager')} | {r['memory_ratio']:.2f} |")
-    ov = ["", "| model | ecospa forward / transformers forward (eager, dense, same weights) |", "|---|---|"]
-    for name, o in (res.get("overhead") or {}).items():
-        if o and "ecospa_over_transformers" in o:
-            ov.append(f"| {name} | {o['ecospa_over_transformers']:.3f} (batch {o['batch']}, seq {o['seq']}) |")
-    note = ("Speedups are dense time / pruned time (medians), in parentheses the fraction of the "
-            "FLOP-ideal speedup reached. Memory = bytes of params + grads + AdamW moments, relative to dense.")
-    return "\n".join([_cond_line(res["conditions"]), "", *rows, *ov, "", note])
 
 
 def generic_table(res: dict) -> str:
@@ -107,24 +91,6 @@ def compress_table(res: dict) -> str:
     out += ["", f"Evaluation: {c.get('eval', '?')}. Calibration: {c.get('calibration', '?')}. "
                 f"Recovery: {c.get('recovery', '?')}. TP = Torch-Pruning (DepGraph), best of its criteria at the same level."]
     return "\n".join(out)
-
-
-def plot_speed(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in res["rows"]}):
-        rs = [r for r in res["rows"] if r["model"] == model]
-        ideal = [r["flop_ideal_speedup"] for r in rs]
-        ax.plot(ideal, [r["prefill_b8_eager_speedup"] for r in rs], "o-", label=f"{model} prefill b8")
-        ax.plot(ideal, [r["train_step_eager_speedup"] for r in rs], "s--", label=f"{model} train step")
-    lim = max(r["flop_ideal_speedup"] for r in res["rows"]) * 1.05
-    ax.plot([1, lim], [1, lim], "k:", label="FLOP-ideal")
-    ax.set_xlabel("FLOP-ideal speedup"), ax.set_ylabel("measured speedup vs dense")
-    ax.set_title(f"pruned vs dense ({res['conditions']['device']}, {res['conditions']['dtype']})")
-    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
-    print(f"wrote {path}")
 
 
 def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
