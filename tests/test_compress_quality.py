@@ -1,5 +1,6 @@
 """The compression job's quality levers: refit, obs ranking, KD-only, cosine LR, 2nd-domain eval."""
 import math
+import re
 
 import pytest
 import torch
@@ -100,3 +101,12 @@ def test_cli_flags_reach_the_job(tiny_gguf, tmp_path, capsys):  # noqa: F811
     assert rc == 0
     printed = capsys.readouterr().out
     assert "after the refit" in printed and "held-out stdlib" in printed
+
+
+def test_eval_scores_a_second_domain_by_default(tiny_gguf, capsys):  # noqa: F811
+    from ecospa import cli
+    assert cli.main(["eval", "--model", str(tiny_gguf), "--seq-len", "32", "--max-windows", "2"]) == 0
+    out = capsys.readouterr().out
+    ppl = dict(re.findall(r"data (\w+)/val: .*perplexity ([0-9.]+)", out))
+    assert set(ppl) == {"pydoc", "stdlib"} and all(float(v) > 1 for v in ppl.values())
+    assert ppl["pydoc"] != ppl["stdlib"]  # two different texts, each scored on its own

@@ -1,6 +1,10 @@
-"""``ecospa eval``: held-out perplexity of a model on a text source.
+"""``ecospa eval``: held-out perplexity of a model on one or more text sources.
 
-    ecospa eval --model smollm2-135m --data pydoc --seq-len 512
+    ecospa eval --model smollm2-135m                     # pydoc val AND stdlib val (2nd domain)
+    ecospa eval --model runs/smol50 --data pydoc --seq-len 512 --max-windows 15
+
+Each source's split is tokenized (the first ``MAX_CHARS`` characters) and scored on the first
+``--max-windows`` non-overlapping windows (``ecospa.io.data.windows``); one line per source.
 """
 from __future__ import annotations
 
@@ -18,17 +22,21 @@ from ecospa.io.data import corpus
 from ecospa.io.load import encode
 from ecospa.jobs.evaluate import nll
 
+MAX_CHARS = 2_000_000  # per source: far more text than 40 windows of 512 tokens need
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``ecospa eval``."""
     p.add_argument("--model", required=True,
                    help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
-    p.add_argument("--data", default="pydoc", help="text source (pydoc, stdlib, file:PATH, ...)")
+    p.add_argument("--data", nargs="+", default=["pydoc", "stdlib"],
+                   help="text sources (pydoc, stdlib, file:PATH, ...), each scored on its own; the "
+                   "default adds Python source (stdlib) to English prose (pydoc) as a second domain")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--max-windows", type=positive_int, default=None,
-                   help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=positive_int, default=40,
+                   help="evaluate only the first N windows of each source (default 40, as compress)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
@@ -36,16 +44,17 @@ def run(args: argparse.Namespace) -> int:
     """Load, tokenize the split, print perplexity and conditions."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    text = corpus(args.data, args.split)  # a bad --data fails before the model is loaded
+    texts = {src: corpus(src, args.split, max_chars=MAX_CHARS) for src in args.data}  # bad --data: before loading
     cfg, params, tok = load.load_model(args.model)
-    ids = encode(tok, text)
-    t0 = time.perf_counter()
-    res = nll(family_of(cfg).forward, params, cfg, ids, args.seq_len, args.batch_size,
-              args.max_windows, progress=True)
-    print(f"model {args.model}: {count_params(params) / 1e6:.2f}M params; data {args.data}/{args.split}: "
-          f"{ids.numel()} tokens, {res['windows']} windows x {args.seq_len} "
-          f"({time.perf_counter() - t0:.1f}s, {torch.get_num_threads()} threads)")
-    print(f"perplexity {math.exp(res['nll']):.3f}  (mean NLL {res['nll']:.4f})")
+    print(f"model {args.model}: {count_params(params) / 1e6:.2f}M params")
+    for src, text in texts.items():
+        ids = encode(tok, text)
+        t0 = time.perf_counter()
+        res = nll(family_of(cfg).forward, params, cfg, ids, args.seq_len, args.batch_size,
+                  args.max_windows, progress=True)
+        print(f"data {src}/{args.split}: {ids.numel()} tokens, {res['windows']} windows x {args.seq_len} "
+              f"({time.perf_counter() - t0:.1f}s, {torch.get_num_threads()} threads): "
+              f"perplexity {math.exp(res['nll']):.3f}  (mean NLL {res['nll']:.4f})")
     return 0
 
 

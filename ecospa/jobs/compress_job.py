@@ -34,8 +34,8 @@ class Job:
     rounds: int = 1
     distill: bool = False
     distill_weight: float = 0.5            # 1.0: KD only (no hard-label cross-entropy)
-    rank_by: str = "estimator"             # or "obs": vo/mlp units by their error after the refit
-    reconstruct: bool = False              # layer-wise ridge refit of the output projections
+    rank_by: str = "obs"                   # vo/mlp units by their error after the refit; or "estimator"
+    reconstruct: bool = True               # layer-wise ridge refit of the output projections
     recon_batches: int = 8                 # TRAIN batches (batch_size x seq_len) for the refit
     ridge: float = 1e-2                    # relative to the Gram's mean diagonal
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
