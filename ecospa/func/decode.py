@@ -23,7 +23,7 @@ from einops import rearrange
 
 from ecospa.func import gpt2, llama
 from ecospa.func.families import family_of
-from ecospa.func._layers import rms_norm
+from ecospa.func._layers import merge_heads, rms_norm
 
 Pos = Union[int, torch.Tensor]
 
@@ -95,7 +95,7 @@ def _llama_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg
                         ang.sin().to(x.dtype))
     c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
     o = _attend(q, c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)
-    x = x + torch.einsum("bhgte,hged->btd", o, p["wo"])
+    x = x + merge_heads(o, p["wo"])
     return x + llama._mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps)), c
 
 
@@ -103,7 +103,7 @@ def _gpt2_layer(p: dict, c: dict, x: torch.Tensor, positions: torch.Tensor, cfg,
     q, k, v = gpt2.qkv(p, gpt2._ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps))
     c = {"k": _write(c["k"], k, positions, inplace), "v": _write(c["v"], v, positions, inplace)}
     o = _attend(q[:, :, None], c["k"], c["v"], positions, cfg.head_dim ** -0.5, end)[:, :, 0]
-    x = x + torch.einsum("bhte,hed->btd", o, p["wo"]) + p["bo"]
+    x = x + merge_heads(o, p["wo"], p["bo"])
     return x + gpt2._mlp(p, gpt2._ln(x, p["ln2_w"], p["ln2_b"], cfg.norm_eps)), c
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ecospa.func._layers import attention
+from ecospa.func._layers import affine, attention, merge_heads, project
 from ecospa.func.llama import check_fields, check_tokens
 from ecospa.groups import Group, Member
 
@@ -74,20 +74,17 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
 
 def qkv(p: dict, x: torch.Tensor) -> tuple:
     """q, k [B, H, T, Dk] and v [B, H, T, Dv] of one layer (the forward and the decoder)."""
-    q = torch.einsum("btd,dhe->bhte", x, p["wq"]) + p["bq"][:, None]
-    k = torch.einsum("btd,dhe->bhte", x, p["wk"]) + p["bk"][:, None]
-    v = torch.einsum("btd,dhe->bhte", x, p["wv"]) + p["bv"][:, None]
-    return q, k, v
+    return tuple(project(x, p[w], p[b]).transpose(1, 2) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
 
 
 def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     q, k, v = qkv(p, x)
     o = attention(q[:, :, None], k, v, cfg.head_dim ** -0.5)  # [B, H, 1, T, Dv]
-    return torch.einsum("bhte,hed->btd", o[:, :, 0], p["wo"]) + p["bo"]
+    return merge_heads(o[:, :, 0], p["wo"], p["bo"])
 
 
 def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x @ p["w_in"] + p["b_in"], approximate="tanh") @ p["w_out"] + p["b_out"]
+    return affine(F.gelu(affine(x, p["w_in"], p["b_in"]), approximate="tanh"), p["w_out"], p["b_out"])
 
 
 def _ln(x, w, b, eps):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ecospa.func._layers import attention, rms_norm, rope_tables, rotate_pairs
+from ecospa.func._layers import attention, merge_heads, project, rms_norm, rope_tables, rotate_pairs
 from ecospa.groups import Group, Member
 
 
@@ -140,13 +140,10 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
 def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     """Rotated q [B, Hkv, G, T, 2P], k [B, Hkv, T, 2P] and v [B, Hkv, T, Dv] of one layer, with
     the rotary tables cos/sin [Hkv, T, P] of the tokens' positions (the forward and the decoder)."""
-    q = torch.einsum("btd,dhgrp->bhgtrp", x, p["wq"])  # [B, Hkv, G, T, 2, P]
-    k = torch.einsum("btd,dhrp->bhtrp", x, p["wk"])  # [B, Hkv, T, 2, P]
-    v = torch.einsum("btd,dhe->bhte", x, p["wv"])  # [B, Hkv, T, Dv]
-    if "bq" in p:
-        q = q + p["bq"][:, :, None]
-        k = k + p["bk"][:, None]
-        v = v + p["bv"][:, None]
+    q, k, v = (project(x, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+    q = q.permute(0, 2, 3, 1, 4, 5)  # [B, T, Hkv, G, 2, P] -> [B, Hkv, G, T, 2, P] (a view; the rotation writes it out)
+    k = k.permute(0, 2, 1, 3, 4)  # [B, Hkv, T, 2, P]
+    v = v.transpose(1, 2)  # [B, Hkv, T, Dv]
     q = rotate_pairs(q, cos[:, None], sin[:, None])
     k = rotate_pairs(k, cos, sin)
     q = rearrange(q, "b h g t r p -> b h g t (r p)")  # rotate-half order: all r=0, then r=1
@@ -158,7 +155,7 @@ def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     cos, sin = rope_tables(p["inv_freq"], x.shape[1], x.dtype)  # [Hkv, T, P]
     q, k, v = qkv(p, x, cos, sin)
     o = attention(q, k, v, cfg.head_dim ** -0.5)  # [B, Hkv, G, T, Dv]
-    return torch.einsum("bhgte,hged->btd", o, p["wo"])
+    return merge_heads(o, p["wo"])
 
 
 def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
