@@ -77,8 +77,8 @@ def test_export_hf_says_why_not(tiny_gguf, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--budget", "1.5"], "--budget must be a fraction"),
-    (["--budget", "0"], "--budget must be a fraction"),
+    (["--budget", "1.5"], "--budget must be a number in (0, 1)"),
+    (["--budget", "0"], "--budget must be a number in (0, 1)"),
     (["--sparsity", "qk=0.3,attn=0.2"], "unknown group kinds"),
     (["--budget", "0.5", "--estimator", "nope"], "--estimator"),
 ])
