@@ -247,6 +247,8 @@ def main(argv=None):
     ap.add_argument("--prefill-batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false")
+    ap.add_argument("--only-overhead", action="store_true",
+                    help="only ecospa vs transformers (dense, same weights); merged into --out's 'overhead'")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the measured peak training-step memory")
     ap.add_argument("--append", action="store_true",
@@ -286,6 +288,18 @@ def main(argv=None):
         results["overhead"] = {k: v for k, v in (old.get("overhead") or {}).items() if k not in args.models}
         results["conditions_of_other_models"] = {**old.get("conditions_of_other_models", {}), **{
             m: old["conditions"] for m in {r["model"] for r in results["rows"]}}}
+    if args.only_overhead:
+        old = json.load(open(args.out)) if os.path.exists(args.out) else {"conditions": cond, "rows": []}
+        old.setdefault("overhead", {})
+        for name in args.models:
+            module, kw = MODELS[name]
+            cfg = module.Config(**kw, **({"max_seq_len": max(1024, args.seq)} if module is gpt2 else {}))
+            dense = optree.tree_map(lambda x: x.to(args.device), module.init(cfg, seed=0, dtype=dtype))
+            x = torch.randint(0, cfg.vocab_size, (8, args.seq), generator=torch.Generator().manual_seed(0))
+            old["overhead"][name] = {**overhead(module, cfg, dense, x.to(args.device), args.device, args), "conditions": cond}
+            print(name, old["overhead"][name], flush=True)
+            write_results(args.out, old)
+        return
     kept_rows = list(results["rows"])
     for name in args.models:
         def save(rows, ov, name=name):  # after each mode of each model: a killed run keeps what it measured
