@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def _cond_line(c: dict) -> str:
     keep = ("device", "gpu", "dtype", "torch", "transformers", "torch_threads", "cpu_count", "seq",
-            "train_batch", "reps", "compile_mode", "load", "time")
+            "train_batch", "reps", "compile_mode", "load", "time", "note")
     return "Conditions: " + ", ".join(f"{k}={c[k]}" for k in keep if c.get(k) is not None)
 
 
