@@ -172,9 +172,17 @@ def pretrain_section(res: dict, search: dict = None) -> str:
     if search and search.get("table"):
         out += ["Regime search (dense vs a dense model with half the block parameters, equal steps; "
                 "`benchmarks/results/pretrain_search.json`):", "", generic_table({"table": search["table"]}).split("\n", 2)[2], ""]
-    out += [generic_table(res), "", "![val ppl vs steps and vs training FLOPs](benchmarks/results/pretrain.png)", ""]
+    out += [generic_table(res), ""]
+    if res.get("table_at_common_step"):
+        out += [f"Equal-step comparison at step {res.get('common_step')} (the last evaluation every variant reached):",
+                "", generic_table({"table": res["table_at_common_step"]}).split("\n", 2)[2], ""]
+    out += ["![val ppl vs steps and vs training FLOPs](benchmarks/results/pretrain.png)", ""]
     e, d, s = rows.get("ecospa"), rows.get("dense"), rows.get("dense-small")
-    if e and d and s:
+    if e and d and s and None in (e["val_ppl"], d["val_ppl"], s["val_ppl"]):
+        out += ["Verdict: not measured at the end of the schedule: "
+                + ", ".join(f"{r['variant']} stopped at step {r.get('steps_done')}" for r in (e, d, s)
+                            if r["val_ppl"] is None) + " (see the notes)."]
+    elif e and d and s:
         rs, rd = e["val_ppl"] / s["val_ppl"], e["val_ppl"] / d["val_ppl"]
         rf = e["train_flops"] / d["train_flops"] if e.get("train_flops") and d.get("train_flops") else float("nan")
         gap = s["val_ppl"] / d["val_ppl"] - 1
