@@ -44,9 +44,11 @@ TINY = TrainConfig(
     eval_every=100, eval_batches=8, log_every=10,
     prune=PruneSchedule(warmup_steps=100, window=20, rounds=3, every=80, ramp="cubic", sparsity=0.5))
 
-# "small": the capacity-bound CPU regime (issue 14): the embedded stdlib source (~28 MB of train
-# bytes, no epoch repeats within a run), where the dense model beats a dense model with half its
-# block parameters at equal steps. Sizes found by measurement (benchmarks/results/pretrain_search.json).
+# "small": the CPU regime of issue 14 on the embedded stdlib source (~28 MB of train bytes, 1.8M
+# tokens per run: no epoch repeats). Measured (benchmarks/results/pretrain_search.json): at this
+# lr (3e-3) it is NOT capacity-bound within 900 steps (a dense model with half the block
+# parameters is 3-10% better at every evaluated step up to 700); at lr 1e-3 the full model led by
+# 2.9% at step 300 (run cut short), the candidate for the next measurement.
 SMALL = TrainConfig(
     model=llama.Config(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                        max_seq_len=128),
