@@ -69,8 +69,9 @@ def _tp_best(res: dict) -> dict:
 def compress_section(ablation: dict, recovery: dict) -> str:
     """Two invocations of benchmarks/compress.py, each table under its own conditions."""
     parts = []
-    peers = {"peers": (recovery or {}).get("peers") or (ablation or {}).get("peers") or [],
-             "peers_conditions": (recovery or {}).get("peers_conditions") or (ablation or {}).get("peers_conditions")}
+    holder = next((r for r in (recovery, ablation) if r and r.get("peers")), {})
+    peers = {"peers": holder.get("peers", []),  # an older file's conditions if it has no peers_conditions
+             "peers_conditions": holder.get("peers_conditions") or holder.get("conditions")}
     for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
                         "results/compress_ablation.json)", ablation),
                        ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
@@ -123,7 +124,7 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
     ev = c.get("eval", {})
     out += ["", f"Evaluation: {'; '.join(ev.values()) if isinstance(ev, dict) else ev}. "
                 f"Calibration: {c.get('calibration', '?')}. Recovery: {c.get('recovery', '?')}. "
-                f"Threads {c.get('threads')}, load average at start {c.get('load_average_at_start', '?')}. "
+                f"Threads {c.get('threads')}, load average at start {c.get('load_average_at_start', 0):.1f}. "
                 f"Command: `{c.get('command', '?')}`."]
     return "\n".join(out)
 
