@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _common import write_results  # noqa: E402
+from ecospa._tree import count_params  # noqa: E402
 from ecospa.func.families import family_of  # noqa: E402
 from ecospa.func.reconstruct import obs_scores, reconstruct  # noqa: E402
 from ecospa.importance import ESTIMATORS, fisher  # noqa: E402
@@ -94,8 +95,7 @@ def ablation(loaded, held, level, variants, job: Job, log):
         seconds = time.perf_counter() - t0 + fisher_s
         row = {"part": "ablation", "variant": name, "level": level, "steps": 0, "seconds": seconds,
                "group_fraction_removed": 1 - group_params(params, groups) / group_params(dense, groups),
-               "kept_params": sum(x.numel() for x in torch.utils._pytree.tree_leaves(params)
-                                  if torch.is_tensor(x) and x.is_floating_point())}
+               "kept_params": count_params(params)}
         for dom, ids in held.items():
             row[f"ppl_{dom}"] = _ppl(fam.forward, params, cfg, ids, job.eval_windows)[0]
         log(f"{name} @ {level}: " + ", ".join(f"{d} {row[f'ppl_{d}']:.2f}" for d in held)

@@ -15,11 +15,11 @@ with lam = ``ridge`` x mean(diag HᵀH). Targets (``target=``):
   "residual"  Y = y_dense - x_pruned: the sublayer also repairs the error of everything before
               it (the residual stream is pulled back onto the dense one);
   "local"     Y = the dense sublayer's branch on the pruned model's inputs (classic layer-wise).
-HᵀH and HᵀY are accumulated batch by batch in float64 (never all activations at once); only
-the [N, D] residual streams of the current layer are kept. Because W itself is a feasible
+HᵀH and HᵀY are accumulated batch by batch in float64; only the [N, D] residual streams and the
+current sublayer's inner activations are kept (never all layers' activations). Because W itself is a feasible
 point, the refit never increases the calibration error ||H W - Y||^2 of a sublayer.
 
-No gradients, no training: about three forward passes over the calibration tokens plus one
+No gradients, no training: about two forward passes over the calibration tokens plus one
 K x K solve per sublayer. Nothing is pruned here: the kept units are the pruned tree's.
 """
 from __future__ import annotations
@@ -109,11 +109,12 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                 k = w.shape[0] + with_bias
                 gram = torch.zeros(k, k, dtype=torch.float64)
                 cross = torch.zeros(k, w.shape[1], dtype=torch.float64)
-                new_xd = []
+                new_xd, inner = [], []  # this sublayer's inner activations, reused after the solve
                 for j in range(len(batches)):
                     branch_d = s.apply(d, s.inner(d, xd[j], cfg))
                     new_xd.append(xd[j] + branch_d)
-                    h = _finite(s.inner(p, xp[j], cfg), where).reshape(-1, w.shape[0]).double()
+                    inner.append(_finite(s.inner(p, xp[j], cfg), where))
+                    h = inner[j].reshape(-1, w.shape[0]).double()
                     if target == "residual":
                         y = new_xd[j] - xp[j]
                     else:
@@ -131,7 +132,7 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                     p[s.bias] = w_new[-1].clone()
                     w_new = w_new[:-1]
                 p[s.out] = w_new.reshape(p[s.out].shape).contiguous()
-                xp = [x + s.apply(p, s.inner(p, x, cfg)) for x in xp]
+                xp = [x + s.apply(p, h) for x, h in zip(xp, inner)]  # the inner does not read W_out
                 xd = new_xd
             if on_layer is not None:
                 on_layer(i, len(layers))
