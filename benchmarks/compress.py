@@ -7,6 +7,10 @@ One invocation writes one complete results file (conditions, dense perplexities,
      uniform         the same scores, the same fraction of units removed in every group
      fisher+refit    fisher, then layer-wise ridge reconstruction (``ecospa.func.reconstruct``)
      obs+refit       counts from fisher, vo/mlp units chosen by their error after the refit, refit
+     zscore+obs+refit, protect+obs+refit, depth+obs+refit
+                     obs+refit with the counts of another allocation (``ecospa.allocation``):
+                     FLAP's per-group z-scores, LLM-Pruner's dense first/last layers, SlimGPT's
+                     fraction growing with depth; same budget
 2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
 
 Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL split (Python
@@ -36,6 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _common import write_results  # noqa: E402
+from ecospa import allocation  # noqa: E402
 from ecospa._tree import count_params  # noqa: E402
 from ecospa.func.families import family_of  # noqa: E402
 from ecospa.func.reconstruct import obs_scores, reconstruct  # noqa: E402
@@ -48,7 +53,9 @@ from ecospa.prune import slice_units  # noqa: E402
 from ecospa.select import keep_top, select  # noqa: E402
 from ecospa.train.step import lm_loss  # noqa: E402
 
-ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit")
+ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
+            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit")
+ALLOCATED = {"zscore": "zscore", "protect": "protect", "depth": "depth"}  # ecospa.allocation variants
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
@@ -79,14 +86,22 @@ def ablation(loaded, held, level, variants, job: Job, log):
     scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS["fisher"](groups))
     fisher_s = time.perf_counter() - t0
     keep = select(dense, groups, scores, budget=level)
-    rows = []
+    rows, obs, obs_s = [], None, 0.0  # the obs scores do not depend on the counts: computed once per level
     for name in variants:
         t0 = time.perf_counter()
         if name == "uniform":
             params = slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
-        elif name.startswith("obs"):
-            obs = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
-            k = dict(keep, **{g: keep_top(obs[g], keep[g].shape[1]) for g in obs})
+        elif "obs" in name:
+            how = name.split("+")[0]
+            base = keep if how not in ALLOCATED else select(dense, groups, scores, counts=allocation.counts(
+                ALLOCATED[how], dense, groups, scores, group_params(dense, groups) * (1 - level)))
+            if obs is None:
+                t1 = time.perf_counter()
+                obs = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
+                obs_s = time.perf_counter() - t1
+            else:
+                t0 -= obs_s  # a row's seconds include the obs scores it reuses
+            k = dict(base, **{g: keep_top(obs[g], base[g].shape[1]) for g in obs})
             params = slice_units(dense, groups, k)
         else:
             params = slice_units(dense, groups, keep)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -48,6 +49,9 @@ ABLATION_LABELS = {
     "uniform": "coupled Fisher, same fraction per group (no refit)",
     "fisher+refit": "coupled Fisher + layer-wise ridge refit",
     "obs+refit": "Fisher counts, units by error after refit (obs) + refit",
+    "zscore+obs+refit": "z-scored counts (FLAP) + obs + refit",
+    "protect+obs+refit": "first/last layers dense (LLM-Pruner) + obs + refit",
+    "depth+obs+refit": "fraction growing with depth (SlimGPT) + obs + refit",
 }
 
 
@@ -66,14 +70,16 @@ def _tp_best(res: dict) -> dict:
     return best
 
 
-def compress_section(ablation: dict, recovery: dict) -> str:
-    """Two invocations of benchmarks/compress.py, each table under its own conditions."""
+def compress_section(ablation: dict, recovery: dict, allocations: Optional[dict] = None) -> str:
+    """Up to three invocations of benchmarks/compress.py, each table under its own conditions."""
     parts = []
     holder = next((r for r in (recovery, ablation) if r and r.get("peers")), {})
     peers = {"peers": holder.get("peers", []),  # an older file's conditions if it has no peers_conditions
              "peers_conditions": holder.get("peers_conditions") or holder.get("conditions")}
     for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
                         "results/compress_ablation.json)", ablation),
+                       ("Allocation variants right after pruning (same protocol, "
+                        "results/compress_allocation.json)", allocations),
                        ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
         if res and (res.get("ablation") or res.get("recovery")):
             parts.append(f"**{title}**\n\n" + compress_table({**res, **peers}, peers_note=not parts))
@@ -271,7 +277,7 @@ def main() -> None:
         plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
     res, abl = _load("compress.json"), _load("compress_ablation.json")
     if (res and res.get("recovery")) or (abl and abl.get("ablation")):
-        text = replace_section(text, "compress", compress_section(abl, res))
+        text = replace_section(text, "compress", compress_section(abl, res, _load("compress_allocation.json")))
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table)]:
         got = _load(fname)

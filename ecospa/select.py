@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from ecospa.allocation import _columns, greedy
 from ecospa.errors import check_fraction, whole
 from ecospa.groups import Group, validate
 from ecospa._types import Keep, Params, Scores
@@ -160,6 +161,7 @@ def allocate(params: Params, groups: Sequence[Group], scores: Scores, max_params
     Column c of a group is the c-th best unit of every block (uniform widths), so it costs
     n_blocks * numel_per_unit parameters and is worth the sum of the blocks' c-th best scores.
     Column 0 is always kept: a group never empties (ValueError if ``max_params`` is below that).
+    The other variants (z-scored, protected ends, depth ramp) are in ``ecospa.allocation``.
     """
     sizes = validate(params, groups)
     s = check_scores(scores, groups, sizes)
@@ -169,28 +171,9 @@ def allocate(params: Params, groups: Sequence[Group], scores: Scores, max_params
 def _allocate(groups, s, sizes, params, allowed: float, budget: Optional[float] = None) -> dict:
     cost = {g.name: sizes[g.name][0] * g.numel_per_unit(params) for g in groups}
     total = sum(cost[g.name] * sizes[g.name][1] for g in groups)
-    floor = sum(cost.values())
-    if floor > allowed + 1e-9:
-        asked = (f"budget {budget} keeps {allowed:.0f} of {total} parameters" if budget is not None
-                 else f"keeping at most {allowed:.0f} of {total} parameters")
-        raise ValueError(
-            f"{asked}, but keeping one unit per block in every group already needs {floor}; "
-            f"it would empty a group. Use a budget of at most {1 - floor / total:.4f}.")
-    items = []  # (value per parameter, group order, column, name)
-    for gi, g in enumerate(groups):
-        col = torch.sort(s[g.name], dim=1, descending=True).values.sum(0)  # [n_units]
-        for c in range(1, col.numel()):
-            items.append((-float(col[c]) / cost[g.name], gi, c, g.name))
-    items.sort()
-    counts = {g.name: 1 for g in groups}
-    used = floor
-    for _, _, c, name in items:
-        # Columns of one group come in order (non-increasing value), so this keeps prefixes.
-        if used + cost[name] > allowed + 1e-9 or counts[name] != c:
-            continue
-        counts[name] += 1
-        used += cost[name]
-    return counts
+    asked = f"budget {budget} keeps {allowed:.0f} of {total} parameters" if budget is not None else ""
+    return greedy([g.name for g in groups], cost, {g.name: _columns(s[g.name]) / cost[g.name] for g in groups},
+                  allowed, asked)
 
 
 def select(params: Params, groups: Sequence[Group], scores: Scores, *,

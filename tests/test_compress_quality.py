@@ -86,6 +86,7 @@ def test_kd_only_ignores_the_hard_labels(tiny_gguf):  # noqa: F811
     ("lr_schedule", "linear", "--lr-schedule"), ("ridge", 0.0, "--ridge"), ("ridge", float("inf"), "--ridge"),
     ("recon_batches", 0, "--recon-batches"), ("warmup", -1, "--warmup"), ("warmup", 81, "--warmup"),
     ("eval_extra", ("pydoc",), "--eval-extra"), ("eval_extra", ("",), "--eval-extra"),
+    ("allocation", "flap", "--allocation"),
 ])
 def test_bad_lever_values_are_usage_errors(field, value, message):
     with pytest.raises(UsageError, match=message):
@@ -110,3 +111,33 @@ def test_eval_scores_a_second_domain_by_default(tiny_gguf, capsys):  # noqa: F81
     ppl = dict(re.findall(r"data (\w+)/val: .*perplexity ([0-9.]+)", out))
     assert set(ppl) == {"pydoc", "stdlib"} and all(float(v) > 1 for v in ppl.values())
     assert ppl["pydoc"] != ppl["stdlib"]  # two different texts, each scored on its own
+
+
+def test_sparsity_with_an_allocation_variant_is_refused():
+    with pytest.raises(UsageError, match="--allocation depth spreads a --budget"):
+        Job("smollm2-135m", sparsity=0.5, allocation="depth")
+
+
+@pytest.mark.parametrize("how", ["zscore", "depth"])
+def test_the_job_prunes_to_the_allocation_variants_counts(tiny_gguf, how):  # noqa: F811
+    """The widths of the job's model are exactly ``allocation.counts`` of the job's own Fisher
+    scores (recomputed here from the same batches), not the global allocation's."""
+    from ecospa import allocation
+    from ecospa.importance import ESTIMATORS, fisher
+    from ecospa.io.data import batch_at
+    from ecospa.io.load import encode, load_model
+    from ecospa.jobs.compress import group_params
+    from ecospa.train.step import lm_loss
+    loaded = load_model(str(tiny_gguf))
+    cfg, dense, tok = loaded
+    fam = family_of(cfg)
+    groups = fam.coupled_groups(cfg)
+    job = Job(str(tiny_gguf), budget=0.4, allocation=how, eval_extra=(), **dict(FAST, steps=0))
+    params = _job_params(job, loaded)
+    ids = encode(tok, corpus("pydoc", "train"))
+    calib = [batch_at(ids, 10_000 + i, job.batch_size, job.seq_len, job.seed + 1) for i in range(job.calib_batches)]
+    scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS[job.estimator](groups))
+    want = allocation.counts(how, dense, groups, scores, group_params(dense, groups) * 0.6)
+    got = {g.name: g.sizes(params)[1] for g in groups}
+    assert got == want
+    assert got != allocation.counts("global", dense, groups, scores, group_params(dense, groups) * 0.6)

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ecospa.allocation import ALLOCATIONS
 from ecospa.errors import nonneg_int, positive_float, positive_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
@@ -36,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--sparsity",
                         help="fraction of units removed per group: 0.5 or 'qk=0.25,vo=0.25,mlp=0.5'")
     p.add_argument("--estimator", default=_DEFAULTS["estimator"], choices=sorted(ESTIMATORS))
+    p.add_argument("--allocation", default=_DEFAULTS["allocation"], choices=ALLOCATIONS,
+                   help="how --budget is spread over layers and group kinds: global (importance per "
+                   "parameter), zscore (per-group standardized scores, FLAP), protect (first/last layers "
+                   "kept dense), depth (fraction removed grows with depth, SlimGPT)")
     p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
     p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
     p.add_argument("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], help="weight of the KL term, in [0, 1] (1: distillation only, no hard labels)")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
+from ecospa.allocation import ALLOCATIONS
 from ecospa.errors import UsageError, check_fraction, whole
 from ecospa.func.reconstruct import TARGETS
 from ecospa.importance import ESTIMATORS
@@ -31,6 +32,7 @@ class Job:
     budget: Optional[float] = None
     sparsity: Optional[Sparsity] = None
     estimator: str = "fisher"
+    allocation: str = "global"             # how --budget is spread over groups (ecospa.allocation)
     rounds: int = 1
     distill: bool = False
     distill_weight: float = 0.5            # 1.0: KD only (no hard-label cross-entropy)
@@ -102,6 +104,11 @@ class Job:
             raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
         if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
             raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation != "global" and self.budget is None:
+            raise UsageError(f"--allocation {self.allocation} spreads a --budget; with --sparsity every "
+                             "group already has its fraction (drop --allocation or give --budget)")
         if self.rank_by not in RANK_BY:
             raise UsageError(f"--rank-by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
         if self.recon_target not in TARGETS:
