@@ -11,6 +11,8 @@ One invocation writes one complete results file (conditions, dense perplexities,
                      obs+refit with the counts of another allocation (``ecospa.allocation``):
                      FLAP's per-group z-scores, LLM-Pruner's dense first/last layers, SlimGPT's
                      fraction growing with depth; same budget
+     obs+refit+4xdata
+                     obs+refit on 4x the refit batches (32 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
 2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
 
 Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL split (Python
@@ -54,7 +56,7 @@ from ecospa.select import keep_top, select  # noqa: E402
 from ecospa.train.step import lm_loss  # noqa: E402
 
 ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
-            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit")
+            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata")
 ALLOCATED = {"zscore": "zscore", "protect": "protect", "depth": "depth"}  # ecospa.allocation variants
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
@@ -72,6 +74,33 @@ def _ppl(fwd, params, cfg, ids, windows):
     return float(torch.tensor(r["nll"]).exp()), r["windows"]
 
 
+def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Job, cache: dict):
+    """The pruned (and refit) params of one ablation row."""
+    if name == "uniform":
+        return slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
+    if name == "obs+refit+4xdata":  # its own obs scores, from the larger set
+        obs4 = obs_scores(dense, cfg, groups, more, ridge=job.ridge)
+        params = slice_units(dense, groups, dict(keep, **{g: keep_top(obs4[g], keep[g].shape[1]) for g in obs4}))
+    elif "obs" in name:
+        how = name.split("+")[0]
+        base = keep if how not in ALLOCATED else select(dense, groups, scores, counts=allocation.counts(
+            ALLOCATED[how], dense, groups, scores, group_params(dense, groups) * (1 - level)))
+        if "obs" not in cache:
+            t1 = time.perf_counter()
+            cache["obs"] = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
+            cache["obs_s"] = time.perf_counter() - t1
+        else:
+            cache["reused_s"] = cache["obs_s"]  # a row's seconds include the obs scores it reuses
+        obs = cache["obs"]
+        params = slice_units(dense, groups, dict(base, **{g: keep_top(obs[g], base[g].shape[1]) for g in obs}))
+    else:
+        params = slice_units(dense, groups, keep)
+    if "+refit" in name:
+        params = reconstruct(params, dense, cfg, more if name.endswith("4xdata") else refit,
+                             ridge=job.ridge, target=job.recon_target)
+    return params
+
+
 def ablation(loaded, held, level, variants, job: Job, log):
     """Rows right after pruning, sharing one Fisher calibration (the job's exact batches)."""
     cfg, dense, tok = loaded
@@ -80,34 +109,23 @@ def ablation(loaded, held, level, variants, job: Job, log):
     train_ids = encode(tok, corpus("pydoc", "train"))
     calib = [batch_at(train_ids, 10_000 + i, job.batch_size, job.seq_len, job.seed + 1)
              for i in range(job.calib_batches)]
-    refit = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)
-             for i in range(job.recon_batches)]
+    more = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)
+            for i in range(4 * job.recon_batches)]  # the job's refit batches first
+    refit = more[:job.recon_batches]
     t0 = time.perf_counter()
     scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS["fisher"](groups))
     fisher_s = time.perf_counter() - t0
     keep = select(dense, groups, scores, budget=level)
-    rows, obs, obs_s = [], None, 0.0  # the obs scores do not depend on the counts: computed once per level
+    rows, cache = [], {}  # the obs scores do not depend on the counts: computed once per level
     for name in variants:
         t0 = time.perf_counter()
-        if name == "uniform":
-            params = slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
-        elif "obs" in name:
-            how = name.split("+")[0]
-            base = keep if how not in ALLOCATED else select(dense, groups, scores, counts=allocation.counts(
-                ALLOCATED[how], dense, groups, scores, group_params(dense, groups) * (1 - level)))
-            if obs is None:
-                t1 = time.perf_counter()
-                obs = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
-                obs_s = time.perf_counter() - t1
-            else:
-                t0 -= obs_s  # a row's seconds include the obs scores it reuses
-            k = dict(base, **{g: keep_top(obs[g], base[g].shape[1]) for g in obs})
-            params = slice_units(dense, groups, k)
-        else:
-            params = slice_units(dense, groups, keep)
-        if name.endswith("+refit"):
-            params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target)
-        seconds = time.perf_counter() - t0 + fisher_s
+        try:
+            params = _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job, cache)
+        except ValueError as err:  # e.g. 'protect' on a model too shallow for the budget
+            log(f"{name} @ {level}: not applicable: {err}")
+            rows.append({"part": "ablation", "variant": name, "level": level, "steps": 0, "error": str(err)})
+            continue
+        seconds = time.perf_counter() - t0 + fisher_s + cache.pop("reused_s", 0.0)
         row = {"part": "ablation", "variant": name, "level": level, "steps": 0, "seconds": seconds,
                "group_fraction_removed": 1 - group_params(params, groups) / group_params(dense, groups),
                "kept_params": count_params(params)}

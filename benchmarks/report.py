@@ -52,6 +52,7 @@ ABLATION_LABELS = {
     "zscore+obs+refit": "z-scored counts (FLAP) + obs + refit",
     "protect+obs+refit": "first/last layers dense (LLM-Pruner) + obs + refit",
     "depth+obs+refit": "fraction growing with depth (SlimGPT) + obs + refit",
+    "obs+refit+4xdata": "obs + refit on 4x the refit tokens (32 x 4 x 256)",
 }
 
 
@@ -109,6 +110,10 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
                 "| removed | method | params kept | pydoc val | ÷ TP best | stdlib val (2nd domain) |",
                 "|---|---|---|---|---|---|"]
     for r in sorted(res["ablation"], key=lambda r: (-r["level"], list(ABLATION_LABELS).index(r["variant"]))):
+        if "error" in r:  # the variant does not apply at this level (its message, shortened)
+            out.append(f"| {r['level']:.0%} | {ABLATION_LABELS.get(r['variant'], r['variant'])} | — | "
+                       f"not applicable: {r['error'][:90]} | — | — |")
+            continue
         out.append(f"| {r['level']:.0%} | {ABLATION_LABELS.get(r['variant'], r['variant'])} | "
                    f"{r['kept_params'] / 1e6:.1f}M | {ratio(r['ppl_pydoc'], 'pydoc')} | "
                    f"{tp(r['level'], 0, r['ppl_pydoc'])} | {ratio(r['ppl_stdlib'], 'stdlib')} |")

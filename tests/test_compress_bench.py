@@ -1,0 +1,38 @@
+"""benchmarks/compress.py runs end to end (on a tiny GGUF model, every ablation row) and writes a
+complete results file that benchmarks/report.py turns into the README's tables."""
+import json
+import runpy
+import sys
+
+import pytest
+
+pytest.importorskip("gguf")
+from test_compress import tiny_gguf  # noqa: E402,F401  (the fixture)
+
+BENCH = "benchmarks/compress.py"
+
+
+@pytest.mark.slow
+def test_ablation_rows_and_report(tiny_gguf, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "abl.json"
+    monkeypatch.setattr(sys, "argv", [BENCH, "--model", str(tiny_gguf), "--no-recovery", "--levels", "0.4",
+                                      "--eval-windows", "2", "--threads", "1", "--out", str(out)])
+    runpy.run_path(BENCH, run_name="__main__")
+    res = json.loads(out.read_text())
+    assert res["complete"] is True
+    variants = [r["variant"] for r in res["ablation"]]
+    abl = runpy.run_path(BENCH)["ABLATION"]
+    assert variants == list(abl)
+    by = {r["variant"]: r for r in res["ablation"]}
+    # a 2-layer model has no layer left to prune once its first and last are protected
+    assert "too few" in by.pop("protect+obs+refit")["error"]
+    for r in by.values():
+        assert r["ppl_pydoc"] > 1 and r["ppl_stdlib"] > 1, r
+        assert r["group_fraction_removed"] == pytest.approx(0.4, abs=0.1), r
+    # the same Fisher counts: the obs rows differ from fisher+refit only in WHICH units are kept
+    assert by["obs+refit"]["kept_params"] == by["fisher+refit"]["kept_params"] == by["obs+refit+4xdata"]["kept_params"]
+    report = runpy.run_path("benchmarks/report.py")
+    text = report["compress_section"](res, {}, res)
+    for label in report["ABLATION_LABELS"].values():
+        assert label in text
+    assert "not applicable: allocation 'protect'" in text
