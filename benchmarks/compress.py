@@ -63,6 +63,7 @@ RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
     "refit+kd-cosine": dict(reconstruct=True, rank_by="estimator", distill=True, distill_weight=1.0,
                             lr_schedule="cosine", warmup=8),
+    "obs+refit+distill": dict(reconstruct=True, rank_by="obs", distill=True),  # KL + CE (0.5 each), constant
     "obs+refit+kd-cosine": dict(reconstruct=True, rank_by="obs", distill=True, distill_weight=1.0,
                                 lr_schedule="cosine", warmup=8),
 }
@@ -151,6 +152,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results", "compress.json"))
     p.add_argument("--no-recovery", action="store_true", help="the ablation only")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of --out (same model, job defaults and eval) and add this run's; "
+                        "every command is recorded")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
@@ -185,6 +189,18 @@ def main() -> None:
         "ablation": [], "recovery": [],
         "peers": old.get("peers", []), "peers_conditions": old.get("peers_conditions", old.get("conditions")),
     }
+    if args.append and old:
+        same = ("model", "job_defaults", "eval", "calibration", "recovery")
+        oc, nc = old.get("conditions", {}), json.loads(json.dumps(results["conditions"]))  # tuples as lists
+        diff = [k for k in same if k != "job_defaults" and oc.get(k) != nc.get(k)]
+        # fields added to Job since (at their defaults) do not change what the old rows measured
+        diff += [f"job_defaults.{k}" for k, v in oc.get("job_defaults", {}).items() if nc["job_defaults"].get(k) != v]
+        if diff or old.get("dense") != results["dense"]:
+            sys.exit(f"--append: {args.out} was measured under other conditions ({diff or 'dense ppl'}); "
+                     "write to another --out")
+        results["ablation"], results["recovery"] = old.get("ablation", []), old.get("recovery", [])
+        results["conditions"]["commands"] = old["conditions"].get("commands", [old["conditions"]["command"]])
+        results["conditions"]["commands"].append(results["conditions"]["command"])
     print(json.dumps(results["conditions"], indent=1), flush=True)
     print(f"dense: {results['dense']}", flush=True)
     write_results(args.out, results)
@@ -206,6 +222,7 @@ def main() -> None:
                 results["recovery"].append({
                     "part": "recovery", "variant": name, "level": level, "steps": steps,
                     "seconds": time.perf_counter() - t1, "job": RECIPES[name],
+                    "command": results["conditions"]["command"], "load_average": os.getloadavg()[0],
                     **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
                                          "block_fraction_removed", "ppl_pruned", "ppl_reconstructed",
                                          "ppl_recovered", "latency_ratio", "calibration_tokens")},

@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "parameter), zscore (per-group standardized scores, FLAP), protect (first/last layers "
                    "kept dense), depth (fraction removed grows with depth, SlimGPT)")
     p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
-    p.add_argument("--distill", action="store_true", help="recover with KL to the dense logits")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=_DEFAULTS["distill"],
+                   help="recover with KL to the dense model's logits (mixed with the hard-label loss by "
+                   "--distill-weight); --no-distill: hard labels only")
     p.add_argument("--distill-weight", type=float, default=_DEFAULTS["distill_weight"], help="weight of the KL term, in [0, 1] (1: distillation only, no hard labels)")
     p.add_argument("--rank-by", default=_DEFAULTS["rank_by"], choices=RANK_BY,
                    help="which units of the vo/mlp groups to keep: by --estimator's scores, or 'obs': "
