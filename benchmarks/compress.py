@@ -158,7 +158,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
-    base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False)
+    # recon_batches 8: the protocol every row was measured under (32, the job's default since, is the
+    # ablation row obs+refit+4xdata)
+    base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False,
+               recon_batches=8)
     loaded = load_model(args.model)
     cfg, dense, tok = loaded
     fwd = family_of(cfg).forward

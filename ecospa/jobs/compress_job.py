@@ -38,7 +38,7 @@ class Job:
     distill_weight: float = 0.5            # 1.0: KD only (no hard-label cross-entropy)
     rank_by: str = "obs"                   # vo/mlp units by their error after the refit; or "estimator"
     reconstruct: bool = True               # layer-wise ridge refit of the output projections
-    recon_batches: int = 8                 # TRAIN batches (batch_size x seq_len) for the refit
+    recon_batches: int = 32                # TRAIN batches (batch_size x seq_len) for the refit and obs
     ridge: float = 1e-2                    # relative to the Gram's mean diagonal
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
