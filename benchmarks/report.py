@@ -79,7 +79,7 @@ def compress_section(ablation: dict, recovery: dict, allocations: Optional[dict]
              "peers_conditions": holder.get("peers_conditions") or holder.get("conditions")}
     for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
                         "results/compress_ablation.json)", ablation),
-                       ("Allocation variants right after pruning (same protocol, "
+                       ("Allocation variants and 4x refit data, right after pruning (same protocol, "
                         "results/compress_allocation.json)", allocations),
                        ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
         if res and (res.get("ablation") or res.get("recovery")):
@@ -103,7 +103,7 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
         return f"{x / b:.3f}" if b else "—"
 
     out = [f"Dense SmolLM2-135M: pydoc val {dense['pydoc']:.3f}, stdlib val {dense['stdlib']:.3f}."
-           + ("" if res.get("complete") else " **Run incomplete: rows so far.**"),
+           + ("" if res.get("complete") else f" **Run incomplete: {res.get('stopped', 'rows so far')}.**"),
            ]
     if res["ablation"]:
         out += ["", "Right after pruning (no training; ppl and its ratio to dense on each held-out text):", "",
@@ -125,7 +125,9 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
             refit = f"{r['ppl_reconstructed']:.2f}" if r.get("ppl_reconstructed") else "—"
             out.append(f"| {r['level']:.0%} | {r['variant']} | {r['steps']} | {r['ppl_pruned']:.2f} | {refit} | "
                        f"{ratio(r['ppl_recovered'], 'pydoc')} | {tp(r['level'], r['steps'], r['ppl_recovered'])} | "
-                       f"{ratio(r['ppl_stdlib'], 'stdlib')} | {r['seconds'] / 60:.1f} min |")
+                       f"{ratio(r['ppl_stdlib'], 'stdlib')} | {r['seconds'] / 60:.1f} min"
+                       + (f" (load {r['load_average']:.1f} at its end)" if r.get("load_average") is not None else "")
+                       + " |")
     peers = sorted({(k[0], k[1]): v for k, v in best.items()}.items())
     if peers and peers_note:
         pc = res.get("peers_conditions") or {}
@@ -136,7 +138,8 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
     out += ["", f"Evaluation: {'; '.join(ev.values()) if isinstance(ev, dict) else ev}. "
                 f"Calibration: {c.get('calibration', '?')}. Recovery: {c.get('recovery', '?')}. "
                 f"Threads {c.get('threads')}, load average at start {c.get('load_average_at_start', 0):.1f}. "
-                f"Command: `{c.get('command', '?')}`."]
+                + (f"Commands (appended runs): {'; '.join(f'`{x}`' for x in c['commands'])}." if c.get("commands")
+                   else f"Command: `{c.get('command', '?')}`.")]
     return "\n".join(out)
 
 
