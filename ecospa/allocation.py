@@ -78,7 +78,8 @@ def counts(how: str, params: Params, groups: Sequence[Group], scores: Scores, ma
     if how == "global":
         return greedy(names, cost, {n: _columns(s[n]) / cost[n] for n in names}, max_params)
     if how == "zscore":
-        z = {n: (s[n] - s[n].mean()) / (s[n].std(unbiased=False) + 1e-12) for n in names}
+        # rounded: the float noise of standardizing must not reorder units whose z-scores are equal
+        z = {n: torch.round((s[n] - s[n].mean()) / (s[n].std(unbiased=False) + 1e-12), decimals=9) for n in names}
         return greedy(names, cost, {n: _columns(z[n]) / sizes[n][0] for n in names}, max_params)
     layers = {g.name: layer_of(g) for g in groups}
     if any(v is None for v in layers.values()):
