@@ -57,7 +57,6 @@ from ecospa.train.step import lm_loss  # noqa: E402
 
 ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
             "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata")
-ALLOCATED = {"zscore": "zscore", "protect": "protect", "depth": "depth"}  # ecospa.allocation variants
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
@@ -84,8 +83,8 @@ def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Jo
         params = slice_units(dense, groups, dict(keep, **{g: keep_top(obs4[g], keep[g].shape[1]) for g in obs4}))
     elif "obs" in name:
         how = name.split("+")[0]
-        base = keep if how not in ALLOCATED else select(dense, groups, scores, counts=allocation.counts(
-            ALLOCATED[how], dense, groups, scores, group_params(dense, groups) * (1 - level)))
+        base = keep if how == "obs" else select(dense, groups, scores, counts=allocation.counts(
+            how, dense, groups, scores, group_params(dense, groups) * (1 - level)))
         if "obs" not in cache:
             t1 = time.perf_counter()
             cache["obs"] = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)

@@ -67,16 +67,16 @@ def _columns(s: torch.Tensor) -> torch.Tensor:
 
 def counts(how: str, params: Params, groups: Sequence[Group], scores: Scores, max_params: float) -> dict:
     """{group name: units kept} for allocation ``how`` (one of ``ALLOCATIONS``)."""
-    from ecospa.select import check_scores  # select builds on this module
+    from ecospa.select import allocate, check_scores  # select builds on this module
 
     if how not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {how!r}")
+    if how == "global":
+        return allocate(params, groups, scores, max_params)
     sizes = validate(params, groups)
     s = check_scores(scores, groups, sizes)
     names = [g.name for g in groups]
     cost = {g.name: sizes[g.name][0] * g.numel_per_unit(params) for g in groups}
-    if how == "global":
-        return greedy(names, cost, {n: _columns(s[n]) / cost[n] for n in names}, max_params)
     if how == "zscore":
         # rounded: the float noise of standardizing must not reorder units whose z-scores are equal
         z = {n: torch.round((s[n] - s[n].mean()) / (s[n].std(unbiased=False) + 1e-12), decimals=9) for n in names}

@@ -19,7 +19,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from ecospa._types import Params, Scores
 from ecospa.errors import check_fraction
 from ecospa.groups import Group, validate
-from ecospa.select import Sparsity, allocate
+from ecospa.allocation import counts as allocation_counts
+from ecospa.select import Sparsity
 
 
 def warmup_cosine(peak_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -132,7 +133,7 @@ def dense_sizes(params: Params, groups: Sequence[Group]) -> dict:
 
 
 def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tuple], params: Params,
-                 by: str = "sparsity", scores: Optional[Scores] = None) -> dict:
+                 by: str = "sparsity", scores: Optional[Scores] = None, allocation: str = "global") -> dict:
     """Convert a cumulative target (relative to the dense model) into ``select`` arguments for
     the CURRENT, possibly already pruned, ``params``: {"counts": {group name: units kept}}.
 
@@ -141,6 +142,7 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     by="budget": at most ``(1 - target) * dense group parameters`` remain, allocated globally by
       ``scores`` (``ecospa.select.allocate``). Without ``scores`` it returns the equivalent
       fraction of the CURRENT group parameters instead, {"budget": f}, for ``select(budget=)``.
+      ``allocation`` names another way to spread the budget (``ecospa.allocation.ALLOCATIONS``).
     ``dense`` is ``dense_sizes`` of the dense tree.
     Example:
       keep = ecospa.select(params, groups, scores, **round_target(0.3, groups, dense, params))
@@ -152,7 +154,7 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
         check_fraction(target, "budget target")
         allowed = sum(dense[g.name][1] for g in groups) * (1.0 - target)
         if scores is not None:
-            return {"counts": allocate(params, groups, scores, allowed)}
+            return {"counts": allocation_counts(allocation, params, groups, scores, allowed)}
         now = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
         return {"budget": max(0.0, 1.0 - allowed / now) if now else 0.0}
     if by != "sparsity":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ecospa import allocation, optim
+from ecospa import optim
 from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
@@ -59,8 +59,7 @@ def group_params(params, groups) -> int:
 
 def _keep(job: Job, r: int, params, dense_sizes_, groups, scores, obs) -> dict:
     """Round r's kept units: the cumulative target (a linear ramp, relative to the dense model)
-    turned into per-group counts by ``schedule.round_target`` (``--allocation global``) or by
-    ``ecospa.allocation.counts`` (the other variants); with ``rank_by="obs"`` the units
+    turned into per-group counts by ``schedule.round_target`` (spread by ``--allocation``); with ``rank_by="obs"`` the units
     of the vo/mlp groups are then chosen by their error after the refit, not by ``scores``."""
     frac = r / job.rounds
     if job.budget is not None:
@@ -69,12 +68,8 @@ def _keep(job: Job, r: int, params, dense_sizes_, groups, scores, obs) -> dict:
         target = {k: v * frac for k, v in job.sparsity.items()}
     else:
         target = job.sparsity * frac
-    if job.budget is not None and job.allocation != "global":
-        allowed = sum(size[1] for size in dense_sizes_.values()) * (1.0 - target)
-        counts = allocation.counts(job.allocation, params, groups, scores, allowed)
-    else:
-        counts = round_target(target, groups, dense_sizes_, params,
-                              by="budget" if job.budget is not None else "sparsity", scores=scores)["counts"]
+    counts = round_target(target, groups, dense_sizes_, params, by="budget" if job.budget is not None else "sparsity",
+                          scores=scores, allocation=job.allocation)["counts"]
     keep = select(params, groups, scores, counts=counts)
     if obs is not None:
         keep.update({g: keep_top(obs[g], keep[g].shape[1]) for g in obs})
