@@ -65,12 +65,12 @@ def nbytes(tree) -> int:
     return sum(x.numel() * x.element_size() for x in optree.tree_leaves(tree))
 
 
-def shrink(params, groups, fraction):
+def shrink(params, groups, fraction, multiple_of: int = 1):
     if fraction >= 1.0:
         return params
     scores = {g.name: torch.arange(g.sizes(params)[1], dtype=torch.float64).expand(g.sizes(params))
               for g in groups}
-    return ecospa.pruner(groups, sparsity=1.0 - fraction)(params, scores)
+    return ecospa.pruner(groups, sparsity=1.0 - fraction, multiple_of=multiple_of)(params, scores)
 
 
 def _no_grad(fn, *args):
@@ -137,7 +137,7 @@ def bench_model(name, args, device, dtype, save=lambda rows, ov: None):
     grad_fn = torch.func.grad_and_value(loss_fn)
     variants = []
     for frac in args.fractions:
-        p = shrink(dense, groups, frac)
+        p = shrink(dense, groups, frac, args.multiple_of)
         variants.append((frac, p, opt.init(p)))
     modes = ["eager"] + (["compiled"] if args.compile else [])
     rows = [{"model": name, "kept_fraction": frac, "params": sum(x.numel() for x in optree.tree_leaves(p)),
@@ -218,7 +218,8 @@ def overhead(module, cfg, params, x, device, args):
             jobs.update(hf_compiled=lambda: hf_c(x).logits, fn_compiled=lambda: fn_c(params, x, cfg))
             out["hf_compile_s"] = first_call_s(jobs["hf_compiled"], device)
             first_call_s(jobs["fn_compiled"], device)
-        t = interleaved_medians(jobs, device, args.warmup, args.reps)
+        t = interleaved_medians(jobs, device, args.warmup, args.overhead_reps)
+    out["reps"] = args.overhead_reps
     out.update({f"{k}_s": v for k, v in t.items()})
     out["transformers_s"], out["ecospa_s"] = t["hf_eager"], t["fn_eager"]  # names of earlier results
     out["ecospa_over_transformers"] = t["fn_eager"] / t["hf_eager"]
@@ -245,8 +246,13 @@ def main(argv=None):
     ap.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS),
                     help="kept fractions; the first is the baseline (default: 1.0 0.75 0.5 0.4)")
     ap.add_argument("--prefill-batches", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--multiple-of", type=int, default=1,
+                    help="prune with ecospa.pruner(multiple_of=): kept widths in multiples of this")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false")
+    ap.add_argument("--overhead-reps", type=int, default=None,
+                    help="interleaved repetitions of the overhead comparison (default: 3x --reps; the "
+                         "ratio sits near 1.0, where 7 reps on a shared CPU swing it by 5-10%%)")
     ap.add_argument("--only-overhead", action="store_true",
                     help="only ecospa vs transformers (dense, same weights); merged into --out's 'overhead'")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
@@ -266,6 +272,7 @@ def main(argv=None):
     args.train_batch = args.train_batch or (2 if q else 4)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.reps = args.reps or (3 if q else 7)
+    args.overhead_reps = args.overhead_reps or 3 * args.reps
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                         f"speed{'_quick' if q else ''}_{args.device}.json")
     dtype = getattr(torch, args.dtype)
@@ -273,7 +280,7 @@ def main(argv=None):
                       reps=args.reps, compile=args.compile,
                       compile_mode=(f"torch.compile(fullgraph=True, dynamic=False, backend={args.compile_backend!r})"
                                     if args.compile else None), models=args.models, fractions=args.fractions,
-                      prefill_batches=args.prefill_batches,
+                      prefill_batches=args.prefill_batches, multiple_of=args.multiple_of,
                       load=args.load or f"loadavg {os.getloadavg()[0]:.2f} at start",
                       timing="interleaved: rep r of every variant before rep r+1 of any; medians",
                       memory="peak bytes allocated during (clone params, AdamW init, one step): "

@@ -15,6 +15,7 @@ import torch
 from ecospa._tree import map_paths
 from ecospa._types import Keep, Params, Scores, TensorTree
 from ecospa.groups import Group, Member, validate
+from ecospa.allocation import check_multiple_of
 from ecospa.select import Sparsity, check_target, select
 
 
@@ -103,9 +104,11 @@ class Pruner:
     groups: tuple
     sparsity: Optional[Sparsity] = None
     budget: Optional[float] = None
+    multiple_of: int = 1
 
     def select(self, params: Params, scores: Scores) -> Keep:
-        return select(params, self.groups, scores, sparsity=self.sparsity, budget=self.budget)
+        return select(params, self.groups, scores, sparsity=self.sparsity, budget=self.budget,
+                      multiple_of=self.multiple_of)
 
     def __call__(self, params: TensorTree, scores: Scores) -> TensorTree:
         """Slice ``params`` (or any tree shaped like them) to the units the scores select."""
@@ -116,17 +119,19 @@ class Pruner:
 
 
 def pruner(groups: Sequence[Group], sparsity: Optional[Sparsity] = None,
-           budget: Optional[float] = None) -> Pruner:
+           budget: Optional[float] = None, multiple_of: int = 1) -> Pruner:
     """Bind coupled groups and a target; returns ``prune(params, scores) -> params``.
 
     Args:
       groups: coupled groups of the model.
       sparsity: fraction of units removed per group (float, or {"qk": .., "vo": .., "mlp": ..}).
       budget: fraction of the groups' parameters removed, allocated globally by importance.
+      multiple_of: blocks x kept units a multiple of this (or all): kernel-friendly widths.
     Example:
       prune = ecospa.pruner(llama.coupled_groups(cfg), sparsity=0.5)
       small = prune(params, scores)
     """
     groups = tuple(groups)
     check_target(groups, sparsity, budget)
-    return Pruner(groups, sparsity, budget)
+    check_multiple_of(multiple_of)
+    return Pruner(groups, sparsity, budget, multiple_of)

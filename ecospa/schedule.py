@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from ecospa._types import Params, Scores
 from ecospa.errors import check_fraction
 from ecospa.groups import Group, validate
+from ecospa.allocation import aligned, check_multiple_of, steps
 from ecospa.allocation import counts as allocation_counts
 from ecospa.select import Sparsity
 
@@ -60,6 +61,7 @@ class PruneSchedule:
     sparsity: final fraction of units removed per group (float or {kind: float}); or
     budget: final fraction of the groups' parameters removed, allocated globally.
     (Neither given: sparsity 0.5.)
+    multiple_of: blocks x units kept a multiple of this (or all units): kernel-friendly widths.
     """
 
     warmup_steps: int = 100
@@ -69,8 +71,10 @@ class PruneSchedule:
     ramp: str = "cubic"
     sparsity: Optional[Sparsity] = None
     budget: Optional[float] = None
+    multiple_of: int = 1
 
     def __post_init__(self):
+        check_multiple_of(self.multiple_of)
         if self.sparsity is not None and self.budget is not None:
             raise ValueError("PruneSchedule: give exactly one of sparsity= or budget=")
         if self.sparsity is None and self.budget is None:
@@ -133,7 +137,8 @@ def dense_sizes(params: Params, groups: Sequence[Group]) -> dict:
 
 
 def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tuple], params: Params,
-                 by: str = "sparsity", scores: Optional[Scores] = None, allocation: str = "global") -> dict:
+                 by: str = "sparsity", scores: Optional[Scores] = None, allocation: str = "global",
+                 multiple_of: int = 1) -> dict:
     """Convert a cumulative target (relative to the dense model) into ``select`` arguments for
     the CURRENT, possibly already pruned, ``params``: {"counts": {group name: units kept}}.
 
@@ -143,6 +148,7 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
       ``scores`` (``ecospa.select.allocate``). Without ``scores`` it returns the equivalent
       fraction of the CURRENT group parameters instead, {"budget": f}, for ``select(budget=)``.
       ``allocation`` names another way to spread the budget (``ecospa.allocation.ALLOCATIONS``).
+    ``multiple_of``: blocks x every count a multiple of it, or the group's current width.
     ``dense`` is ``dense_sizes`` of the dense tree.
     Example:
       keep = ecospa.select(params, groups, scores, **round_target(0.3, groups, dense, params))
@@ -154,16 +160,17 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
         check_fraction(target, "budget target")
         allowed = sum(dense[g.name][1] for g in groups) * (1.0 - target)
         if scores is not None:
-            return {"counts": allocation_counts(allocation, params, groups, scores, allowed)}
+            return {"counts": allocation_counts(allocation, params, groups, scores, allowed, multiple_of)}
         now = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
         return {"budget": max(0.0, 1.0 - allowed / now) if now else 0.0}
     if by != "sparsity":
         raise ValueError(f"by must be 'sparsity' or 'budget', got {by!r}")
-    counts = {}
+    counts, m = {}, steps(groups, sizes, multiple_of)
     for g in groups:
         frac = target.get(g.kind, 0.0) if isinstance(target, Mapping) else target
         check_fraction(frac, f"sparsity target for group {g.name!r}")
-        counts[g.name] = max(1, min(sizes[g.name][1], round((1.0 - frac) * dense[g.name][0])))
+        now = sizes[g.name][1]
+        counts[g.name] = aligned(min(now, round((1.0 - frac) * dense[g.name][0])), now, m[g.name])
     return {"counts": counts}
 
 

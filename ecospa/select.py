@@ -9,6 +9,9 @@ Three targets (give exactly one):
   1 <= k <= units (groups not named keep all their units). Schedules compute these
   (``ecospa.schedule.round_target``), so nothing depends on how a fraction is rounded.
 Either way all blocks of one group keep the same number of units (one batched attention).
+``multiple_of=m`` keeps every group's total width (blocks x units) a multiple of m, or all its
+units: the widths matmul kernels run fastest (``ecospa.allocation.steps``); given ``counts``
+must obey it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ecospa.allocation import _columns, greedy
+from ecospa.allocation import _columns, aligned, greedy, steps
 from ecospa.errors import check_fraction, whole
 from ecospa.groups import Group, validate
 from ecospa._types import Keep, Params, Scores
@@ -145,40 +148,44 @@ def keep_top(s: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(_ranked(s)[:, :k], dim=1).values
 
 
-def _by_fraction(groups, sizes, sparsity) -> dict:
+def _by_fraction(groups, sizes, sparsity, multiple_of: int = 1) -> dict:
+    m = steps(groups, sizes, multiple_of)
     counts = {}
     for g in groups:
         frac = sparsity.get(g.kind, 0.0) if isinstance(sparsity, Mapping) else sparsity
         n = sizes[g.name][1]
-        counts[g.name] = max(1, min(n, round((1.0 - frac) * n)))
+        counts[g.name] = aligned(round((1.0 - frac) * n), n, m[g.name])
     return counts
 
 
-def allocate(params: Params, groups: Sequence[Group], scores: Scores, max_params: float) -> dict:
+def allocate(params: Params, groups: Sequence[Group], scores: Scores, max_params: float,
+             multiple_of: int = 1) -> dict:
     """Global allocation: {group name: units kept} keeping at most ``max_params`` of the groups'
     parameters, the columns with the most importance per parameter first.
 
     Column c of a group is the c-th best unit of every block (uniform widths), so it costs
     n_blocks * numel_per_unit parameters and is worth the sum of the blocks' c-th best scores.
     Column 0 is always kept: a group never empties (ValueError if ``max_params`` is below that).
+    With ``multiple_of=m`` columns are taken in aligned chunks (``ecospa.allocation.steps``).
     The other variants (z-scored, protected ends, depth ramp) are in ``ecospa.allocation``.
     """
     sizes = validate(params, groups)
     s = check_scores(scores, groups, sizes)
-    return _allocate(groups, s, sizes, params, max_params)
+    return _allocate(groups, s, sizes, params, max_params, multiple_of=multiple_of)
 
 
-def _allocate(groups, s, sizes, params, allowed: float, budget: Optional[float] = None) -> dict:
+def _allocate(groups, s, sizes, params, allowed: float, budget: Optional[float] = None,
+              multiple_of: int = 1) -> dict:
     cost = {g.name: sizes[g.name][0] * g.numel_per_unit(params) for g in groups}
     total = sum(cost[g.name] * sizes[g.name][1] for g in groups)
     asked = f"budget {budget} keeps {allowed:.0f} of {total} parameters" if budget is not None else ""
     return greedy([g.name for g in groups], cost, {g.name: _columns(s[g.name]) / cost[g.name] for g in groups},
-                  allowed, asked)
+                  allowed, asked, multiple_of=steps(groups, sizes, multiple_of))
 
 
 def select(params: Params, groups: Sequence[Group], scores: Scores, *,
            sparsity: Optional[Sparsity] = None, budget: Optional[float] = None,
-           counts: Optional[Counts] = None) -> Keep:
+           counts: Optional[Counts] = None, multiple_of: int = 1) -> Keep:
     """Choose the kept units of every group.
 
     Args:
@@ -188,6 +195,8 @@ def select(params: Params, groups: Sequence[Group], scores: Scores, *,
       sparsity: fraction of units to remove per group (float or {kind: float}).
       budget: fraction of the groups' parameters to remove, allocated globally.
       counts: {group name: units every block keeps}, each in [1, units]; unnamed groups keep all.
+      multiple_of: every group keeps blocks x units a multiple of this, or all its units
+        (kernel-friendly widths; 8 for fp32 CPU matmuls). 1: any count.
     Returns:
       {group name: sorted int64 indices [n_blocks, k]}.
     Example:
@@ -199,14 +208,20 @@ def select(params: Params, groups: Sequence[Group], scores: Scores, *,
     sizes = validate(params, groups)
     if counts is not None:
         _check_counts(counts, groups, sizes)  # also against the units, which check_target lacks
+    m = steps(groups, sizes, multiple_of)
     s = check_scores(scores, groups, sizes)
     if counts is not None:
         counts = {g.name: counts.get(g.name, sizes[g.name][1]) for g in groups}
+        off = {k: v for k, v in counts.items() if v != aligned(v, sizes[k][1], m[k])}
+        if off:
+            raise ValueError(f"counts {dict(list(off.items())[:4])} break multiple_of={multiple_of} (blocks x "
+                             "units must be a multiple of it, or the group whole); round them with "
+                             "ecospa.allocation.aligned(k, units, ecospa.allocation.steps(...)[name])")
     elif sparsity is not None:
-        counts = _by_fraction(groups, sizes, sparsity)
+        counts = _by_fraction(groups, sizes, sparsity, multiple_of)
     else:
         total = sum(sizes[g.name][0] * sizes[g.name][1] * g.numel_per_unit(params) for g in groups)
-        counts = _allocate(groups, s, sizes, params, total * (1.0 - budget), budget)
+        counts = _allocate(groups, s, sizes, params, total * (1.0 - budget), budget, multiple_of=multiple_of)
     return {g.name: keep_top(s[g.name], counts[g.name]) for g in groups}
 
 

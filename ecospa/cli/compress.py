@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how --budget is spread over layers and group kinds: global (importance per "
                    "parameter), zscore (per-group standardized scores, FLAP), protect (first/last layers "
                    "kept dense), depth (fraction removed grows with depth, SlimGPT)")
+    p.add_argument("--multiple-of", type=positive_int, default=_DEFAULTS["multiple_of"],
+                   help="keep each group's width (blocks x units) a multiple of this (or whole): kernel-friendly widths "
+                        "(8 for fp32 CPU matmuls; default 1: any width)")
     p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=_DEFAULTS["distill"],
                    help="recover with KL to the dense model's logits (mixed with the hard-label loss by "

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="final fraction of the groups' parameters removed, allocated globally")
     parser.add_argument("--rounds", type=nonneg_int,
                         help="number of pruning rounds (all must fit in --steps; 0 = dense)")
+    parser.add_argument("--multiple-of", type=positive_int,
+                        help="keep each group's width (blocks x units) a multiple of this (or whole): kernel-friendly widths "
+                             "(8 for fp32 CPU matmuls; default 1: any width)")
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator (default fisher)")
     parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4")
     parser.add_argument("--lr", type=positive_float, help="peak learning rate")
@@ -85,6 +88,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sched = dataclasses.replace(sched, sparsity=None, budget=args.budget)
     if args.rounds is not None:
         sched = dataclasses.replace(sched, rounds=args.rounds)
+    if args.multiple_of is not None:
+        sched = dataclasses.replace(sched, multiple_of=args.multiple_of)
     return dataclasses.replace(cfg, prune=sched, **over)
 
 

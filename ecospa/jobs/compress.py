@@ -69,7 +69,7 @@ def _keep(job: Job, r: int, params, dense_sizes_, groups, scores, obs) -> dict:
     else:
         target = job.sparsity * frac
     counts = round_target(target, groups, dense_sizes_, params, by="budget" if job.budget is not None else "sparsity",
-                          scores=scores, allocation=job.allocation)["counts"]
+                          scores=scores, allocation=job.allocation, multiple_of=job.multiple_of)["counts"]
     keep = select(params, groups, scores, counts=counts)
     if obs is not None:
         keep.update({g: keep_top(obs[g], keep[g].shape[1]) for g in obs})

@@ -33,6 +33,7 @@ class Job:
     sparsity: Optional[Sparsity] = None
     estimator: str = "fisher"
     allocation: str = "global"             # how --budget is spread over groups (ecospa.allocation)
+    multiple_of: int = 1                   # blocks x kept units a multiple of this (or all)
     rounds: int = 1
     distill: bool = True                   # KL to the dense logits + hard labels (measured best, 50%/80 steps)
     distill_weight: float = 0.5            # 1.0: KD only (no hard-label cross-entropy)
@@ -104,6 +105,8 @@ class Job:
             raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
         if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
             raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise UsageError(f"--multiple-of must be a whole number >= 1, got {self.multiple_of!r}")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation != "global" and self.budget is None:

@@ -62,7 +62,8 @@ class _Timer:
 
 def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
     by = "budget" if schedule.budget is not None else "sparsity"
-    counts = round_target(target, groups, dense, params, by=by, scores=scores)["counts"]
+    counts = round_target(target, groups, dense, params, by=by, scores=scores,
+                          multiple_of=schedule.multiple_of)["counts"]
     keep = select(params, groups, scores, counts=counts)
     return slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
 
