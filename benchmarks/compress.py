@@ -13,6 +13,9 @@ One invocation writes one complete results file (conditions, dense perplexities,
                      fraction growing with depth; same budget
      obs+refit+4xdata
                      obs+refit on 4x the refit batches (32 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
+     obs+refit+ridge0.1, obs+refit+ridge1
+                     obs+refit, the refit with a 10x / 100x stronger ridge (weights held nearer the
+                     dense ones: does the refit generalize better to the other domain?)
 2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
 
 Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL split (Python
@@ -56,7 +59,8 @@ from ecospa.select import keep_top, select  # noqa: E402
 from ecospa.train.step import lm_loss  # noqa: E402
 
 ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
-            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata")
+            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata",
+            "obs+refit+ridge0.1", "obs+refit+ridge1")
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
@@ -96,8 +100,9 @@ def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Jo
     else:
         params = slice_units(dense, groups, keep)
     if "+refit" in name:
+        ridge = float(name.split("+ridge")[1]) if "+ridge" in name else job.ridge
         params = reconstruct(params, dense, cfg, more if name.endswith("4xdata") else refit,
-                             ridge=job.ridge, target=job.recon_target)
+                             ridge=ridge, target=job.recon_target)
     return params
 
 
@@ -159,8 +164,9 @@ def main() -> None:
     old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
     # recon_batches 8: the protocol every row was measured under (32, the job's default since, is the
     # ablation row obs+refit+4xdata)
+    # distill False: every recipe names it (the rows were measured when it was the job's default)
     base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False,
-               recon_batches=8)
+               recon_batches=8, distill=False)
     loaded = load_model(args.model)
     cfg, dense, tok = loaded
     fwd = family_of(cfg).forward

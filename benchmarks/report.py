@@ -53,6 +53,8 @@ ABLATION_LABELS = {
     "protect+obs+refit": "first/last layers dense (LLM-Pruner) + obs + refit",
     "depth+obs+refit": "fraction growing with depth (SlimGPT) + obs + refit",
     "obs+refit+4xdata": "obs + refit on 4x the refit tokens (32 x 4 x 256)",
+    "obs+refit+ridge0.1": "obs + refit, ridge 0.1 (10x the default)",
+    "obs+refit+ridge1": "obs + refit, ridge 1 (100x the default)",
 }
 
 

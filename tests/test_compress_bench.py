@@ -30,7 +30,9 @@ def test_ablation_rows_and_report(tiny_gguf, tmp_path, monkeypatch):  # noqa: F8
         assert r["ppl_pydoc"] > 1 and r["ppl_stdlib"] > 1, r
         assert r["group_fraction_removed"] == pytest.approx(0.4, abs=0.1), r
     # the same Fisher counts: the obs rows differ from fisher+refit only in WHICH units are kept
-    assert by["obs+refit"]["kept_params"] == by["fisher+refit"]["kept_params"] == by["obs+refit+4xdata"]["kept_params"]
+    assert by["obs+refit"]["kept_params"] == by["fisher+refit"]["kept_params"] == by["obs+refit+4xdata"]["kept_params"] \
+        == by["obs+refit+ridge1"]["kept_params"]
+    assert by["obs+refit+ridge1"]["ppl_pydoc"] != by["obs+refit"]["ppl_pydoc"]  # the ridge reached the refit
     report = runpy.run_path("benchmarks/report.py")
     text = report["compress_section"](res, {}, res)
     for label in report["ABLATION_LABELS"].values():
