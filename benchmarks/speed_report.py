@@ -19,7 +19,8 @@ def _cell(r: dict, key: str) -> str:
     return f"{r[key + '_speedup']:.2f}x ({r[key + '_efficiency']:.0%})"
 
 
-def speed_table(res: dict) -> str:
+def speed_table(res: dict, brief: bool = False) -> str:
+    """The README tables of one results file; ``brief``: the speedup table only."""
     rows_ = res["rows"]
     batches = sorted({int(k.split("_b")[1].split("_")[0]) for r in rows_ for k in r
                       if k.startswith("prefill_b") and k.endswith("_speedup")})
@@ -32,6 +33,9 @@ def speed_table(res: dict) -> str:
         out.append(f"| {r['model']} | {r['kept_fraction']:.2f} | {r['params'] / 1e6:.1f}M | "
                    f"{r['flop_ideal_speedup']:.2f}x | "
                    + " | ".join(_cell(r, f"{m}_{mode}") for m in metrics for mode in modes) + " |")
+    if brief:
+        return "\n".join([_cond_line(res["conditions"]) + f", multiple_of={res['conditions'].get('multiple_of', 1)}",
+                          "", *out])
     mem = [k for k in ("eager", "compiled") if any(f"train_peak_bytes_{k}" in r for r in rows_)]
     if mem:
         out += ["", "| model | kept | params ratio | " + " | ".join(
