@@ -81,7 +81,7 @@ def compress_section(ablation: dict, recovery: dict, allocations: Optional[dict]
              "peers_conditions": holder.get("peers_conditions") or holder.get("conditions")}
     for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
                         "results/compress_ablation.json)", ablation),
-                       ("Allocation variants and 4x refit data, right after pruning (same protocol, "
+                       ("Allocation variants, 4x refit data and a stronger ridge, right after pruning (same protocol, "
                         "results/compress_allocation.json)", allocations),
                        ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
         if res and (res.get("ablation") or res.get("recovery")):
