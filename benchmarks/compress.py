@@ -13,9 +13,9 @@ One invocation writes one complete results file (conditions, dense perplexities,
                      fraction growing with depth; same budget
      obs+refit+4xdata
                      obs+refit on 4x the refit batches (32 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
-     obs+refit+ridge0.1, obs+refit+ridge1
-                     obs+refit, the refit with a 10x / 100x stronger ridge (weights held nearer the
-                     dense ones: does the refit generalize better to the other domain?)
+     obs+refit+ridge0.1, obs+refit+ridge1, obs+refit+4xdata+ridge1
+                     obs+refit (and on 4x the data), the refit with a 10x / 100x stronger ridge (weights
+                     held nearer the dense ones: does the refit generalize better to the other domain?)
 2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
 
 Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL split (Python
@@ -60,7 +60,7 @@ from ecospa.train.step import lm_loss  # noqa: E402
 
 ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
             "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata",
-            "obs+refit+ridge0.1", "obs+refit+ridge1")
+            "obs+refit+ridge0.1", "obs+refit+ridge1", "obs+refit+4xdata+ridge1")
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
@@ -82,7 +82,7 @@ def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Jo
     """The pruned (and refit) params of one ablation row."""
     if name == "uniform":
         return slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
-    if name == "obs+refit+4xdata":  # its own obs scores, from the larger set
+    if "4xdata" in name:  # its own obs scores, from the larger set
         obs4 = obs_scores(dense, cfg, groups, more, ridge=job.ridge)
         params = slice_units(dense, groups, dict(keep, **{g: keep_top(obs4[g], keep[g].shape[1]) for g in obs4}))
     elif "obs" in name:
@@ -101,7 +101,7 @@ def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Jo
         params = slice_units(dense, groups, keep)
     if "+refit" in name:
         ridge = float(name.split("+ridge")[1]) if "+ridge" in name else job.ridge
-        params = reconstruct(params, dense, cfg, more if name.endswith("4xdata") else refit,
+        params = reconstruct(params, dense, cfg, more if "4xdata" in name else refit,
                              ridge=ridge, target=job.recon_target)
     return params
 
