@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
-from ecospa.allocation import ALLOCATIONS
+from ecospa.allocation import ALLOCATIONS, check_multiple_of
 from ecospa.errors import UsageError, check_fraction, whole
 from ecospa.func.reconstruct import TARGETS
 from ecospa.importance import ESTIMATORS
@@ -105,8 +105,10 @@ class Job:
             raise UsageError(f"--lr must be a finite number > 0, e.g. 2e-4; got {self.lr!r}")
         if not (_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):
             raise UsageError(f"--distill-weight must lie in [0, 1], got {self.distill_weight!r}")
-        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
-            raise UsageError(f"--multiple-of must be a whole number >= 1, got {self.multiple_of!r}")
+        try:
+            check_multiple_of(self.multiple_of)
+        except ValueError as err:
+            raise UsageError(f"--multiple-of: {err}") from err
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation != "global" and self.budget is None:
