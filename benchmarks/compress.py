@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -58,9 +59,27 @@ from ecospa.prune import slice_units  # noqa: E402
 from ecospa.select import keep_top, select  # noqa: E402
 from ecospa.train.step import lm_loss  # noqa: E402
 
-ABLATION = ("fisher", "uniform", "fisher+refit", "obs+refit",
-            "zscore+obs+refit", "protect+obs+refit", "depth+obs+refit", "obs+refit+4xdata",
-            "obs+refit+ridge0.1", "obs+refit+ridge1", "obs+refit+4xdata+ridge1")
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One ablation row's levers (the row's name is only its label)."""
+
+    counts: str = "fisher"  # units per group: "fisher" (global budget), "uniform" (same fraction per
+    #                         group), or an allocation of ecospa.allocation ("zscore", "protect", "depth")
+    units: str = "fisher"   # which units of a group: by Fisher score, or "obs" (error after the refit)
+    refit: bool = False     # layer-wise ridge reconstruction after slicing
+    data: int = 1           # refit/obs batches, in multiples of the protocol's (8 x 4 x 256 tokens)
+    ridge: Optional[float] = None  # refit ridge (None: the job's)
+
+
+ABLATION = {
+    "fisher": Row(), "uniform": Row(counts="uniform"), "fisher+refit": Row(refit=True),
+    "obs+refit": Row(units="obs", refit=True),
+    **{f"{a}+obs+refit": Row(counts=a, units="obs", refit=True) for a in ("zscore", "protect", "depth")},
+    "obs+refit+4xdata": Row(units="obs", refit=True, data=4),
+    "obs+refit+ridge0.1": Row(units="obs", refit=True, ridge=0.1),
+    "obs+refit+ridge1": Row(units="obs", refit=True, ridge=1.0),
+    "obs+refit+4xdata+ridge1": Row(units="obs", refit=True, data=4, ridge=1.0),
+}
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "distill": dict(reconstruct=False, rank_by="estimator", distill=True),   # last round's best
     "refit+distill": dict(reconstruct=True, rank_by="estimator", distill=True),
@@ -69,6 +88,8 @@ RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "obs+refit+distill": dict(reconstruct=True, rank_by="obs", distill=True),  # KL + CE (0.5 each), constant
     "obs+refit+kd-cosine": dict(reconstruct=True, rank_by="obs", distill=True, distill_weight=1.0,
                                 lr_schedule="cosine", warmup=8),
+    # the job's defaults since session 4: obs + refit on 32 x 4 x 256 TRAIN tokens, KL + CE
+    "obs+refit+4xdata+distill": dict(reconstruct=True, rank_by="obs", distill=True, recon_batches=32),
 }
 DOMAINS = ("pydoc", "stdlib")
 
@@ -78,31 +99,29 @@ def _ppl(fwd, params, cfg, ids, windows):
     return float(torch.tensor(r["nll"]).exp()), r["windows"]
 
 
-def _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job: Job, cache: dict):
-    """The pruned (and refit) params of one ablation row."""
-    if name == "uniform":
-        return slice_units(dense, groups, select(dense, groups, scores, sparsity=level))
-    if "4xdata" in name:  # its own obs scores, from the larger set
-        obs4 = obs_scores(dense, cfg, groups, more, ridge=job.ridge)
-        params = slice_units(dense, groups, dict(keep, **{g: keep_top(obs4[g], keep[g].shape[1]) for g in obs4}))
-    elif "obs" in name:
-        how = name.split("+")[0]
-        base = keep if how == "obs" else select(dense, groups, scores, counts=allocation.counts(
-            how, dense, groups, scores, group_params(dense, groups) * (1 - level)))
-        if "obs" not in cache:
-            t1 = time.perf_counter()
-            cache["obs"] = obs_scores(dense, cfg, groups, refit, ridge=job.ridge)
-            cache["obs_s"] = time.perf_counter() - t1
-        else:
-            cache["reused_s"] = cache["obs_s"]  # a row's seconds include the obs scores it reuses
-        obs = cache["obs"]
-        params = slice_units(dense, groups, dict(base, **{g: keep_top(obs[g], base[g].shape[1]) for g in obs}))
+def _variant(row: Row, dense, cfg, groups, scores, keep, level, batches, job: Job, cache: dict):
+    """The pruned (and refit) params of one ablation row; ``batches``: the refit/obs batches,
+    the protocol's first. The obs scores are computed once per amount of data (``cache``)."""
+    data = batches[:row.data * job.recon_batches]
+    if row.counts == "uniform":
+        base = select(dense, groups, scores, sparsity=level)
+    elif row.counts == "fisher":
+        base = keep
     else:
-        params = slice_units(dense, groups, keep)
-    if "+refit" in name:
-        ridge = float(name.split("+ridge")[1]) if "+ridge" in name else job.ridge
-        params = reconstruct(params, dense, cfg, more if "4xdata" in name else refit,
-                             ridge=ridge, target=job.recon_target)
+        base = select(dense, groups, scores, counts=allocation.counts(
+            row.counts, dense, groups, scores, group_params(dense, groups) * (1 - level)))
+    if row.units == "obs":
+        if row.data not in cache:
+            t1 = time.perf_counter()
+            cache[row.data] = obs_scores(dense, cfg, groups, data, ridge=job.ridge), time.perf_counter() - t1
+        else:
+            cache["reused_s"] = cache[row.data][1]  # a row's seconds include the obs scores it reuses
+        obs = cache[row.data][0]
+        base = dict(base, **{g: keep_top(obs[g], base[g].shape[1]) for g in obs})
+    params = slice_units(dense, groups, base)
+    if row.refit:
+        params = reconstruct(params, dense, cfg, data, ridge=job.ridge if row.ridge is None else row.ridge,
+                             target=job.recon_target)
     return params
 
 
@@ -116,16 +135,15 @@ def ablation(loaded, held, level, variants, job: Job, log):
              for i in range(job.calib_batches)]
     more = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)
             for i in range(4 * job.recon_batches)]  # the job's refit batches first
-    refit = more[:job.recon_batches]
     t0 = time.perf_counter()
     scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS["fisher"](groups))
     fisher_s = time.perf_counter() - t0
     keep = select(dense, groups, scores, budget=level)
-    rows, cache = [], {}  # the obs scores do not depend on the counts: computed once per level
+    rows, cache = [], {}  # the obs scores do not depend on the counts: computed once per level and data
     for name in variants:
         t0 = time.perf_counter()
         try:
-            params = _variant(name, dense, cfg, groups, scores, keep, level, refit, more, job, cache)
+            params = _variant(ABLATION[name], dense, cfg, groups, scores, keep, level, more, job, cache)
         except ValueError as err:  # e.g. 'protect' on a model too shallow for the budget
             log(f"{name} @ {level}: not applicable: {err}")
             rows.append({"part": "ablation", "variant": name, "level": level, "steps": 0, "error": str(err)})
@@ -146,7 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--ablation", nargs="*", default=list(ABLATION), choices=ABLATION)
+    p.add_argument("--ablation", nargs="*", default=list(ABLATION), choices=list(ABLATION))
     p.add_argument("--recipes", nargs="*", default=["refit+kd-cosine"], choices=list(RECIPES))
     p.add_argument("--recipe-levels", type=float, nargs="*", default=None,
                    help="levels of the recovery runs (default: --levels)")

@@ -118,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--prune-start", type=int, default=None, help="dense steps before the first window")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--every", type=int, default=None)
+    ap.add_argument("--rewarm", type=int, default=None, help="lr re-warm steps after each round (lever)")
+    ap.add_argument("--moments", choices=["carry", "reset"], default=None, help="AdamW moments after a round (lever)")
     ap.add_argument("--tag", default=None, help="a label for this run's rows (levers, search points)")
     ap.add_argument("--reuse-search", action="store_true",
                     help="copy the dense / dense-small rows of this exact configuration from the search "
@@ -146,6 +148,8 @@ def main(argv=None):
     if args.prune_start is not None or args.rounds is not None or args.every is not None:
         sched = dataclasses.replace(sched, warmup_steps=sched.warmup_steps if args.prune_start is None else args.prune_start,
                                     rounds=args.rounds or sched.rounds, every=args.every or sched.every)
+    if args.rewarm is not None or args.moments is not None:
+        sched = dataclasses.replace(sched, rewarm=args.rewarm or 0, moments=args.moments or "carry")
     base = dataclasses.replace(base, steps=steps, prune=sched)
     results = os.path.join(os.path.dirname(__file__), "results")
     out = args.out or os.path.join(results, "pretrain_search.json" if args.search else

@@ -45,6 +45,7 @@ def warmup_cosine(peak_lr: float, warmup: int, total: int, min_ratio: float = 0.
     return lr
 
 
+MOMENTS = ("carry", "reset")
 RAMPS = {"cubic": lambda t: 1.0 - (1.0 - t) ** 3, "linear": lambda t: t}
 Target = Union[float, Mapping[str, float]]
 
@@ -62,6 +63,10 @@ class PruneSchedule:
     budget: final fraction of the groups' parameters removed, allocated globally.
     (Neither given: sparsity 0.5.)
     multiple_of: blocks x units kept a multiple of this (or all units): kernel-friendly widths.
+    rewarm: after each round the learning rate ramps linearly from lr/rewarm back to the
+      schedule's value over this many steps (0: no re-warm).
+    moments: "carry" (default: the AdamW moments are sliced with the params) or "reset" (zeroed
+      after each round; the step count, and so the lr schedule and bias correction, go on).
     """
 
     warmup_steps: int = 100
@@ -72,9 +77,15 @@ class PruneSchedule:
     sparsity: Optional[Sparsity] = None
     budget: Optional[float] = None
     multiple_of: int = 1
+    rewarm: int = 0
+    moments: str = "carry"
 
     def __post_init__(self):
         check_multiple_of(self.multiple_of)
+        if isinstance(self.rewarm, bool) or not isinstance(self.rewarm, int) or self.rewarm < 0:
+            raise ValueError(f"rewarm must be a whole number of steps >= 0, got {self.rewarm!r}")
+        if self.moments not in MOMENTS:
+            raise ValueError(f"moments must be one of {MOMENTS}, got {self.moments!r}")
         if self.sparsity is not None and self.budget is not None:
             raise ValueError("PruneSchedule: give exactly one of sparsity= or budget=")
         if self.sparsity is None and self.budget is None:
@@ -122,6 +133,12 @@ class PruneSchedule:
             if s <= step:
                 current = target
         return current
+
+    def lr_factor(self, step: int) -> float:
+        """The re-warm factor at ``step`` (1.0 without ``rewarm``): ``min(1, (step - r + 1) / rewarm)``
+        after the last round ``r <= step``."""
+        past = [s for s, _ in self.rounds_at() if s <= step] if self.rewarm else []
+        return min(1.0, (step - past[-1] + 1) / self.rewarm) if past else 1.0
 
     def in_window(self, step: int) -> bool:
         """Whether step ``step``'s gradients feed the importance estimate of the next round."""
@@ -174,4 +191,4 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     return {"counts": counts}
 
 
-__all__ = ["warmup_cosine", "PruneSchedule", "RAMPS", "dense_sizes", "round_target"]
+__all__ = ["warmup_cosine", "PruneSchedule", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]

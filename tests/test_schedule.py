@@ -149,3 +149,15 @@ def test_round_target_budget_without_scores_is_a_fraction_of_the_current_tree():
         round_target({"mlp": 0.4}, groups, dense, params, by="budget")
     with pytest.raises(ValueError, match="by must be"):
         round_target(0.4, groups, dense, params, by="units")
+
+
+def test_rewarm_factor_ramps_after_each_round():
+    s = PruneSchedule(warmup_steps=10, window=5, rounds=2, every=10, sparsity=0.5, rewarm=4)
+    assert [r for r, _ in s.rounds_at()] == [15, 25]
+    assert [s.lr_factor(t) for t in (0, 14)] == [1.0, 1.0]  # dense phase untouched
+    assert [s.lr_factor(t) for t in range(15, 20)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [s.lr_factor(t) for t in (24, 25, 26)] == [1.0, 0.25, 0.5]  # again after round 2
+    assert PruneSchedule(sparsity=0.5).lr_factor(10_000) == 1.0
+    for bad in (dict(rewarm=-1), dict(rewarm=1.5), dict(rewarm=True), dict(moments="zero")):
+        with pytest.raises(ValueError):
+            PruneSchedule(sparsity=0.5, **bad)

@@ -168,3 +168,37 @@ def test_other_estimators_and_budget_resume(tmp_path, estimator):
     group_params = lambda p: sum(n for _, n in dense_sizes(p, groups).values())  # noqa: E731
     removed = 1 - group_params(full["params"]) / group_params(llama.init(cfg.model))
     assert 0.4 <= removed < 0.45  # the budget counts the groups' parameters (whole columns)
+
+
+def test_rewarm_and_moment_reset_levers(tmp_path):
+    """--rewarm scales the lr after each round (as logged and as applied); --moments reset zeroes
+    AdamW's moments at a round (the run then differs from the carried one), the count goes on."""
+    from ecospa.train.config import opt_lr
+    sched = dataclasses.replace(MICRO.prune, rewarm=3)
+    cfg = dataclasses.replace(MICRO, prune=sched)
+    r1 = sched.rounds_at()[0][0]
+    plain = dataclasses.replace(MICRO)
+    assert opt_lr(cfg, r1) == pytest.approx(opt_lr(plain, r1) / 3)
+    assert opt_lr(cfg, r1 + 2) == pytest.approx(opt_lr(plain, r1 + 2))
+    assert opt_lr(cfg, r1 - 1) == opt_lr(plain, r1 - 1)
+    base = train(dataclasses.replace(MICRO, out=str(tmp_path / "a")))
+    warm = train(dataclasses.replace(cfg, out=str(tmp_path / "b")))
+    assert warm["losses"][:r1 + 1] == base["losses"][:r1 + 1] and warm["losses"][r1 + 1] != base["losses"][r1 + 1]
+    reset_cfg = dataclasses.replace(MICRO, out=str(tmp_path / "c"),
+                                    prune=dataclasses.replace(MICRO.prune, moments="reset"))
+    seen = {}
+    real = train_mod._prune_round
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.setdefault("state", out[1])
+        return out
+
+    import unittest.mock as mock
+    with mock.patch.object(train_mod, "_prune_round", spy):
+        reset = train(reset_cfg)
+    state = seen["state"]
+    assert state.count == r1 and all(not x.any() for x in leaves(state.mu) + leaves(state.nu))
+    assert reset["losses"][:r1 + 1] == base["losses"][:r1 + 1]  # the loss at r1 comes before its update
+    assert reset["losses"][r1 + 1] != base["losses"][r1 + 1]
+    assert reset["kept_params"] == base["kept_params"]

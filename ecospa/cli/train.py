@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multiple-of", type=positive_int,
                         help="keep each group's width (blocks x units) a multiple of this (or whole): kernel-friendly widths "
                              "(8 for fp32 CPU matmuls; default 1: any width)")
+    parser.add_argument("--rewarm", type=nonneg_int,
+                        help="after each pruning round, ramp the learning rate back up over this many steps (default 0: off)")
+    parser.add_argument("--moments", choices=["carry", "reset"],
+                        help="AdamW moments after a pruning round: sliced with the params (carry, default) or zeroed (reset)")
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator (default fisher)")
     parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4")
     parser.add_argument("--lr", type=positive_float, help="peak learning rate")
@@ -90,6 +94,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sched = dataclasses.replace(sched, rounds=args.rounds)
     if args.multiple_of is not None:
         sched = dataclasses.replace(sched, multiple_of=args.multiple_of)
+    if args.rewarm is not None:
+        sched = dataclasses.replace(sched, rewarm=args.rewarm)
+    if args.moments is not None:
+        sched = dataclasses.replace(sched, moments=args.moments)
     return dataclasses.replace(cfg, prune=sched, **over)
 
 

@@ -133,8 +133,12 @@ def check_budget(cfg: TrainConfig, params, groups) -> None:
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """The learning-rate schedule of a run: warm-up, then cosine decay to ``min_lr_ratio``."""
-    return warmup_cosine(cfg.lr, min(cfg.lr_warmup, cfg.steps), cfg.steps, cfg.min_lr_ratio)
+    """The learning-rate schedule of a run: warm-up, then cosine decay to ``min_lr_ratio``; times
+    the pruning schedule's re-warm factor after each round (``PruneSchedule.rewarm``)."""
+    base = warmup_cosine(cfg.lr, min(cfg.lr_warmup, cfg.steps), cfg.steps, cfg.min_lr_ratio)
+    if not cfg.prune.rewarm:
+        return base
+    return lambda step: base(step) * cfg.prune.lr_factor(step)
 
 
 def opt_lr(cfg: TrainConfig, step: int) -> float:

@@ -65,7 +65,12 @@ def _prune_round(params, opt_state, groups, scores, target, dense, schedule: Pru
     counts = round_target(target, groups, dense, params, by=by, scores=scores,
                           multiple_of=schedule.multiple_of)["counts"]
     keep = select(params, groups, scores, counts=counts)
-    return slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
+    params, opt_state = slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
+    if schedule.moments == "reset":  # zeroed moments; the count (lr schedule, bias correction) goes on
+        zeros = optree.tree_map(torch.zeros_like, params, namespace="")
+        opt_state = optim.AdamWState(opt_state.count, zeros, optree.tree_map(torch.zeros_like, params,
+                                                                             namespace=""))
+    return params, opt_state
 
 
 def _targets(cfg: TrainConfig, params, groups, dense: dict, done: list, dense_params: int) -> tuple:
