@@ -13,7 +13,7 @@ One invocation writes one complete results file (conditions, dense perplexities,
                      fraction growing with depth; same budget
      obs+refit+4xdata
                      obs+refit on 4x the refit batches (32 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
-     obs+refit+ridge0.1, obs+refit+ridge1, obs+refit+4xdata+ridge1
+     obs+refit+ridge0.1, obs+refit+ridge1, obs+refit+4xdata+ridge0.1, obs+refit+4xdata+ridge1
                      obs+refit (and on 4x the data), the refit with a 10x / 100x stronger ridge (weights
                      held nearer the dense ones: does the refit generalize better to the other domain?)
 2. Recovery (``ecospa compress`` jobs, ``--steps``): the recipes in ``RECIPES``.
@@ -78,6 +78,7 @@ ABLATION = {
     "obs+refit+4xdata": Row(units="obs", refit=True, data=4),
     "obs+refit+ridge0.1": Row(units="obs", refit=True, ridge=0.1),
     "obs+refit+ridge1": Row(units="obs", refit=True, ridge=1.0),
+    "obs+refit+4xdata+ridge0.1": Row(units="obs", refit=True, data=4, ridge=0.1),
     "obs+refit+4xdata+ridge1": Row(units="obs", refit=True, data=4, ridge=1.0),
 }
 RECIPES = {  # every lever named explicitly (the Job's defaults may change)

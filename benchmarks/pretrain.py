@@ -118,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--prune-start", type=int, default=None, help="dense steps before the first window")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--every", type=int, default=None)
+    ap.add_argument("--sparsity", type=float, default=None,
+                    help="the same fraction of units removed in every group instead of the global --budget (lever)")
     ap.add_argument("--rewarm", type=int, default=None, help="lr re-warm steps after each round (lever)")
     ap.add_argument("--moments", choices=["carry", "reset"], default=None, help="AdamW moments after a round (lever)")
     ap.add_argument("--tag", default=None, help="a label for this run's rows (levers, search points)")
@@ -148,6 +150,8 @@ def main(argv=None):
     if args.prune_start is not None or args.rounds is not None or args.every is not None:
         sched = dataclasses.replace(sched, warmup_steps=sched.warmup_steps if args.prune_start is None else args.prune_start,
                                     rounds=args.rounds or sched.rounds, every=args.every or sched.every)
+    if args.sparsity is not None:
+        sched = dataclasses.replace(sched, sparsity=args.sparsity, budget=None)
     if args.rewarm is not None or args.moments is not None:
         sched = dataclasses.replace(sched, rewarm=args.rewarm or 0, moments=args.moments or "carry")
     base = dataclasses.replace(base, steps=steps, prune=sched)
@@ -209,22 +213,31 @@ def main(argv=None):
 
 
 def search_table(runs):
-    """One line per searched configuration: dense-full vs dense-small at equal steps."""
+    """One line per searched configuration: dense-full vs dense-small at equal steps, compared at
+    the last evaluation both reached (runs cut at a deadline carry only a ``note``: the preset's
+    model, batch and sequence length)."""
+    small = presets.get("small")
     points: dict = {}
     for r in runs:
         c = r["conditions"]
-        m = c["model"]
-        key = (m["dim"], m["n_layers"], m["ffn_dim"], c["seq_len"], c["batch_size"], c["steps"], c["lr"])
-        points.setdefault(key, {})[r["variant"].split("@")[0]] = r
+        m = c.get("model") or dataclasses.asdict(small.model)
+        key = (m["dim"], m["n_layers"], m["ffn_dim"], c.get("seq_len", small.seq_len),
+               c.get("batch_size", small.batch_size), c["lr"], c["steps"])
+        points.setdefault(key, {})[r["variant"].split("@")[0]] = r  # the latest run of each variant
     table = []
-    for (dim, layers, ffn, seq, batch, steps, lr), got in points.items():
+    for (dim, layers, ffn, seq, batch, lr, steps), got in points.items():
         d, s = got.get("dense"), got.get("dense-small")
-        table.append({"dim": dim, "layers": layers, "ffn": ffn, "seq": seq, "batch": batch, "steps": steps,
-                      "lr": lr, "tokens (M)": steps * batch * seq / 1e6,
-                      "dense ppl": d["val_ppl"] if d else float("nan"),
-                      "dense-small ppl": s["val_ppl"] if s else float("nan"),
-                      "small / dense": s["val_ppl"] / d["val_ppl"] if d and s else float("nan"),
-                      "dense wall s": d["wall_s"] if d else float("nan")})
+        if not d or not s:
+            continue
+        dc, sc = ({step: ppl for step, ppl, *_ in x["curve"]} for x in (d, s))
+        common = sorted(set(dc) & set(sc))
+        if not common:
+            continue
+        at = common[-1]
+        table.append({"dim": dim, "layers": layers, "ffn": ffn, "seq": seq, "batch": batch, "lr": lr,
+                      "planned steps": steps, "compared at step": at, "tokens (M)": at * batch * seq / 1e6,
+                      "dense ppl": dc[at], "dense-small ppl": sc[at], "small / dense": sc[at] / dc[at],
+                      "small/dense by step": "; ".join(f"{t}: {sc[t] / dc[t]:.3f}" for t in common)})
     return table
 
 
