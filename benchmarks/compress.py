@@ -11,8 +11,8 @@ One invocation writes one complete results file (conditions, dense perplexities,
                      obs+refit with the counts of another allocation (``ecospa.allocation``):
                      FLAP's per-group z-scores, LLM-Pruner's dense first/last layers, SlimGPT's
                      fraction growing with depth; same budget
-     obs+refit+4xdata
-                     obs+refit on 4x the refit batches (32 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
+     obs+refit+4xdata, obs+refit+8xdata
+                     obs+refit on 4x / 8x the refit batches (32 / 64 x 4 x 256 TRAIN tokens instead of 8 x 4 x 256)
      obs+refit+ridge0.1, obs+refit+ridge1, obs+refit+4xdata+ridge0.1, obs+refit+4xdata+ridge1
                      obs+refit (and on 4x the data), the refit with a 10x / 100x stronger ridge (weights
                      held nearer the dense ones: does the refit generalize better to the other domain?)
@@ -78,6 +78,7 @@ ABLATION = {
     "obs+refit+4xdata": Row(units="obs", refit=True, data=4),
     "obs+refit+ridge0.1": Row(units="obs", refit=True, ridge=0.1),
     "obs+refit+ridge1": Row(units="obs", refit=True, ridge=1.0),
+    "obs+refit+8xdata": Row(units="obs", refit=True, data=8),
     "obs+refit+4xdata+ridge0.1": Row(units="obs", refit=True, data=4, ridge=0.1),
     "obs+refit+4xdata+ridge1": Row(units="obs", refit=True, data=4, ridge=1.0),
 }
@@ -134,8 +135,8 @@ def ablation(loaded, held, level, variants, job: Job, log):
     train_ids = encode(tok, corpus("pydoc", "train"))
     calib = [batch_at(train_ids, 10_000 + i, job.batch_size, job.seq_len, job.seed + 1)
              for i in range(job.calib_batches)]
-    more = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)
-            for i in range(4 * job.recon_batches)]  # the job's refit batches first
+    more = [batch_at(train_ids, 15_000 + i, job.batch_size, job.seq_len, job.seed + 2)  # the protocol's first
+            for i in range(max(ABLATION[v].data for v in variants) * job.recon_batches)]
     t0 = time.perf_counter()
     scores = fisher(lm_loss(fam.forward, cfg), dense, groups, calib, estimator=ESTIMATORS["fisher"](groups))
     fisher_s = time.perf_counter() - t0

@@ -55,6 +55,7 @@ ABLATION_LABELS = {
     "obs+refit+4xdata": "obs + refit on 4x the refit tokens (32 x 4 x 256)",
     "obs+refit+ridge0.1": "obs + refit, ridge 0.1 (10x the default)",
     "obs+refit+ridge1": "obs + refit, ridge 1 (100x the default)",
+    "obs+refit+8xdata": "obs + refit on 8x the refit tokens (64 x 4 x 256)",
     "obs+refit+4xdata+ridge0.1": "obs + refit on 4x the refit tokens, ridge 0.1",
     "obs+refit+4xdata+ridge1": "obs + refit on 4x the refit tokens, ridge 1",
 }
