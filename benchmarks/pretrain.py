@@ -1,6 +1,6 @@
 """Pre-training quality: EcoSpa vs dense, a dense model of the same final size, and ablations.
 
-    python benchmarks/pretrain.py --preset small   # the capacity-bound CPU regime (~6 min a variant, 1 core)
+    python benchmarks/pretrain.py --preset small   # the capacity-bound CPU regime (1800 steps: 8-13 min a variant, 1 core)
     python benchmarks/pretrain.py --quick          # a few dozen steps per variant (CI smoke)
     python benchmarks/pretrain.py --search --variants dense dense-small --dim 128 --steps 900
                                                    # one point of the regime search (appended to

@@ -178,7 +178,7 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
-def pretrain_section(res: dict, search: dict = None) -> str:
+def pretrain_section(res: dict, search: dict = None, earlier: dict = None) -> str:
     """The pre-training section: regime, the regime search, the comparison table (with FLOPs),
     the figure and a plain verdict against the issue-14 targets."""
     c = res.get("conditions", {})
@@ -214,6 +214,13 @@ def pretrain_section(res: dict, search: dict = None) -> str:
     notes = res.get("notes")
     if notes:
         out += ["", *(f"- {n}" for n in notes)]
+    if earlier and earlier.get("table"):  # the same comparison at half the steps, with the levers
+        c0 = earlier.get("conditions", {})
+        out += ["", f"**The earlier regime: {c0.get('steps')} steps ({c0.get('tokens_seen', 0) / 1e6:.2f}M tokens), "
+                    "with the schedule levers** (`benchmarks/results/pretrain_900.json`; same model, data, lr "
+                    f"and seed; `ecospa` is the schedule {c0.get('schedule')}, `@tag` rows change one lever, "
+                    "see the notes)", "", generic_table(earlier)]
+        out += [f"- {n}" for n in earlier.get("notes", [])]
     return "\n".join(out)
 
 
@@ -294,7 +301,8 @@ def main() -> None:
             plot_speed(res, os.path.join(RESULTS, fname.replace(".json", ".png")))
     res = _load("pretrain.json")
     if res and res.get("table"):
-        text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json")))
+        text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json"),
+                                                                  _load("pretrain_900.json")))
         plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
     res, abl = _load("compress.json"), _load("compress_ablation.json")
     if (res and res.get("recovery")) or (abl and abl.get("ablation")):
