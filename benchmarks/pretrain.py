@@ -118,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--prune-start", type=int, default=None, help="dense steps before the first window")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--every", type=int, default=None)
+    ap.add_argument("--window", type=int, default=None, help="Fisher estimation steps before each round (lever)")
+    ap.add_argument("--ramp", choices=["cubic", "linear"], default=None, help="how the target grows over the rounds (lever)")
     ap.add_argument("--sparsity", type=float, default=None,
                     help="the same fraction of units removed in every group instead of the global --budget (lever)")
     ap.add_argument("--rewarm", type=int, default=None, help="lr re-warm steps after each round (lever)")
@@ -152,6 +154,8 @@ def main(argv=None):
                                     rounds=args.rounds or sched.rounds, every=args.every or sched.every)
     if args.sparsity is not None:
         sched = dataclasses.replace(sched, sparsity=args.sparsity, budget=None)
+    if args.window is not None or args.ramp is not None:
+        sched = dataclasses.replace(sched, window=args.window or sched.window, ramp=args.ramp or sched.ramp)
     if args.rewarm is not None or args.moments is not None:
         sched = dataclasses.replace(sched, rewarm=args.rewarm or 0, moments=args.moments or "carry")
     base = dataclasses.replace(base, steps=steps, prune=sched)
