@@ -171,6 +171,8 @@ def main() -> None:
     p.add_argument("--recipe-levels", type=float, nargs="*", default=None,
                    help="levels of the recovery runs (default: --levels)")
     p.add_argument("--steps", type=int, nargs="+", default=[80], help="recovery steps (one job each)")
+    p.add_argument("--eval-at", type=int, nargs="*", default=[],
+                   help="recovery steps at which each job also evaluates (a curve from one run, e.g. --steps 320 --eval-at 80 160)")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -243,6 +245,7 @@ def main() -> None:
             for name in args.recipes:
                 job = dataclasses.replace(base, budget=level, steps=steps, ppl_dense=results["dense"]["pydoc"],
                                           ppl_dense_extra={"stdlib": results["dense"]["stdlib"]},
+                                          eval_at=tuple(x for x in args.eval_at if x <= steps),
                                           **RECIPES[name])
                 t1 = time.perf_counter()
                 s = compress(job, loaded=loaded)
@@ -254,7 +257,7 @@ def main() -> None:
                     **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
                                          "block_fraction_removed", "ppl_pruned", "ppl_reconstructed",
                                          "ppl_recovered", "latency_ratio", "calibration_tokens")},
-                    "ppl_stdlib": s["ppl_extra"]["stdlib"], "rounds": s["rounds"]})
+                    "ppl_stdlib": s["ppl_extra"]["stdlib"], "rounds": s["rounds"], "curve": s["curve"]})
                 write_results(args.out, results)
     results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - t0

@@ -128,11 +128,17 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
                 "| stdlib val (2nd domain) | job time |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(res["recovery"], key=lambda r: (-r["level"], r["variant"], r["steps"])):
             refit = f"{r['ppl_reconstructed']:.2f}" if r.get("ppl_reconstructed") else "—"
-            out.append(f"| {r['level']:.0%} | {r['variant']} | {r['steps']} | {r['ppl_pruned']:.2f} | {refit} | "
+            n = r.get("job", {}).get("recon_batches")
+            recipe = r["variant"] + (f" (refit/obs on {n} batches)" if n else "")
+            out.append(f"| {r['level']:.0%} | {recipe} | {r['steps']} | {r['ppl_pruned']:.2f} | {refit} | "
                        f"{ratio(r['ppl_recovered'], 'pydoc')} | {tp(r['level'], r['steps'], r['ppl_recovered'])} | "
                        f"{ratio(r['ppl_stdlib'], 'stdlib')} | {r['seconds'] / 60:.1f} min"
                        + (f" (load {r['load_average']:.1f} at its end)" if r.get("load_average") is not None else "")
                        + " |")
+        for r in res["recovery"]:
+            if r.get("curve"):
+                out += ["", f"Recovery curve, {r['level']:.0%} {r['variant']} (pydoc val / stdlib val at each step): "
+                        + "; ".join(f"{c['step']}: {c['ppl']:.2f} / {c['ppl_extra']['stdlib']:.2f}" for c in r["curve"])]
     peers = sorted({(k[0], k[1]): v for k, v in best.items()}.items())
     if peers and peers_note:
         pc = res.get("peers_conditions") or {}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ecospa import cli
-from ecospa.jobs.compress import Job, compress, group_params
+from ecospa.errors import UsageError
+from ecospa.jobs.compress import Job, compress, group_params, table
 from ecospa.select import parse_sparsity
 from ecospa.func.families import family_of
 from ecospa.io.load import encode, load_model
@@ -138,3 +139,18 @@ def test_compress_exports_any_pruned_tree(tiny_gguf, tmp_path, capsys, fmt, name
         got = family_of(c2).forward(p2, x, c2)
     from tolerances import HF, close
     close(got, family_of(cfg).forward(params, x, cfg), HF)
+
+
+def test_eval_at_records_a_curve_that_ends_at_the_final_numbers(tiny_gguf, tmp_path):
+    """--eval-at: one job evaluates at chosen recovery steps (across rounds); the point at the last
+    step IS the final evaluation, and the curve does not change the run."""
+    fast = dict(FAST, steps=4, rounds=2)
+    plain = compress(Job(str(tiny_gguf), budget=0.5, **fast))
+    s = compress(Job(str(tiny_gguf), budget=0.5, eval_at=(4, 1, 3), **fast))
+    assert [c["step"] for c in s["curve"]] == [1, 3, 4] and plain["curve"] == []
+    assert s["curve"][-1]["ppl"] == s["ppl_recovered"] == plain["ppl_recovered"]
+    assert s["curve"][-1]["ppl_extra"] == s["ppl_extra"]
+    assert "ppl at recovery step 3" in table(s)
+    for bad in ((0,), (5,), (1.5,)):
+        with pytest.raises(UsageError, match="--eval-at"):
+            Job(str(tiny_gguf), budget=0.5, eval_at=bad, **fast)

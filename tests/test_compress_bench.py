@@ -38,3 +38,19 @@ def test_ablation_rows_and_report(tiny_gguf, tmp_path, monkeypatch):  # noqa: F8
     for label in report["ABLATION_LABELS"].values():
         assert label in text
     assert "not applicable: allocation 'protect'" in text
+
+
+@pytest.mark.slow
+def test_recovery_rows_carry_the_curve(tiny_gguf, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "rec.json"
+    monkeypatch.setattr(sys, "argv", [BENCH, "--model", str(tiny_gguf), "--ablation", "--recipes",
+                                      "obs+refit+4xdata+distill", "--levels", "0.4", "--steps", "2",
+                                      "--eval-at", "1", "2", "--eval-windows", "2", "--threads", "1",
+                                      "--out", str(out)])
+    runpy.run_path(BENCH, run_name="__main__")
+    res = json.loads(out.read_text())
+    (row,) = res["recovery"]
+    assert res["complete"] is True and row["job"]["recon_batches"] == 32
+    assert [c["step"] for c in row["curve"]] == [1, 2] and row["curve"][-1]["ppl"] == row["ppl_recovered"]
+    text = runpy.run_path("benchmarks/report.py")["compress_section"]({}, res, None)
+    assert "refit/obs on 32 batches" in text and "Recovery curve, 40% obs+refit+4xdata+distill" in text

@@ -96,8 +96,9 @@ def _losses(forward, cfg, teacher, job: Job):
     return ce, (distill if job.distill else ce)
 
 
-def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
+def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=None):
     """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses).
+    ``on_step(i, params)`` runs after step i (1-based), e.g. to evaluate a curve.
 
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
@@ -119,6 +120,8 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int):
                 f"(--lr {job.lr}); nothing was saved. Use a smaller --lr (default 2e-4)")
         params, state = new_params, new_state
         losses.append(float(loss))
+        if on_step is not None:
+            on_step(step + 1, params)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     check_finite(params, f"after {steps} recovery steps with --lr {job.lr}")
@@ -175,7 +178,7 @@ def compress(job: Job, loaded=None) -> dict:
     ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
     extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
     out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
-           "calibration_tokens": 0, "rounds": []}
+           "calibration_tokens": 0, "rounds": [], "curve": []}
     ce, train_loss = _losses(forward, cfg, dense, job)
     params, per_round = dense, max(1, job.steps // job.rounds) if job.steps else 0
     sizes = dense_sizes(dense, groups)
@@ -204,8 +207,14 @@ def compress(job: Job, loaded=None) -> dict:
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
                        f" of group params removed, held-out ppl {ppl_dense:.2f} -> {row['ppl_pruned']:.2f}"
                        + (f" -> {done:.2f} after the refit" if job.reconstruct else ""))
+        def point(i, p, done=(r - 1) * per_round):
+            """A curve point at the job's recovery step done + i (``--eval-at``)."""
+            if done + i in job.eval_at:
+                out["curve"].append({"step": done + i, "ppl": perplexity(forward, p, cfg, val_ids, **ev),
+                                     "ppl_extra": held_out(p)})
+
         t0 = time.perf_counter()
-        params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r)
+        params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point)
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None,
                    ppl_recovered=perplexity(forward, params, cfg, val_ids, **ev) if per_round
@@ -274,6 +283,9 @@ def table(summary: dict) -> str:
         if r.get("ppl_reconstructed") is not None:
             rows.append((f"ppl after the refit (round {i})", f"{r['ppl_reconstructed']:.2f}"))
         rows.append((f"ppl after recovery (round {i}, {r['steps']} steps)", f"{r['ppl_recovered']:.2f}"))
+    for c in summary.get("curve", []):
+        extra = "".join(f", {src} {v:.2f}" for src, v in c["ppl_extra"].items())
+        rows.append((f"ppl at recovery step {c['step']}", f"{c['ppl']:.2f}{extra}"))
     for src, dense_ppl in summary.get("ppl_dense_extra", {}).items():
         final = summary["ppl_extra"][src]
         rows.append((f"held-out {src}: ppl dense -> final", f"{dense_ppl:.2f} -> {final:.2f} "

@@ -45,6 +45,7 @@ class Job:
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
     warmup: int = 0                        # warm-up steps of the cosine schedule
     steps: int = 80
+    eval_at: tuple = ()                    # recovery steps (of --steps) at which to also evaluate: a curve
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 2e-4
@@ -99,6 +100,10 @@ class Job:
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
         if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
+        at = tuple(self.eval_at or ())
+        if any(not whole(x) or not 1 <= x <= self.steps for x in at):
+            raise UsageError(f"--eval-at takes recovery steps in [1, --steps {self.steps}], got {list(at)!r}")
+        object.__setattr__(self, "eval_at", tuple(sorted(set(at))))
         if not whole(self.seed) or self.seed < 0:
             raise UsageError(f"--seed must be a whole number >= 0, got {self.seed!r}")
         if not (_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
