@@ -90,7 +90,7 @@ RECIPES = {  # every lever named explicitly (the Job's defaults may change)
     "obs+refit+distill": dict(reconstruct=True, rank_by="obs", distill=True),  # KL + CE (0.5 each), constant
     "obs+refit+kd-cosine": dict(reconstruct=True, rank_by="obs", distill=True, distill_weight=1.0,
                                 lr_schedule="cosine", warmup=8),
-    # the job's defaults since session 4: obs + refit on 32 x 4 x 256 TRAIN tokens, KL + CE
+    # the job's defaults of session 5: obs + refit on 32 x 4 x 256 TRAIN tokens (ridge 0.01), KL + CE
     "obs+refit+4xdata+distill": dict(reconstruct=True, rank_by="obs", distill=True, recon_batches=32),
 }
 DOMAINS = ("pydoc", "stdlib")
@@ -187,8 +187,9 @@ def main() -> None:
     # recon_batches 8: the protocol every row was measured under (32, the job's default since, is the
     # ablation row obs+refit+4xdata)
     # distill False: every recipe names it (the rows were measured when it was the job's default)
+    # ridge 0.01: the protocol's (0.1, the job's default since session 6, is the rows +ridge0.1)
     base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False,
-               recon_batches=8, distill=False)
+               recon_batches=8, distill=False, ridge=1e-2)
     loaded = load_model(args.model)
     cfg, dense, tok = loaded
     fwd = family_of(cfg).forward

@@ -40,7 +40,8 @@ class Job:
     rank_by: str = "obs"                   # vo/mlp units by their error after the refit; or "estimator"
     reconstruct: bool = True               # layer-wise ridge refit of the output projections
     recon_batches: int = 32                # TRAIN batches (batch_size x seq_len) for the refit and obs
-    ridge: float = 1e-2                    # relative to the Gram's mean diagonal
+    ridge: float = 1e-1                    # relative to the Gram's mean diagonal (0.1 measured better than
+    #                                        0.01 on both held-out texts at 25% and 50%, right after pruning)
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
     warmup: int = 0                        # warm-up steps of the cosine schedule
@@ -127,7 +128,7 @@ class Job:
             raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
         if not (_number(self.ridge) and math.isfinite(self.ridge) and self.ridge > 0):
-            raise UsageError(f"--ridge must be a finite number > 0, e.g. 1e-2; got {self.ridge!r}")
+            raise UsageError(f"--ridge must be a finite number > 0, e.g. 0.1; got {self.ridge!r}")
         if not whole(self.recon_batches) or self.recon_batches < 1:
             raise UsageError(f"--recon-batches must be a whole number >= 1, got {self.recon_batches!r}")
         if not whole(self.warmup) or self.warmup < 0 or (self.steps and self.warmup > self.steps):
