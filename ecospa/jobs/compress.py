@@ -180,7 +180,7 @@ def compress(job: Job, loaded=None) -> dict:
     out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
            "calibration_tokens": 0, "rounds": [], "curve": []}
     ce, train_loss = _losses(forward, cfg, dense, job)
-    params, per_round = dense, max(1, job.steps // job.rounds) if job.steps else 0
+    params, per_round = dense, job.per_round
     sizes = dense_sizes(dense, groups)
     for r in range(1, job.rounds + 1):
         est = ESTIMATORS[job.estimator](groups, seed=job.seed)
@@ -207,6 +207,7 @@ def compress(job: Job, loaded=None) -> dict:
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
                        f" of group params removed, held-out ppl {ppl_dense:.2f} -> {row['ppl_pruned']:.2f}"
                        + (f" -> {done:.2f} after the refit" if job.reconstruct else ""))
+
         def point(i, p, done=(r - 1) * per_round):
             """A curve point at the job's recovery step done + i (``--eval-at``)."""
             if done + i in job.eval_at:
@@ -215,12 +216,14 @@ def compress(job: Job, loaded=None) -> dict:
 
         t0 = time.perf_counter()
         params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point)
+        last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None,
-                   ppl_recovered=perplexity(forward, params, cfg, val_ids, **ev) if per_round
-                   else row.get("ppl_reconstructed", row["ppl_pruned"]))
+                   ppl_recovered=(last["ppl"] if last else perplexity(forward, params, cfg, val_ids, **ev))
+                   if per_round else row.get("ppl_reconstructed", row["ppl_pruned"]))
         out["rounds"].append(row)
-    out["ppl_extra"] = held_out(params)
+    # the final params were just evaluated when the curve's last point is the last step
+    out["ppl_extra"] = last["ppl_extra"] if last else held_out(params)
     out.update(_sizes(dense, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
                ppl_reconstructed=out["rounds"][0].get("ppl_reconstructed"),
                ppl_recovered=out["rounds"][-1]["ppl_recovered"],

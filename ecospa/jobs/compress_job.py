@@ -63,6 +63,11 @@ class Job:
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
     ppl_dense_extra: Optional[Mapping[str, float]] = None  # the same for eval_extra's sources
 
+    @property
+    def per_round(self) -> int:
+        """Recovery steps after each round (``steps`` split over ``rounds``, at least 1; 0 without)."""
+        return max(1, self.steps // self.rounds) if self.steps else 0
+
     def __post_init__(self):
         """Check every value and every output path; UsageError before anything is loaded."""
         try:
@@ -101,9 +106,10 @@ class Job:
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
         if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
-        at = tuple(self.eval_at or ())
-        if any(not whole(x) or not 1 <= x <= self.steps for x in at):
-            raise UsageError(f"--eval-at takes recovery steps in [1, --steps {self.steps}], got {list(at)!r}")
+        at, total = tuple(self.eval_at or ()), self.per_round * self.rounds
+        if any(not whole(x) or not 1 <= x <= total for x in at):
+            raise UsageError(f"--eval-at takes recovery steps in [1, {total}] (the steps --steps {self.steps} "
+                             f"runs in --rounds {self.rounds}), got {list(at)!r}")
         object.__setattr__(self, "eval_at", tuple(sorted(set(at))))
         if not whole(self.seed) or self.seed < 0:
             raise UsageError(f"--seed must be a whole number >= 0, got {self.seed!r}")
