@@ -22,7 +22,11 @@ Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL sp
 source, another kind of text); neither is ever used for calibration, refit or recovery, which
 read only the pydoc TRAIN split.
 
-    OMP_NUM_THREADS=2 python benchmarks/compress.py --levels 0.5 0.25 --steps 80
+    python benchmarks/compress.py --levels 0.5 0.25 --steps 80 --recipes job-default distill@0.5 \
+        --ablation fisher uniform fisher+refit obs+refit --workers 2 --threads 1
+
+(``--workers 2 --threads 1``: the tasks, one ablation per level and one job per recipe and level, run
+two at a time in 1-thread processes; the same rows as one process, in one results file.)
 
 Results: benchmarks/results/compress.json, rewritten after every row (``"complete": false``
 until the run ends). Torch-Pruning's rows (``benchmarks/torch_pruning_peer.py``) are kept from
@@ -92,6 +96,11 @@ RECIPES = {  # every lever named explicitly (the Job's defaults may change)
                                 lr_schedule="cosine", warmup=8),
     # the job's defaults of session 5: obs + refit on 32 x 4 x 256 TRAIN tokens (ridge 0.01), KL + CE
     "obs+refit+4xdata+distill": dict(reconstruct=True, rank_by="obs", distill=True, recon_batches=32),
+    # what ``ecospa compress --budget F`` does with no other flag (every lever spelled out; a test
+    # checks these are the Job's defaults)
+    "job-default": dict(estimator="fisher", allocation="global", rank_by="obs", reconstruct=True,
+                        recon_batches=32, ridge=0.1, recon_target="residual", distill=True,
+                        distill_weight=0.5, lr_schedule="constant", warmup=0),
 }
 DOMAINS = ("pydoc", "stdlib")
 
@@ -162,51 +171,162 @@ def ablation(loaded, held, level, variants, job: Job, log):
     return rows
 
 
+def _base(args) -> Job:
+    # recon_batches 8: the protocol every ablation row is measured under (32, the job's default, is the
+    # rows +4xdata and the recipe job-default)
+    # distill False: every recipe names it
+    # ridge 0.01: the protocol's (0.1, the job's default since session 6, is the rows +ridge0.1)
+    return Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False,
+               recon_batches=8, distill=False, ridge=1e-2)
+
+
+def _held(tok) -> dict:
+    return {"pydoc": encode(tok, corpus("pydoc", "val")),
+            "stdlib": encode(tok, corpus("stdlib", "val", max_chars=EXTRA_CHARS))}
+
+
+def _tasks(args) -> list:
+    """The invocation's independent units of work, in the order their rows are reported: one
+    ablation per level (its rows share one Fisher calibration), one ``compress`` job per recipe,
+    level and step count."""
+    n = args.rows_per_task or len(args.ablation) or 1
+    chunks = [list(args.ablation[i:i + n]) for i in range(0, len(args.ablation), n)]
+    tasks = [{"kind": "ablation", "level": lv, "rows": rows} for lv in args.levels for rows in chunks]
+    levels = [] if args.no_recovery else (args.recipe_levels if args.recipe_levels is not None else args.levels)
+    tasks += [{"kind": "recovery", "level": lv, "recipe": name.split("@")[0], "steps": steps,
+               "eval_at": [x for x in args.eval_at if x <= steps]}
+              for lv in levels for steps in args.steps for name in args.recipes
+              if "@" not in name or float(name.split("@")[1]) == lv]
+    return tasks
+
+
+def _run_task(task: dict, loaded, held, base: Job, dense: dict, command: str) -> list:
+    """The rows of one task (see ``_tasks``)."""
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if task["kind"] == "ablation":
+        return ablation(loaded, held, task["level"], task["rows"], base, log)
+    name, level, steps = task["recipe"], task["level"], task["steps"]
+    job = dataclasses.replace(base, budget=level, steps=steps, ppl_dense=dense["pydoc"],
+                              ppl_dense_extra={"stdlib": dense["stdlib"]}, eval_at=tuple(task["eval_at"]),
+                              **RECIPES[name])
+    t1 = time.perf_counter()
+    s = compress(job, loaded=loaded)
+    log(f"\n== {name} @ {level}, {steps} steps\n{table(s)}")
+    return [{
+        "part": "recovery", "variant": name, "level": level, "steps": steps,
+        "seconds": time.perf_counter() - t1, "job": RECIPES[name], "command": command,
+        "load_average": os.getloadavg()[0],
+        **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
+                             "block_fraction_removed", "ppl_pruned", "ppl_reconstructed",
+                             "ppl_recovered", "latency_ratio", "calibration_tokens")},
+        "ppl_stdlib": s["ppl_extra"]["stdlib"], "rounds": s["rounds"], "curve": s["curve"]}]
+
+
+def _worker(args) -> None:
+    """``--task``: run one task in this process and write its rows to ``--task-out`` (atomically)."""
+    torch.set_num_threads(args.threads)
+    task = json.loads(args.task)
+    loaded = load_model(args.model)
+    rows = _run_task(task, loaded, _held(loaded[2]), _base(args), task["dense"], task["command"])
+    write_results(args.task_out, {"rows": rows})
+
+
+def _in_workers(args, tasks: list, dense: dict, command: str, on_rows) -> None:
+    """Run ``tasks`` in ``args.workers`` processes of ``args.threads`` threads (longest first);
+    ``on_rows(i, rows)`` as each finishes. A failed task stops the invocation (its log is above)."""
+    import subprocess
+    import tempfile
+    cost = lambda t: t.get("steps", 0) * 100 + len(t.get("rows", ()))  # noqa: E731
+    todo = sorted(range(len(tasks)), key=lambda i: -cost(tasks[i]))
+    running = {}
+    with tempfile.TemporaryDirectory(prefix="compress_bench_") as tmp:
+        while todo or running:
+            while todo and len(running) < args.workers:
+                i = todo.pop(0)
+                out = os.path.join(tmp, f"task{i}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model,
+                       "--eval-windows", str(args.eval_windows), "--threads", str(args.threads),
+                       "--seed", str(args.seed), "--task", json.dumps({**tasks[i], "dense": dense,
+                                                                       "command": command}),
+                       "--task-out", out]
+                print(f"[worker] start task {i}: {tasks[i]}", flush=True)
+                running[i] = (subprocess.Popen(cmd), out)
+            time.sleep(1.0)
+            for i, (proc, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                if proc.returncode != 0:
+                    for other, _ in running.values():
+                        other.kill()
+                    sys.exit(f"task {i} ({tasks[i]}) failed with exit code {proc.returncode}; see its log above")
+                with open(out) as f:
+                    on_rows(i, json.load(f)["rows"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--ablation", nargs="*", default=list(ABLATION), choices=list(ABLATION))
-    p.add_argument("--recipes", nargs="*", default=["refit+kd-cosine"], choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="*", default=["job-default"], metavar="RECIPE[@LEVEL]",
+                   help=f"recovery recipes, one of {', '.join(RECIPES)}; NAME@0.5 runs it at that level only")
     p.add_argument("--recipe-levels", type=float, nargs="*", default=None,
                    help="levels of the recovery runs (default: --levels)")
     p.add_argument("--steps", type=int, nargs="+", default=[80], help="recovery steps (one job each)")
     p.add_argument("--eval-at", type=int, nargs="*", default=[],
                    help="recovery steps at which each job also evaluates (a curve from one run, e.g. --steps 320 --eval-at 80 160)")
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each process")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run the invocation's tasks (one ablation per level, one job per recipe, level and "
+                        "step count) in this many processes at once, longest first; one results file")
+    p.add_argument("--rows-per-task", type=int, default=0,
+                   help="split each level's ablation into tasks of this many rows (each with its own Fisher "
+                        "calibration; the same rows), so that --workers can balance them; 0: one task per level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results", "compress.json"))
     p.add_argument("--no-recovery", action="store_true", help="the ablation only")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of --out (same model, job defaults and eval) and add this run's; "
                         "every command is recorded")
+    p.add_argument("--task", help=argparse.SUPPRESS)  # a worker process (--workers)
+    p.add_argument("--task-out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.task:
+        return _worker(args)
+    for name in args.recipes:
+        recipe, _, at = name.partition("@")
+        if recipe not in RECIPES:
+            p.error(f"--recipes: unknown recipe {name!r}; use one of {', '.join(RECIPES)}")
+        levels = args.recipe_levels if args.recipe_levels is not None else args.levels
+        if at and not any(at.replace(".", "", 1).isdigit() and float(at) == lv for lv in levels):
+            p.error(f"--recipes {name}: the level after @ must be one of the recovery levels {levels}")
+    if args.workers < 1 or args.threads < 1:
+        sys.exit("--workers and --threads must be >= 1")
+    # the dense evaluation runs before the workers start: every core is free for it
+    torch.set_num_threads(args.threads * args.workers)
     old = json.load(open(args.out)) if os.path.isfile(args.out) else {}
-    # recon_batches 8: the protocol every row was measured under (32, the job's default since, is the
-    # ablation row obs+refit+4xdata)
-    # distill False: every recipe names it (the rows were measured when it was the job's default)
-    # ridge 0.01: the protocol's (0.1, the job's default since session 6, is the rows +ridge0.1)
-    base = Job(args.model, budget=0.5, eval_windows=args.eval_windows, seed=args.seed, progress=False,
-               recon_batches=8, distill=False, ridge=1e-2)
+    base = _base(args)
     loaded = load_model(args.model)
     cfg, dense, tok = loaded
     fwd = family_of(cfg).forward
-    held = {"pydoc": encode(tok, corpus("pydoc", "val")),
-            "stdlib": encode(tok, corpus("stdlib", "val", max_chars=EXTRA_CHARS))}
+    held = _held(tok)
     t0 = time.perf_counter()
     dense_ppl = {d: _ppl(fwd, dense, cfg, ids, args.eval_windows) for d, ids in held.items()}
+    torch.set_num_threads(args.threads)
     job_fields = {k: v for k, v in dataclasses.asdict(base).items()
                   if k not in ("model", "budget", "sparsity", "out", "export_hf", "export", "progress",
                                "ppl_dense", "ppl_dense_extra")}
+    command = "python benchmarks/compress.py " + " ".join(sys.argv[1:])
     results = {
         "complete": False,
         "conditions": {
             "machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": args.threads, "workers": args.workers,
             "load_average_at_start": os.getloadavg()[0], "dtype": "float32", "seed": args.seed,
-            "model": args.model, "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:]),
+            "model": args.model, "command": command,
             "eval": {d: f"{d} VAL split, {ids.numel()} tokens, {dense_ppl[d][1]} non-overlapping windows of "
                         f"512 predictions (max {args.eval_windows})" for d, ids in held.items()},
             "calibration": f"pydoc TRAIN split: Fisher {base.calib_batches} x {base.batch_size} x "
@@ -235,31 +355,22 @@ def main() -> None:
     print(json.dumps(results["conditions"], indent=1), flush=True)
     print(f"dense: {results['dense']}", flush=True)
     write_results(args.out, results)
-    for level in args.levels:
-        if args.ablation:
-            results["ablation"] += ablation(loaded, held, level, args.ablation, base,
-                                            lambda m: print(m, flush=True))
-            write_results(args.out, results)
-    for level in [] if args.no_recovery else (args.recipe_levels if args.recipe_levels is not None
-                                               else args.levels):
-        for steps in args.steps:
-            for name in args.recipes:
-                job = dataclasses.replace(base, budget=level, steps=steps, ppl_dense=results["dense"]["pydoc"],
-                                          ppl_dense_extra={"stdlib": results["dense"]["stdlib"]},
-                                          eval_at=tuple(x for x in args.eval_at if x <= steps),
-                                          **RECIPES[name])
-                t1 = time.perf_counter()
-                s = compress(job, loaded=loaded)
-                print(f"\n== {name} @ {level}, {steps} steps\n{table(s)}", flush=True)
-                results["recovery"].append({
-                    "part": "recovery", "variant": name, "level": level, "steps": steps,
-                    "seconds": time.perf_counter() - t1, "job": RECIPES[name],
-                    "command": results["conditions"]["command"], "load_average": os.getloadavg()[0],
-                    **{k: s[k] for k in ("dense_params", "kept_params", "group_fraction_removed",
-                                         "block_fraction_removed", "ppl_pruned", "ppl_reconstructed",
-                                         "ppl_recovered", "latency_ratio", "calibration_tokens")},
-                    "ppl_stdlib": s["ppl_extra"]["stdlib"], "rounds": s["rounds"], "curve": s["curve"]})
-                write_results(args.out, results)
+    tasks, done = _tasks(args), {}
+    kept = {part: list(results[part]) for part in ("ablation", "recovery")}
+
+    def on_rows(i: int, rows: list) -> None:
+        """Rows land in the file as each task ends, in the order of the tasks."""
+        done[i] = rows
+        for part in kept:
+            results[part] = kept[part] + [r for j in sorted(done) for r in done[j] if r["part"] == part]
+        write_results(args.out, results)
+
+    if args.workers == 1:
+        for i, task in enumerate(tasks):
+            on_rows(i, _run_task(task, loaded, held, base, results["dense"], command))
+    else:
+        del loaded, dense  # the workers load their own
+        _in_workers(args, tasks, results["dense"], command, on_rows)
     results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - t0
     write_results(args.out, results)

@@ -54,3 +54,47 @@ def test_recovery_rows_carry_the_curve(tiny_gguf, tmp_path, monkeypatch):  # noq
     assert [c["step"] for c in row["curve"]] == [1, 2] and row["curve"][-1]["ppl"] == row["ppl_recovered"]
     text = runpy.run_path("benchmarks/report.py")["compress_section"]({}, res, None)
     assert "refit/obs on 32 batches" in text and "Recovery curve, 40% obs+refit+4xdata+distill" in text
+
+
+def test_job_default_recipe_is_the_jobs_defaults():
+    """The benchmark's 'job-default' row must measure what `ecospa compress --budget F` does."""
+    from ecospa.jobs.compress import Job
+    recipe = runpy.run_path(BENCH)["RECIPES"]["job-default"]
+    job = Job("smollm2-135m", budget=0.5)
+    assert {k: getattr(job, k) for k in recipe} == recipe
+    levers = {"estimator", "allocation", "rank_by", "reconstruct", "recon_batches", "ridge", "recon_target",
+              "distill", "distill_weight", "lr_schedule", "warmup"}
+    assert levers <= set(recipe)
+
+
+@pytest.mark.slow
+def test_workers_give_the_rows_of_one_process(tiny_gguf, tmp_path, monkeypatch):  # noqa: F811
+    """--workers 2 runs the tasks in separate processes: the same rows (bit for bit) in the same
+    order as one process, and a recipe@level runs at that level only."""
+    res = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.json"
+        monkeypatch.setattr(sys, "argv", [
+            BENCH, "--model", str(tiny_gguf), "--levels", "0.4", "0.2", "--ablation", "fisher", "obs+refit",
+            "--recipes", "job-default", "distill@0.4", "--steps", "2", "--eval-windows", "2",
+            "--threads", "1", "--workers", str(workers), "--out", str(out)])
+        runpy.run_path(BENCH, run_name="__main__")
+        res[workers] = json.loads(out.read_text())
+    one, two = res[1], res[2]
+    assert one["complete"] and two["complete"] and two["conditions"]["workers"] == 2
+    assert [(r["variant"], r["level"]) for r in one["recovery"]] == \
+        [("job-default", 0.4), ("distill", 0.4), ("job-default", 0.2)]
+    for part, keys in (("ablation", ("ppl_pydoc", "ppl_stdlib", "kept_params")),
+                       ("recovery", ("ppl_pruned", "ppl_reconstructed", "ppl_recovered", "ppl_stdlib"))):
+        assert [(r["variant"], r["level"]) for r in one[part]] == [(r["variant"], r["level"]) for r in two[part]]
+        for a, b in zip(one[part], two[part]):
+            assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, (a, b)
+
+
+def test_recipes_at_a_level_are_checked(tmp_path, monkeypatch, capsys):
+    for bad in ("nosuch", "distill@0.3", "distill@x"):
+        monkeypatch.setattr(sys, "argv", [BENCH, "--levels", "0.5", "--recipes", bad, "--out", str(tmp_path / "x.json")])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(BENCH, run_name="__main__")
+        assert e.value.code == 2 and "--recipes" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
