@@ -22,11 +22,12 @@ Held-out text: the pydoc VAL split (the protocol's domain) AND the stdlib VAL sp
 source, another kind of text); neither is ever used for calibration, refit or recovery, which
 read only the pydoc TRAIN split.
 
-    python benchmarks/compress.py --levels 0.5 0.25 --steps 80 --recipes job-default distill@0.5 \
-        --ablation fisher uniform fisher+refit obs+refit --workers 2 --threads 1
+    python benchmarks/compress.py      # the README's table: README_ROWS at 50% and 25%, the jobs
+                                       # job-default (both levels) and distill (50%), 80 steps, curve at 40
 
-(``--workers 2 --threads 1``: the tasks, one ablation per level and one job per recipe and level, run
-two at a time in 1-thread processes; the same rows as one process, in one results file.)
+(By default ``--workers 2 --threads 1``: the tasks, ablation rows in fours per level and one job per
+recipe and level, run two at a time in 1-thread processes, longest first; the same rows as one
+process, in one results file.)
 
 Results: benchmarks/results/compress.json, rewritten after every row (``"complete": false``
 until the run ends). Torch-Pruning's rows (``benchmarks/torch_pruning_peer.py``) are kept from
@@ -102,6 +103,9 @@ RECIPES = {  # every lever named explicitly (the Job's defaults may change)
                         recon_batches=32, ridge=0.1, recon_target="residual", distill=True,
                         distill_weight=0.5, lr_schedule="constant", warmup=0),
 }
+# the rows of the README's table (``python benchmarks/compress.py`` with no flag): each lever alone
+README_ROWS = ("fisher", "uniform", "fisher+refit", "obs+refit", "zscore+obs+refit", "protect+obs+refit",
+               "depth+obs+refit")
 DOMAINS = ("pydoc", "stdlib")
 
 
@@ -268,20 +272,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--ablation", nargs="*", default=list(ABLATION), choices=list(ABLATION))
-    p.add_argument("--recipes", nargs="*", default=["job-default"], metavar="RECIPE[@LEVEL]",
+    p.add_argument("--ablation", nargs="*", default=list(README_ROWS), choices=list(ABLATION),
+                   help="rows right after pruning (default: the README's; every row: --ablation " + " ".join(ABLATION) + ")")
+    p.add_argument("--recipes", nargs="*", default=["job-default", "distill@0.5"], metavar="RECIPE[@LEVEL]",
                    help=f"recovery recipes, one of {', '.join(RECIPES)}; NAME@0.5 runs it at that level only")
     p.add_argument("--recipe-levels", type=float, nargs="*", default=None,
                    help="levels of the recovery runs (default: --levels)")
     p.add_argument("--steps", type=int, nargs="+", default=[80], help="recovery steps (one job each)")
-    p.add_argument("--eval-at", type=int, nargs="*", default=[],
+    p.add_argument("--eval-at", type=int, nargs="*", default=[40],
                    help="recovery steps at which each job also evaluates (a curve from one run, e.g. --steps 320 --eval-at 80 160)")
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each process")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    p.add_argument("--workers", type=int, default=2,
                    help="run the invocation's tasks (one ablation per level, one job per recipe, level and "
                         "step count) in this many processes at once, longest first; one results file")
-    p.add_argument("--rows-per-task", type=int, default=0,
+    p.add_argument("--rows-per-task", type=int, default=4,
                    help="split each level's ablation into tasks of this many rows (each with its own Fisher "
                         "calibration; the same rows), so that --workers can balance them; 0: one task per level")
     p.add_argument("--seed", type=int, default=0)
@@ -295,7 +300,7 @@ def main() -> None:
     args = p.parse_args()
     if args.task:
         return _worker(args)
-    for name in args.recipes:
+    for name in [] if args.no_recovery else args.recipes:
         recipe, _, at = name.partition("@")
         if recipe not in RECIPES:
             p.error(f"--recipes: unknown recipe {name!r}; use one of {', '.join(RECIPES)}")

@@ -76,24 +76,54 @@ def _tp_best(res: dict) -> dict:
     return best
 
 
-def compress_section(ablation: dict, recovery: dict, allocations: Optional[dict] = None) -> str:
-    """Up to three invocations of benchmarks/compress.py, each table under its own conditions."""
-    parts = []
-    holder = next((r for r in (recovery, ablation) if r and r.get("peers")), {})
-    peers = {"peers": holder.get("peers", []),  # an older file's conditions if it has no peers_conditions
-             "peers_conditions": holder.get("peers_conditions") or holder.get("conditions")}
-    for title, res in (("Ablation right after pruning (`python benchmarks/compress.py --no-recovery`, "
-                        "results/compress_ablation.json)", ablation),
-                       ("Allocation variants, 4x refit data and a stronger ridge, right after pruning (same protocol, "
-                        "results/compress_allocation.json)", allocations),
-                       ("Recovery (`ecospa compress` jobs, results/compress.json)", recovery)):
-        if res and (res.get("ablation") or res.get("recovery")):
-            parts.append(f"**{title}**\n\n" + compress_table({**res, **peers}, peers_note=not parts))
-    return "\n\n".join(parts)
+RECIPE_LABELS = {
+    "job-default": "`ecospa compress` defaults: Fisher counts, units by obs, refit on 32 batches (ridge 0.1), "
+                   "80 steps KL + CE",
+    "distill": "Fisher units, no refit, 80 steps KL + CE (recovery alone)",
+}
+# (lever, row without it, row with it): rows are ablation variants or "recipe:NAME" recovery rows
+LEVERS = (
+    ("global budget instead of the same fraction per group", "uniform", "fisher"),
+    ("layer-wise ridge refit", "fisher", "fisher+refit"),
+    ("units chosen by their error after the refit (obs)", "fisher+refit", "obs+refit"),
+    ("z-scored counts (FLAP) instead of the global budget", "obs+refit", "zscore+obs+refit"),
+    ("first/last layers dense (LLM-Pruner)", "obs+refit", "protect+obs+refit"),
+    ("fraction growing with depth (SlimGPT)", "obs+refit", "depth+obs+refit"),
+    ("80 distilled recovery steps alone", "fisher", "recipe:distill"),
+    ("all together: the job's defaults, 80 steps", "fisher", "recipe:job-default"),
+)
+
+
+def compress_section(res: dict) -> str:
+    """The README's compression section: ONE invocation of benchmarks/compress.py (one results file)."""
+    if not res or not (res.get("ablation") or res.get("recovery")):
+        return "(no results: run benchmarks/compress.py)"
+    c = res["conditions"]
+    return (f"One invocation, `{c.get('command', '?')}` (results/compress.json; "
+            f"{c.get('workers', 1)} worker process(es) of {c.get('threads')} thread(s), "
+            f"wall {res.get('wall_seconds', 0) / 60:.0f} min).\n\n" + compress_table(res))
+
+
+def _lever_rows(res: dict) -> list:
+    """Each lever's effect: the row without it -> the row with it, per level and held-out text."""
+    got = {}
+    for r in res.get("ablation", []):
+        if "error" not in r:
+            got[(r["variant"], r["level"])] = (r["ppl_pydoc"], r["ppl_stdlib"])
+    for r in res.get("recovery", []):
+        got[("recipe:" + r["variant"], r["level"])] = (r["ppl_recovered"], r["ppl_stdlib"])
+    out = []
+    for level in sorted({lv for _, lv in got}, reverse=True):
+        for label, a, b in LEVERS:
+            if (a, level) in got and (b, level) in got:
+                (pa, sa), (pb, sb) = got[(a, level)], got[(b, level)]
+                out.append(f"| {level:.0%} | {label} | {pa:.2f} → {pb:.2f} ({pb / pa:.2f}x) | "
+                           f"{sa:.2f} → {sb:.2f} ({sb / sa:.2f}x) |")
+    return out
 
 
 def compress_table(res: dict, peers_note: bool = True) -> str:
-    """One results file: its ablation rows, its recovery runs, Torch-Pruning's best."""
+    """One results file: its ablation rows, its recovery runs, each lever's effect, Torch-Pruning's best."""
     if "ablation" not in res:  # a file from before the ablation layout: nothing consistent to show
         return "(results file predates the ablation layout; rerun benchmarks/compress.py)"
     dense = res["dense"]
@@ -123,22 +153,26 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
                    f"{r['kept_params'] / 1e6:.1f}M | {ratio(r['ppl_pydoc'], 'pydoc')} | "
                    f"{tp(r['level'], 0, r['ppl_pydoc'])} | {ratio(r['ppl_stdlib'], 'stdlib')} |")
     if res.get("recovery"):
-        out += ["", "With recovery (`ecospa compress` jobs; the job's own numbers):", "",
-                "| removed | recipe | steps | after pruning | after refit | after recovery: pydoc val | ÷ TP best "
-                "| stdlib val (2nd domain) | job time |", "|---|---|---|---|---|---|---|---|---|"]
+        out += ["", "With recovery (`ecospa compress` jobs; the job's own numbers, pydoc val unless named):", "",
+                "| removed | recipe | after pruning | after refit | curve (step: pydoc / stdlib) "
+                "| after recovery: pydoc val | ÷ TP best | stdlib val (2nd domain) | job time |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(res["recovery"], key=lambda r: (-r["level"], r["variant"], r["steps"])):
             refit = f"{r['ppl_reconstructed']:.2f}" if r.get("ppl_reconstructed") else "—"
             n = r.get("job", {}).get("recon_batches")
-            recipe = r["variant"] + (f" (refit/obs on {n} batches)" if n else "")
-            out.append(f"| {r['level']:.0%} | {recipe} | {r['steps']} | {r['ppl_pruned']:.2f} | {refit} | "
-                       f"{ratio(r['ppl_recovered'], 'pydoc')} | {tp(r['level'], r['steps'], r['ppl_recovered'])} | "
+            recipe = RECIPE_LABELS.get(r["variant"], r["variant"] + (f" (refit/obs on {n} batches)" if n else ""))
+            curve = "; ".join(f"{p['step']}: {p['ppl']:.2f} / {p['ppl_extra']['stdlib']:.2f}"
+                              for p in r.get("curve") or []) or "—"
+            out.append(f"| {r['level']:.0%} | {recipe} | {r['ppl_pruned']:.2f} | {refit} | {curve} | "
+                       f"{ratio(r['ppl_recovered'], 'pydoc')} (step {r['steps']}) | "
+                       f"{tp(r['level'], r['steps'], r['ppl_recovered'])} | "
                        f"{ratio(r['ppl_stdlib'], 'stdlib')} | {r['seconds'] / 60:.1f} min"
                        + (f" (load {r['load_average']:.1f} at its end)" if r.get("load_average") is not None else "")
                        + " |")
-        for r in res["recovery"]:
-            if r.get("curve"):
-                out += ["", f"Recovery curve, {r['level']:.0%} {r['variant']} (pydoc val / stdlib val at each step): "
-                        + "; ".join(f"{c['step']}: {c['ppl']:.2f} / {c['ppl_extra']['stdlib']:.2f}" for c in r["curve"])]
+    levers = _lever_rows(res)
+    if levers:
+        out += ["", "Each lever alone (the row without it → the row with it; the ratio < 1 is a gain):", "",
+                "| removed | lever | pydoc val | stdlib val (2nd domain) |", "|---|---|---|---|", *levers]
     peers = sorted({(k[0], k[1]): v for k, v in best.items()}.items())
     if peers and peers_note:
         pc = res.get("peers_conditions") or {}
@@ -147,8 +181,10 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
                 + f" (measured in an earlier run: eval {pc.get('eval', '?')}; recovery {pc.get('recovery', '?')})."]
     ev = c.get("eval", {})
     out += ["", f"Evaluation: {'; '.join(ev.values()) if isinstance(ev, dict) else ev}. "
-                f"Calibration: {c.get('calibration', '?')}. Recovery: {c.get('recovery', '?')}. "
-                f"Threads {c.get('threads')}, load average at start {c.get('load_average_at_start', 0):.1f}. "
+                f"Calibration: {c.get('calibration', '?')} (the protocol of the ablation rows; each recipe "
+                f"names its own). Recovery: {c.get('recovery', '?')}. "
+                f"Threads {c.get('threads')} per process, {c.get('workers', 1)} process(es) at once, "
+                f"load average at start {c.get('load_average_at_start', 0):.1f}. "
                 + (f"Commands (appended runs): {'; '.join(f'`{x}`' for x in c['commands'])}." if c.get("commands")
                    else f"Command: `{c.get('command', '?')}`.")]
     return "\n".join(out)
@@ -310,16 +346,16 @@ def main() -> None:
         text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json"),
                                                                   _load("pretrain_900.json")))
         plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
-    res, abl = _load("compress.json"), _load("compress_ablation.json")
-    if (res and res.get("recovery")) or (abl and abl.get("ablation")):
-        text = replace_section(text, "compress", compress_section(abl, res, _load("compress_allocation.json")))
+    res = _load("compress.json")
+    if res and (res.get("recovery") or res.get("ablation")):
+        text = replace_section(text, "compress", compress_section(res))
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table)]:
         got = _load(fname)
         if got:
             text = replace_section(text, section, fn(got))
-    if abl or _load("pretrain.json"):
-        plot_quality({**(abl or {}), "peers": (res or {}).get("peers", [])}, _load("pretrain.json"),
+    if res or _load("pretrain.json"):
+        plot_quality(res, _load("pretrain.json"),
                      os.path.join(RESULTS, "quality.png"))
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:

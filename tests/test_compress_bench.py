@@ -15,13 +15,14 @@ BENCH = "benchmarks/compress.py"
 @pytest.mark.slow
 def test_ablation_rows_and_report(tiny_gguf, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "abl.json"
+    abl = runpy.run_path(BENCH)["ABLATION"]
     monkeypatch.setattr(sys, "argv", [BENCH, "--model", str(tiny_gguf), "--no-recovery", "--levels", "0.4",
+                                      "--ablation", *abl, "--workers", "1",
                                       "--eval-windows", "2", "--threads", "1", "--out", str(out)])
     runpy.run_path(BENCH, run_name="__main__")
     res = json.loads(out.read_text())
     assert res["complete"] is True
     variants = [r["variant"] for r in res["ablation"]]
-    abl = runpy.run_path(BENCH)["ABLATION"]
     assert variants == list(abl)
     by = {r["variant"]: r for r in res["ablation"]}
     # a 2-layer model has no layer left to prune once its first and last are protected
@@ -34,7 +35,7 @@ def test_ablation_rows_and_report(tiny_gguf, tmp_path, monkeypatch):  # noqa: F8
         == by["obs+refit+ridge1"]["kept_params"]
     assert by["obs+refit+ridge1"]["ppl_pydoc"] != by["obs+refit"]["ppl_pydoc"]  # the ridge reached the refit
     report = runpy.run_path("benchmarks/report.py")
-    text = report["compress_section"](res, {}, res)
+    text = report["compress_section"](res)
     for label in report["ABLATION_LABELS"].values():
         assert label in text
     assert "not applicable: allocation 'protect'" in text
@@ -46,14 +47,16 @@ def test_recovery_rows_carry_the_curve(tiny_gguf, tmp_path, monkeypatch):  # noq
     monkeypatch.setattr(sys, "argv", [BENCH, "--model", str(tiny_gguf), "--ablation", "--recipes",
                                       "obs+refit+4xdata+distill", "--levels", "0.4", "--steps", "2",
                                       "--eval-at", "1", "2", "--eval-windows", "2", "--threads", "1",
-                                      "--out", str(out)])
+                                      "--workers", "1", "--out", str(out)])
     runpy.run_path(BENCH, run_name="__main__")
     res = json.loads(out.read_text())
     (row,) = res["recovery"]
     assert res["complete"] is True and row["job"]["recon_batches"] == 32
     assert [c["step"] for c in row["curve"]] == [1, 2] and row["curve"][-1]["ppl"] == row["ppl_recovered"]
-    text = runpy.run_path("benchmarks/report.py")["compress_section"]({}, res, None)
-    assert "refit/obs on 32 batches" in text and "Recovery curve, 40% obs+refit+4xdata+distill" in text
+    text = runpy.run_path("benchmarks/report.py")["compress_section"](res)
+    assert "obs+refit+4xdata+distill (refit/obs on 32 batches)" in text
+    c = row["curve"]
+    assert f"1: {c[0]['ppl']:.2f} / {c[0]['ppl_extra']['stdlib']:.2f}; 2: {c[1]['ppl']:.2f}" in text
 
 
 def test_job_default_recipe_is_the_jobs_defaults():
@@ -75,19 +78,20 @@ def test_workers_give_the_rows_of_one_process(tiny_gguf, tmp_path, monkeypatch):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.json"
         monkeypatch.setattr(sys, "argv", [
-            BENCH, "--model", str(tiny_gguf), "--levels", "0.4", "0.2", "--ablation", "fisher", "obs+refit",
-            "--recipes", "job-default", "distill@0.4", "--steps", "2", "--eval-windows", "2",
+            BENCH, "--model", str(tiny_gguf), "--levels", "0.4", "0.2", "--ablation", "fisher", "fisher+refit",
+            "--rows-per-task", "1", "--recipes", "distill@0.4", "--steps", "2", "--eval-windows", "2",
             "--threads", "1", "--workers", str(workers), "--out", str(out)])
         runpy.run_path(BENCH, run_name="__main__")
         res[workers] = json.loads(out.read_text())
     one, two = res[1], res[2]
     assert one["complete"] and two["complete"] and two["conditions"]["workers"] == 2
-    assert [(r["variant"], r["level"]) for r in one["recovery"]] == \
-        [("job-default", 0.4), ("distill", 0.4), ("job-default", 0.2)]
+    assert [(r["variant"], r["level"]) for r in one["recovery"]] == [("distill", 0.4)]
+    assert [(r["variant"], r["level"]) for r in one["ablation"]] == \
+        [("fisher", 0.4), ("fisher+refit", 0.4), ("fisher", 0.2), ("fisher+refit", 0.2)]
     for part, keys in (("ablation", ("ppl_pydoc", "ppl_stdlib", "kept_params")),
                        ("recovery", ("ppl_pruned", "ppl_reconstructed", "ppl_recovered", "ppl_stdlib"))):
         assert [(r["variant"], r["level"]) for r in one[part]] == [(r["variant"], r["level"]) for r in two[part]]
-        for a, b in zip(one[part], two[part]):
+        for a, b in zip(one[part], two[part], strict=True):
             assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, (a, b)
 
 
@@ -98,3 +102,21 @@ def test_recipes_at_a_level_are_checked(tmp_path, monkeypatch, capsys):
             runpy.run_path(BENCH, run_name="__main__")
         assert e.value.code == 2 and "--recipes" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_lever_table_compares_the_rows_it_names():
+    """Each lever's line is (row without it -> row with it) at the same level, on both texts."""
+    report = runpy.run_path("benchmarks/report.py")
+    abl = [{"part": "ablation", "variant": v, "level": 0.5, "ppl_pydoc": p, "ppl_stdlib": q, "kept_params": 1e6}
+           for v, p, q in (("fisher", 40.0, 30.0), ("fisher+refit", 20.0, 33.0))]
+    abl.append({"part": "ablation", "variant": "fisher+refit", "level": 0.25, "ppl_pydoc": 9.0,
+                "ppl_stdlib": 9.0, "kept_params": 1e6})  # no 'fisher' row at 25%: no line
+    rec = [{"part": "recovery", "variant": "distill", "level": 0.5, "steps": 80, "ppl_pruned": 40.0,
+            "ppl_recovered": 16.0, "ppl_stdlib": 15.0, "seconds": 60.0}]
+    res = {"ablation": abl, "recovery": rec, "dense": {"pydoc": 10.0, "stdlib": 5.0},
+           "conditions": {"command": "python benchmarks/compress.py"}, "complete": True}
+    lines = report["_lever_rows"](res)
+    assert lines == ["| 50% | layer-wise ridge refit | 40.00 → 20.00 (0.50x) | 30.00 → 33.00 (1.10x) |",
+                     "| 50% | 80 distilled recovery steps alone | 40.00 → 16.00 (0.40x) | 30.00 → 15.00 (0.50x) |"]
+    text = report["compress_section"](res)
+    assert "Each lever alone" in text and lines[0] in text
