@@ -104,6 +104,32 @@ def compress_section(res: dict) -> str:
             f"wall {res.get('wall_seconds', 0) / 60:.0f} min).\n\n" + compress_table(res))
 
 
+# issue 12's targets for the job's defaults: (level, what, bound); "stdlib" bounds are ratios to dense
+COMPRESS_TARGETS = ((0.5, "after pruning and refit", 35.0), (0.5, "after recovery", 16.5),
+                    (0.5, "after recovery / Torch-Pruning's best", 0.65), (0.5, "stdlib after recovery / dense", 1.5),
+                    (0.25, "after pruning and refit", 16.5), (0.25, "after recovery", 14.8))
+
+
+def compress_verdict(res: dict) -> list:
+    """The job-default rows against the targets, each met or MISSED with the measured value."""
+    best, out = _tp_best(res), []
+    rows = {r["level"]: r for r in res.get("recovery", []) if r["variant"] == "job-default"}
+    for level, what, bound in COMPRESS_TARGETS:
+        r = rows.get(level)
+        if r is None:
+            continue
+        value = {"after pruning and refit": r.get("ppl_reconstructed") or r["ppl_pruned"],
+                 "after recovery": r["ppl_recovered"],
+                 "stdlib after recovery / dense": r["ppl_stdlib"] / res["dense"]["stdlib"]}.get(what)
+        if what.startswith("after recovery / Torch"):
+            tp = best.get((level, r["steps"]))
+            value = r["ppl_recovered"] / tp if tp else None
+        if value is not None:
+            out.append(f"{level:.0%} removed, {what} <= {bound:g}: {value:.3f} "
+                       + ("(met)" if value <= bound else "(**MISSED**)"))
+    return out
+
+
 def _lever_rows(res: dict) -> list:
     """Each lever's effect: the row without it -> the row with it, per level and held-out text."""
     got = {}
@@ -173,6 +199,9 @@ def compress_table(res: dict, peers_note: bool = True) -> str:
     if levers:
         out += ["", "Each lever alone (the row without it → the row with it; the ratio < 1 is a gain):", "",
                 "| removed | lever | pydoc val | stdlib val (2nd domain) |", "|---|---|---|---|", *levers]
+    verdict = compress_verdict(res)
+    if verdict:
+        out += ["", "The job's defaults against the targets (pydoc val ppl unless named): " + "; ".join(verdict) + "."]
     peers = sorted({(k[0], k[1]): v for k, v in best.items()}.items())
     if peers and peers_note:
         pc = res.get("peers_conditions") or {}
@@ -199,6 +228,8 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     ax = axes[0]
     series = {}
     for r in (compress or {}).get("ablation", []):
+        if "error" in r:  # the variant did not apply at this level
+            continue
         series.setdefault(ABLATION_LABELS.get(r["variant"], r["variant"]), []).append(
             (r["kept_params"] / 1e6, r["ppl_pydoc"]))
     for r in (compress or {}).get("peers", []):
@@ -215,7 +246,8 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     for r in (pretrain or {}).get("rows", []):
         ax.scatter(r["params"] / 1e6, r["val_ppl"], label=r["variant"])
     ax.set_xlabel("parameters at the end (M)"), ax.set_ylabel("validation ppl (bytes)")
-    ax.set_title("pre-training, tiny preset, equal steps"), ax.legend(fontsize=7)
+    preset = (pretrain or {}).get("conditions", {}).get("preset", "?")
+    ax.set_title(f"pre-training, {preset} preset, equal steps"), ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
     print(f"wrote {path}")
 

@@ -120,3 +120,16 @@ def test_lever_table_compares_the_rows_it_names():
                      "| 50% | 80 distilled recovery steps alone | 40.00 → 16.00 (0.40x) | 30.00 → 15.00 (0.50x) |"]
     text = report["compress_section"](res)
     assert "Each lever alone" in text and lines[0] in text
+
+
+def test_verdict_says_met_or_missed_with_the_value():
+    report = runpy.run_path("benchmarks/report.py")
+    rec = [{"part": "recovery", "variant": "job-default", "level": 0.5, "steps": 80, "ppl_pruned": 90.0,
+            "ppl_reconstructed": 30.0, "ppl_recovered": 17.0, "ppl_stdlib": 10.0, "seconds": 1.0}]
+    peers = [{"level": 0.5, "steps": 80, "block_fraction_removed": 0.5, "ppl_pruned": 900.0, "ppl_recovered": 25.0}]
+    res = {"ablation": [], "recovery": rec, "peers": peers, "dense": {"pydoc": 14.0, "stdlib": 8.0}}
+    v = report["compress_verdict"](res)
+    assert v == ["50% removed, after pruning and refit <= 35: 30.000 (met)",
+                 "50% removed, after recovery <= 16.5: 17.000 (**MISSED**)",
+                 "50% removed, after recovery / Torch-Pruning's best <= 0.65: 0.680 (**MISSED**)",
+                 "50% removed, stdlib after recovery / dense <= 1.5: 1.250 (met)"]

@@ -40,8 +40,9 @@ class Job:
     rank_by: str = "obs"                   # vo/mlp units by their error after the refit; or "estimator"
     reconstruct: bool = True               # layer-wise ridge refit of the output projections
     recon_batches: int = 32                # TRAIN batches (batch_size x seq_len) for the refit and obs
-    ridge: float = 1e-1                    # relative to the Gram's mean diagonal (0.1 measured better than
-    #                                        0.01 on both held-out texts at 25% and 50%, right after pruning)
+    ridge: float = 1e-1                    # relative to the Gram's mean diagonal; the obs scores use it too
+    #                                        (0.1 beat 0.01 on both held-out texts at 25% and 50% when only
+    #                                        the refit used it: obs at 0.01; see benchmarks/results)
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
     warmup: int = 0                        # warm-up steps of the cosine schedule
