@@ -189,6 +189,12 @@ def _held(tok) -> dict:
             "stdlib": encode(tok, corpus("stdlib", "val", max_chars=EXTRA_CHARS))}
 
 
+def _recipe_at(name: str):
+    """'distill@0.5' -> ('distill', 0.5); 'distill' -> ('distill', None); ValueError on a bad level."""
+    recipe, _, at = name.partition("@")
+    return recipe, (float(at) if at else None)
+
+
 def _tasks(args) -> list:
     """The invocation's independent units of work, in the order their rows are reported: one
     ablation per level (its rows share one Fisher calibration), one ``compress`` job per recipe,
@@ -197,10 +203,10 @@ def _tasks(args) -> list:
     chunks = [list(args.ablation[i:i + n]) for i in range(0, len(args.ablation), n)]
     tasks = [{"kind": "ablation", "level": lv, "rows": rows} for lv in args.levels for rows in chunks]
     levels = [] if args.no_recovery else (args.recipe_levels if args.recipe_levels is not None else args.levels)
-    tasks += [{"kind": "recovery", "level": lv, "recipe": name.split("@")[0], "steps": steps,
+    tasks += [{"kind": "recovery", "level": lv, "recipe": recipe, "steps": steps,
                "eval_at": [x for x in args.eval_at if x <= steps]}
-              for lv in levels for steps in args.steps for name in args.recipes
-              if "@" not in name or float(name.split("@")[1]) == lv]
+              for lv in levels for steps in args.steps for recipe, at in map(_recipe_at, args.recipes)
+              if at is None or at == lv]
     return tasks
 
 
@@ -301,11 +307,14 @@ def main() -> None:
     if args.task:
         return _worker(args)
     for name in [] if args.no_recovery else args.recipes:
-        recipe, _, at = name.partition("@")
+        try:
+            recipe, at = _recipe_at(name)
+        except ValueError:
+            recipe, at = name, float("nan")
         if recipe not in RECIPES:
             p.error(f"--recipes: unknown recipe {name!r}; use one of {', '.join(RECIPES)}")
         levels = args.recipe_levels if args.recipe_levels is not None else args.levels
-        if at and not any(at.replace(".", "", 1).isdigit() and float(at) == lv for lv in levels):
+        if at is not None and at not in levels:
             p.error(f"--recipes {name}: the level after @ must be one of the recovery levels {levels}")
     if args.workers < 1 or args.threads < 1:
         sys.exit("--workers and --threads must be >= 1")
