@@ -15,9 +15,11 @@ def test_pydoc_split_is_deterministic_and_disjoint():
     text_val, text_train = data.corpus("pydoc", "val"), data.corpus("pydoc", "train")
     assert text_val == data.corpus("pydoc", "val")
     assert 10_000 < len(text_val) < len(text_train)
-    for k in val:  # every held-out document is absent from train, and present in val
-        assert docs[k][:200] in text_val
-        assert docs[k][:200] not in text_train or any(docs[k][:200] in docs[t] for t in train)
+    for k in val:  # every held-out paragraph is in val, unless train quotes it (then it is dropped)
+        for para in data.paragraphs(docs[k]):
+            in_train = data.paragraph_key(para) in {data.paragraph_key(q) for t in train
+                                                    for q in data.paragraphs(docs[t])}
+            assert (para.strip() in text_val) != in_train
 
 
 def test_stdlib_split_disjoint_by_file():

@@ -6,7 +6,11 @@ Sources (``corpus(source, split)``):
 - "file:PATH": a local text file (or a directory of ``.txt``/``.py``/``.md`` files);
 - "wikitext103", "c4": through the ``datasets`` library when online (lazy import).
 The embedded sources are split into train/val by a hash of each document's key (topic name or
-file path), so the split is deterministic, independent of the Python build, and never overlaps.
+file path), so the split is deterministic and independent of the Python build. Documents quote
+each other (pydoc's ``compound`` topic holds the ``if``/``for``/``else`` topics verbatim), so the
+val split then drops every paragraph that also occurs in the train split (``dedupe``): no
+held-out paragraph is ever trained on. ``stdlib`` leaves out ``pydoc_data/`` (it IS the pydoc
+text).
 
 Evaluation (``ecospa train``'s validation perplexity, ``ecospa eval``, compress, the lm-eval
 adapter) always scores ``windows``: non-overlapping windows of ``seq_len`` predictions from the
@@ -15,8 +19,10 @@ next; no context crosses a window boundary).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 import sysconfig
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -46,12 +52,16 @@ def pydoc_documents() -> dict:
     return dict(topics)
 
 
+STDLIB_SKIP = ("site-packages", "__pycache__", "pydoc_data")  # pydoc_data: the "pydoc" source itself
+
+
 def stdlib_documents(max_files: Optional[int] = None) -> dict:
-    """{path relative to the stdlib: source text} for the standard library's ``.py`` files."""
+    """{path relative to the stdlib: source text} for the standard library's ``.py`` files
+    (without ``pydoc_data/``, whose text is the "pydoc" source)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP)
         for name in sorted(filenames):
             if name.endswith(".py"):
                 path = Path(dirpath) / name
@@ -61,8 +71,43 @@ def stdlib_documents(max_files: Optional[int] = None) -> dict:
     return docs
 
 
+_PARAGRAPH_BREAK = re.compile(r"(\n[ \t]*\n)")  # a blank line (kept as the separator)
+
+
+def paragraph_key(paragraph: str) -> str:
+    """A paragraph with its whitespace normalized: the unit ``dedupe`` compares."""
+    return " ".join(paragraph.split())
+
+
+def paragraphs(text: str) -> list:
+    """The paragraphs of ``text`` (split at blank lines), empty ones left out."""
+    return [p for p in _PARAGRAPH_BREAK.split(text)[::2] if p.strip()]
+
+
+def dedupe(val: str, train: str) -> str:
+    """``val`` without the paragraphs that also occur (whitespace-normalized) in ``train``;
+    everything else, separators included, as it was."""
+    seen = {paragraph_key(p) for p in paragraphs(train)}
+    parts = _PARAGRAPH_BREAK.split(val)  # [paragraph, separator, paragraph, ...]
+    kept = []
+    for i in range(0, len(parts), 2):
+        if not parts[i].strip() or paragraph_key(parts[i]) not in seen:
+            kept.append(parts[i] + (parts[i + 1] if i + 1 < len(parts) else ""))
+    return "".join(kept)
+
+
 def _join(docs: dict, split: str) -> str:
-    return "\n\n".join(docs[k] for k in sorted(docs) if split_of(k) == split)
+    """One split of ``docs``: the documents whose key hashes to it; val deduplicated against train."""
+    train = "\n\n".join(docs[k] for k in sorted(docs) if split_of(k) == "train")
+    if split == "train":
+        return train
+    return dedupe("\n\n".join(docs[k] for k in sorted(docs) if split_of(k) == "val"), train)
+
+
+@functools.lru_cache(maxsize=4)
+def _embedded(source: str, split: str) -> str:
+    """A split of an embedded source (read and deduplicated once per process)."""
+    return _join(pydoc_documents() if source == "pydoc" else stdlib_documents(), split)
 
 
 def _local(path: str, split: str) -> str:
@@ -77,7 +122,7 @@ def _local(path: str, split: str) -> str:
         raise FileNotFoundError(f"{path}: no such text file or directory")
     text = p.read_text("utf-8", errors="replace")
     cut = int(len(text) * (1 - VAL_PERCENT / 100))  # one file: the last 10% is validation
-    return text[:cut] if split == "train" else text[cut:]
+    return text[:cut] if split == "train" else dedupe(text[cut:], text[:cut])
 
 
 def _hf(source: str, split: str, max_chars: int) -> str:
@@ -106,10 +151,8 @@ def corpus(source: str = "pydoc", split: str = "train", max_chars: int = 50_000_
     Example: ``val_text = corpus("pydoc", "val")``.
     """
     _check_split(split)
-    if source == "pydoc":
-        return _join(pydoc_documents(), split)[:max_chars]
-    if source == "stdlib":
-        return _join(stdlib_documents(), split)[:max_chars]
+    if source in ("pydoc", "stdlib"):
+        return _embedded(source, split)[:max_chars]
     if source.startswith("file:"):
         return _local(source[len("file:"):], split)[:max_chars]
     if source in ("wikitext103", "c4"):
@@ -234,5 +277,5 @@ def eval_batches(ids: torch.Tensor, batch_size: int, seq_len: int,
     return list(windows(ids, seq_len, limit).split(batch_size))
 
 
-__all__ = ["corpus", "split_of", "pydoc_documents", "stdlib_documents", "ByteTokenizer",
+__all__ = ["corpus", "split_of", "dedupe", "paragraphs", "paragraph_key", "pydoc_documents", "stdlib_documents", "ByteTokenizer",
            "HFTokenizer", "train_bpe", "tokenizer", "batch_at", "token_batches", "windows", "eval_batches"]
