@@ -11,6 +11,7 @@ from ecospa.jobs.compress import Job, compress, group_params, table
 from ecospa.select import parse_sparsity
 from ecospa.func.families import family_of
 from ecospa.io.load import encode, load_model
+from tolerances import close
 
 gguf = pytest.importorskip("gguf")
 from test_gguf import HF_CFG, _hf_state_dict, write_gguf  # noqa: E402
@@ -60,7 +61,7 @@ def test_compress_end_to_end(tiny_gguf, tmp_path):
 
 def test_sparsity_rounds_and_distill(tiny_gguf, tmp_path):
     s = compress(Job(str(tiny_gguf), out=str(tmp_path / "c"), sparsity=parse_sparsity(
-        "qk=0.25,vo=0.5,mlp=0.5"), rounds=2, distill=True, **FAST))
+        "qk=0.25,vo=0.5,mlp=0.5"), rounds=2, distill=True, **dict(FAST, steps=4)))
     assert len(s["rounds"]) == 2 and all(math.isfinite(r["ppl_recovered"]) for r in s["rounds"])
     cfg, params, _ = load_model(str(tmp_path / "c"))
     layer = params["layers"][0]
@@ -68,13 +69,18 @@ def test_sparsity_rounds_and_distill(tiny_gguf, tmp_path):
     assert layer["wk"].shape[-1] == 3 and layer["wv"].shape[-1] == 4 and layer["w_up"].shape[1] == 32
 
 
-def test_export_hf_says_why_not(tiny_gguf, tmp_path):
-    s = compress(Job(str(tiny_gguf), budget=0.3, export_hf=str(tmp_path / "hf"),
-                     **dict(FAST, steps=0)))
-    assert s["export_hf"].startswith("not exported") and not (tmp_path / "hf").exists()
-    s = compress(Job(str(tiny_gguf), sparsity={"mlp": 0.5}, export_hf=str(tmp_path / "hf"),
-                     **dict(FAST, steps=0)))
-    assert (tmp_path / "hf" / "config.json").is_file()
+def test_export_hf_holds_any_pruned_tree(tiny_gguf, tmp_path):
+    """--export-hf is the exact hf-padded format: attention-pruned trees too (it used to be
+    refused at the END of the job, issue 25); the export has the checkpoint's logits."""
+    s = compress(Job(str(tiny_gguf), out=str(tmp_path / "c"), sparsity={"qk": 0.25, "vo": 0.5, "mlp": 0.5},
+                     export_hf=str(tmp_path / "hf"), **dict(FAST, steps=0)))
+    assert s["export_hf"].startswith("hf-padded") and "export_failed" not in s
+    cfg, small, _ = load_model(str(tmp_path / "c"))
+    assert small["layers"][0]["wk"].shape[-1] < cfg.head_dim // 2  # attention was pruned
+    assert small["layers"][0]["wv"].shape[-1] < cfg.head_dim
+    hcfg, padded, _ = load_model(str(tmp_path / "hf"))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    close(family_of(hcfg).forward(padded, tokens, hcfg), family_of(cfg).forward(small, tokens, cfg))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -152,10 +152,12 @@ def test_reexport_replaces_only_our_export_with_its_extra_files(tmp_path):
         out = tmp_path / fmt
         export(small, cfg, out, fmt, tokenizer=tok)
         assert "tokenizer.json" in os.listdir(out)
-        export(small, cfg, out, fmt, tokenizer=tok)  # an earlier export of ours: replaced
+        with pytest.raises(ValueError, match="--overwrite"):  # issue 23: not without the flag
+            export(small, cfg, out, fmt, tokenizer=tok)
+        export(small, cfg, out, fmt, tokenizer=tok, overwrite=True)  # an earlier export of ours
         (out / "notes.txt").write_text("mine")
         with pytest.raises(ValueError, match="did not write"):
-            export(small, cfg, out, fmt)
+            export(small, cfg, out, fmt, overwrite=True)
         assert (out / "notes.txt").read_text() == "mine"
 
 

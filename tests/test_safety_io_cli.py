@@ -235,7 +235,11 @@ def test_compress_out_may_be_an_empty_directory_or_an_earlier_checkpoint(tiny_gg
     out.mkdir()
     compress(Job(str(tiny_gguf), out=str(out), budget=0.3, **dict(FAST, steps=0)))
     assert (out / "manifest.json").is_file()
-    compress(Job(str(tiny_gguf), out=str(out), budget=0.3, **dict(FAST, steps=0)))
+    before = _tree(out)
+    with pytest.raises(UsageError, match="--overwrite"):  # issue 23: never replaced without the flag
+        Job(str(tiny_gguf), out=str(out), budget=0.3, **dict(FAST, steps=0))
+    assert _tree(out) == before
+    compress(Job(str(tiny_gguf), out=str(out), budget=0.3, overwrite=True, **dict(FAST, steps=0)))
     assert (out / "manifest.json").is_file()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 import torch
 
@@ -22,13 +23,19 @@ from ecospa.jobs.compress_job import LR_SCHEDULES, RANK_BY
 from ecospa.jobs.export import FORMATS
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
+DEFAULT_OUT = os.path.join("runs", "compress")  # like `ecospa train`'s runs/train: a result is always kept
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``ecospa compress``."""
     p.add_argument("--model", required=True,
                    help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
-    p.add_argument("--out", help="native checkpoint directory to write (written atomically)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="native checkpoint directory to write, atomically (default: %(default)s); "
+                   "an earlier compress checkpoint there is replaced only with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier compress checkpoint at --out and earlier exports at "
+                   "--export/--export-hf (a training run's checkpoint is never replaced)")
     p.add_argument("--data", default=_DEFAULTS["data"], help="text source; train split calibrates/recovers, "
                    "val split is held out for perplexity")
     target = p.add_mutually_exclusive_group(required=True)
@@ -76,8 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"])
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"])
     p.add_argument("--seed", type=nonneg_int, default=_DEFAULTS["seed"])
-    p.add_argument("--export-hf", help="also write a transformers directory, when representable "
-                   "(new, empty, or an earlier export of ours: other directories are refused)")
+    p.add_argument("--export-hf", help="also write a stock transformers directory (the hf-padded "
+                   "format of `ecospa export`: exact for any pruned tree; new, empty, or with --overwrite "
+                   "an earlier export of ours)")
     p.add_argument("--export", help="also export the compressed model here, in --export-format "
                    "(any pruned tree: padded or compact layouts, see `ecospa export`)")
     p.add_argument("--export-format", default=_DEFAULTS["export_format"], choices=FORMATS,
@@ -93,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = compress(job)
-    print(table(summary))
+    print(table(summary), flush=True)
     if job.out:
-        print(f"saved {os.path.abspath(job.out)}")
+        print(f"saved {os.path.abspath(job.out)}", flush=True)
+    if summary.get("export_failed"):
+        print(f"ecospa compress: error: export failed: {summary['export_failed']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out(args.out, args.format, args.overwrite)  # before loading anything
+    check_out(args.out, args.format, args.overwrite, model=args.model)  # before loading anything
     cfg, params, tok = load.load_model(args.model)
     info = source_tokenizer_info(args.model) if args.format == "gguf" else None
     res = export(params, cfg, args.out, args.format, tokenizer=tok, tokenizer_info=info,

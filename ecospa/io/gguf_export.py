@@ -20,6 +20,7 @@ import numpy as np
 
 from ecospa.func import llama
 from ecospa.func.padding import pad
+from ecospa.io.files import exclusive, publish_mode, write_errors
 from ecospa.io.gguf import LAYER_NAMES, TOP_NAMES, permute
 from ecospa.io.hf_llama import to_hf
 
@@ -93,6 +94,36 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
 
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
+    kept = "the previous file is unchanged" if os.path.lexists(path) else "nothing was written"
+    with exclusive(path), write_errors(path, kept):
+        for left in gguf_leftovers(path):  # temporary files of killed exports to this path
+            os.remove(left)
+        _write(gguf, path, sd, pcfg, tokenizer_info, dtype, np_dtype, name)
+    notes = []
+    if len(set(widths)) > 1 or widths[0] != pcfg.ffn_dim:
+        notes.append(f"MLP widths {min(widths)}..{max(widths)} padded with zeros to {pcfg.ffn_dim} "
+                     "(llama.cpp's llama architecture has one feed_forward_length)")
+    if any(2 * p["wq"].shape[-1] != cfg.head_dim or p["wv"].shape[-1] != cfg.head_dim
+           for p in params["layers"]):
+        notes.append("pruned attention written padded (zero Q/K pairs and V/O dims): exact, "
+                     "but llama.cpp computes the full head size")
+    return {"path": path, "layout": "padded", "ffn_width": pcfg.ffn_dim, "mlp_widths": widths,
+            "notes": notes}
+
+
+def gguf_leftovers(path: str) -> list:
+    """Temporary files that killed exports to ``path`` left beside it."""
+    directory, name = os.path.split(path)
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, e) for e in sorted(os.listdir(directory))
+            if e.startswith(f".tmp-{name}-") and os.path.isfile(os.path.join(directory, e))
+            and not os.path.islink(os.path.join(directory, e))]
+
+
+def _write(gguf, path, sd, pcfg, tokenizer_info, dtype, np_dtype, name) -> None:
+    """Write the file to a temporary sibling, then rename it over ``path``."""
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
     os.close(fd)
     try:
@@ -123,21 +154,12 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        publish_mode(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    notes = []
-    if len(set(widths)) > 1 or widths[0] != pcfg.ffn_dim:
-        notes.append(f"MLP widths {min(widths)}..{max(widths)} padded with zeros to {pcfg.ffn_dim} "
-                     "(llama.cpp's llama architecture has one feed_forward_length)")
-    if any(2 * p["wq"].shape[-1] != cfg.head_dim or p["wv"].shape[-1] != cfg.head_dim
-           for p in params["layers"]):
-        notes.append("pruned attention written padded (zero Q/K pairs and V/O dims): exact, "
-                     "but llama.cpp computes the full head size")
-    return {"path": path, "layout": "padded", "ffn_width": pcfg.ffn_dim, "mlp_widths": widths,
-            "notes": notes}
 
 
-__all__ = ["save_gguf"]
+__all__ = ["save_gguf", "gguf_leftovers"]

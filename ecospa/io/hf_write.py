@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 from safetensors.torch import save_file
 
 from ecospa.errors import UsageError
-from ecospa.io.files import check_output_path, sha256_file
+from ecospa.io.files import check_output_path, exclusive, publish_mode, sha256_file, write_errors
 
 # Every export's config.json carries this key (transformers keeps unknown keys as attributes):
 # the files ecospa wrote with their sizes and sha256. Only a directory whose config.json has it
@@ -100,6 +100,14 @@ def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping
         os.makedirs(parent, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
         raise UsageError(f"cannot create {parent!r}: {err.strerror}") from err
+    with exclusive(directory), write_errors(directory, "the previous export, if any, is unchanged"):
+        recover_export(directory)
+        _write_swap(sd, conf, directory, extra_files)
+    return directory
+
+
+def _write_swap(sd: dict, conf: dict, directory: str, extra_files) -> None:
+    parent = os.path.dirname(directory)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
     old = None
     try:
@@ -121,7 +129,8 @@ def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
+            publish_mode(os.path.join(tmp, name))  # not the 0600 of a temporary file
+        publish_mode(tmp)
         check_export_target(directory)  # again, right before the swap
         if os.path.isdir(directory) and os.listdir(directory):
             old = directory + ".old-" + os.path.basename(tmp)
@@ -134,13 +143,42 @@ def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def export_leftovers(directory: str) -> tuple:
+    """(temporary directories of killed exports to ``directory``, earlier exports set aside by
+    a swap that did not finish: ``DIR.old-*``)."""
+    parent, name = os.path.split(os.path.abspath(directory).rstrip(os.sep))
+    if not os.path.isdir(parent):
+        return [], []
+    entries = sorted(os.listdir(parent))
+    tmps = [os.path.join(parent, e) for e in entries if e.startswith(f".tmp-{name}-")]
+    olds = [os.path.join(parent, e) for e in entries if e.startswith(f"{name}.old-")]
+    real = lambda p: os.path.isdir(p) and not os.path.islink(p)  # noqa: E731
+    return [p for p in tmps if real(p)], [p for p in olds if real(p)]
 
 
-__all__ = ["EXPORT_MARKER", "check_export_target", "write_hf"]
+def interrupted_export(directory: str) -> Optional[str]:
+    """The intact earlier export a killed swap left as ``DIR.old-*`` while nothing is at
+    ``directory`` (what ``recover_export`` would put back), or None. Reads only."""
+    if os.path.lexists(directory):
+        return None
+    intact = [o for o in export_leftovers(directory)[1] if _marker_files(o) is not None]
+    return max(intact, key=os.path.getmtime) if intact else None
+
+
+def recover_export(directory: str) -> Optional[str]:
+    """Repair what a killed export to ``directory`` left (call it holding ``exclusive``): an
+    export set aside between the swap's two renames goes back in place when nothing is there,
+    and temporary directories of killed writes are removed. Returns the restored path or None."""
+    tmps, olds = export_leftovers(directory)
+    restored = interrupted_export(directory)
+    if restored is not None:
+        os.replace(restored, directory)
+        olds.remove(restored)
+    for left in tmps + olds:
+        shutil.rmtree(left, ignore_errors=True)
+    return restored
+
+
+__all__ = ["EXPORT_MARKER", "check_export_target", "export_leftovers", "interrupted_export", "recover_export", "write_hf"]

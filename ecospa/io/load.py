@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,7 @@ from ecospa.io.data import ByteTokenizer, HFTokenizer, tokenizer
 from ecospa.io.gguf import load_gguf
 from ecospa.io.gguf_tokenizer import gguf_tokenizer
 from ecospa.io.hf import hub_dir, load_hf, load_hf_tokenizer
+from ecospa.io.hf_write import interrupted_export
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,11 @@ def _load(spec, dtype: torch.dtype):
     spec = run_checkpoint(os.fspath(spec))
     if spec in REGISTRY:
         spec = registry_path(spec)
+    if not os.path.lexists(spec) and interrupted_export(os.path.abspath(spec)):
+        left = interrupted_export(os.path.abspath(spec))  # an export killed between its two renames
+        warnings.warn(f"{spec} is missing: an export was killed while replacing it; loading the "
+                      f"previous export, kept at {left} (the next export to {spec} puts it back)")
+        spec = left
     if spec.endswith(".gguf"):
         cfg, params, info = load_gguf(spec, dtype=dtype)
         tok = gguf_tokenizer(spec) if info.get("model") == "gpt2" else None

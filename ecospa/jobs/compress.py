@@ -34,7 +34,7 @@ from ecospa.func.families import family_of
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.io import checkpoint, load
 from ecospa.io.data import batch_at, corpus
-from ecospa.io.hf import hf_family_of
+from ecospa.io.files import exclusive, write_errors
 from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
 from ecospa.jobs.evaluate import perplexity
 from ecospa.jobs.compress_job import Job, check_out_dir
@@ -157,6 +157,13 @@ def compress(job: Job, loaded=None) -> dict:
     ``loaded`` may pass an already loaded ``(cfg, params, tokenizer)`` to skip loading.
     Example: ``summary = compress(Job("smollm2-135m", out="runs/x", budget=0.5))``
     """
+    if job.out:  # one job per output directory, from the start (not only at the save)
+        with exclusive(job.out):
+            return _compress(job, loaded)
+    return _compress(job, loaded)
+
+
+def _compress(job: Job, loaded) -> dict:
     torch.manual_seed(job.seed)
     texts = corpus(job.data, "train"), corpus(job.data, "val")  # a bad --data fails before loading
     cfg, dense, tok = loaded if loaded is not None else load.load_model(job.model)
@@ -253,25 +260,39 @@ def _tokenizer_spec(model: str) -> Optional[str]:
 
 
 def _save(job: Job, params, cfg, summary: dict) -> None:
+    """The checkpoint first (the job's result), then the exports: a failed export (disk full, a
+    format that cannot hold the tree) is recorded in ``summary["export_failed"]`` and leaves the
+    checkpoint as saved."""
     check_finite(params, "before saving")
     if job.out:
-        check_out_dir(job.out)  # again: the directory may have changed while we computed
-    if job.export_hf:
-        try:
-            hf_family_of(cfg).save_hf(params, cfg, job.export_hf)
-            summary["export_hf"] = os.path.abspath(job.export_hf)
-        except ValueError as err:
-            summary["export_hf"] = f"not exported: {err}"
-    if job.export:
-        res = export(params, cfg, job.export, job.export_format,
-                     tokenizer=load_tokenizer(_tokenizer_spec(job.model)),
-                     tokenizer_info=source_tokenizer_info(job.model) if job.export_format == "gguf" else None)
-        summary["export"] = f"{res['format']}: {res['path']}"
-    if job.out:
+        check_out_dir(job.out, overwrite=job.overwrite)  # again: it may have changed while we computed
         if os.path.isdir(job.out) and not os.listdir(job.out):
             os.rmdir(job.out)  # an empty directory given as --out: the checkpoint takes its place
-        checkpoint.save(job.out, params, cfg,
-                        extra={"tokenizer": _tokenizer_spec(job.model), "summary": summary})
+        with write_errors(job.out, "no checkpoint was saved (an earlier one at --out is unchanged)"):
+            checkpoint.save(job.out, params, cfg,
+                            extra={"tokenizer": _tokenizer_spec(job.model), "summary": summary})
+    failed = []
+    for flag, path, fmt in (("--export-hf", job.export_hf, "hf-padded"),
+                            ("--export", job.export, job.export_format)):
+        if not path:
+            continue
+        try:
+            res = export(params, cfg, path, fmt, tokenizer=load_tokenizer(_tokenizer_spec(job.model)),
+                         tokenizer_info=source_tokenizer_info(job.model) if fmt == "gguf" else None,
+                         overwrite=job.overwrite)
+            summary[flag.lstrip("-").replace("-", "_")] = f"{res['format']}: {res['path']}"
+        except (OSError, ValueError, RuntimeError) as err:
+            summary[flag.lstrip("-").replace("-", "_")] = f"FAILED: {message_of(err)}"
+            failed.append(f"{flag} {path}: {message_of(err)}")
+    if failed:
+        kept = (f"the compressed model IS saved at {os.path.abspath(job.out)}; export it again with "
+                f"`ecospa export --model {job.out} --format FORMAT --out PATH`" if job.out
+                else "nothing was saved (no --out)")
+        summary["export_failed"] = "; ".join(failed) + f" ({kept})"
+
+
+def message_of(err: BaseException) -> str:
+    return " ".join((str(err) or type(err).__name__).split())
 
 
 def table(summary: dict) -> str:

@@ -12,7 +12,6 @@ from ecospa.errors import UsageError, check_fraction, whole
 from ecospa.func.reconstruct import TARGETS
 from ecospa.importance import ESTIMATORS
 from ecospa.io.files import check_output_path
-from ecospa.io.hf_write import check_export_target
 from ecospa.io.load import run_checkpoint
 from ecospa.jobs.export import FORMATS, check_out
 from ecospa.select import parse_sparsity
@@ -60,6 +59,7 @@ class Job:
     export_hf: Optional[str] = None
     export: Optional[str] = None           # another export (see ecospa.jobs.export), in export_format
     export_format: str = "hf-padded"
+    overwrite: bool = False                # replace an earlier checkpoint at out / earlier exports
     progress: bool = True
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
     ppl_dense_extra: Optional[Mapping[str, float]] = None  # the same for eval_extra's sources
@@ -107,6 +107,11 @@ class Job:
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
         if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
+        if self.steps and self.steps % self.rounds:  # else rounds x (steps // rounds) steps would run
+            low = max(self.rounds, self.steps // self.rounds * self.rounds)
+            raise UsageError(f"--steps {self.steps} does not split into --rounds {self.rounds} equal "
+                             f"recovery phases; give a multiple of {self.rounds} (e.g. --steps {low} "
+                             f"or {low + self.rounds}) or --steps 0")
         at, total = tuple(self.eval_at or ()), self.per_round * self.rounds
         if any(not whole(x) or not 1 <= x <= total for x in at):
             raise UsageError(f"--eval-at takes recovery steps in [1, {total}] (the steps --steps {self.steps} "
@@ -164,14 +169,14 @@ class Job:
                 if _inside(a, b) or _inside(b, a):
                     raise UsageError(f"{fa} {a!r} and {fb} {b!r} overlap; give separate paths")
         if self.out:
-            check_out_dir(self.out)
+            check_out_dir(self.out, overwrite=self.overwrite)
         if self.export_hf:
-            check_export_target(self.export_hf, "--export-hf")
+            check_out(self.export_hf, "hf-padded", self.overwrite, flag="--export-hf")
         if self.export:
             if self.export_format not in FORMATS:
                 raise UsageError(f"--export-format must be one of {', '.join(FORMATS)}, "
                                  f"got {self.export_format!r}")
-            check_out(self.export, self.export_format, overwrite=False)
+            check_out(self.export, self.export_format, self.overwrite, flag="--export")
 
 
 def _number(v) -> bool:
@@ -183,10 +188,21 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def check_out_dir(out: str, flag: str = "--out") -> str:
+TRAIN_RUN_FILES = ("metrics.jsonl", "summary.json")  # beside RUN/checkpoint (ecospa.train.rundir)
+
+
+def check_out_dir(out: str, flag: str = "--out", overwrite: bool = False) -> str:
     """UsageError unless ``out`` can become a native checkpoint without touching anything else:
-    absent, an empty directory, or an earlier ecospa checkpoint (it has manifest.json)."""
+    absent, an empty directory, or (with ``overwrite``) an earlier compress checkpoint. A
+    training run's directory or its ``checkpoint`` is never replaced (``ecospa train`` owns it)."""
     path = check_output_path(out, flag)
+    parent = os.path.dirname(path)
+    if os.path.basename(path) == "checkpoint" and any(
+            os.path.lexists(os.path.join(parent, f)) for f in TRAIN_RUN_FILES):
+        raise UsageError(f"{flag} {out!r} is the checkpoint of the training run {parent!r}; compress "
+                         "never replaces it: choose another --out")
+    if any(os.path.lexists(os.path.join(path, f)) for f in TRAIN_RUN_FILES):
+        raise UsageError(f"{flag} {out!r} is a training run's directory; choose another --out")
     if not os.path.lexists(path):
         return path
     if not os.path.isdir(path):
@@ -195,6 +211,9 @@ def check_out_dir(out: str, flag: str = "--out") -> str:
     if entries and not os.path.isfile(os.path.join(path, "manifest.json")):
         raise UsageError(f"{flag} {out!r} is a non-empty directory that is not an ecospa "
                          f"checkpoint (it holds {sorted(entries)[:3]}); choose a new or empty one")
+    if entries and not overwrite:
+        raise UsageError(f"{flag} {out!r} holds an earlier checkpoint; pass --overwrite to replace it, "
+                         "or choose another --out")
     return path
 
 

@@ -31,21 +31,43 @@ from ecospa.io.gguf_export import save_gguf
 from ecospa.io.hf import hf_family_of
 from ecospa.io.hf_compact import save_hf_compact
 from ecospa.io.hf_write import check_export_target
-from ecospa.io.load import REGISTRY, registry_path
+from ecospa.io.load import REGISTRY, registry_path, run_checkpoint
 
 FORMATS = ("hf-padded", "hf-compact", "gguf")
 
 
-def check_out(out: str, fmt: str, overwrite: bool) -> str:
-    """The absolute path an export may write (UsageError, nothing touched, otherwise)."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_source(out: str, model: Optional[str], flag: str = "--out") -> None:
+    """UsageError when the output ``out`` is, lies in, or holds the input ``model`` (writing it
+    would replace the model being read)."""
+    if not model or not os.path.exists(model):
+        return
+    src = os.path.realpath(run_checkpoint(model))
+    real = os.path.realpath(out)
+    if _inside(real, src) or _inside(src, real):
+        raise UsageError(f"{flag} {out!r} is, lies in or holds the input --model {model!r}: the export "
+                         "would replace the model it reads; choose another path")
+
+
+def check_out(out: str, fmt: str, overwrite: bool, model: Optional[str] = None, flag: str = "--out") -> str:
+    """The absolute path an export may write (UsageError, nothing touched, otherwise): never the
+    input ``model`` or a path inside it; an existing export only with ``overwrite``."""
     out = os.path.abspath(os.fspath(out))
+    check_source(out, model, flag)
     if fmt != "gguf":
-        return check_export_target(out, "--out")  # new, empty, or an earlier export of ours
+        out = check_export_target(out, flag)  # new, empty, or an earlier export of ours
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise UsageError(f"{flag} {out!r} holds an earlier export; pass --overwrite to replace it, "
+                             "or choose another directory")
+        return out
     if not out.endswith(".gguf"):
-        raise UsageError(f"--out {out!r}: a GGUF file name must end in .gguf")
+        raise UsageError(f"{flag} {out!r}: a GGUF file name must end in .gguf")
     if os.path.lexists(out) and not overwrite:
-        raise UsageError(f"--out {out!r} exists; choose another name or pass --overwrite")
-    return check_output_path(out, "--out", " (an export never writes through a link)")
+        raise UsageError(f"{flag} {out!r} exists; choose another name or pass --overwrite")
+    return check_output_path(out, flag, " (an export never writes through a link)")
 
 
 def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info: Optional[dict] = None,
@@ -101,4 +123,4 @@ def source_tokenizer_info(spec: str) -> Optional[dict]:
     return None
 
 
-__all__ = ["FORMATS", "check_out", "export", "source_tokenizer_info"]
+__all__ = ["FORMATS", "check_out", "check_source", "export", "source_tokenizer_info"]

@@ -26,6 +26,7 @@ from ecospa.errors import UsageError, whole
 from ecospa.func.families import family
 from ecospa.importance import ImportanceState
 from ecospa.io import data
+from ecospa.io.files import exclusive
 from ecospa.prune import slice_units
 from ecospa.schedule import PruneSchedule, dense_sizes, round_target
 from ecospa.select import select
@@ -124,6 +125,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
         checkpoint that is intact). A failed periodic save only warns and training goes on.
     """
     par = parallel or LOCAL
+    if not par.is_main:  # rank 0 holds the run directory's lock for all ranks
+        return _train(cfg, resume, until, progress, par, overwrite)
+    check_out(Path(cfg.out))  # a usable path before the lock file is made beside it
+    with exclusive(cfg.out):  # one writer per run directory (a second gets the holder's pid)
+        return _train(cfg, resume, until, progress, par, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optional[bool], par,
+           overwrite: bool) -> dict:
     t_start = time.perf_counter()
     out, fam = Path(cfg.out), family(cfg.model.name)
     ckpt_path, metrics = out / "checkpoint", out / "metrics.jsonl"
