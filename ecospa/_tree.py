@@ -69,3 +69,18 @@ def to(tree: TensorTree, device=None, dtype=None) -> TensorTree:
         return leaf.to(device=device, dtype=dt)
 
     return optree.tree_map_with_path(fn, tree, namespace="")
+
+
+def cast_weights(tree: TensorTree, dtype) -> TensorTree:
+    """A new tree whose weight matrices (floating leaves of 2+ axes) are cast to ``dtype``.
+
+    Norm gains and biases (1 axis) and the buffers (``FP32_BUFFERS``: rotary frequencies, which
+    have 2 axes but are not weights) keep their dtype, so an f16 export or load rotates exactly
+    like the source. The input tree is unchanged.
+    Example: ``half = cast_weights(params, torch.float16)``.
+    """
+    def fn(path, leaf):
+        weight = leaf.is_floating_point() and leaf.ndim > 1 and not (path and path[-1] in FP32_BUFFERS)
+        return leaf.to(dtype) if weight else leaf
+
+    return optree.tree_map_with_path(fn, tree, namespace="")

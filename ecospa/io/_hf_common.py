@@ -72,6 +72,23 @@ def check_layer_count(n_layers: int, n_tensors: int, per_layer: int, key: str) -
                          "weights?")
 
 
+def check_layers_found(names, n_layers: int, key: str, prefix: str = "model.layers.",
+                       fix: str = "") -> None:
+    """The tensors under ``prefix`` + "N." must be for exactly layers 0..n_layers-1 (what
+    ``config[key]`` declares): ValueError saying what was declared, what the tensors hold and
+    how to fix it. A config naming fewer layers would otherwise load a truncated model."""
+    found = sorted({int(n[len(prefix):].split(".", 1)[0]) for n in names
+                    if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()})
+    if found == list(range(n_layers)):
+        return
+    held = (f"{len(found)} layers ({prefix}0 to {prefix}{len(found) - 1})"
+            if found == list(range(len(found))) else
+            f"tensors for the layers {found[:6]}{'...' if len(found) > 6 else ''} (numbered with gaps)")
+    raise ValueError(f"the config declares {key} = {n_layers}, but the weights hold {held}; "
+                     f"set {key}{fix} to {len(found)} to match the weights, or use the config.json "
+                     "that was written with them")
+
+
 def check_state_dict(sd: dict, expected: dict) -> None:
     """ValueError naming the first missing, unexpected or mis-shaped tensor."""
     missing = [k for k in expected if k not in sd]
@@ -96,4 +113,4 @@ def uniform_width(widths: list, config_key: str) -> int:
 
 
 __all__ = ["MAX_SIZE", "as_dict", "cfg_int", "cfg_float", "cfg_bool", "cfg_str", "check_layer_count",
-           "check_state_dict", "uniform_width"]
+           "check_layers_found", "check_state_dict", "uniform_width"]

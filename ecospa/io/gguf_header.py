@@ -125,22 +125,63 @@ def check_header(path) -> dict:
             offset = u("Q", f"tensor {name!r} offset")
             infos.append((name, dims, kind, offset))
         data_offset = pos + (-pos % alignment)
-        sizes = _quant_sizes()
-        for name, dims, kind, offset in infos:
-            n = 1
-            for d in dims:
-                n *= d
-            if kind not in sizes:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r} has unknown type {kind}")
-            block, nbytes = sizes[kind]
-            if n % block:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r}: {n} values are not whole "
-                                 f"blocks of {block}")
-            end = data_offset + offset + n // block * nbytes
-            if end > size:
-                raise ValueError(f"{path!r}: GGUF tensor {name!r} (shape {dims}) needs bytes up to "
-                                 f"{end}, but the file has {size} (truncated or corrupt file)")
+    _check_data_section(path, infos, data_offset, alignment, size)
     return {"version": version, "tensors": len(infos), "kvs": n_kv, "data_offset": data_offset}
+
+
+def _check_data_section(path: str, infos: list, data_offset: int, alignment: int, size: int) -> None:
+    """Every byte of the data section belongs to one tensor or to alignment padding: each tensor
+    starts at an aligned offset, takes the bytes its shape and type imply, inside the file, and
+    the next tensor (by offset) starts right after its padding; the file ends with the last
+    tensor's data and padding. A wrong tensor count, shape, type or offset in the header breaks
+    this tiling (otherwise every later tensor would be read from shifted bytes)."""
+    sizes = _quant_sizes()
+    extents = []
+    for name, dims, kind, offset in infos:
+        n = 1
+        for d in dims:
+            n *= d
+        if kind not in sizes:
+            raise ValueError(f"{path!r}: GGUF tensor {name!r} has unknown type {kind}")
+        block, nbytes = sizes[kind]
+        if n % block:
+            raise ValueError(f"{path!r}: GGUF tensor {name!r}: {n} values are not whole "
+                             f"blocks of {block}")
+        end = data_offset + offset + n // block * nbytes
+        if end > size:
+            raise ValueError(f"{path!r}: GGUF tensor {name!r} (shape {dims}) needs bytes up to "
+                             f"{end}, but the file has {size} (truncated or corrupt file)")
+        if offset % alignment:
+            raise ValueError(f"{path!r}: GGUF tensor {name!r} starts at data offset {offset}, not a "
+                             f"multiple of the file's alignment {alignment} (corrupt tensor info)")
+        extents.append((offset, offset + n // block * nbytes, name, dims, kind))
+    extents.sort()
+    free, last = 0, None  # where the next tensor must start; the tensor before it
+    for start, stop, name, dims, kind in extents:
+        what = (f"{last[2]!r} (shape {last[3]}, type {_type_name(last[4])}) needs {last[1] - last[0]} bytes "
+                f"from data offset {last[0]}" if last else "the data section starts at offset 0")
+        if start < free:
+            raise ValueError(f"{path!r}: GGUF tensors {last[2]!r} and {name!r} overlap: {what}, but "
+                             f"{name!r} starts at {start}; a tensor's shape, type or offset in the "
+                             "header is wrong (corrupt file)")
+        if start > free:
+            raise ValueError(f"{path!r}: GGUF data bytes {free}..{start} are not accounted for by any "
+                             f"tensor: {what}, but {name!r} starts at {start}; a tensor's shape, type "
+                             "or offset in the header is wrong (corrupt file)")
+        free, last = stop + (-stop % alignment), (start, stop, name, dims, kind)
+    held = size - data_offset
+    if held > free:
+        raise ValueError(f"{path!r}: the last {held - (last[1] if last else 0)} bytes of this GGUF "
+                         f"file are not accounted for by its {len(infos)} tensors (the data section "
+                         f"holds {held} bytes, the tensors and their alignment padding {free}); the "
+                         "header's tensor count is too low or bytes were appended (corrupt file)")
+
+
+def _type_name(kind: int) -> str:
+    try:
+        return gguf_module().GGMLQuantizationType(kind).name
+    except ValueError:
+        return str(kind)
 
 
 def _quant_sizes() -> dict:

@@ -184,13 +184,17 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     config = _read_config(directory)
     kind = config.get("model_type")
     if kind == "ecospa_llama":  # ecospa's compact export (per-layer sizes, remote code)
-        cfg, params = from_hf_compact(read_state_dict(directory), config, dtype=dtype)
-        return "llama", cfg, params
-    if not isinstance(kind, str) or kind not in MODEL_TYPES:
+        name, convert = "llama", from_hf_compact
+    elif not isinstance(kind, str) or kind not in MODEL_TYPES:
         raise ValueError(f"config.json: model_type {kind!r} is not supported; ecospa reads {sorted(MODEL_TYPES)}")
-    fam = MODEL_TYPES[kind]
-    cfg, params = fam.from_hf(read_state_dict(directory), config, dtype=dtype)
-    return fam.family.name, cfg, params
+    else:
+        name, convert = MODEL_TYPES[kind].family.name, MODEL_TYPES[kind].from_hf
+    sd = read_state_dict(directory)
+    try:
+        cfg, params = convert(sd, config, dtype=dtype)
+    except ValueError as err:  # config and weights disagree: say which directory
+        raise ValueError(f"{os.path.join(directory, 'config.json')} and its weights: {err}") from err
+    return name, cfg, params
 
 
 def load_hf_tokenizer(path_or_id: str):

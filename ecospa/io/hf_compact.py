@@ -18,7 +18,7 @@ import os
 import torch
 
 from ecospa.func import llama
-from ecospa.io._hf_common import cfg_bool, cfg_float, cfg_int
+from ecospa.io._hf_common import cfg_bool, cfg_float, cfg_int, check_layers_found
 from ecospa.io.hf_llama import layer_to_hf
 from ecospa.io.hf_write import write_hf
 
@@ -65,8 +65,11 @@ def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
 
 def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) -> tuple:
     """(llama.Config, params) from a compact export's state dict and config.json (the inverse of
-    ``to_hf_compact``); ValueError naming the tensor when a shape disagrees with the config."""
+    ``to_hf_compact``); ValueError naming the tensor when a shape disagrees with the config, when
+    the config declares more or fewer layers than the tensors hold, or a tensor is left over."""
     n = cfg_int(config, "num_hidden_layers")
+    check_layers_found(sd, n, "num_hidden_layers", fix=" (and layer_qk_pairs, layer_v_dims, "
+                       "layer_ffn_dims: one entry per layer)")
     lists = {}
     for key in ("layer_qk_pairs", "layer_v_dims", "layer_ffn_dims"):
         v = config.get(key)
@@ -85,9 +88,12 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
                        tie_embeddings=bool(cfg_bool(config, "tie_word_embeddings", False)))
     D, Hkv, G = cfg.dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
 
+    used = set()
+
     def t(name, shape):
         if name not in sd:
             raise ValueError(f"the compact export lacks the tensor {name!r}")
+        used.add(name)
         x = sd[name]
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}, the config says {tuple(shape)}")
@@ -119,6 +125,12 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
     embed = t("model.embed_tokens.weight", (V, D))
     head = None if cfg.tie_embeddings else t("lm_head.weight", (V, D))
     params = {"embed": w(embed), "layers": tuple(layers), "norm": w(t("model.norm.weight", (D,)))}
+    if cfg.tie_embeddings and "lm_head.weight" in sd and torch.equal(sd["lm_head.weight"], embed):
+        used.add("lm_head.weight")  # a tied head saved as well is the embedding itself
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"the weights hold {len(extra)} tensors the config does not describe, e.g. "
+                         f"{extra[:3]}; does config.json belong to these weights?")
     if head is not None and torch.equal(head, embed):  # a head identical to the embedding: tie them
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
     elif head is not None:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ecospa._tree import leaf_paths, map_paths
+from ecospa._tree import cast_weights
 from ecospa.func.padding import compact as compact_tree
 from ecospa.io import checkpoint
 from ecospa.io.data import ByteTokenizer, HFTokenizer, tokenizer
@@ -183,9 +183,7 @@ def _load(spec, dtype: torch.dtype):
         return cfg, params, tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
         cfg, params, tok = _native(spec)
-        cast = {p: (lambda x: x.to(dtype) if x.is_floating_point() and x.ndim > 1 else x)
-                for p in leaf_paths(params)}
-        return cfg, map_paths(params, cast), tok
+        return cfg, cast_weights(params, dtype), tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         _, cfg, params = load_hf(spec, dtype=dtype)
         return cfg, params, load_tokenizer(spec)

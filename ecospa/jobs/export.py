@@ -20,8 +20,9 @@ import json
 import os
 from typing import Optional
 
-import optree
+import torch
 
+from ecospa._tree import cast_weights
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
 from ecospa.func.padding import pad
@@ -85,9 +86,8 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
         info = save_gguf(params, cfg, out, tokenizer_info=tokenizer_info, dtype=dtype, overwrite=overwrite)
         return {"format": fmt, "path": info["path"], "notes": info["notes"]}
     fam = family_of(cfg)
-    if dtype == "f16":
-        params = optree.tree_map(lambda x: x.half() if x.is_floating_point() and x.ndim > 1 else x,
-                                 params, namespace="")
+    if dtype == "f16":  # the weights only: rotary frequencies stay float32 (exact phases)
+        params = cast_weights(params, torch.float16)
     files = {}
     if tokenizer is not None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab_size"):
         files["tokenizer.json"] = tokenizer.to_str().encode("utf-8")  # a tokenizers.Tokenizer
