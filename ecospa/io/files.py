@@ -155,6 +155,8 @@ def _reason(err: BaseException) -> str:
         text = found.group(1) if found else (str(err) or type(err).__name__)
         number = re.search(r"code: (\d+)", str(err))
         code = int(number.group(1)) if number else code
+    if code is None and re.search(r"\d+ requested and \d+ written", text):  # numpy's short write
+        return f"{text} (a short write: the disk is probably full)"
     hint = {errno.ENOSPC: "disk full: free space and run again",
             errno.EDQUOT: "disk quota exceeded: free space and run again",
             errno.EFBIG: "file too large for this file system or limit",
