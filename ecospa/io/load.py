@@ -112,6 +112,11 @@ def _spec_from_extra(extra: dict) -> Optional[str]:
     return None
 
 
+# The files a Hugging Face tokenizer is read from (a directory with none of them has no tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(spec: Optional[str]):
     """The tokenizer of a model spec (registry name, .gguf, HF dir), or None if it has none."""
     if not spec:
@@ -129,10 +134,17 @@ def load_tokenizer(spec: Optional[str]):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
         return _native(path)[2]
     if os.path.isdir(path):
+        present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+        if not present:  # no tokenizer in the directory: the weights are still usable
+            return None
         try:
             return load_hf_tokenizer(path)
-        except Exception:  # no tokenizer files in the directory: the weights are still usable
-            return None
+        except Exception as err:  # tokenizers/transformers raise their own types; not BaseException
+            files = " / ".join(os.path.join(path, f) for f in present)
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise ValueError(f"the tokenizer of {path!r} is corrupt or unreadable: {files} "
+                             f"cannot be loaded ({type(err).__name__}: {reason}); restore the "
+                             "file(s) from the model's source") from err
     return None
 
 

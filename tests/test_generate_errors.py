@@ -1,0 +1,90 @@
+"""``ecospa generate`` and the loaders it uses say what is wrong in one line (issue 23 item 14):
+a prompt that is not UTF-8, a corrupt tokenizer.json, a temperature or seed torch cannot use, a
+checkpoint manifest that names another family than its tensors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ecospa import cli
+from ecospa.errors import UsageError
+from ecospa.func import llama
+from ecospa.io import checkpoint
+from ecospa.io._manifest import manifest_sha256
+from ecospa.io.load import encode, load_model
+
+CFG = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=64)
+NOT_UTF8 = os.fsdecode(b"ab\xff\xfecd")  # what Python makes of these argv bytes (surrogateescape)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model gets loaded: validation must come first."""
+    import ecospa.io.load
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were validated")
+
+    monkeypatch.setattr(ecospa.io.load, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """An ecospa checkpoint of a 256-token llama (its tokenizer: bytes)."""
+    return checkpoint.save(tmp_path_factory.mktemp("ck") / "ck", llama.init(CFG, seed=0), CFG)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A transformers directory with a byte-level BPE tokenizer.json (what ecospa exports carry)."""
+    pytest.importorskip("tokenizers")
+    from ecospa.io.gguf_tokenizer import _byte_alphabet, build_tokenizer
+    from ecospa.io.hf import save_hf
+    out = tmp_path_factory.mktemp("hf") / "model"
+    save_hf(llama.init(CFG, seed=0), CFG, str(out))
+    alpha = _byte_alphabet()
+    build_tokenizer({"model": "gpt2", "tokens": [alpha[b] for b in range(256)], "merges": [],
+                     "token_type": [1] * 256}).save(str(out / "tokenizer.json"))
+    return out
+
+
+def _generate(argv, capsys):
+    """(exit code, stderr) of ``ecospa generate ARGV``."""
+    try:
+        rc = cli.main(["generate", "--max-new-tokens", "2", *argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- (b) a corrupt tokenizer.json is not "no tokenizer" ------------------------------------------
+
+def test_corrupt_tokenizer_json_is_named_with_the_parsers_reason(hf_dir, tmp_path, capsys):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    for name in os.listdir(hf_dir):
+        (bad / name).write_bytes((hf_dir / name).read_bytes())
+    (bad / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    rc, err = _generate(["--model", str(bad), "--prompt", "hi"], capsys)
+    line = _one_line(err)
+    assert rc == 1 and "corrupt or unreadable" in line and str(bad / "tokenizer.json") in line
+    assert "EOF while parsing" in line and "no tokenizer" not in line
+
+
+def test_a_directory_without_tokenizer_files_still_has_no_tokenizer(hf_dir, tmp_path, capsys):
+    bare = tmp_path / "model"
+    bare.mkdir()
+    for name in os.listdir(hf_dir):
+        if name != "tokenizer.json":
+            (bare / name).write_bytes((hf_dir / name).read_bytes())
+    assert load_model(str(bare))[2] is None
+    rc, err = _generate(["--model", str(bare), "--prompt", "hi"], capsys)
+    assert rc == 1 and "has no tokenizer" in _one_line(err)
