@@ -88,3 +88,23 @@ def test_a_directory_without_tokenizer_files_still_has_no_tokenizer(hf_dir, tmp_
     assert load_model(str(bare))[2] is None
     rc, err = _generate(["--model", str(bare), "--prompt", "hi"], capsys)
     assert rc == 1 and "has no tokenizer" in _one_line(err)
+
+
+# --- (d) a manifest that names another family than its tensors ---------------------------------
+
+def test_manifest_claiming_another_family_says_they_disagree(native, tmp_path, capsys):
+    edited = tmp_path / "ck"
+    edited.mkdir()
+    for name in os.listdir(native):
+        (edited / name).write_bytes((native / name).read_bytes())
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["family"] = "gpt2"  # edited by hand, with a config gpt2 accepts and a fresh checksum
+    manifest["config"] = {"vocab_size": 256, "dim": 16, "n_layers": 1, "n_heads": 2, "ffn_dim": 32,
+                          "name": "gpt2"}
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest and the tensors disagree.*'gpt2'.*'llama' model"):
+        checkpoint.load(edited)
+    rc, err = _generate(["--model", str(edited), "--prompt", "hi"], capsys)
+    line = _one_line(err)
+    assert rc == 1 and "disagree" in line and "missing key" not in line
