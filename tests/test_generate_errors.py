@@ -14,6 +14,7 @@ from ecospa.func import llama
 from ecospa.io import checkpoint
 from ecospa.io._manifest import manifest_sha256
 from ecospa.io.load import encode, load_model
+from ecospa.jobs.generate import MIN_TEMPERATURE, check_options
 
 CFG = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=64)
 NOT_UTF8 = os.fsdecode(b"ab\xff\xfecd")  # what Python makes of these argv bytes (surrogateescape)
@@ -65,6 +66,23 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+# --- (a) a prompt that is not UTF-8 ------------------------------------------------------------
+
+def test_prompt_that_is_not_utf8_is_a_usage_error(hf_dir, capsys, no_loading):
+    rc, err = _generate(["--model", str(hf_dir), "--prompt", NOT_UTF8], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "--prompt" in line and "not valid UTF-8" in line and "0xff 0xfe" in line
+
+
+def test_encode_names_undecodable_text_whatever_the_tokenizer(hf_dir):
+    """The library path (eval, the lm-eval adapter): a ValueError, not the TypeError the
+    tokenizers package raises for lone surrogates."""
+    _, _, tok = load_model(str(hf_dir))
+    assert encode(tok, "abc").tolist() == [97, 98, 99]
+    with pytest.raises(ValueError, match=r"not valid Unicode at character 2"):
+        encode(tok, NOT_UTF8)
+
+
 # --- (b) a corrupt tokenizer.json is not "no tokenizer" ------------------------------------------
 
 def test_corrupt_tokenizer_json_is_named_with_the_parsers_reason(hf_dir, tmp_path, capsys):
@@ -88,6 +106,31 @@ def test_a_directory_without_tokenizer_files_still_has_no_tokenizer(hf_dir, tmp_
     assert load_model(str(bare))[2] is None
     rc, err = _generate(["--model", str(bare), "--prompt", "hi"], capsys)
     assert rc == 1 and "has no tokenizer" in _one_line(err)
+
+
+# --- (c) temperature and seed ranges -----------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "1e-45"], "temperature"), (["--temperature", "0.00005"], "temperature"),
+    (["--temperature", "nan"], "temperature"), (["--temperature", "-1"], "temperature"),
+    (["--temperature", "inf"], "temperature"),
+    (["--seed", "1e23"], "--seed"), (["--seed", str(10**23)], "--seed"),
+    (["--seed", str(2**63)], "--seed"), (["--seed", "-1"], "--seed"),
+])
+def test_temperature_and_seed_out_of_range_exit_2_before_loading(capsys, no_loading, flags, words):
+    rc, err = _generate(["--model", "m", "--prompt", "hi", *flags], capsys)
+    assert rc == 2 and words in _one_line(err)
+
+
+def test_the_extremes_of_the_ranges_generate(native, capsys):
+    rc, err = _generate(["--model", str(native), "--prompt", "hi", "--temperature", str(MIN_TEMPERATURE),
+                         "--seed", str(2**63 - 1)], capsys)
+    assert rc == 0, err
+    check_options(1, 0.0, None, 0)
+    with pytest.raises(UsageError, match="seed"):
+        check_options(1, 1.0, None, 2**63)
+    with pytest.raises(UsageError, match="temperature"):
+        check_options(1, 1e-45, None, 0)
 
 
 # --- (d) a manifest that names another family than its tensors ---------------------------------

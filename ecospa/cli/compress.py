@@ -14,7 +14,7 @@ import os
 import torch
 
 from ecospa.allocation import ALLOCATIONS
-from ecospa.errors import nonneg_int, positive_float, positive_int
+from ecospa.errors import nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"])
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"])
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"])
-    p.add_argument("--seed", type=nonneg_int, default=_DEFAULTS["seed"])
+    p.add_argument("--seed", type=seed_int, default=_DEFAULTS["seed"])
     p.add_argument("--export-hf", help="also write a transformers directory, when representable "
                    "(new, empty, or an earlier export of ours: other directories are refused)")
     p.add_argument("--export", help="also export the compressed model here, in --export-format "

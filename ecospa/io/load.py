@@ -80,6 +80,12 @@ def encode(tokenizer, text: str) -> torch.Tensor:
         raise ValueError("this model has no tokenizer; load it from a source that has one "
                          "(a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
                          "an ecospa checkpoint written by train or compress)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes (surrogateescape)
+        raise ValueError(f"the text is not valid Unicode at character {err.start} "
+                         f"({text[err.start:err.end][:8]!r}: bytes that were not UTF-8, or a lone "
+                         "surrogate); decode it as UTF-8 before encoding") from None
     if not isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
         tokenizer = HFTokenizer(tokenizer)
     return tokenizer.encode(text).to(torch.long).reshape(-1)
