@@ -49,6 +49,36 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, an integer in [0, 2**63 - 1]."""
+    what = f"a whole number in [0, 2**63 - 1] ({SEED_MAX})"
+    value = _number(text, int, what)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def utf8_text(text: str) -> str:
+    """argparse type: text that is valid UTF-8. Python turns the undecodable bytes of a command
+    line into lone surrogates (surrogateescape); they are named here instead of failing later in
+    a tokenizer: ``b'ab\\xffcd'`` -> "not valid UTF-8: byte 0xff at character 2"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        chars = text[err.start:err.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in chars):  # bytes that were not UTF-8
+            bad = chars.encode("utf-8", "surrogateescape")
+            shown = f"{'byte' if len(bad) == 1 else 'bytes'} {' '.join(f'0x{b:02x}' for b in bad[:8])}"
+        else:  # a lone surrogate that came from elsewhere
+            shown = f"the lone surrogate {chars[:8]!r}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {shown} at character {err.start}; "
+                                         "give the text in UTF-8 (e.g. iconv -t UTF-8)") from None
+    return text
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (learning rates, epsilons)."""
     value = _number(text, float, "a finite number > 0")
@@ -101,4 +131,5 @@ def device(text: str) -> str:
     return text
 
 
-__all__ = ["UsageError", "whole", "check_fraction", "positive_int", "nonneg_int", "positive_float", "fraction", "device"]
+__all__ = ["UsageError", "whole", "check_fraction", "positive_int", "nonneg_int", "positive_float", "fraction",
+           "device", "SEED_MAX", "seed_int", "utf8_text"]

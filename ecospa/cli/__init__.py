@@ -7,9 +7,12 @@ errors into one line each:
 
 - exit 2: bad arguments (argparse, or ``ecospa.errors.UsageError`` found while validating);
 - exit 1: a failure while working (corrupt checkpoint, diverged loss, disk full, ...);
-- exit 130: interrupted (Ctrl-C).
+- exit 130: interrupted (Ctrl-C), at any moment: while the command works (``KeyboardInterrupt``
+  reaches ``boundary``) and, for the entry points, while they start up and import torch
+  (``ecospa._interrupt``, armed by ``import ecospa`` before anything heavy).
 
 ``ecospa --debug COMMAND ...`` (or ``ECOSPA_DEBUG=1``) re-raises with the full traceback.
+``boundary`` is the one place that does this; ``python -m ecospa.cli.harness`` goes through it too.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import errno
 import importlib
 import os
 import sys
+from typing import Callable
 
+from ecospa import _interrupt
 from ecospa.errors import UsageError
 
 COMMANDS = {
@@ -72,30 +77,48 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, modules
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def debugging(argv: list) -> bool:
+    """``--debug`` anywhere on the line (removed from ``argv``) or ``ECOSPA_DEBUG=1``."""
     debug = os.environ.get("ECOSPA_DEBUG", "") not in ("", "0")
     if "--debug" in argv:  # accepted anywhere on the line, not only before the command
         argv.remove("--debug")
         debug = True
-    parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    return debug
+
+
+def boundary(prog: str, work: Callable[[], int], debug: bool = False) -> int:
+    """THE error boundary: run ``work()`` and turn what it raises into one line on stderr and an
+    exit code (2: UsageError, 1: another expected error, 130: Ctrl-C); ``debug`` re-raises.
+    Ctrl-C raises KeyboardInterrupt here: ``work`` calls ``_interrupt.release()`` once its
+    imports are done (before that, the guard has already exited with 130)."""
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(work() or 0)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"ecospa {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except EXPECTED as err:
         if debug:
             raise
         if isinstance(err, UsageError):
-            print(f"ecospa {args.command}: error: {message(err)}", file=sys.stderr)
+            print(f"{prog}: error: {message(err)}", file=sys.stderr)
             return 2
-        print(f"ecospa {args.command}: error: {message(err)} [--debug shows the traceback]",
-              file=sys.stderr)
+        print(f"{prog}: error: {message(err)} [--debug shows the traceback]", file=sys.stderr)
         return 1
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debugging(argv)
+    parser, modules = build_parser()  # imports every subcommand (torch): still under the guard
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        _interrupt.release()  # from here on Ctrl-C is a KeyboardInterrupt for the boundary
+        return modules[args.command].run(args)
+
+    return boundary(f"ecospa {args.command}", work, debug)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ecospa.allocation import ALLOCATIONS
-from ecospa.errors import nonneg_int, positive_float, positive_int
+from ecospa.errors import nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"])
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"])
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"])
-    p.add_argument("--seed", type=nonneg_int, default=_DEFAULTS["seed"])
+    p.add_argument("--seed", type=seed_int, default=_DEFAULTS["seed"])
     p.add_argument("--export-hf", help="also write a stock transformers directory (the hf-padded "
                    "format of `ecospa export`: exact for any pruned tree; new, empty, or with --overwrite "
                    "an earlier export of ours)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ecospa._text import aligned
-from ecospa.errors import device, fraction, nonneg_int, positive_float, positive_int
+from ecospa.errors import device, fraction, nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.select import parse_sparsity
 from ecospa.train import presets, runtime
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "without it a new run refuses a directory that holds one")
     parser.add_argument("--until", type=positive_int, help="stop after this many steps (resume later)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (recompiled after pruning)")
-    parser.add_argument("--seed", type=nonneg_int)
+    parser.add_argument("--seed", type=seed_int)
     parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--eval-every", type=positive_int)

@@ -218,6 +218,23 @@ def _read_tree(root: Path, manifest: dict, name: str):
     return _decode(manifest["trees"][name], tensors)
 
 
+def _check_family(root: Path, family: str, params) -> None:
+    """The model tree has the leaves of the family the manifest names (its embedding at the top,
+    its MLP input in every layer); a hand-edited manifest can claim another family."""
+    fam = FAMILIES[family]
+    layers = params.get("layers") if isinstance(params, dict) else None
+    fits = (isinstance(params, dict) and fam.embed in params and isinstance(layers, (list, tuple))
+            and all(isinstance(layer, dict) and fam.ffn_in in layer for layer in layers))
+    if fits:
+        return
+    top = sorted(params)[:6] if isinstance(params, dict) else type(params).__name__
+    other = [n for n, f in FAMILIES.items() if n != family and isinstance(params, dict) and f.embed in params]
+    looks = f", which looks like a {other[0]!r} model" if other else ""
+    raise ValueError(f"{root}: the manifest and the tensors disagree: manifest.json says family "
+                     f"{family!r} (embedding {fam.embed!r}, MLP {fam.ffn_in!r}), but model.safetensors "
+                     f"holds {top}{looks}; restore the manifest or use an earlier checkpoint")
+
+
 def load_full(path) -> Checkpoint:
     """Everything ``save`` wrote: params, config, extra, optimizer state, state tree and step.
 
@@ -232,6 +249,7 @@ def load_full(path) -> Checkpoint:
     except (TypeError, ValueError, ArithmeticError) as err:
         raise ValueError(f"{root}: config does not fit {family}.Config ({err})") from err
     params = _read_tree(root, manifest, "model")
+    _check_family(root, family, params)
     opt = None
     if "optim" in manifest["trees"]:
         tree = _read_tree(root, manifest, "optim")

@@ -49,6 +49,8 @@ def open_reader(path):
     check_header(path)
     try:
         return gguf.GGUFReader(path)
+    except ImportError:  # a broken install or an import cut short by Ctrl-C: not the file's fault
+        raise
     except Exception as err:  # numpy/struct errors on truncated or foreign files
         raise ValueError(f"{path!r} is not a readable GGUF file (truncated or corrupt?): "
                          f"{type(err).__name__}: {err}") from err
@@ -60,6 +62,8 @@ def _value(reader, key: str):
         return None
     try:
         return field.contents()
+    except ImportError:
+        raise
     except Exception as err:  # undecodable strings, odd types
         raise ValueError(f"GGUF metadata {key!r} cannot be read ({type(err).__name__}: {err})") from err
 
@@ -149,7 +153,7 @@ def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict
             continue  # e.g. rope_freqs: recomputed from rope_theta
         try:
             w = torch.from_numpy(np.array(_array(t, gguf), dtype=np.float32)).to(dtype)
-        except ValueError:
+        except (ValueError, ImportError):  # ImportError: a broken install, not a corrupt file
             raise
         except Exception as err:
             raise ValueError(f"tensor {t.name!r} could not be read ({err}); "

@@ -82,6 +82,12 @@ def encode(tokenizer, text: str) -> torch.Tensor:
         raise ValueError("this model has no tokenizer; load it from a source that has one "
                          "(a GGUF with tokenizer metadata, an HF directory with tokenizer files, "
                          "an ecospa checkpoint written by train or compress)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes (surrogateescape)
+        raise ValueError(f"the text is not valid Unicode at character {err.start} "
+                         f"({text[err.start:err.end][:8]!r}: bytes that were not UTF-8, or a lone "
+                         "surrogate); decode it as UTF-8 before encoding") from None
     if not isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
         tokenizer = HFTokenizer(tokenizer)
     return tokenizer.encode(text).to(torch.long).reshape(-1)
@@ -114,6 +120,11 @@ def _spec_from_extra(extra: dict) -> Optional[str]:
     return None
 
 
+# The files a Hugging Face tokenizer is read from (a directory with none of them has no tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(spec: Optional[str]):
     """The tokenizer of a model spec (registry name, .gguf, HF dir), or None if it has none."""
     if not spec:
@@ -131,10 +142,17 @@ def load_tokenizer(spec: Optional[str]):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
         return _native(path)[2]
     if os.path.isdir(path):
+        present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+        if not present:  # no tokenizer in the directory: the weights are still usable
+            return None
         try:
             return load_hf_tokenizer(path)
-        except Exception:  # no tokenizer files in the directory: the weights are still usable
-            return None
+        except Exception as err:  # tokenizers/transformers raise their own types; not BaseException
+            files = " / ".join(os.path.join(path, f) for f in present)
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise ValueError(f"the tokenizer of {path!r} is corrupt or unreadable: {files} "
+                             f"cannot be loaded ({type(err).__name__}: {reason}); restore the "
+                             "file(s) from the model's source") from err
     return None
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ecospa.errors import UsageError
+from ecospa.errors import SEED_MAX, UsageError, whole
 from ecospa.func.decode import decode, init_cache
 
 
@@ -26,13 +26,21 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def check_options(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+MIN_TEMPERATURE = 1e-4  # below it, logits / temperature overflows float32 (inf, then NaN)
+
+
+def check_options(max_new_tokens: int, temperature: float, top_k: Optional[int], seed: int = 0) -> None:
+    """UsageError for options ``generate`` cannot honour: ``max_new_tokens`` >= 0; ``temperature``
+    0 (greedy) or a finite number >= MIN_TEMPERATURE; ``top_k`` >= 1; ``seed`` in [0, 2**63-1]."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if not (temperature == temperature and 0 <= temperature < float("inf")):
-        raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise UsageError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {temperature!r}")
     if top_k is not None and top_k < 1:
         raise UsageError(f"top_k must be >= 1, got {top_k}")
+    if not (whole(seed) and 0 <= seed <= SEED_MAX):
+        raise UsageError(f"seed must be a whole number in [0, 2**63 - 1], got {seed!r}")
 
 
 def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -46,7 +54,7 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
     token. Generation stops early when every sequence has produced ``eos_id``. ``on_token`` gets
     each new column [B] as it is produced (for streaming).
     """
-    check_options(max_new_tokens, temperature, top_k)
+    check_options(max_new_tokens, temperature, top_k, seed)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise UsageError(f"prompt must be [batch, tokens] with at least one token, got {tuple(prompt.shape)}")
     B, T = prompt.shape
