@@ -1,0 +1,127 @@
+"""Which data feeds what in ``ecospa compress`` (issues 23 and 24): every batch that reaches the
+Fisher calibration, the obs scores, the refit or a recovery step is a window of the TRAIN text,
+and every perplexity the job reports is measured on a VAL split. Spied where each is consumed.
+
+A batch drawn from the val split would (almost surely) not occur in the train token stream, so
+"every row occurs in train" catches it; the search is a plain substring search of the int32 bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ecospa.jobs.compress as job_mod
+from ecospa.io.data import corpus
+from ecospa.io.load import encode, load_model
+from ecospa.jobs.compress import EXTRA_CHARS, Job, compress
+
+gguf = pytest.importorskip("gguf")
+from test_safety_io_cli import FAST, tiny_gguf  # noqa: E402,F401  (fixture)
+
+
+def _bytes(ids: torch.Tensor) -> bytes:
+    return np.ascontiguousarray(ids.numpy().astype(np.int32)).tobytes()
+
+
+def _in(row: torch.Tensor, stream: bytes) -> bool:
+    """``row`` occurs contiguously in the token stream (at a token boundary)."""
+    needle, start = _bytes(row), 0
+    while True:
+        at = stream.find(needle, start)
+        if at < 0:
+            return False
+        if at % 4 == 0:
+            return True
+        start = at + 1
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Record what each stage consumes: {"fisher", "obs", "refit", "recover": [batches],
+    "ppl": [token streams]}."""
+    seen = {k: [] for k in ("fisher", "obs", "refit", "recover", "ppl")}
+
+    def spy(name, stage, index):
+        real = getattr(job_mod, name)
+
+        def wrapper(*args, **kwargs):
+            seen[stage].extend(args[index])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(job_mod, name, wrapper)
+
+    spy("fisher", "fisher", 3)
+    spy("obs_scores", "obs", 3)
+    spy("reconstruct", "refit", 3)
+    real_step, real_ppl = job_mod.make_step, job_mod.perplexity
+
+    def make_step(loss, opt):
+        step = real_step(loss, opt)
+
+        def wrapped(params, state, batch):
+            seen["recover"].append(batch)
+            return step(params, state, batch)
+
+        return wrapped
+
+    def perplexity(forward, params, cfg, ids, **kw):
+        seen["ppl"].append(ids)
+        return real_ppl(forward, params, cfg, ids, **kw)
+
+    monkeypatch.setattr(job_mod, "make_step", make_step)
+    monkeypatch.setattr(job_mod, "perplexity", perplexity)
+    return seen
+
+
+def test_every_stage_reads_train_and_every_reported_number_val(tiny_gguf, spied):
+    job = Job(str(tiny_gguf), budget=0.3, rank_by="obs", reconstruct=True, distill=True,
+              recon_batches=2, **dict(FAST, steps=2))
+    compress(job)
+    _, _, tok = load_model(str(tiny_gguf))
+    train = _bytes(encode(tok, corpus("pydoc", "train")))
+    val = encode(tok, corpus("pydoc", "val"))
+    stdlib_val = encode(tok, corpus("stdlib", "val", max_chars=EXTRA_CHARS))
+    counts = {stage: len(batches) for stage, batches in spied.items()}
+    assert counts["fisher"] == job.calib_batches and counts["recover"] == 2
+    assert counts["obs"] == counts["refit"] == job.recon_batches
+    for stage in ("fisher", "obs", "refit", "recover"):
+        for batch in spied[stage]:
+            assert batch.shape == (job.batch_size, job.seq_len + 1)
+            assert all(_in(row, train) for row in batch), f"a {stage} batch is not from the TRAIN text"
+    streams = spied["ppl"]
+    assert streams and all(torch.equal(s, val) or torch.equal(s, stdlib_val) for s in streams)
+    assert any(torch.equal(s, stdlib_val) for s in streams)
+
+
+def test_a_val_batch_would_be_caught(tiny_gguf):
+    """The check above can fail: windows of the val text are not in the train stream."""
+    _, _, tok = load_model(str(tiny_gguf))
+    train = _bytes(encode(tok, corpus("pydoc", "train")))
+    val = encode(tok, corpus("pydoc", "val"))
+    rows = [val[i:i + 33] for i in range(0, len(val) - 33, len(val) // 20)]
+    assert sum(_in(r, train) for r in rows) <= 1
+
+
+def test_distillation_loss_is_kl_teacher_to_student_at_its_weight(tiny_gguf):
+    """The recovery loss at --distill-weight 0.3 equals a hand computation: 0.7 x CE(labels) +
+    0.3 x KL(teacher || student) (Hinton's direction: the teacher's distribution weights the log
+    ratio); KL(student || teacher) or the weights swapped give other numbers."""
+    cfg, dense, _ = load_model(str(tiny_gguf))
+    fwd = job_mod.family_of(cfg).forward
+    noise = torch.randn(dense["embed"].shape, generator=torch.Generator().manual_seed(1))
+    student = {**dense, "embed": dense["embed"] * 3.0 + noise}  # far from the teacher: KL is not symmetric there
+    job = Job(str(tiny_gguf), budget=0.3, distill=True, distill_weight=0.3, **FAST)
+    _, loss = job_mod._losses(fwd, cfg, dense, job)
+    batch = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    s = fwd(student, batch[:, :-1], cfg).double().log_softmax(-1)
+    t = fwd(dense, batch[:, :-1], cfg).double().log_softmax(-1)
+    kl_ts = (t.exp() * (t - s)).sum(-1).mean()
+    kl_st = (s.exp() * (s - t)).sum(-1).mean()
+    ce = F.nll_loss(s.flatten(0, 1), batch[:, 1:].flatten())
+    want = 0.7 * ce + 0.3 * kl_ts
+    got = float(loss(student, batch))
+    assert abs(got - float(want)) < 1e-4 * max(1.0, abs(float(want)))
+    for wrong in (0.7 * ce + 0.3 * kl_st, 0.3 * ce + 0.7 * kl_ts):
+        assert abs(got - float(wrong)) > 1e-3
