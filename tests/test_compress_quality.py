@@ -98,7 +98,8 @@ def test_cli_flags_reach_the_job(tiny_gguf, tmp_path, capsys):  # noqa: F811
     rc = cli.main(["compress", "--model", str(tiny_gguf), "--budget", "0.3", "--steps", "1",
                    "--batch-size", "2", "--seq-len", "16", "--calib-batches", "1", "--eval-seq-len", "32",
                    "--eval-windows", "2", "--reconstruct", "--recon-batches", "1", "--rank-by", "obs",
-                   "--ridge", "0.1", "--lr-schedule", "cosine", "--eval-extra", "stdlib"])
+                   "--ridge", "0.1", "--lr-schedule", "cosine", "--eval-extra", "stdlib",
+                   "--out", str(tmp_path / "c")])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "after the refit" in printed and "held-out stdlib" in printed

@@ -1,0 +1,70 @@
+"""The README's five-line results summary, generated from the same results files as
+docs/BENCHMARKS.md (never hand-written: a number here is always the one in the tables)."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+def _speed(res: Optional[dict]) -> Optional[str]:
+    rows = [r for r in (res or {}).get("rows", []) if abs(r.get("kept_fraction", 0) - 0.5) < 1e-9]
+    if not rows:
+        return None
+    parts = [f"{r['model']} {r['train_step_eager_speedup']:.2f}x train step / "
+             f"{r['prefill_b8_eager_speedup']:.2f}x prefill (FLOP-ideal {r['flop_ideal_speedup']:.2f}x)"
+             for r in rows]
+    return ("**Speed** (CPU, float32, eager, kept 50% of the coupled units): " + "; ".join(parts) + ".")
+
+
+def _pretrain(res: Optional[dict]) -> Optional[str]:
+    table = {r["variant"]: r for r in (res or {}).get("table", [])}
+    if "ecospa" not in table or "dense-small" not in table:
+        return None
+    e = table["ecospa"]
+    return (f"**Pre-training** (small preset, CPU): EcoSpa ends at val ppl {e['val ppl']:.3f} = "
+            f"{e['ppl / dense-small']:.3f}x the dense model of its final size, with "
+            f"{e['FLOPs / dense']:.2f}x the dense model's training FLOPs (dense-small: "
+            f"{table['dense-small']['FLOPs / dense']:.2f}x): it does not beat training the small model "
+            "directly here.")
+
+
+def _compress(res: Optional[dict], dedup: Optional[dict]) -> Optional[str]:
+    src = dedup if dedup and dedup.get("recovery") else res
+    rows = [r for r in (src or {}).get("recovery", []) if r.get("variant") == "job-default"]
+    if not rows:
+        return None
+    dense = src["dense"]
+    parts = [f"{r['level']:.0%} removed: pydoc val {dense['pydoc']:.2f} -> {r['ppl_recovered']:.2f}, "
+             f"stdlib val {dense['stdlib']:.2f} -> {r['ppl_stdlib']:.2f} ({r['ppl_stdlib'] / dense['stdlib']:.2f}x)"
+             for r in sorted(rows, key=lambda r: r["level"])]
+    split = "deduplicated split" if src is dedup else "old split"
+    return (f"**Compression** (SmolLM2-135M, the job's defaults, {rows[0]['steps']} recovery steps, "
+            f"{split}): " + "; ".join(parts) + ".")
+
+
+def _decode(res: Optional[dict]) -> Optional[str]:
+    rows = [r for r in (res or {}).get("rows", []) if r.get("variant") == "pruned 50%"]
+    if not rows:
+        return None
+    parts = [f"batch {r['batch']}: {r['speedup_vs_ecospa_dense']:.2f}x (ideal {r['ideal_speedup']:.2f}x)"
+             for r in rows]
+    return "**Decode** (SmolLM2-135M pruned 50% vs dense, CPU): " + "; ".join(parts) + "."
+
+
+def _export(res: Optional[dict]) -> Optional[str]:
+    if not res or not res.get("formats"):
+        return None
+    worst = max(r["max_abs_logit_diff"] for r in res["formats"].values())
+    held = ", ".join(f"{fmt} {r['params'] / 1e6:.1f}M" for fmt, r in res["formats"].items())
+    return (f"**Export** (SmolLM2-135M, {res['pruned_params'] / 1e6:.1f}M of {res['dense_params'] / 1e6:.1f}M "
+            f"parameters kept): {', '.join(res['formats'])} reload with logits within {worst:.1e} of "
+            f"ecospa's; parameters held by the runtime: {held}.")
+
+
+def summary_lines(speed, pretrain, compress, dedup, generate, export) -> str:
+    """Up to five lines, one per results file that exists."""
+    lines = [f(*a) for f, a in ((_speed, (speed,)), (_pretrain, (pretrain,)), (_compress, (compress, dedup)),
+                                (_decode, (generate,)), (_export, (export,)))]
+    return "\n".join(f"- {x}" for x in lines if x) + "\n"
+
+
+__all__ = ["summary_lines"]
