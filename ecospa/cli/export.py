@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ecospa.io import load
-from ecospa.jobs.export import FORMATS, check_out, export, source_tokenizer_info
+from ecospa.jobs.export import FORMATS, check_out, export, source_special_tokens, source_tokenizer_info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.format, args.overwrite, model=args.model)  # before loading anything
     cfg, params, tok = load.load_model(args.model)
     info = source_tokenizer_info(args.model) if args.format == "gguf" else None
+    special = source_special_tokens(args.model) if args.format != "gguf" else None
     res = export(params, cfg, args.out, args.format, tokenizer=tok, tokenizer_info=info,
-                 dtype=args.dtype, overwrite=args.overwrite)
+                 dtype=args.dtype, overwrite=args.overwrite, special_tokens=special)
     print(f"wrote {res['format']} export: {res['path']}")
     for note in res["notes"]:
         print(f"  note: {note}")
