@@ -36,12 +36,12 @@ def n_params(tree) -> int:
 
 
 def main(argv=None) -> int:
-    import transformers
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    import transformers
     t0 = time.perf_counter()
     cfg, dense, tok = load_model("smollm2-135m")
     train = encode(tok, corpus("pydoc", "train")[:40000])

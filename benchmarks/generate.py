@@ -11,7 +11,8 @@ model pruned with the coupled Fisher to a global budget of 25% and 50% of the bl
 bytes of weights read per token (every weight matrix incl. the LM head; the embedding lookup
 reads one row). ``transformers`` runs the same dense weights (exported with ecospa's hf-padded
 layout, loaded in LlamaForCausalLM, sdpa attention) with ``generate(do_sample=False)``.
-Writes benchmarks/results/generate.json.
+Writes benchmarks/results/generate.json (the README's table); ``--quick`` writes
+benchmarks/results/generate_quick.json instead, never the committed file.
 """
 from __future__ import annotations
 
@@ -86,6 +87,14 @@ def hf_model(params, cfg):
                                                              dtype=torch.float32).eval()
 
 
+def results_path(quick: bool, out=None) -> str:
+    """Where a run writes: ``out`` when given, else results/generate.json, or for a quick run
+    results/generate_quick.json (a smoke run never replaces the committed numbers)."""
+    if out:
+        return out
+    return RESULTS.replace("generate.json", "generate_quick.json") if quick else RESULTS
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model, few tokens (CI)")
@@ -96,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--out", default=None,
+                    help="results file (default: results/generate.json; with --quick results/generate_quick.json)")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompt, args.new, args.reps = min(args.prompt, 16), min(args.new, 16), min(args.reps, 2)
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"b{B} {name:>20}: {row['tokens_per_s']:8.1f} tok/s  {row['ms_per_token_step']:7.2f} ms/step  "
                   f"speedup {row['speedup_vs_ecospa_dense']:.2f}x (ideal {row['ideal_speedup']:.2f}x)", flush=True)
-    write_results(args.out, {"conditions": cond, "rows": rows})
+    write_results(results_path(args.quick, args.out), {"conditions": cond, "rows": rows})
     return 0
 
 

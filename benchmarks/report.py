@@ -7,6 +7,7 @@ only those sections change. A results file that is missing leaves its section as
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -357,7 +358,10 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Reads benchmarks/results/*.json "
+                            "(never the *_quick.json of smoke runs); rewrites only the marked README "
+                            "sections and the PNGs in benchmarks/results.").parse_args(argv)
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
     for fname, section in [("speed_cpu.json", "speed-cpu"), ("speed_cuda.json", "speed-cuda")]:

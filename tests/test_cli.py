@@ -81,4 +81,4 @@ def test_bugs_keep_their_traceback(monkeypatch):
 def test_module_entry_point_exit_code(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ecospa", "eval", "--model", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "no model" in _one_line(out.stderr)
+    assert out.returncode == 2 and "no model" in _one_line(out.stderr)  # names nothing: a usage error

@@ -103,7 +103,7 @@ def test_unknown_task_exits_2_before_the_model_loads(capsys, no_loading, tasks):
 def test_bad_model_path_is_one_line(tmp_path, capsys, tasks):
     rc, err = _main(["--model", str(tmp_path / "nope"), "--tasks", "toy_task"], capsys)
     line = _one_line(err)
-    assert rc == 1 and "no model" in line and str(tmp_path / "nope") in line
+    assert rc == 2 and "no model" in line and str(tmp_path / "nope") in line  # names nothing: usage
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch):

@@ -245,7 +245,8 @@ def test_compress_out_may_be_an_empty_directory_or_an_earlier_checkpoint(tiny_gg
 
 @pytest.mark.parametrize("flags, words", [
     (["--seq-len", "0"], "--seq-len"), (["--batch-size", "0"], "--batch-size"),
-    (["--max-windows", "0"], "--max-windows"), (["--threads", "-1"], "--threads"),
+    (["--eval-windows", "0"], "--eval-windows"), (["--max-windows", "0"], "--max-windows"),
+    (["--threads", "-1"], "--threads"),
 ])
 def test_eval_bad_flags_fail_before_loading(tiny_gguf, capsys, no_loading, flags, words):
     with pytest.raises(SystemExit) as exit_:

@@ -1,9 +1,10 @@
-"""The ``ecospa`` command line: ``ecospa train``, ``compress``, ``eval``, ``generate``.
+"""The ``ecospa`` command line: ``ecospa train``, ``compress``, ``eval``, ``generate``, ``export``.
 
 Each subcommand lives in its own module here (``ecospa.cli.train``, ``.compress``, ``.eval``,
 ``.generate``, ``.export``), which provides ``add_arguments(parser)`` and ``run(args) -> int``
 over the library in ``ecospa.train`` / ``ecospa.jobs``; this file only dispatches and turns
-errors into one line each:
+errors into one line each (the options several commands share, and the help formatter that
+shows every default, are in ``ecospa.cli._options``):
 
 - exit 2: bad arguments (argparse, or ``ecospa.errors.UsageError`` found while validating);
 - exit 1: a failure while working (corrupt checkpoint, diverged loss, disk full, ...);
@@ -66,14 +67,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = Parser(
-        prog="ecospa", description="Coupled structured sparsity for transformers: train, compress, eval, generate.")
+    from ecospa.cli._options import HelpFormatter
+    parser = Parser(prog="ecospa", description="Coupled structured sparsity for transformers: "
+                    f"{', '.join(COMMANDS)}. `ecospa COMMAND --help` shows each command's options.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (mod, help_) in COMMANDS.items():
         modules[name] = importlib.import_module(mod)
-        modules[name].add_arguments(sub.add_parser(name, help=help_, description=help_))
+        modules[name].add_arguments(sub.add_parser(name, help=help_, description=help_,
+                                                   formatter_class=HelpFormatter))
     return parser, modules
 
 

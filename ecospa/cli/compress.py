@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ecospa.allocation import ALLOCATIONS
+from ecospa.cli._options import MODEL_HELP, add_threads, renamed
 from ecospa.errors import nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
@@ -28,10 +29,9 @@ DEFAULT_OUT = os.path.join("runs", "compress")  # like `ecospa train`'s runs/tra
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``ecospa compress``."""
-    p.add_argument("--model", required=True,
-                   help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", default=DEFAULT_OUT,
-                   help="native checkpoint directory to write, atomically (default: %(default)s); "
+                   help="native checkpoint directory to write, atomically; "
                    "an earlier compress checkpoint there is replaced only with --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier compress checkpoint at --out and earlier exports at "
@@ -43,14 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to remove, allocated globally by importance per parameter")
     target.add_argument("--sparsity",
                         help="fraction of units removed per group: 0.5 or 'qk=0.25,vo=0.25,mlp=0.5'")
-    p.add_argument("--estimator", default=_DEFAULTS["estimator"], choices=sorted(ESTIMATORS))
+    p.add_argument("--estimator", default=_DEFAULTS["estimator"], choices=sorted(ESTIMATORS),
+                   help="importance estimator for the coupled groups")
     p.add_argument("--allocation", default=_DEFAULTS["allocation"], choices=ALLOCATIONS,
                    help="how --budget is spread over layers and group kinds: global (importance per "
                    "parameter), zscore (per-group standardized scores, FLAP), protect (first/last layers "
                    "kept dense), depth (fraction removed grows with depth, SlimGPT)")
     p.add_argument("--multiple-of", type=positive_int, default=_DEFAULTS["multiple_of"],
                    help="keep each group's width (blocks x units) a multiple of this (or whole): kernel-friendly widths "
-                        "(8 for fp32 CPU matmuls; default 1: any width)")
+                        "(8 for fp32 CPU matmuls; 1: any width)")
     p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"], help="iterative prune-and-recover rounds")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=_DEFAULTS["distill"],
                    help="recover with KL to the dense model's logits (mixed with the hard-label loss by "
@@ -68,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ridge of the refit, relative to the Gram matrix's mean diagonal")
     p.add_argument("--recon-target", default=_DEFAULTS["recon_target"], choices=TARGETS,
                    help="residual: repair the stream up to each layer; local: match each layer alone")
-    p.add_argument("--lr-schedule", default=_DEFAULTS["lr_schedule"], choices=LR_SCHEDULES)
+    p.add_argument("--lr-schedule", default=_DEFAULTS["lr_schedule"], choices=LR_SCHEDULES,
+                   help="learning rate over the recovery steps (cosine: --warmup, then down to 10%%)")
     p.add_argument("--warmup", type=nonneg_int, default=_DEFAULTS["warmup"],
                    help="warm-up steps of --lr-schedule cosine")
     p.add_argument("--eval-extra", nargs="*", default=list(_DEFAULTS["eval_extra"]),
@@ -76,21 +78,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=nonneg_int, default=_DEFAULTS["steps"], help="recovery steps in total")
     p.add_argument("--eval-at", type=positive_int, nargs="*", default=[],
                    help="recovery steps at which to also evaluate (a curve in summary.json), e.g. --eval-at 80 160")
-    p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS["batch_size"])
-    p.add_argument("--seq-len", type=positive_int, default=_DEFAULTS["seq_len"])
-    p.add_argument("--lr", type=positive_float, default=_DEFAULTS["lr"])
-    p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"])
-    p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"])
-    p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"])
-    p.add_argument("--seed", type=seed_int, default=_DEFAULTS["seed"])
+    p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS["batch_size"],
+                   help="sequences per calibration, refit and recovery batch")
+    p.add_argument("--seq-len", type=positive_int, default=_DEFAULTS["seq_len"],
+                   help="tokens per calibration, refit and recovery sequence")
+    p.add_argument("--lr", type=positive_float, default=_DEFAULTS["lr"], help="recovery learning rate (AdamW)")
+    p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"],
+                   help="TRAIN batches for the importance scores")
+    p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"],
+                   help="predictions per held-out window (`ecospa eval --seq-len`)")
+    p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",
+                   help="held-out windows scored per source (as `ecospa eval --eval-windows`)")
+    p.add_argument("--seed", type=seed_int, default=_DEFAULTS["seed"], help="seed of the batches and estimators")
     p.add_argument("--export-hf", help="also write a stock transformers directory (the hf-padded "
                    "format of `ecospa export`: exact for any pruned tree; new, empty, or with --overwrite "
-                   "an earlier export of ours)")
-    p.add_argument("--export", help="also export the compressed model here, in --export-format "
-                   "(any pruned tree: padded or compact layouts, see `ecospa export`)")
-    p.add_argument("--export-format", default=_DEFAULTS["export_format"], choices=FORMATS,
-                   help="format of --export (default hf-padded: stock transformers, exact)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+                   "an earlier export of ours; default: none)")
+    p.add_argument("--export", help="also export the compressed model here, in --format "
+                   "(any pruned tree: padded or compact layouts, see `ecospa export`; default: none)")
+    p.add_argument("--format", dest="export_format", default=_DEFAULTS["export_format"], choices=FORMATS,
+                   help="format of --export, as `ecospa export --format` (hf-padded: stock transformers, exact)")
+    renamed(p, "--export-format", "--format")
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,10 @@
 """``ecospa eval``: held-out perplexity of a model on one or more text sources.
 
     ecospa eval --model smollm2-135m                     # pydoc val AND stdlib val (2nd domain)
-    ecospa eval --model runs/smol50 --data pydoc --seq-len 512 --max-windows 15
+    ecospa eval --model runs/smol50 --data pydoc --seq-len 512 --eval-windows 15
 
 Each source's split is tokenized (the first ``MAX_CHARS`` characters) and scored on the first
-``--max-windows`` non-overlapping windows (``ecospa.io.data.windows``); one line per source.
+``--eval-windows`` non-overlapping windows (``ecospa.io.data.windows``); one line per source.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import argparse
 import math
 import time
 
+import optree
 import torch
 
 from ecospa._tree import count_params
+from ecospa.cli._options import MODEL_HELP, add_device, add_threads, renamed
 from ecospa.errors import positive_int
 from ecospa.func.families import family_of
 from ecospa.io import load
@@ -27,17 +29,18 @@ MAX_CHARS = 2_000_000  # per source: far more text than 40 windows of 512 tokens
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``ecospa eval``."""
-    p.add_argument("--model", required=True,
-                   help="registry name (smollm2-135m), .gguf file, HF directory or ecospa checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", nargs="+", default=["pydoc", "stdlib"],
                    help="text sources (pydoc, stdlib, file:PATH, ...), each scored on its own; the "
                    "default adds Python source (stdlib) to English prose (pydoc) as a second domain")
-    p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--seq-len", type=positive_int, default=512)
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--max-windows", type=positive_int, default=40,
-                   help="evaluate only the first N windows of each source (default 40, as compress)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="which split of each source")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="predictions per window")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward call")
+    p.add_argument("--eval-windows", dest="max_windows", type=positive_int, default=40, metavar="N",
+                   help="evaluate only the first N windows of each source (as compress)")
+    renamed(p, "--max-windows", "--eval-windows")
+    add_device(p)
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     texts = {src: corpus(src, args.split, max_chars=MAX_CHARS) for src in args.data}  # bad --data: before loading
     cfg, params, tok = load.load_model(args.model)
+    params = optree.tree_map(lambda x: x.to(args.device), params, namespace="")
     print(f"model {args.model}: {count_params(params) / 1e6:.2f}M params")
     for src, text in texts.items():
-        ids = encode(tok, text)
+        ids = encode(tok, text).to(args.device)
         t0 = time.perf_counter()
         res = nll(family_of(cfg).forward, params, cfg, ids, args.seq_len, args.batch_size,
                   args.max_windows, progress=True)

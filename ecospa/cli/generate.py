@@ -15,7 +15,8 @@ import time
 import optree
 import torch
 
-from ecospa.errors import UsageError, device, nonneg_int, positive_int, seed_int, utf8_text
+from ecospa.cli._options import MODEL_HELP, add_device, add_threads
+from ecospa.errors import UsageError, nonneg_int, positive_int, seed_int, utf8_text
 from ecospa.io import load
 from ecospa.io.load import encode
 from ecospa.jobs.generate import MIN_TEMPERATURE, check_options, generate
@@ -39,17 +40,17 @@ class _Streamer:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="registry name, .gguf file, Hugging Face directory or ecospa checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, type=utf8_text, help="the text to continue (UTF-8)")
-    p.add_argument("--max-new-tokens", type=nonneg_int, default=64)
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help=f"0 = greedy (default), else a finite number >= {MIN_TEMPERATURE:g}")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+                   help=f"0 = greedy, else a finite number >= {MIN_TEMPERATURE:g}")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens (default: among all)")
     p.add_argument("--seed", type=seed_int, default=0, help="sampling seed, in [0, 2**63 - 1]")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (two graphs)")
-    p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_device(p)
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 
 Errors go through the CLI's one boundary (``ecospa.cli.boundary``): one line each, exit code 2
 for bad arguments (checked before lm-eval is imported or the model loaded: flags, --out,
---include-path, then the task names against lm-eval's index), 1 for a failure (lm-eval missing,
-a model that cannot be loaded), 130 for Ctrl-C; ``--debug`` shows the traceback.
+--include-path, then the task names against lm-eval's index; a --model that names nothing), 1 for a
+failure (lm-eval missing, a model that cannot be loaded), 130 for Ctrl-C; ``--debug`` shows the
+traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 
 from ecospa import _interrupt
 from ecospa.cli import Parser, boundary, debugging
+from ecospa.cli._options import MODEL_HELP, HelpFormatter, add_threads
 from ecospa.errors import UsageError, positive_int
 
 PROG = "python -m ecospa.cli.harness"
@@ -29,14 +31,18 @@ def _tasks(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description="lm-evaluation-harness tasks on an ecospa model")
-    p.add_argument("--model", required=True, help="registry name, .gguf, HF directory or ecospa checkpoint")
+    p = Parser(prog=PROG, description="lm-evaluation-harness tasks on an ecospa model",
+               formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tasks", required=True, type=_tasks, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", help="directory with local task YAMLs (offline tasks)")
-    p.add_argument("--limit", type=positive_int, help="examples per task (for a quick look)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-length", type=positive_int)
-    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--include-path", help="directory with local task YAMLs (offline tasks; default: "
+                   "lm-eval's built-in tasks only)")
+    p.add_argument("--limit", type=positive_int, help="examples per task, for a quick look (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward call")
+    p.add_argument("--max-length", type=positive_int,
+                   help="longest context in tokens (default: the model's max_seq_len, at most 2048)")
+    p.add_argument("--out", help="write the results JSON here (default: only printed)")
+    add_threads(p)
     return p
 
 
@@ -87,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     manager = TaskManager(include_path=args.include_path)  # indexes every task: seconds
     check_tasks(args.tasks, manager)
     _interrupt.release()  # from here on Ctrl-C is a KeyboardInterrupt for the boundary
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     lm = EcospaLM(args.model, max_length=args.max_length, batch_size=args.batch_size)
     res = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, limit=args.limit, task_manager=manager)
     print(json.dumps(res["results"], indent=1, default=str))

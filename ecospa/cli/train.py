@@ -6,10 +6,12 @@ import dataclasses
 import os
 from pathlib import Path
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ecospa._text import aligned
-from ecospa.errors import device, fraction, nonneg_int, positive_float, positive_int, seed_int
+from ecospa.cli._options import add_device, add_threads, dtype_help, dtype_name, preset_default, preset_epilog
+from ecospa.errors import fraction, nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.select import parse_sparsity
 from ecospa.train import presets, runtime
@@ -27,27 +29,35 @@ def _sparsity(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = preset_epilog()
     parser.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS),
-                        help="model + recipe (default: tiny, a byte-level LLaMA on the embedded pydoc text)")
-    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (the schedules follow)")
+                        help="model + recipe (tiny: a byte-level LLaMA on the embedded pydoc text; "
+                             "what each sets is listed below)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="total optimizer steps (the schedules follow) " + preset_default("steps"))
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=_sparsity,
-                        help="final fraction of units removed per group (0.5 or qk=0.25,vo=0.25,mlp=0.5); 0 = dense")
+                        help="final fraction of units removed per group (0.5 or qk=0.25,vo=0.25,mlp=0.5); 0 = dense "
+                             + preset_default("sparsity"))
     target.add_argument("--budget", type=fraction,
-                        help="final fraction of the groups' parameters removed, allocated globally")
+                        help="final fraction of the groups' parameters removed, allocated globally "
+                             + preset_default("budget"))
     parser.add_argument("--rounds", type=nonneg_int,
-                        help="number of pruning rounds (all must fit in --steps; 0 = dense)")
+                        help="number of pruning rounds (all must fit in --steps; 0 = dense) " + preset_default("rounds"))
     parser.add_argument("--multiple-of", type=positive_int,
                         help="keep each group's width (blocks x units) a multiple of this (or whole): kernel-friendly widths "
-                             "(8 for fp32 CPU matmuls; default 1: any width)")
+                             "(8 for fp32 CPU matmuls; 1: any width) " + preset_default("multiple_of"))
     parser.add_argument("--rewarm", type=nonneg_int,
-                        help="after each pruning round, ramp the learning rate back up over this many steps (default 0: off)")
+                        help="after each pruning round, ramp the learning rate back up over this many steps (0: off) "
+                             + preset_default("rewarm"))
     parser.add_argument("--moments", choices=["carry", "reset"],
-                        help="AdamW moments after a pruning round: sliced with the params (carry, default) or zeroed (reset)")
-    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator (default fisher)")
-    parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4")
-    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
-    parser.add_argument("--batch-size", type=positive_int)
+                        help="AdamW moments after a pruning round: sliced with the params (carry) or zeroed (reset) "
+                             + preset_default("moments"))
+    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator " + preset_default("estimator"))
+    parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4 " + preset_default("data"))
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate " + preset_default("lr"))
+    parser.add_argument("--batch-size", type=positive_int, help="sequences per optimizer step (global) "
+                        + preset_default("batch_size"))
     parser.add_argument("--out", default="runs/train",
                         help="output directory (checkpoint, metrics.jsonl, summary.json)")
     run = parser.add_mutually_exclusive_group()
@@ -55,19 +65,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="replace the previous run in OUT (its checkpoint, metrics.jsonl, summary.json); "
                           "without it a new run refuses a directory that holds one")
-    parser.add_argument("--until", type=positive_int, help="stop after this many steps (resume later)")
+    parser.add_argument("--until", type=positive_int,
+                        help="stop after this many steps, resume later (default: run all --steps)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (recompiled after pruning)")
-    parser.add_argument("--seed", type=seed_int)
-    parser.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--eval-every", type=positive_int)
+    parser.add_argument("--seed", type=seed_int, help="seed of the init and the batches " + preset_default("seed"))
+    add_device(parser, default=None, help_default="the --preset's value; tiny: cpu")
+    add_threads(parser)
+    parser.add_argument("--dtype", type=dtype_name, choices=["float32", "bfloat16", "float64"],
+                        help=dtype_help("parameter dtype") + " " + preset_default("dtype"))
+    parser.add_argument("--eval-every", type=positive_int, help="steps between validation evaluations "
+                        + preset_default("eval_every"))
     parser.add_argument("--ckpt-every", type=nonneg_int,
-                        help="steps between checkpoints (default: at every evaluation; 0: only at the end)")
+                        help="steps between checkpoints (0: only at the end) " + preset_default("ckpt_every"))
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
     parser.add_argument("--dist-timeout", type=positive_float, default=runtime.DEFAULT_TIMEOUT_S,
                         help="under torchrun: seconds a collective may wait for the other ranks "
-                             "before the job fails (default %(default)s)")
+                             "before the job fails (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -130,6 +144,8 @@ def summary_table(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun shows the recorded traceback of the first failing rank as the root cause.
         return record(_run)(args)

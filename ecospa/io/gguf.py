@@ -180,11 +180,14 @@ def _check_complete(sd: dict, cfg: dict) -> None:
 
 
 def tokenizer_info(reader) -> dict:
-    """The tokenizer.ggml.* metadata as a plain dict (tokens, merges, token_type, ids, model)."""
+    """The tokenizer.ggml.* metadata as a plain dict (tokens, merges, token_type, ids, model),
+    with ``tokenizer.chat_template`` as "chat_template" when the file has one."""
     info = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml."):
             info[key[len("tokenizer.ggml."):]] = field.contents()
+        elif key == "tokenizer.chat_template":
+            info["chat_template"] = field.contents()
     return info
 
 

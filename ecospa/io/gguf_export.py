@@ -53,6 +53,10 @@ def _tokenizer_metadata(writer, info: dict) -> None:
                      ("padding_token_id", writer.add_pad_token_id)):
         if info.get(key) is not None:
             add(int(info[key]))
+    if isinstance(info.get("chat_template"), str) and info["chat_template"]:
+        writer.add_chat_template(info["chat_template"])
+    if isinstance(info.get("add_bos_token"), bool):
+        writer.add_add_bos_token(info["add_bos_token"])
 
 
 def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = None,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from ecospa.func.families import FAMILIES, Family, family_of
 from ecospa.io import hf_gpt2, hf_llama
 from ecospa.io.hf_compact import from_hf_compact
+from ecospa.io.hf_write import EXPORT_MARKER
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class HFFamily:
     model_types: tuple        # config.json ``model_type`` values this family reads
     from_hf: Callable         # (state_dict, config, dtype=None) -> (cfg, params)
     to_hf: Callable           # (params, cfg) -> (state_dict, config dict)
-    save_hf: Callable         # (params, cfg, directory, extra_files=None) -> directory
+    save_hf: Callable         # (params, cfg, directory, extra_files=None, config_extra=None) -> directory
 
 
 HF_FAMILIES = {
@@ -46,9 +47,9 @@ def hf_family_of(cfg) -> HFFamily:
     return HF_FAMILIES[family_of(cfg).name]
 
 
-def save_hf(params, cfg, directory: str, extra_files=None) -> str:
+def save_hf(params, cfg, directory: str, extra_files=None, config_extra=None) -> str:
     """Save ``params`` as a stock transformers directory (see ``hf_llama.save_hf``)."""
-    return hf_family_of(cfg).save_hf(params, cfg, directory, extra_files)
+    return hf_family_of(cfg).save_hf(params, cfg, directory, extra_files, config_extra)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -197,14 +198,24 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     return name, cfg, params
 
 
+def _is_export(directory: str) -> bool:
+    """Whether config.json carries ecospa's export marker."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            return EXPORT_MARKER in json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, TypeError):
+        return False
+
+
 def load_hf_tokenizer(path_or_id: str):
-    """The model's tokenizer: a bare ``tokenizer.json`` (what ecospa's exports carry) through
+    """The model's tokenizer: a bare ``tokenizer.json``, or the one of an ecospa export (whose
+    tokenizer_config.json only names its special tokens for transformers), through
     ``tokenizers``; otherwise ``transformers.AutoTokenizer`` (needs the ``hf`` extra). Never runs
     a directory's custom code (``trust_remote_code`` stays off)."""
     local = os.path.isdir(str(path_or_id))
     single = os.path.join(str(path_or_id), "tokenizer.json")
-    if local and os.path.isfile(single) and not os.path.isfile(
-            os.path.join(str(path_or_id), "tokenizer_config.json")):
+    if local and os.path.isfile(single) and (_is_export(str(path_or_id)) or not os.path.isfile(
+            os.path.join(str(path_or_id), "tokenizer_config.json"))):
         try:
             from tokenizers import Tokenizer
         except ImportError as err:

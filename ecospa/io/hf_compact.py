@@ -55,12 +55,13 @@ def to_hf_compact(params: dict, cfg) -> tuple:
     return sd, conf
 
 
-def save_hf_compact(params: dict, cfg, directory: str, extra_files=None) -> str:
-    """Write the compact remote-code export (see the module docstring); returns the directory."""
+def save_hf_compact(params: dict, cfg, directory: str, extra_files=None, config_extra=None) -> str:
+    """Write the compact remote-code export (see the module docstring); returns the directory.
+    ``extra_files`` and ``config_extra`` as in ``write_hf``."""
     sd, conf = to_hf_compact(params, cfg)
     with open(MODELING, "rb") as f:
         files = {"modeling_ecospa.py": f.read(), **(extra_files or {})}
-    return write_hf(sd, conf, directory, files)
+    return write_hf(sd, conf, directory, files, config_extra)
 
 
 def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) -> tuple:

@@ -153,11 +153,12 @@ def to_hf(params: dict, cfg) -> tuple:
     return sd, conf
 
 
-def save_hf(params: dict, cfg, directory: str, extra_files=None) -> str:
+def save_hf(params: dict, cfg, directory: str, extra_files=None, config_extra=None) -> str:
     """Save as a transformers GPT-2 checkpoint (config.json + model.safetensors) atomically;
-    ``extra_files`` (name -> bytes) are written beside them (see ``write_hf``)."""
+    ``extra_files`` (name -> bytes) are written beside them and ``config_extra`` (the special
+    token ids) goes into config.json (see ``write_hf``)."""
     sd, conf = to_hf(params, cfg)
-    return write_hf(sd, conf, directory, extra_files)
+    return write_hf(sd, conf, directory, extra_files, config_extra)
 
 
 __all__ = ["config_from_hf", "expected_shapes", "from_hf", "to_hf", "save_hf"]

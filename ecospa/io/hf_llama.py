@@ -168,14 +168,16 @@ def layer_to_hf(p: dict, prefix: str, dim: int) -> dict:
     return out
 
 
-def save_hf(params: dict, cfg, directory: str, extra_files: Optional[Mapping[str, bytes]] = None) -> str:
-    """Save as a transformers checkpoint (config.json + model.safetensors) atomically.
+def save_hf(params: dict, cfg, directory: str, extra_files: Optional[Mapping[str, bytes]] = None,
+            config_extra: Optional[Mapping] = None) -> str:
+    """Save as a transformers checkpoint (config.json + model.safetensors) atomically;
+    ``extra_files`` and ``config_extra`` as in ``write_hf``.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads the result.
     Raises ValueError if the tree is not representable (see ``to_hf``). Returns the directory.
     """
     sd, conf = to_hf(params, cfg)
-    return write_hf(sd, conf, directory, extra_files)
+    return write_hf(sd, conf, directory, extra_files, config_extra)
 
 
 __all__ = ["LLAMA_TYPES", "config_from_hf", "expected_shapes", "from_hf", "to_hf", "layer_to_hf", "save_hf"]

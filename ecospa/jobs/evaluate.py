@@ -3,7 +3,7 @@
 The loss is ``ecospa.train.step.lm_loss`` and the mean is ``ecospa.train.step.evaluate``, the same
 two functions ``ecospa train`` reports its validation perplexity with, so ``ecospa train`` and
 ``ecospa eval`` agree on the same params and windows (``ecospa eval --seq-len T --batch-size B
---max-windows N`` with a run's ``seq_len``, ``batch_size`` and ``eval_batches * batch_size``).
+--eval-windows N`` with a run's ``seq_len``, ``batch_size`` and ``eval_batches * batch_size``).
 """
 from __future__ import annotations
 

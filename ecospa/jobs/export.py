@@ -13,6 +13,11 @@ Formats:
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; LLaMA family only.
 - ``gguf``: a llama.cpp file, padded the same way (``ecospa.io.gguf_export``), with the source's
   tokenizer metadata when the source has it.
+
+The HF formats carry the source's special tokens and chat template (``source_special_tokens``:
+tokenizer_config.json, special_tokens_map.json, generation_config.json and the ids in
+config.json, ``ecospa.io.special_tokens``), so ``AutoTokenizer`` and lm-eval's ``hf`` model
+find bos/eos/pad.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from ecospa.io.gguf_export import save_gguf
 from ecospa.io.hf import hf_family_of
 from ecospa.io.hf_compact import save_hf_compact
 from ecospa.io.hf_write import check_export_target
-from ecospa.io.load import REGISTRY, registry_path, run_checkpoint
+from ecospa.io.load import REGISTRY, checkpoint_tokenizer_spec, registry_path, run_checkpoint
+from ecospa.io.special_tokens import SpecialTokens, config_ids, from_gguf, from_hf_dir, hf_files
 
 FORMATS = ("hf-padded", "hf-compact", "gguf")
 
@@ -71,13 +77,24 @@ def check_out(out: str, fmt: str, overwrite: bool, model: Optional[str] = None, 
     return check_output_path(out, flag, " (an export never writes through a link)")
 
 
+def _tokenizer_json(tokenizer) -> Optional[bytes]:
+    """tokenizer.json of a ``tokenizers.Tokenizer`` or of a fast transformers tokenizer, or None."""
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if tokenizer is not None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab_size"):
+        return tokenizer.to_str().encode("utf-8")
+    return None
+
+
 def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info: Optional[dict] = None,
-           dtype: str = "f32", overwrite: bool = False) -> dict:
+           dtype: str = "f32", overwrite: bool = False,
+           special_tokens: Optional[SpecialTokens] = None) -> dict:
     """Write ``params`` to ``out`` in format ``fmt`` (see the module docstring).
 
-    Returns {"format", "path", "notes"}. ``tokenizer`` (a ``tokenizers.Tokenizer``) is saved as
-    tokenizer.json beside an HF export; ``tokenizer_info`` (GGUF tokenizer metadata) goes into a
-    GGUF file. The input tree is not modified.
+    Returns {"format", "path", "notes"}. ``tokenizer`` (a ``tokenizers.Tokenizer`` or a fast
+    transformers tokenizer) is saved as tokenizer.json beside an HF export, with
+    ``special_tokens`` (``source_special_tokens``: bos/eos/unk/pad, chat template) in the files
+    transformers reads; ``tokenizer_info`` (GGUF tokenizer metadata) goes into a GGUF file. The
+    input tree is not modified.
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -89,13 +106,15 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
     if dtype == "f16":  # the weights only: rotary frequencies stay float32 (exact phases)
         params = cast_weights(params, torch.float16)
     files = {}
-    if tokenizer is not None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab_size"):
-        files["tokenizer.json"] = tokenizer.to_str().encode("utf-8")  # a tokenizers.Tokenizer
+    if _tokenizer_json(tokenizer) is not None:
+        files["tokenizer.json"] = _tokenizer_json(tokenizer)
+    files.update(hf_files(special_tokens, tokenizer="tokenizer.json" in files))
+    ids = config_ids(special_tokens)
     if fmt == "hf-compact":
-        path, pcfg = save_hf_compact(params, cfg, out, files), cfg
+        path, pcfg = save_hf_compact(params, cfg, out, files, ids), cfg
     else:
         padded, pcfg = pad(params, cfg)
-        path = hf_family_of(cfg).save_hf(padded, pcfg, out, files)
+        path = hf_family_of(cfg).save_hf(padded, pcfg, out, files, ids)
     notes = []
     if fmt == "hf-compact":
         return {"format": fmt, "path": path, "notes": [
@@ -123,4 +142,25 @@ def source_tokenizer_info(spec: str) -> Optional[dict]:
     return None
 
 
-__all__ = ["FORMATS", "check_out", "check_source", "export", "source_tokenizer_info"]
+def source_special_tokens(spec: str) -> Optional[SpecialTokens]:
+    """The special tokens and chat template of a model spec: a GGUF's metadata (a .gguf or a
+    registry name), a Hugging Face directory's tokenizer files, or those of the source a native
+    checkpoint records as its tokenizer; None when there are none to read (a hub id, a byte
+    tokenizer)."""
+    path = registry_path(spec) if spec in REGISTRY else run_checkpoint(os.fspath(spec))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
+        src = checkpoint_tokenizer_spec(path)
+        if not src or src == spec or not (src in REGISTRY or os.path.exists(src)):
+            return None
+        try:
+            return source_special_tokens(src)
+        except ValueError:  # a registered model that is not installed any more
+            return None
+    if str(path).endswith(".gguf") and os.path.isfile(path):
+        return from_gguf(tokenizer_info(open_reader(path))) or None
+    if os.path.isdir(path):
+        return from_hf_dir(path) or None
+    return None
+
+
+__all__ = ["FORMATS", "check_out", "check_source", "export", "source_special_tokens", "source_tokenizer_info"]

@@ -1,0 +1,56 @@
+"""Benchmark scripts answer --help without working, and quick modes never replace the committed
+results (issue 25 item 8: ``report.py --help`` regenerated everything, ``generate.py --quick``
+overwrote the SmolLM2 numbers in results/generate.json)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if '__name__ == "__main__"' in p.read_text())
+
+
+def _digests() -> dict:
+    """sha256 of every file under benchmarks/results and of README.md (report.py writes it)."""
+    files = [p for p in (BENCH / "results").rglob("*") if p.is_file()] + [ROOT / "README.md"]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_every_script_is_found():
+    assert {"generate.py", "report.py", "speed.py", "pretrain.py"} <= {p.name for p in SCRIPTS}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_help_answers_and_changes_nothing(script):
+    before = _digests()
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:"), out.stdout[:500]
+    assert _digests() == before, f"{script.name} --help changed files"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_generate_quick_mode_writes_its_own_file():
+    gen = _module("generate")
+    full, quick = gen.results_path(quick=False), gen.results_path(quick=True)
+    assert full == os.path.join(str(BENCH), "results", "generate.json")
+    assert quick != full and os.path.dirname(quick) == os.path.dirname(full)
+    assert gen.results_path(quick=True, out="/tmp/x.json") == "/tmp/x.json"  # --out wins
