@@ -15,6 +15,49 @@ from tqdm.auto import tqdm
 from ecospa.io.data import windows
 from ecospa.train.step import evaluate, lm_loss
 
+# ``ecospa eval``'s defaults for a model that records no training run (a GGUF, an HF directory,
+# a compressed checkpoint): the window is capped at the model's context (``max_seq_len``).
+SEQ_LEN, BATCH_SIZE, MAX_WINDOWS, DATA = 512, 4, 40, ("pydoc", "stdlib")
+
+
+def eval_defaults(cfg, trained: Optional[dict]) -> dict:
+    """The evaluation a model is scored with when the command line says nothing: a training
+    run's own (its ``seq_len``, ``batch_size``, ``eval_batches * batch_size`` windows and data
+    first, so ``ecospa eval`` repeats the run's validation perplexity), else 512-token windows
+    capped at the model's ``max_seq_len``.
+
+    Args:
+      cfg: the model's config (``max_seq_len`` is read when it has one).
+      trained: the ``TrainConfig`` (as JSON) of a checkpoint written by ``ecospa train``, or None.
+    Returns:
+      dict seq_len, batch_size, max_windows, data (a list of sources), context (the trained or
+      maximum sequence length, None if unknown) and trained (bool).
+    Example:
+      eval_defaults(cfg, {"seq_len": 128, "batch_size": 16, "eval_batches": 8, "data": "pydoc"})
+      # -> seq_len 128, batch_size 16, max_windows 128, data ["pydoc", "stdlib"]
+    """
+    ctx = getattr(cfg, "max_seq_len", None)
+    if trained:
+        data = [trained["data"]] + [d for d in DATA if d != trained["data"]]
+        return dict(seq_len=trained["seq_len"], batch_size=trained["batch_size"],
+                    max_windows=trained["eval_batches"] * trained["batch_size"], data=data,
+                    context=trained["seq_len"], trained=True)
+    return dict(seq_len=min(SEQ_LEN, ctx) if ctx else SEQ_LEN, batch_size=BATCH_SIZE,
+                max_windows=MAX_WINDOWS, data=list(DATA), context=ctx, trained=False)
+
+
+def window_warning(seq_len: int, defaults: dict) -> Optional[str]:
+    """One line when ``seq_len`` is longer than the context the model was trained on (or can
+    take); None otherwise."""
+    ctx = defaults["context"]
+    if ctx is None or seq_len <= ctx:
+        return None
+    what = (f"the {ctx} tokens the model was trained on (its run's seq_len)" if defaults["trained"]
+            else f"the model's context (max_seq_len {ctx})")
+    return (f"warning: --seq-len {seq_len} is longer than {what}: positions past it were never "
+            f"trained, so the perplexity is higher than the run's; leave --seq-len out (or give "
+            f"{ctx}) to compare with training")
+
 
 def nll(forward: Callable, params, cfg, ids, seq_len: int = 512,
         batch_size: int = 4, max_windows: Optional[int] = None, progress: bool = False) -> dict:
@@ -48,4 +91,4 @@ def perplexity(forward: Callable, params, cfg, ids, seq_len: int = 512,
     return math.exp(nll(forward, params, cfg, ids, seq_len, batch_size, max_windows, progress)["nll"])
 
 
-__all__ = ["perplexity", "nll"]
+__all__ = ["perplexity", "nll", "eval_defaults", "window_warning"]
