@@ -103,7 +103,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
       cfg: the run's settings; checkpoints and ``metrics.jsonl`` go to ``cfg.out``.
       resume: continue from ``cfg.out/checkpoint`` exactly (same batches, params, moments,
         importance and pruning so far; bit-identical losses on CPU). Metric lines after the
-        checkpoint's step (from a run that was killed) are dropped first.
+        checkpoint's step (from a run that was killed) are dropped first. ``cfg`` must equal the
+        run's settings (``check_resumable``) except the ``RESUMABLE`` fields and ``steps``, which
+        may grow to extend the run (the LR cosine then ends at the new ``steps``).
       until: stop after this many steps (saving a checkpoint) without changing the schedule;
         >= 1 and, on resume, >= the checkpoint's step.
       progress: show a tqdm bar (default: when stderr is a terminal).
