@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-from tqdm.auto import tqdm
-
+from ecospa import _progress
 from ecospa.io.data import windows
 from ecospa.train.step import evaluate, lm_loss
 
@@ -65,9 +64,18 @@ def nll(forward: Callable, params, cfg, ids, seq_len: int = 512,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     win = windows(ids, seq_len, max_windows)
-    batches = tqdm(win.split(batch_size), desc="eval", unit="batch", disable=not progress, leave=False)
-    mean = evaluate(lm_loss(forward, cfg), params, batches)
+    batches = win.split(batch_size)
+    bar = _progress.bar(len(batches), "eval", "batch", enabled=None if progress else False)
+    mean = evaluate(lm_loss(forward, cfg), params, _ticking(batches, bar))
+    bar.close()
     return {"nll": mean, "tokens": win[:, 1:].numel(), "windows": win.shape[0]}
+
+
+def _ticking(items, bar):
+    """``items``, one ``bar.update()`` after each."""
+    for x in items:
+        yield x
+        bar.update(1)
 
 
 def perplexity(forward: Callable, params, cfg, ids, seq_len: int = 512,
@@ -82,7 +90,7 @@ def perplexity(forward: Callable, params, cfg, ids, seq_len: int = 512,
       seq_len: predictions per window (windows are non-overlapping).
       batch_size: windows per forward call.
       max_windows: use only the first this many windows (None: all).
-      progress: show a tqdm progress bar.
+      progress: show progress (``ecospa._progress.bar``: a tqdm bar on a terminal, else lines).
     Returns:
       exp(mean NLL) as a float.
     Example:
