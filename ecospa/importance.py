@@ -180,7 +180,8 @@ ESTIMATORS: Mapping[str, EstimatorFactory] = {
 
 
 def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: Iterable,
-           estimator: Optional[EstimatorProtocol] = None) -> Scores:
+           estimator: Optional[EstimatorProtocol] = None,
+           on_batch: Optional[Callable[[int, Optional[int]], None]] = None) -> Scores:
     """Coupled empirical Fisher scores from calibration batches.
 
     Args:
@@ -189,6 +190,8 @@ def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: 
       groups: coupled groups.
       batches: an iterable of batches for ``loss_fn``.
       estimator: another ``Importance`` to accumulate instead of the coupled Fisher.
+      on_batch: ``on_batch(i, n)`` after batch i (1-based) of n (None when ``batches`` has no
+        length), e.g. to show progress; the scores do not depend on it.
     Returns:
       {group name: importance per unit [n_blocks, n_units]}.
     Example:
@@ -197,6 +200,9 @@ def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: 
     est = estimator or coupled_fisher(groups)
     grad_fn = torch.func.grad(loss_fn)
     state = est.init(params)
-    for batch in batches:
+    n = len(batches) if hasattr(batches, "__len__") else None
+    for i, batch in enumerate(batches, 1):
         state = est.update(state, params, grad_fn(params, batch))
+        if on_batch is not None:
+            on_batch(i, n)
     return est.scores(state)

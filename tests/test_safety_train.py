@@ -105,6 +105,7 @@ def test_new_run_refuses_a_directory_holding_another_run(tmp_path, capsys, monke
         train(cfg)
     assert snapshot(tmp_path) == before
     _no_training(monkeypatch)
+    capsys.readouterr()  # the first run's progress lines (stderr is not a terminal here)
     rc, err = cli(["train", "--preset", "micro", "--out", str(tmp_path)], capsys)
     assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before

@@ -18,6 +18,7 @@ from ecospa.train import presets, runtime
 from ecospa.train.config import TrainConfig
 from ecospa.train.loop import train
 from ecospa.train.rundir import write_json
+from ecospa.train.saving import stored_config
 
 
 def _sparsity(text: str):
@@ -30,11 +31,12 @@ def _sparsity(text: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = preset_epilog()
-    parser.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS),
-                        help="model + recipe (tiny: a byte-level LLaMA on the embedded pydoc text; "
-                             "what each sets is listed below)")
+    parser.add_argument("--preset", choices=sorted(presets.PRESETS),
+                        help="model + recipe (default: tiny, a byte-level LLaMA on the embedded pydoc text; "
+                             "with --resume: the run's own settings; what each sets is listed below)")
     parser.add_argument("--steps", type=positive_int,
-                        help="total optimizer steps (the schedules follow) " + preset_default("steps"))
+                        help="total optimizer steps (the schedules follow; with --resume: a larger "
+                             "number extends the run, the pruning schedule stays) " + preset_default("steps"))
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=_sparsity,
                         help="final fraction of units removed per group (0.5 or qk=0.25,vo=0.25,mlp=0.5); 0 = dense "
@@ -61,13 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/train",
                         help="output directory (checkpoint, metrics.jsonl, summary.json)")
     run = parser.add_mutually_exclusive_group()
-    run.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue exactly from OUT/checkpoint with the run's stored settings; only "
+                          "the flags given override them (refused if that changes the computation)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the previous run in OUT (its checkpoint, metrics.jsonl, summary.json); "
                           "without it a new run refuses a directory that holds one")
     parser.add_argument("--until", type=positive_int,
                         help="stop after this many steps, resume later (default: run all --steps)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step (recompiled after pruning)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the step (recompiled after pruning; default: off)")
     parser.add_argument("--seed", type=seed_int, help="seed of the init and the batches " + preset_default("seed"))
     add_device(parser, default=None, help_default="the --preset's value; tiny: cpu")
     add_threads(parser)
@@ -84,35 +89,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "before the job fails (default: %(default)s)")
 
 
+# The flags that set a TrainConfig field (argparse dest == field name); each defaults to None, so
+# a flag the user did not give is told from one given with the preset's value.
+FIELDS = ("steps", "estimator", "data", "lr", "batch_size", "seed", "device", "dtype", "eval_every",
+          "ckpt_every", "compile")
+SCHEDULE = ("rounds", "multiple_of", "rewarm", "moments")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset with the command line's overrides applied."""
-    cfg = presets.get(args.preset)
-    over = {k: v for k, v in dict(steps=args.steps, estimator=args.estimator, data=args.data, lr=args.lr,
-                                  batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                  dtype=args.dtype, eval_every=args.eval_every,
-                                  ckpt_every=args.ckpt_every).items() if v is not None}
-    over.update(out=args.out, compile=args.compile)
-    sched = cfg.prune
-    if args.steps is not None and args.steps != cfg.steps:  # stretch the pruning schedule too
+    """The run's settings: with ``--resume`` (and no ``--preset``) the ones stored in
+    ``OUT/checkpoint``, else the preset's; the flags given on the command line override them."""
+    if args.resume and args.preset is None:
+        return _overrides(stored_config(Path(args.out) / "checkpoint"), args)
+    cfg = presets.get(args.preset or "tiny")
+    if args.steps is not None and args.steps != cfg.steps:  # stretch the schedules too
         f = args.steps / cfg.steps
+        sched = cfg.prune
         sched = dataclasses.replace(sched, warmup_steps=int(sched.warmup_steps * f),
                                     window=max(1, int(sched.window * f)),
                                     every=max(1, int((sched.every or sched.window) * f)))
-        over["lr_warmup"] = max(1, int(cfg.lr_warmup * f))
-        over["eval_every"] = args.eval_every or max(1, int(cfg.eval_every * f))
+        cfg = dataclasses.replace(cfg, prune=sched, lr_warmup=max(1, int(cfg.lr_warmup * f)),
+                                  eval_every=max(1, int(cfg.eval_every * f)))
+    return _overrides(cfg, args)
+
+
+def _overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``cfg`` with the flags that were given (not None) in place of its values."""
+    over = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
+    sched = dataclasses.replace(cfg.prune, **{k: getattr(args, k) for k in SCHEDULE
+                                              if getattr(args, k) is not None})
     if args.sparsity is not None:
         sched = dataclasses.replace(sched, sparsity=args.sparsity, budget=None)
     if args.budget is not None:
         sched = dataclasses.replace(sched, sparsity=None, budget=args.budget)
-    if args.rounds is not None:
-        sched = dataclasses.replace(sched, rounds=args.rounds)
-    if args.multiple_of is not None:
-        sched = dataclasses.replace(sched, multiple_of=args.multiple_of)
-    if args.rewarm is not None:
-        sched = dataclasses.replace(sched, rewarm=args.rewarm)
-    if args.moments is not None:
-        sched = dataclasses.replace(sched, moments=args.moments)
-    return dataclasses.replace(cfg, prune=sched, **over)
+    return dataclasses.replace(cfg, prune=sched, out=args.out,
+                               compile=bool(over.pop("compile", cfg.compile)), **over)
 
 
 def _target_text(r: dict) -> str:

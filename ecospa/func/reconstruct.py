@@ -157,12 +157,13 @@ def _unit_rows(group, sub: Sublayer, p: dict) -> Optional[torch.Tensor]:
 
 
 def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
-               ridge: float = 1e-2) -> dict:
+               ridge: float = 1e-2, on_layer: Optional[Callable[[int, int], None]] = None) -> dict:
     """Compensation-aware scores: for each group that ends in an output projection (vo, mlp), the
     calibration error that REMAINS when unit u alone is removed and the other units' output
     weights are refit (optimal brain surgeon on the layer's Gram H = Σ hhᵀ of the dense inner
     activations): tr(W_Sᵀ [(H + lam I)^-1_SS]^-1 W_S) over the unit's rows S. Higher = keep.
     Groups with no output-projection member (qk) are absent: score them another way.
+    ``on_layer(i, n)`` is called after each layer (as in ``reconstruct``).
     """
     batches = _check(dense, dense, cfg, batches)
     fam = family_of(cfg)
@@ -193,6 +194,8 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
                     ws = w[rows]                                             # [B, U, r, D]
                     sol = torch.linalg.solve(sub_inv, ws)
                     out[g.name] = (ws * sol).sum((-1, -2))                   # [B, U]
+            if on_layer is not None:
+                on_layer(i, len(dense["layers"]))
     return out
 
 

@@ -261,6 +261,15 @@ def load_full(path) -> Checkpoint:
     return Checkpoint(params, cfg, manifest.get("extra", {}), opt, state, manifest.get("step"))
 
 
+def load_extra(path) -> dict:
+    """The ``extra`` a checkpoint was saved with (of the newest complete leftover when ``path``
+    is missing after a kill), read from its manifest without reading the tensors.
+
+    ValueError for a corrupt manifest; FileNotFoundError when there is no checkpoint at ``path``.
+    """
+    return read_manifest(_resolve(Path(path))).get("extra", {})
+
+
 def load(path):
     """``(params, cfg, extra)`` from a checkpoint directory; ValueError if it is corrupt.
 
@@ -270,4 +279,4 @@ def load(path):
     return ck.params, ck.cfg, ck.extra
 
 
-__all__ = ["Checkpoint", "FAMILIES", "FORMAT", "READABLE", "save", "load", "load_full"]
+__all__ = ["Checkpoint", "FAMILIES", "FORMAT", "READABLE", "save", "load", "load_full", "load_extra"]

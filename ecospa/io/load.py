@@ -98,17 +98,35 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 TOKENIZER_PREFIX = "tokenizer:"  # spec of an ``ecospa.io.data.tokenizer(name)`` (what train uses)
 
 
-def checkpoint_tokenizer_spec(path: str) -> Optional[str]:
-    """The tokenizer spec of a native checkpoint, read from its manifest without loading weights:
-    ``extra["tokenizer"]`` (compress), else the train config's ``tokenizer`` ("byte" or an
-    ``ecospa.io.data.tokenizer`` name), else None."""
+def _manifest_extra(path: str) -> dict:
+    """The ``extra`` of a native checkpoint's manifest, read without the weights ({} if none)."""
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError):
-        return None
+        return {}
     extra = manifest.get("extra") if isinstance(manifest, dict) else None
-    return _spec_from_extra(extra if isinstance(extra, dict) else {})
+    return extra if isinstance(extra, dict) else {}
+
+
+def checkpoint_tokenizer_spec(path: str) -> Optional[str]:
+    """The tokenizer spec of a native checkpoint, read from its manifest without loading weights:
+    ``extra["tokenizer"]`` (compress), else the train config's ``tokenizer`` ("byte" or an
+    ``ecospa.io.data.tokenizer`` name), else None."""
+    return _spec_from_extra(_manifest_extra(path))
+
+
+def train_config_of(spec) -> Optional[dict]:
+    """The ``TrainConfig`` (as JSON) of a checkpoint written by ``ecospa train`` (a run directory
+    or its checkpoint), read from the manifest; None for any other model."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    train_cfg = _manifest_extra(run_checkpoint(os.fspath(spec))).get("train_config")
+    keys = ("seq_len", "batch_size", "eval_batches")
+    if not (isinstance(train_cfg, dict) and all(isinstance(train_cfg.get(k), int) for k in keys)
+            and isinstance(train_cfg.get("data"), str)):
+        return None
+    return train_cfg
 
 
 def _spec_from_extra(extra: dict) -> Optional[str]:
@@ -239,4 +257,4 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 __all__ = ["REGISTRY", "Registered", "registry_path", "load_model", "load_tokenizer", "encode",
-           "checkpoint_tokenizer_spec", "run_checkpoint"]
+           "checkpoint_tokenizer_spec", "train_config_of", "run_checkpoint"]

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ecospa import optim
+from ecospa import _progress, optim
 from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
@@ -109,8 +110,8 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     state = opt.init(params)
     step_fn = make_step(train_loss, opt)
     losses = []
-    bar = tqdm(range(steps), desc="recover", unit="step", disable=not job.progress, leave=False)
-    for step in bar:
+    bar = _phase(job, steps, "recover", "step")
+    for step in range(steps):
         new_params, new_state, loss, _ = step_fn(params, state, batch_at(ids, step, job.batch_size,
                                                                           job.seq_len, seed))
         if not math.isfinite(float(loss)):
@@ -123,9 +124,20 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         if on_step is not None:
             on_step(step + 1, params)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1)
     bar.close()
     check_finite(params, f"after {steps} recovery steps with --lr {job.lr}")
     return params, losses
+
+
+def _phase(job: Job, total: int, desc: str, unit: str):
+    """The progress of one phase (``ecospa._progress.bar``): a bar on a terminal, lines in a log."""
+    return _progress.bar(total, desc, unit, enabled=None if job.progress else False)
+
+
+def _ticks(bar) -> Callable[[int, Optional[int]], None]:
+    """An ``on_batch`` / ``on_layer`` callback that advances ``bar`` by one."""
+    return lambda i, n: bar.update(1)
 
 
 def check_finite(params, when: str) -> None:
@@ -196,16 +208,21 @@ def _compress(job: Job, loaded) -> dict:
         refit = [batch_at(train_ids, 10_000 * r + 5_000 + i, job.batch_size, job.seq_len, job.seed + 2)
                  for i in range(job.recon_batches)] if job.reconstruct or job.rank_by == "obs" else []
         out["calibration_tokens"] += sum(b.numel() for b in calib + refit)
-        scores = fisher(ce, params, groups, calib, estimator=est)
-        obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge) if job.rank_by == "obs" else None
+        bar = _phase(job, len(calib), "calibrate", "batch")
+        scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar))
+        bar.close()
+        obs = None
+        if job.rank_by == "obs":
+            bar = _phase(job, cfg.n_layers, "obs scores", "layer")
+            obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge, on_layer=_ticks(bar))
+            bar.close()
         params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
         row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
         if job.reconstruct:
             t0 = time.perf_counter()
-            bar = tqdm(total=cfg.n_layers, desc="reconstruct", unit="layer", disable=not job.progress,
-                       leave=False)
+            bar = _phase(job, cfg.n_layers, "refit", "layer")
             params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
-                                 on_layer=lambda i, n: bar.update())
+                                 on_layer=_ticks(bar))
             bar.close()
             row.update(reconstruct_seconds=time.perf_counter() - t0,
                        ppl_reconstructed=perplexity(forward, params, cfg, val_ids, **ev))
@@ -214,6 +231,7 @@ def _compress(job: Job, loaded) -> dict:
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
                        f" of group params removed, held-out ppl {ppl_dense:.2f} -> {row['ppl_pruned']:.2f}"
                        + (f" -> {done:.2f} after the refit" if job.reconstruct else ""))
+            sys.stdout.flush()  # in a log too, when it is known (not at the end of the job)
 
         def point(i, p, done=(r - 1) * per_round):
             """A curve point at the job's recovery step done + i (``--eval-at``)."""

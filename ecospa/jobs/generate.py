@@ -46,13 +46,15 @@ def check_options(max_new_tokens: int, temperature: float, top_k: Optional[int],
 def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, seed: int = 0, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None, compile: bool = False,
-             ) -> torch.Tensor:
+             on_ready: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Prompt [B, T] followed by up to ``max_new_tokens`` generated tokens: [B, T + N].
 
     One prefill call, then one ``decode`` call per token with a fixed-size cache and the position
     as a tensor, so ``compile=True`` compiles two graphs (prefill, step) and never recompiles per
     token. Generation stops early when every sequence has produced ``eos_id``. ``on_token`` gets
-    each new column [B] as it is produced (for streaming).
+    each new column [B] as it is produced (for streaming). ``on_ready()`` is called once, when the
+    prefill and the first step have run (with ``compile=True``: both graphs are compiled), so a
+    caller can time compilation apart from decoding (tokens after it run at the steady speed).
     """
     check_options(max_new_tokens, temperature, top_k, seed)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -82,6 +84,8 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
             if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
             logits, cache = step(params, cache, nxt[:, None], torch.tensor(T + i), cfg, inplace=True)
+            if i == 0 and on_ready is not None:
+                on_ready()
     return torch.cat(out, dim=1)
 
 

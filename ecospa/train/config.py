@@ -79,12 +79,42 @@ def config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+def config_from_json(saved: dict) -> TrainConfig:
+    """The ``TrainConfig`` that ``config_json`` wrote (a checkpoint's ``train_config``); ValueError
+    if it does not describe one (a checkpoint of another ecospa version)."""
+    try:
+        fields = dict(saved)
+        model = dict(fields.pop("model"))
+        cfg = TrainConfig(model=FAMILIES[model["name"]].Config(**model),
+                          prune=PruneSchedule(**fields.pop("prune")), **fields)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"the checkpoint's training configuration cannot be read back ({err}); "
+                         "start a new run in another --out") from err
+    if config_json(cfg) != saved:
+        raise ValueError("the checkpoint's training configuration does not read back as written; "
+                         "start a new run in another --out")
+    return cfg
+
+
+def check_resumable(cfg: TrainConfig, saved: dict, step: Optional[int] = None) -> None:
+    """``cfg`` continues the run ``saved`` (its ``config_json``) exactly: only the ``RESUMABLE``
+    fields differ, and ``steps``, which may grow to extend the run (not below ``step``, the
+    checkpoint's)."""
     now = config_json(cfg)
-    diff = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
+    diff = [k for k in now if k not in RESUMABLE + ("steps",) and now[k] != saved.get(k)]
     if diff:
-        raise UsageError(f"cannot resume exactly: the checkpoint was made with different {diff}; "
-                         "use the same settings (or a new --out)")
+        was = "; ".join(f"{k} {_short(saved.get(k))} in the checkpoint, {_short(now[k])} now" for k in diff)
+        raise UsageError(f"cannot resume exactly: the checkpoint was made with different {diff} "
+                         f"({was}); leave those flags out to continue with the run's own settings, "
+                         "or start a new run (a new --out, or --overwrite)")
+    if step is not None and cfg.steps < step:
+        raise UsageError(f"--steps {cfg.steps} is below the checkpoint's step {step}: a resumed run "
+                         f"cannot go back; give --steps {step} or more (or leave it out)")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def check_schedule(cfg: TrainConfig) -> None:
@@ -146,5 +176,5 @@ def opt_lr(cfg: TrainConfig, step: int) -> float:
     return lr_schedule(cfg)(step)
 
 
-__all__ = ["TrainConfig", "RESUMABLE", "checkpoint_every", "lr_schedule", "opt_lr", "config_json", "check_resumable",
+__all__ = ["TrainConfig", "RESUMABLE", "checkpoint_every", "lr_schedule", "opt_lr", "config_json", "config_from_json", "check_resumable",
            "check_schedule", "check_run_target", "check_budget"]

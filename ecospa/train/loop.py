@@ -11,16 +11,14 @@ The pieces (``ecospa.train.step``), usable in your own loop (see the README's "Y
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import optree
 import torch
-from tqdm.auto import tqdm
 
-from ecospa import optim
+from ecospa import _progress, optim
 from ecospa._tree import count_params
 from ecospa.errors import UsageError, whole
 from ecospa.func.families import family
@@ -103,10 +101,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, until: Optional[int] = None
       cfg: the run's settings; checkpoints and ``metrics.jsonl`` go to ``cfg.out``.
       resume: continue from ``cfg.out/checkpoint`` exactly (same batches, params, moments,
         importance and pruning so far; bit-identical losses on CPU). Metric lines after the
-        checkpoint's step (from a run that was killed) are dropped first.
+        checkpoint's step (from a run that was killed) are dropped first. ``cfg`` must equal the
+        run's settings (``check_resumable``) except the ``RESUMABLE`` fields and ``steps``, which
+        may grow to extend the run (the LR cosine then ends at the new ``steps``).
       until: stop after this many steps (saving a checkpoint) without changing the schedule;
         >= 1 and, on resume, >= the checkpoint's step.
-      progress: show a tqdm bar (default: when stderr is a terminal).
+      progress: show a tqdm bar (None, the default: a bar when stderr is a terminal, else a
+        line every ~10 s with the step, loss, rate and ETA; ``ecospa._progress.bar``).
       parallel: the runtime from ``ecospa.train.runtime.init_from_env()`` for data-parallel
         training under torchrun (each rank takes its rows of the global batch; rank 0 writes
         files); default: one process.
@@ -201,8 +202,8 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
     state["train_flops"] = int(ck.extra.get("train_flops", 0)) if resume else 0  # ecospa.train.flops
     stop = cfg.steps if until is None else min(until, cfg.steps)
     step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
-    bar = tqdm(total=cfg.steps, initial=start, disable=not par.is_main or not (
-        sys.stderr.isatty() if progress is None else progress))
+    bar = _progress.bar(cfg.steps, "train", "step", initial=start,
+                        enabled=progress if par.is_main else False)
     for s in range(start, stop):
         if s in rounds:
             scores = par.reduce_scores(est.scores(imp))  # the same kept units on every rank

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ecospa.errors import UsageError, whole
 from ecospa.io import checkpoint
-from ecospa.train.config import TrainConfig, check_resumable, config_json
+from ecospa.train.config import TrainConfig, check_resumable, config_from_json, config_json
 
 
 class TrainingDiverged(ValueError):
@@ -79,18 +79,40 @@ class Checkpointer:
         self.par.barrier()
 
 
-def load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
-    try:
-        ck = checkpoint.load_full(ckpt_path)
-    except FileNotFoundError as err:
-        raise UsageError(f"--resume: {err}: there is no checkpoint to continue from; start a new "
-                         "run without --resume (with --overwrite if the directory holds an "
-                         "unfinished one)") from err
-    extra = ck.extra
+def _no_checkpoint(err: FileNotFoundError) -> UsageError:
+    return UsageError(f"--resume: {err}: there is no checkpoint to continue from; start a new "
+                      "run without --resume (with --overwrite if the directory holds an "
+                      "unfinished one)")
+
+
+def _train_config(ckpt_path: Path, extra: dict) -> dict:
+    """The run's saved ``TrainConfig`` (JSON); UsageError for a checkpoint not written by train."""
     if not isinstance(extra.get("train_config"), dict):
         raise UsageError(f"--resume: {ckpt_path} was not written by `ecospa train` (it holds no "
                          "training state; `ecospa compress` writes such checkpoints): evaluate or "
                          "compress it instead, or start a new run in another --out")
+    return extra["train_config"]
+
+
+def stored_config(ckpt_path: Path) -> TrainConfig:
+    """The settings the run in ``ckpt_path`` was made with (read from the manifest only), which
+    ``--resume`` continues with; UsageError when there is no train checkpoint there."""
+    try:
+        extra = checkpoint.load_extra(ckpt_path)
+    except FileNotFoundError as err:
+        raise _no_checkpoint(err) from err
+    return config_from_json(_train_config(ckpt_path, extra))
+
+
+def load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
+    """The checkpoint to continue from, checked: complete, finite, and made with settings that
+    ``cfg`` continues exactly (``check_resumable``)."""
+    try:
+        ck = checkpoint.load_full(ckpt_path)
+    except FileNotFoundError as err:
+        raise _no_checkpoint(err) from err
+    extra = ck.extra
+    saved = _train_config(ckpt_path, extra)
     state_ok = (isinstance(extra.get("dense"), dict) and whole(extra.get("dense_params"))
                 and isinstance(extra.get("rounds_done"), list) and ck.opt_state is not None
                 and isinstance(ck.state, (tuple, list)) and whole(ck.step) and ck.step >= 0)
@@ -101,8 +123,9 @@ def load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
         raise ValueError(f"{ckpt_path} holds NaN or inf parameters (written after the loss diverged, "
                          "by an ecospa before issue 9's fix); start a new run (--overwrite) with a "
                          "lower learning rate")
-    check_resumable(cfg, extra["train_config"])
+    check_resumable(cfg, saved, ck.step)
     return ck
 
 
-__all__ = ["TrainingDiverged", "CheckpointNotSaved", "Checkpointer", "all_finite", "load_for_resume"]
+__all__ = ["TrainingDiverged", "CheckpointNotSaved", "Checkpointer", "all_finite", "load_for_resume",
+           "stored_config"]
