@@ -26,6 +26,11 @@ def duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
+def _plural(unit: str) -> str:
+    """'steps', 'batches', 'layers'."""
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def _stderr_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -68,7 +73,7 @@ class LogLines:
         text = f"{self.desc}: {self.unit} {self.n}{total}{self.postfix}"
         if done > 0 and elapsed > 0:
             rate = done / elapsed
-            text += (f" {rate:.1f} {self.unit}s/s" if rate >= 1 else f" {1 / rate:.1f} s/{self.unit}")
+            text += (f" {rate:.1f} {_plural(self.unit)}/s" if rate >= 1 else f" {1 / rate:.1f} s/{self.unit}")
             if self.total is not None:
                 text += f" ETA {duration((self.total - self.n) / rate)}"
         self.out(text)

@@ -67,7 +67,8 @@ def test_help_shows_every_default(name):
 def test_train_help_says_what_the_preset_sets():
     text = " ".join(_parsers()["train"].format_help().split())
     assert "what each --preset sets" in text and "llama-1b" in text and "c4 (t5-base)" in text
-    assert "--steps STEPS total optimizer steps (the schedules follow) (default: the --preset's value; tiny: 600)" in text
+    assert "--steps STEPS total optimizer steps (the schedules follow; with --resume: a larger number " \
+        "extends the run, the pruning schedule stays) (default: the --preset's value; tiny: 600)" in text
 
 
 @pytest.mark.parametrize("concept", sorted(CONCEPTS))

@@ -38,13 +38,13 @@ def test_a_window_longer_than_the_trained_context_is_warned_about(run, capsys):
     cfg, _ = run
     capsys.readouterr()
     assert cli.main(["eval", "--model", cfg.out, "--data", "pydoc", "--seq-len", "32",
-                     "--max-windows", "2"]) == 0
+                     "--eval-windows", "2"]) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "warning" in x]
     assert len(lines) == 1 and "32" in lines[0] and "16" in lines[0], err
     capsys.readouterr()
     assert cli.main(["eval", "--model", cfg.out, "--data", "pydoc", "--seq-len", "16",
-                     "--max-windows", "2"]) == 0
+                     "--eval-windows", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
