@@ -1,9 +1,11 @@
-"""Regenerate the README's result tables (and the plots) from benchmarks/results/*.json.
+"""Regenerate the result tables (and the plots) from benchmarks/results/*.json.
 
-    python benchmarks/report.py            # rewrites the marked sections of README.md, writes PNGs
+    python benchmarks/report.py            # rewrites the marked sections of docs/BENCHMARKS.md and
+                                           # the README's five-line summary, writes PNGs
 
-Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md;
-only those sections change. A results file that is missing leaves its section as it is.
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
+docs/BENCHMARKS.md (the summary in README.md); only those sections change. A results file that is
+missing leaves its section as it is.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from speed_report import plot_speed, speed_table  # noqa: E402  (the speed sections)
+from split_report import split_section  # noqa: E402  (old split -> deduplicated split)
+from summary_report import summary_lines  # noqa: E402  (the README's five lines)
 
 
 def _load(name):
@@ -271,7 +275,7 @@ def pretrain_section(res: dict, search: dict = None, earlier: dict = None) -> st
     if res.get("table_at_common_step"):
         out += [f"Equal-step comparison at step {res.get('common_step')} (the last evaluation every variant reached):",
                 "", generic_table({"table": res["table_at_common_step"]}).split("\n", 2)[2], ""]
-    out += ["![val ppl vs steps and vs training FLOPs](benchmarks/results/pretrain.png)", ""]
+    out += ["![val ppl vs steps and vs training FLOPs](../benchmarks/results/pretrain.png)", ""]
     e, d, s = rows.get("ecospa"), rows.get("dense"), rows.get("dense-small")
     if e and d and s and None in (e["val_ppl"], d["val_ppl"], s["val_ppl"]):
         out += ["Verdict: not measured at the end of the schedule: "
@@ -353,16 +357,17 @@ def export_table(res: dict) -> str:
 def replace_section(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pat.search(text):
-        print(f"README has no section 'results:{name}'; skipped", file=sys.stderr)
+        print(f"no section 'results:{name}' in the file; skipped", file=sys.stderr)
         return text
     return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
 def main(argv=None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Reads benchmarks/results/*.json "
-                            "(never the *_quick.json of smoke runs); rewrites only the marked README "
-                            "sections and the PNGs in benchmarks/results.").parse_args(argv)
-    readme = os.path.join(ROOT, "README.md")
+                            "(never the *_quick.json of smoke runs); rewrites only the marked sections "
+                            "of docs/BENCHMARKS.md and README.md and the PNGs in benchmarks/results."
+                            ).parse_args(argv)
+    readme = os.path.join(ROOT, "docs", "BENCHMARKS.md")
     text = open(readme).read()
     for fname, section in [("speed_cpu.json", "speed-cpu"), ("speed_cuda.json", "speed-cuda")]:
         res = _load(fname)
@@ -385,6 +390,9 @@ def main(argv=None) -> None:
     res = _load("compress.json")
     if res and (res.get("recovery") or res.get("ablation")):
         text = replace_section(text, "compress", compress_section(res))
+    dedup = _load("compress_dedup.json")
+    if res and dedup and dedup.get("complete"):
+        text = replace_section(text, "split", split_section(res, dedup))
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table)]:
         got = _load(fname)
@@ -393,11 +401,19 @@ def main(argv=None) -> None:
     if res or _load("pretrain.json"):
         plot_quality(res, _load("pretrain.json"),
                      os.path.join(RESULTS, "quality.png"))
-    tmp = readme + ".tmp"
+    _write(readme, text)
+    front = os.path.join(ROOT, "README.md")
+    summary = summary_lines(_load("speed_cpu.json"), _load("pretrain.json"), res, dedup,
+                            _load("generate.json"), _load("export_smollm2.json"))
+    _write(front, replace_section(open(front).read(), "summary", summary))
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, readme)
-    print(f"updated {readme}")
+    os.replace(tmp, path)
+    print(f"updated {path}")
 
 
 if __name__ == "__main__":

