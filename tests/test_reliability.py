@@ -7,7 +7,6 @@ compared byte for byte after each failure.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import signal
@@ -27,21 +26,10 @@ from ecospa.io.files import WriteFailed, exclusive, lock_path, write_errors
 from ecospa.jobs.compress import Job, compress
 
 gguf = pytest.importorskip("gguf")
-from test_safety_io_cli import FAST, FAST_FLAGS, tiny_gguf  # noqa: E402,F401  (fixture)
+from test_safety_io_cli import FAST, FAST_FLAGS, _tree, no_loading, tiny_gguf  # noqa: E402,F401  (fixtures)
 
 CFG = llama.Config(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tree(root) -> dict:
-    """{relative path: sha256} of every file under ``root`` (hidden ones included)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -262,16 +250,6 @@ def test_compress_refuses_a_training_runs_checkpoint(tiny_gguf, tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "training run" in err
     assert _tree(tmp_path) == before
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    import ecospa.io.load
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the arguments were validated")
-
-    monkeypatch.setattr(ecospa.io.load, "load_model", refuse)
 
 
 # --- item 6: --overwrite is needed to replace an HF export ---------------------------------------
