@@ -31,6 +31,12 @@ SMALL_EVAL = ["--eval-windows", "2", "--seq-len", "64"]
 
 # command -> ("run", extra args, {"old": "new"} substitutions) | ("skip", reason) | ("installed", modules)
 PLAN = {
+    "python -m ecospa train --out runs/first": ("run", ["--steps", "40"], {}),
+    "python -m ecospa eval --model runs/first": ("run", [], {}),
+    'python -m ecospa generate --model runs/first --prompt "The if statement" --max-new-tokens 40': ("run", [], {}),
+    "python -m ecospa compress --model runs/first --budget 0.3 --steps 40 --seq-len 128 --eval-seq-len 128 "
+    "--out runs/first-70": ("run", ["--calib-batches", "1", "--recon-batches", "2"], {"--steps 40": "--steps 4"}),
+    "python -m ecospa export --model runs/first-70 --format hf-padded --out exports/first-70": ("run", [], {}),
     "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/python -m ecospa train":
         ("skip", ".ci/run runs it verbatim in a fresh virtualenv on a clean clone"),
     'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && .venv/bin/pip install '

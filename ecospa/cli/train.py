@@ -179,6 +179,8 @@ def _run(args: argparse.Namespace) -> int:
             keep = {k: v for k, v in result.items() if k not in ("params", "opt_state", "losses")}
             write_json(Path(cfg.out) / "summary.json",
                         dict(keep, world_size=par.world_size) if par.world_size > 1 else keep)
+            out = os.path.abspath(cfg.out)
+            print(f"saved {out}: checkpoint/ (load it with --model {cfg.out}), metrics.jsonl, summary.json")
     finally:
         par.close()
     return 0
