@@ -58,3 +58,23 @@ def test_other_models_default_to_at_most_their_context():
     trained = {"seq_len": 16, "batch_size": 4, "eval_batches": 3, "data": "stdlib"}
     d = eval_defaults(long, trained)
     assert (d["seq_len"], d["batch_size"], d["max_windows"], d["data"][0]) == (16, 4, 12, "stdlib")
+
+
+def test_compress_warns_about_windows_past_the_trained_context(run, capsys, monkeypatch, tmp_path):
+    """The walkthrough's lesson: compress's defaults (256-token batches, 512-token windows) on a
+    run trained at 16 tokens measured positions it never trained (dense ppl 7.66 vs 3.68)."""
+    import ecospa.cli.compress as cli_compress
+
+    def stop(job):
+        raise RuntimeError("stopped after the checks")
+
+    monkeypatch.setattr(cli_compress, "compress", stop)
+    cfg, _ = run
+    capsys.readouterr()
+    rc = cli.main(["compress", "--model", cfg.out, "--budget", "0.3", "--seq-len", "16",
+                   "--eval-seq-len", "32", "--out", str(tmp_path / "c")])
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert rc == 1 and len(warnings) == 1 and "--eval-seq-len 32" in warnings[0] and " 16 " in warnings[0]
+    rc = cli.main(["compress", "--model", cfg.out, "--budget", "0.3", "--seq-len", "16",
+                   "--eval-seq-len", "16", "--out", str(tmp_path / "c")])
+    assert rc == 1 and "warning" not in capsys.readouterr().err

@@ -21,6 +21,7 @@ from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
 from ecospa.jobs.compress_job import LR_SCHEDULES, RANK_BY
+from ecospa.io.load import train_config_of
 from ecospa.jobs.export import FORMATS
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
@@ -101,6 +102,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads(p)
 
 
+def warn_context(job: Job) -> None:
+    """One warning line per window (--seq-len, --eval-seq-len) longer than the context the model
+    was trained on (a train run's seq_len): its numbers would not compare with the run's."""
+    trained = train_config_of(job.model)
+    ctx = (trained or {}).get("seq_len")
+    for flag, value in (("--seq-len", job.seq_len), ("--eval-seq-len", job.eval_seq_len)):
+        if ctx and value > ctx:
+            print(f"ecospa compress: warning: {flag} {value} is longer than the {ctx} tokens the model "
+                  f"was trained on (its run's seq_len): positions past it were never trained; give "
+                  f"{flag} {ctx} to compress it on its own context", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the job from the flags (validated before any loading), run it, print the table."""
     fields = {f.name for f in dataclasses.fields(Job)}
@@ -108,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
+    warn_context(job)
     summary = compress(job)
     print(table(summary), flush=True)
     if job.out:
