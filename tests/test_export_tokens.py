@@ -111,6 +111,8 @@ def test_registry_smollm2_special_tokens():
 def test_lm_eval_hf_model_runs_on_a_padded_export(tmp_path, monkeypatch):
     """``lm_eval --model hf --model_args pretrained=EXPORT`` on a local task, offline."""
     lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (registers "hf": lm-eval imports it lazily only while its
+    #                        model registry is empty, and the harness tests register ecospa's model)
     from lm_eval.tasks import TaskManager
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
