@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="other held-out sources scored on their VAL split (never trained on)")
     p.add_argument("--steps", type=nonneg_int, default=_DEFAULTS["steps"], help="recovery steps in total")
     p.add_argument("--eval-at", type=positive_int, nargs="*", default=[],
-                   help="recovery steps at which to also evaluate (a curve in summary.json), e.g. --eval-at 80 160")
+                   help="recovery steps at which to also evaluate (a curve in the summary, saved in the checkpoint's manifest.json), e.g. --eval-at 80 160")
     p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS["batch_size"],
                    help="sequences per calibration, refit and recovery batch")
     p.add_argument("--seq-len", type=positive_int, default=_DEFAULTS["seq_len"],
