@@ -7,6 +7,8 @@ compared byte for byte after each failure.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import resource
 import signal
@@ -47,6 +49,17 @@ def _ecospa(*args, cwd=None, limit_bytes=None, timeout=240) -> subprocess.Comple
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "ecospa", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout, preexec_fn=limit if limit_bytes else None)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    """``ecospa ARGS`` in this process (no interpreter start-up): its exit code and stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(list(args))
+        except SystemExit as exit_:
+            rc = exit_.code
+    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
 
 
 def _one_line_error(proc, code: int) -> str:
@@ -162,11 +175,11 @@ def test_compress_holds_the_lock_of_its_out(tiny_gguf, held):
 def test_export_onto_its_own_input_is_refused(model_dir, tmp_path, fmt, target):
     """Before: hf-compact f32 -> f16 onto its own directory exited 0 and replaced the input."""
     src = tmp_path / ("m.gguf" if fmt == "gguf" else "src")
-    first = _ecospa("export", "--model", model_dir, "--format", fmt, "--out", str(src))
+    first = _cli("export", "--model", model_dir, "--format", fmt, "--out", str(src))
     assert first.returncode == 0, first.stderr
     out = str(src) if fmt == "gguf" else os.path.normpath(os.path.join(str(src), target))
     before = _tree(tmp_path)
-    proc = _ecospa("export", "--model", str(src), "--format", fmt, "--out", out, "--dtype", "f16",
+    proc = _cli("export", "--model", str(src), "--format", fmt, "--out", out, "--dtype", "f16",
                    "--overwrite")
     line = _one_line_error(proc, 2)
     assert "input --model" in line
@@ -230,7 +243,7 @@ def test_gguf_export_killed_while_writing_leaves_nothing_after_the_next(model_di
     out = tmp_path / "m.gguf"
     stray = tmp_path / ".tmp-m.gguf-abc123"
     stray.write_bytes(b"\0" * 1000)  # what a killed export leaves (mkstemp's name)
-    assert _ecospa("export", "--model", model_dir, "--format", "gguf", "--out", str(out)).returncode == 0
+    assert _cli("export", "--model", model_dir, "--format", "gguf", "--out", str(out)).returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["m.gguf", "model"]
 
 
@@ -258,13 +271,13 @@ def test_compress_refuses_a_training_runs_checkpoint(tiny_gguf, tmp_path, capsys
 def test_second_export_needs_overwrite(model_dir, tmp_path, fmt):
     """Before: a second HF export replaced the first without --overwrite (GGUF already refused)."""
     out = str(tmp_path / ("e.gguf" if fmt == "gguf" else "e"))
-    assert _ecospa("export", "--model", model_dir, "--format", fmt, "--out", out).returncode == 0
+    assert _cli("export", "--model", model_dir, "--format", fmt, "--out", out).returncode == 0
     before = _tree(tmp_path)
-    line = _one_line_error(_ecospa("export", "--model", model_dir, "--format", fmt, "--out", out,
-                                   "--dtype", "f16"), 2)
+    line = _one_line_error(_cli("export", "--model", model_dir, "--format", fmt, "--out", out,
+                                "--dtype", "f16"), 2)
     assert "--overwrite" in line and _tree(tmp_path) == before
-    assert _ecospa("export", "--model", model_dir, "--format", fmt, "--out", out, "--dtype", "f16",
-                   "--overwrite").returncode == 0
+    assert _cli("export", "--model", model_dir, "--format", fmt, "--out", out, "--dtype", "f16",
+                "--overwrite").returncode == 0
     assert _tree(tmp_path) != before
 
 
@@ -290,7 +303,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous(model_dir, tmp
     """Before: HF exports ended in a SafetensorError traceback; GGUF said '... requested and ...
     written' without the path."""
     out = str(tmp_path / ("e.gguf" if fmt == "gguf" else "e"))
-    assert _ecospa("export", "--model", model_dir, "--format", fmt, "--out", out).returncode == 0
+    assert _cli("export", "--model", model_dir, "--format", fmt, "--out", out).returncode == 0
     before = _tree(tmp_path)
     proc = _ecospa("export", "--model", model_dir, "--format", fmt, "--out", out, "--overwrite",
                    limit_bytes=20_000)
