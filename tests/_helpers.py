@@ -25,3 +25,45 @@ def hf_llama_state_dict(c: dict, seed: int = 0) -> dict:
                    n + "mlp.down_proj.weight": w(D, F_), n + "input_layernorm.weight": 1 + w(D),
                    n + "post_attention_layernorm.weight": 1 + w(D)})
     return sd
+
+
+def write_mc_task(directory, name: str, rows: list) -> None:
+    """A local lm-eval multiple-choice task ``name`` in ``directory`` (its YAML and a jsonl with
+    ``rows`` of {"question", "choices", "label"}): runs offline with ``include_path=directory``."""
+    import json
+    import pathlib
+    import textwrap
+
+    directory = pathlib.Path(directory)
+    data = directory / f"{name}.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (directory / f"{name}.yaml").write_text(textwrap.dedent(f"""
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+    """))
+
+
+def exit_and_stderr(main, argv, capsys) -> tuple:
+    """(exit code, stderr) of a command-line ``main(argv)``, argparse's SystemExit included."""
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """The one line of an error message (no traceback, nothing else on stderr)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import textwrap
 
 import pytest
+from _helpers import write_mc_task
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -123,21 +123,7 @@ def test_lm_eval_hf_model_runs_on_a_padded_export(tmp_path, monkeypatch):
             [("the", ["the", "he"]), ("he", ["t", "the"]), ("t", ["he", "t"])]]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tasks / "toy.yaml").write_text(textwrap.dedent(f"""
-        task: ecospa_toy_hf_export
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {tasks / "data.jsonl"}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-    """))
+    write_mc_task(tasks, "ecospa_toy_hf_export", rows)
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32",
                                   tasks=["ecospa_toy_hf_export"], device="cpu", batch_size=2,
                                   task_manager=TaskManager(include_path=str(tasks)))

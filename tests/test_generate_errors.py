@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from _helpers import exit_and_stderr, one_line
 
 from ecospa import cli
 from ecospa.errors import UsageError
@@ -53,17 +54,10 @@ def hf_dir(tmp_path_factory):
 
 def _generate(argv, capsys):
     """(exit code, stderr) of ``ecospa generate ARGV``."""
-    try:
-        rc = cli.main(["generate", "--max-new-tokens", "2", *argv])
-    except SystemExit as exit_:
-        rc = exit_.code
-    return rc, capsys.readouterr().err
+    return exit_and_stderr(cli.main, ["generate", "--max-new-tokens", "2", *argv], capsys)
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+_one_line = one_line
 
 
 # --- (a) a prompt that is not UTF-8 ------------------------------------------------------------

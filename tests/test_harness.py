@@ -2,11 +2,10 @@
 local multiple-choice task (written here, offline) runs end to end through lm-eval."""
 from __future__ import annotations
 
-import json
 import math
-import textwrap
 
 import pytest
+from _helpers import write_mc_task
 import torch
 
 pytest.importorskip("lm_eval")
@@ -73,22 +72,7 @@ def test_local_multiple_choice_task_end_to_end(tmp_path):
     from lm_eval.tasks import TaskManager
     rows = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), "x"], "label": 0}
             for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "toy.yaml").write_text(textwrap.dedent(f"""
-        task: ecospa_toy_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-    """))
+    write_mc_task(tmp_path, "ecospa_toy_mc", rows)
     lm = _lm(32)
     res = lm_eval.simple_evaluate(model=lm, tasks=["ecospa_toy_mc"],
                                   task_manager=TaskManager(include_path=str(tmp_path)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from _helpers import exit_and_stderr, one_line
 
 from ecospa.cli import harness
 
@@ -40,18 +41,13 @@ def tasks(monkeypatch):
 
 def _main(argv, capsys):
     """(exit code, stderr) of the harness command line."""
-    try:
-        rc = harness.main(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    return rc, capsys.readouterr().err
+    return exit_and_stderr(harness.main, argv, capsys)
 
 
 def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("python -m ecospa.cli.harness"), err
-    return lines[0]
+    line = one_line(err)
+    assert line.startswith("python -m ecospa.cli.harness"), err
+    return line
 
 
 @pytest.mark.parametrize("flags, words", [
