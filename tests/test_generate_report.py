@@ -57,7 +57,10 @@ def test_compile_is_announced_and_timed_apart_from_tokens_per_s(model, slow_comp
     compiled = float(re.search(r"compiling ([0-9.]+) ?s", report).group(1))
     assert 2 * COMPILE_S <= compiled < 2 * COMPILE_S + 2, report  # two graphs: prefill and step
     rate = float(re.search(r"([0-9.]+) tokens/s", report).group(1))
-    assert rate > 60, report  # 30 tokens over the 2 s of compiling would be < 15
+    total = float(re.search(r"30 tokens in ([0-9.]+) ?s", report).group(1))
+    # with the compile counted in, the rate would be at most 30 / total (< 15 here); apart from
+    # it, several times that (a ratio of the run's own times: no absolute speed is asserted)
+    assert rate > 2 * 30 / total, report
 
 
 def test_few_tokens_after_compiling_say_so_instead_of_a_rate(model, slow_compile, capsys):

@@ -155,8 +155,10 @@ def test_rope_theta_from_either_transformers_version(conf, theta):
 
 
 @pytest.mark.parametrize("conf, words", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "linear"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "llama3"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "llama3.*needs 'factor'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "linear.*'factor' as a number > 0"),
     ({"model_type": "falcon"}, "falcon"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "o_proj"),

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ecospa.func._layers import rms_norm
 from ecospa.func.families import family_of
 from ecospa.func.reconstruct import reconstruct, ridge_solve
-from ecospa.func.sublayers import EMBED, SUBLAYERS
+from ecospa.func.families import family_of
 from ecospa.groups import validate
 from ecospa.prune import mask, slice_units
 from ecospa.select import select
@@ -38,9 +38,9 @@ def _calib(cfg, seed, n=3):
 
 def _run_sublayers(params, toks, cfg):
     name = family_of(cfg).name
-    x = EMBED[name](params, toks, cfg)
+    x = family_of(cfg).embed(params, toks, None, cfg)
     for p in params["layers"]:
-        for s in SUBLAYERS[name]:
+        for s in family_of(cfg).sublayers:
             x = x + s.apply(p, s.inner(p, x, cfg))
     return x
 
@@ -95,10 +95,10 @@ def test_refit_never_increases_a_sublayers_calibration_error(model_cfg, seed, ta
     calib = _calib(cfg, seed)
     out = reconstruct(pruned, dense, cfg, calib, target=target, bias=bias)
     name = family_of(cfg).name
-    xp = [EMBED[name](out, b, cfg) for b in calib]
-    xd = [EMBED[name](dense, b, cfg) for b in calib]
+    xp = [family_of(cfg).embed(out, b, None, cfg) for b in calib]
+    xd = [family_of(cfg).embed(dense, b, None, cfg) for b in calib]
     for p_old, p_new, d in zip(pruned["layers"], out["layers"], dense["layers"]):
-        for s in SUBLAYERS[name]:
+        for s in family_of(cfg).sublayers:
             err_old = err_new = 0.0
             for j in range(len(calib)):
                 h = s.inner(p_new, xp[j], cfg)  # same inputs for both: the refit model's stream
@@ -213,9 +213,9 @@ def test_obs_scores_are_the_refit_error_of_removing_one_unit(model_cfg, seed):
     calib = _calib(cfg, seed)
     scores = obs_scores(dense, cfg, groups, calib, ridge=0.1)
     name = family_of(cfg).name
-    x = [EMBED[name](dense, b, cfg) for b in calib]
+    x = [family_of(cfg).embed(dense, b, None, cfg) for b in calib]
     d = dense["layers"][0]
-    for s in SUBLAYERS[name]:
+    for s in family_of(cfg).sublayers:
         hs = [s.inner(d, xi, cfg) for xi in x]
         h = torch.cat([hi.reshape(-1, hi.shape[-1]) for hi in hs])
         a = h.T @ h

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ecospa.func._layers import affine, attention, merge_heads, project
+from ecospa.func._block import Sublayer, attend, block, passthrough, run
+from ecospa.func._layers import affine, project
 from ecospa.func.llama import check_fields, check_tokens
 from ecospa.groups import Group, Member
 
@@ -73,41 +74,71 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
 
 
 def qkv(p: dict, x: torch.Tensor) -> tuple:
-    """q, k [B, H, T, Dk] and v [B, H, T, Dv] of one layer (the forward and the decoder)."""
+    """q, k [B, H, T, Dk] and v [B, H, T, Dv] of one layer."""
     return tuple(project(x, p[w], p[b]).transpose(1, 2) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
-
-
-def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    q, k, v = qkv(p, x)
-    o = attention(q[:, :, None], k, v, cfg.head_dim ** -0.5)  # [B, H, 1, T, Dv]
-    return merge_heads(o[:, :, 0], p["wo"], p["bo"])
-
-
-def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
-    return affine(F.gelu(affine(x, p["w_in"], p["b_in"]), approximate="tanh"), p["w_out"], p["b_out"])
 
 
 def _ln(x, w, b, eps):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
+def _attn(p: dict, x: torch.Tensor, pos, cfg: Config, cache=None, **opts) -> tuple:
+    q, k, v = qkv(p, _ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps))
+    return attend(q[:, :, None], k, v, cfg.head_dim ** -0.5, pos, cache, **opts)  # one query head per KV head
+
+
+def _mlp(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    x = _ln(x, p["ln2_w"], p["ln2_b"], cfg.norm_eps)
+    return F.gelu(affine(x, p["w_in"], p["b_in"]), approximate="tanh")
+
+
+SUBLAYERS = (Sublayer("attn", _attn, "wo", "bo"), Sublayer("mlp", passthrough(_mlp), "w_out", "b_out"))
+layer = block(SUBLAYERS)  # (p, x, pos, cfg, cache=None, **opts) -> (x, cache)
+
+
+def embed(params: dict, tokens: torch.Tensor, pos, cfg: Config) -> torch.Tensor:
+    """Token + learned position embeddings [B, T, D] (positions 0..T-1, or ``pos`` [T])."""
+    T = tokens.shape[1]
+    check_tokens(tokens, params["wte"].shape[0])
+    n = params["wpe"].shape[0]
+    if pos is None:
+        if T > n:
+            raise ValueError(f"{T} tokens exceed the model's {n} learned positions (max_seq_len); "
+                             "use shorter sequences")
+        return params["wte"][tokens] + params["wpe"][:T]
+    if not torch.compiler.is_compiling() and int(pos[-1]) >= n:
+        raise ValueError(f"position {int(pos[-1])} is beyond the model's {n} learned positions; "
+                         "shorten the prompt or the generation")
+    return params["wte"][tokens] + params["wpe"][pos]
+
+
+def final_norm(params: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return _ln(x, params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
+
+
+def head(params: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Logits [B, T, V] from the last layer's output (tied: ``wte`` is used twice)."""
+    return final_norm(params, x, cfg) @ params["wte"].T
+
+
+def kv_dims(p: dict) -> tuple:
+    """(H, 1, Dk, Dv) of one layer, read from its weights: the cache and the FLOP counter."""
+    return p["wk"].shape[1], 1, p["wk"].shape[2], p["wv"].shape[2]
+
+
 def hidden(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Final hidden states [B, T, D] for tokens [B, T]."""
-    B, T = tokens.shape
-    check_tokens(tokens, params["wte"].shape[0])
-    if T > params["wpe"].shape[0]:
-        raise ValueError(f"{T} tokens exceed the model's {params['wpe'].shape[0]} learned positions "
-                         "(max_seq_len); use shorter sequences")
-    x = params["wte"][tokens] + params["wpe"][:T]  # [B, T, D]
-    for p in params["layers"]:
-        x = x + _attention(p, _ln(x, p["ln1_w"], p["ln1_b"], cfg.norm_eps), cfg)
-        x = x + _mlp(p, _ln(x, p["ln2_w"], p["ln2_b"], cfg.norm_eps))
-    return _ln(x, params["ln_f_w"], params["ln_f_b"], cfg.norm_eps)
+    return run(embed, layer, final_norm, params, tokens, cfg)[0]
 
 
 def forward(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Logits [B, T, V] for tokens [B, T] (T <= max_seq_len). Pure; sizes from the shapes."""
-    return hidden(params, tokens, cfg) @ params["wte"].T  # tied: one leaf used twice
+    return run(embed, layer, head, params, tokens, cfg)[0]
+
+
+def unit_sizes(cfg: Config) -> dict:
+    """Dense units per head: query/key dims (qk) and value dims (vo)."""
+    return {"qk": cfg.head_dim, "vo": cfg.head_dim}
 
 
 def coupled_groups(cfg: Config) -> tuple:

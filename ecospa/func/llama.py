@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ecospa.func._layers import attention, merge_heads, project, rms_norm, rope_tables, rotate_pairs
+from ecospa.func._block import Sublayer, attend, block, passthrough, run
+from ecospa.func._layers import project, rms_norm, rope_tables, rotate_pairs
 from ecospa.groups import Group, Member
 
 
@@ -47,11 +48,13 @@ class Config:
     attention_bias: bool = False
     max_seq_len: int = 2048
     init_std: float = 0.02
+    rope_scaling: Optional[tuple] = None  # RoPE frequency scaling (see ``inv_freq``); a dict is accepted
     name: str = field(default="llama", compare=False)
 
     def __post_init__(self):
         check_fields(self, ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"),
                      ("n_kv_heads", "head_dim"), ("norm_eps", "rope_theta"))
+        object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         hd = self.dim // self.n_heads if self.head_dim is None else self.head_dim
         object.__setattr__(self, "n_kv_heads", kv)
@@ -105,10 +108,74 @@ def check_tokens(tokens: torch.Tensor, vocab: int) -> None:
                          "was the text encoded with another tokenizer?")
 
 
+ROPE_TYPES = {  # rope_type -> the parameters it needs (besides rope_type)
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "factors": ("factors",),  # llama.cpp's rope_freqs: frequency i divided by factors[i]
+}
+
+
+def _check_rope_scaling(spec) -> Optional[tuple]:
+    """None (plain RoPE) or the scaling as sorted (key, value) pairs (hashable, JSON-safe via
+    lists); ValueError naming what is wrong. Accepts a dict, pairs, or None/"default"."""
+    if spec is None:
+        return None
+    try:
+        d = dict(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'llama3', 'factor': 8.0, "
+                         f"...}} or None, got {spec!r}") from None
+    kind = d.get("rope_type", d.get("type", "default"))
+    d.pop("type", None)
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not implemented (supported: default, "
+                         f"{', '.join(ROPE_TYPES)}); ecospa cannot reproduce this model's positions")
+    out = {"rope_type": kind}
+    for key in ROPE_TYPES[kind]:
+        v = d.get(key)
+        if key == "factors":
+            v = tuple(float(f) for f in v) if isinstance(v, (list, tuple)) else v
+            if not isinstance(v, tuple) or not v or not all(math.isfinite(f) and f > 0 for f in v):
+                raise ValueError(f"rope_scaling 'factors' must be a non-empty list of numbers > 0, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"rope_scaling {kind!r} needs {key!r} as a number > 0, got {v!r}")
+        out[key] = v
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor, got "
+                         f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+    return tuple(sorted(out.items()))
+
+
 def inv_freq(cfg: Config) -> torch.Tensor:
-    """The rotary frequencies of one head, [head_dim / 2], float32 like transformers."""
-    return 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32)
+    """The rotary frequencies of one head, [head_dim / 2], float32 like transformers, with the
+    config's scaling applied (``linear``: all divided by ``factor``; ``llama3``: long wavelengths
+    divided by ``factor``, short ones kept, a smooth blend between; ``factors``: divided pair by
+    pair, as llama.cpp's ``rope_freqs``). A pruned layer keeps these ORIGINAL (scaled) values of
+    its kept pairs in its ``inv_freq`` leaf."""
+    base = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32)
                                     / cfg.head_dim)
+    spec = dict(cfg.rope_scaling or ())
+    kind = spec.get("rope_type")
+    if kind is None:
+        return base
+    if kind == "linear":
+        return base / spec["factor"]
+    if kind == "factors":
+        factors = torch.tensor(spec["factors"], dtype=torch.float32)
+        if factors.shape != base.shape:
+            raise ValueError(f"rope_scaling has {factors.numel()} factors for {base.numel()} rotary pairs")
+        return base / factors
+    # llama3 (as transformers' _compute_llama3_parameters, in float32)
+    factor, lo, hi = spec["factor"], spec["low_freq_factor"], spec["high_freq_factor"]
+    old = spec["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / base
+    scaled = torch.where(wavelen > old / lo, base / factor, base)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, blended, scaled)
 
 
 def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
@@ -139,7 +206,7 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
 
 def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     """Rotated q [B, Hkv, G, T, 2P], k [B, Hkv, T, 2P] and v [B, Hkv, T, Dv] of one layer, with
-    the rotary tables cos/sin [Hkv, T, P] of the tokens' positions (the forward and the decoder)."""
+    the rotary tables cos/sin [Hkv, T, P] of the tokens' positions."""
     q, k, v = (project(x, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
     q = q.permute(0, 2, 3, 1, 4, 5)  # [B, T, Hkv, G, 2, P] -> [B, Hkv, G, T, 2, P] (a view; the rotation writes it out)
     k = k.permute(0, 2, 1, 3, 4)  # [B, Hkv, T, 2, P]
@@ -151,25 +218,55 @@ def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple
     return q, k, v
 
 
-def _attention(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    cos, sin = rope_tables(p["inv_freq"], x.shape[1], x.dtype)  # [Hkv, T, P]
-    q, k, v = qkv(p, x, cos, sin)
-    o = attention(q, k, v, cfg.head_dim ** -0.5)  # [B, Hkv, G, T, Dv]
-    return merge_heads(o, p["wo"])
+def _rope(p: dict, pos, T: int, dtype: torch.dtype) -> tuple:
+    """cos/sin [Hkv, T, P] of the layer's kept frequencies at positions 0..T-1 (pos None: cached
+    tables) or at the absolute positions ``pos`` [T] (decoding)."""
+    if pos is None:
+        return rope_tables(p["inv_freq"], T, dtype)
+    inv = p["inv_freq"].to(torch.promote_types(p["inv_freq"].dtype, torch.float32))
+    ang = pos.to(inv.dtype)[None, :, None] * inv[:, None, :]  # [Hkv, T, P]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+def _attn(p: dict, x: torch.Tensor, pos, cfg: Config, cache=None, **opts) -> tuple:
+    x = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q, k, v = qkv(p, x, *_rope(p, pos, x.shape[1], x.dtype))
+    return attend(q, k, v, cfg.head_dim ** -0.5, pos, cache, **opts)
+
+
+def _mlp(p: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    x = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    return F.silu(x @ p["w_gate"]) * (x @ p["w_up"])
+
+
+SUBLAYERS = (Sublayer("attn", _attn, "wo"), Sublayer("mlp", passthrough(_mlp), "w_down"))
+layer = block(SUBLAYERS)  # (p, x, pos, cfg, cache=None, **opts) -> (x, cache)
+
+
+def embed(params: dict, tokens: torch.Tensor, pos, cfg: Config) -> torch.Tensor:
+    """Token embeddings [B, T, D] (ids in [0, vocab); ValueError otherwise). RoPE is in the layers."""
+    check_tokens(tokens, params["embed"].shape[0])
+    return params["embed"][tokens]
+
+
+def final_norm(params: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return rms_norm(x, params["norm"], cfg.norm_eps)
+
+
+def head(params: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Logits [B, T, V] from the last layer's output (tied: the embedding is used twice)."""
+    return final_norm(params, x, cfg) @ params.get("lm_head", params["embed"]).T
+
+
+def kv_dims(p: dict) -> tuple:
+    """(Hkv, G, Dk, Dv) of one layer, read from its weights: the cache and the FLOP counter."""
+    _, h, g, _, n_pairs = p["wq"].shape
+    return h, g, 2 * n_pairs, p["wv"].shape[2]
 
 
 def hidden(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Final hidden states [B, T, D] for tokens [B, T] (ids in [0, vocab); ValueError otherwise)."""
-    check_tokens(tokens, params["embed"].shape[0])
-    x = params["embed"][tokens]  # [B, T, D]
-    for p in params["layers"]:
-        x = x + _attention(p, rms_norm(x, p["attn_norm"], cfg.norm_eps), cfg)
-        x = x + _mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps))
-    return rms_norm(x, params["norm"], cfg.norm_eps)
+    return run(embed, layer, final_norm, params, tokens, cfg)[0]
 
 
 def forward(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -177,8 +274,33 @@ def forward(params: dict, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
 
     Example: ``logits = llama.forward(llama.init(cfg), torch.zeros(1, 8, dtype=torch.long), cfg)``
     """
-    head = params.get("lm_head", params["embed"])  # tied: one leaf used twice
-    return hidden(params, tokens, cfg) @ head.T
+    return run(embed, layer, head, params, tokens, cfg)[0]
+
+
+def unit_sizes(cfg: Config) -> dict:
+    """Dense units per KV head: rotary pairs (qk) and value dims (vo)."""
+    return {"qk": cfg.head_dim // 2, "vo": cfg.head_dim}
+
+
+def slots(p: dict, cfg: Config) -> dict:
+    """The original rotary slot [Hkv, P_kept] of each kept pair, found from its frequency in
+    ``inv_freq`` (nearest in log space): padding puts each pair back where RoPE expects it."""
+    inv, full = p["inv_freq"], inv_freq(cfg).to(p["inv_freq"].device)
+    d = (inv.double().log()[..., None] - full.double().log()).abs()  # [Hkv, P, P0]
+    idx = d.argmin(-1)
+    if bool((d.amin(-1) > 1e-4).any()):
+        raise ValueError("a layer's inv_freq holds frequencies that are not in the model's RoPE "
+                         "table (rope_theta/head_dim in the config do not match the weights)")
+    for row in idx:
+        if row.unique().numel() != row.numel():
+            raise ValueError("two kept rotary pairs of one head map to the same frequency slot")
+    return {"qk": idx}
+
+
+def dense_buffers(p: dict, cfg: Config) -> dict:
+    """The unpruned value of the layer's buffers: every head's full frequency table."""
+    full = inv_freq(cfg).to(p["inv_freq"])
+    return {"inv_freq": full.expand(p["inv_freq"].shape[0], full.shape[0]).clone()}
 
 
 def coupled_groups(cfg: Config) -> tuple:

@@ -22,21 +22,7 @@ import dataclasses
 
 import torch
 
-from ecospa.func import gpt2, llama
 from ecospa.func.families import family_of
-
-
-def _llama_slots(inv: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """Original pair index [Hkv, P_kept] of each kept frequency (nearest in log space)."""
-    d = (inv.double().log()[..., None] - full.double().log()).abs()  # [Hkv, P, P0]
-    slots = d.argmin(-1)
-    if bool((d.amin(-1) > 1e-4).any()):
-        raise ValueError("a layer's inv_freq holds frequencies that are not in the model's RoPE "
-                         "table (rope_theta/head_dim in the config do not match the weights)")
-    for row in slots:
-        if row.unique().numel() != row.numel():
-            raise ValueError("two kept rotary pairs of one head map to the same frequency slot")
-    return slots
 
 
 def _scatter(x: torch.Tensor, axis: int, index: torch.Tensor, size: int, head_axis=None) -> torch.Tensor:
@@ -54,62 +40,64 @@ def _scatter(x: torch.Tensor, axis: int, index: torch.Tensor, size: int, head_ax
     return out
 
 
-def _pad_end(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    n = x.shape[axis]
-    if n > size:
-        raise ValueError(f"a width of {n} exceeds the dense size {size}")
-    return _scatter(x, axis, torch.arange(n, device=x.device), size)
+def _by_layer(groups, n_layers: int) -> list:
+    """The coupled groups of each layer (members at ("layers", i, leaf)), in layer order."""
+    out = [[] for _ in range(n_layers)]
+    for g in groups:
+        paths = {m.path[:2] for m in g.members}
+        if len(paths) != 1 or len(g.members[0].path) != 3 or g.members[0].path[0] != "layers":
+            raise ValueError(f"group {g.name!r}: padding needs members at ('layers', i, leaf)")
+        out[g.members[0].path[1]].append(g)
+    return out
 
 
-def _mlp_width(params: dict, key: str, axis: int, cfg) -> int:
-    return max([cfg.ffn_dim] + [p[key].shape[axis] for p in params["layers"]])
+def _check_layers(params: dict, cfg) -> None:
+    if len(params["layers"]) != cfg.n_layers:
+        raise ValueError(f"the tree has {len(params['layers'])} layers but the config says "
+                         f"n_layers={cfg.n_layers}")
 
 
 def pad(params: dict, cfg) -> tuple:
-    """(padded params, cfg for them): dense shapes, same logits. Pure; inputs untouched."""
-    return {"llama": _pad_llama, "gpt2": _pad_gpt2}[family_of(cfg).name](params, cfg)
+    """(padded params, cfg for them): dense shapes, same logits. Pure; inputs untouched.
 
-
-def _pad_llama(params: dict, cfg: llama.Config) -> tuple:
-    P0, hd = cfg.head_dim // 2, cfg.head_dim
-    full = llama.inv_freq(cfg)
-    F_ = _mlp_width(params, "w_up", 1, cfg)
+    Every coupled unit goes back to its dense slot: the family's ``slots`` hook where units have
+    an order that matters (LLaMA's rotary pairs, by frequency), kept units first otherwise; the
+    rest is zero on both sides of the coupled product. Unpruned buffers get their dense value.
+    """
+    fam = family_of(cfg)
+    _check_layers(params, cfg)
+    F_ = max([cfg.ffn_dim] + [p[fam.ffn_in].shape[1] for p in params["layers"]])
+    sizes = {**fam.unit_sizes(cfg), "mlp": F_}
     layers = []
-    for p in params["layers"]:
-        slots = _llama_slots(p["inv_freq"], full.to(p["inv_freq"].device))  # [Hkv, P]
-        q = dict(p)
-        q["wq"] = _scatter(p["wq"], 4, slots, P0, head_axis=1)
-        q["wk"] = _scatter(p["wk"], 3, slots, P0, head_axis=1)
-        if "bq" in p:
-            q["bq"] = _scatter(p["bq"], 3, slots, P0, head_axis=0)
-            q["bk"] = _scatter(p["bk"], 2, slots, P0, head_axis=0)
-            q["bv"] = _pad_end(p["bv"], 1, hd)
-        q["inv_freq"] = full.to(p["inv_freq"]).expand(p["inv_freq"].shape[0], P0).clone()
-        q["wv"], q["wo"] = _pad_end(p["wv"], 2, hd), _pad_end(p["wo"], 2, hd)
-        q["w_gate"], q["w_up"] = _pad_end(p["w_gate"], 1, F_), _pad_end(p["w_up"], 1, F_)
-        q["w_down"] = _pad_end(p["w_down"], 0, F_)
+    for p, groups in zip(params["layers"], _by_layer(fam.coupled_groups(cfg), cfg.n_layers)):
+        q, slots = dict(p), fam.slots(p, cfg)
+        for g in groups:
+            if g.kind not in sizes:
+                raise ValueError(f"group {g.name!r}: no dense size for kind {g.kind!r}")
+            size, index = sizes[g.kind], slots.get(g.kind)
+            for m in g.members:
+                if not m.masked:
+                    continue  # a buffer: its dense value comes from ``dense_buffers``
+                x = p[m.path[2]]
+                if x.shape[m.unit_axis] > size:
+                    raise ValueError(f"{'.'.join(map(str, m.path))}: a width of {x.shape[m.unit_axis]} "
+                                     f"exceeds the dense size {size}")
+                if index is None:
+                    q[m.path[2]] = _scatter(x, m.unit_axis, torch.arange(x.shape[m.unit_axis],
+                                                                          device=x.device), size)
+                else:
+                    q[m.path[2]] = _scatter(x, m.unit_axis, index.to(x.device), size, m.block_axis)
+        q.update(fam.dense_buffers(p, cfg))
         layers.append(q)
     return {**params, "layers": tuple(layers)}, dataclasses.replace(cfg, ffn_dim=F_)
 
 
-def _pad_gpt2(params: dict, cfg: gpt2.Config) -> tuple:
-    hd = cfg.head_dim
-    F_ = _mlp_width(params, "w_in", 1, cfg)
-    layers = []
-    for p in params["layers"]:
-        q = dict(p)
-        for k, axis in (("wq", 2), ("wk", 2), ("wv", 2), ("bq", 1), ("bk", 1), ("bv", 1), ("wo", 1)):
-            q[k] = _pad_end(p[k], axis, hd)
-        q["w_in"], q["b_in"] = _pad_end(p["w_in"], 1, F_), _pad_end(p["b_in"], 0, F_)
-        q["w_out"] = _pad_end(p["w_out"], 0, F_)
-        layers.append(q)
-    return {**params, "layers": tuple(layers)}, dataclasses.replace(cfg, ffn_dim=F_)
-
-
-def _nonzero(x: torch.Tensor, axis: int, keep_axes=()) -> torch.Tensor:
-    """Bool over ``axis`` (and ``keep_axes``, in order): some entry along the other axes != 0."""
-    dims = [d for d in range(x.ndim) if d != axis and d not in keep_axes]
-    return (x != 0).any(dim=dims) if dims else x != 0
+def _nonzero(x: torch.Tensor, axis: int, block_axis=None) -> torch.Tensor:
+    """Bool [H, n] (or [n] without a block axis): some entry along the other axes != 0."""
+    keep = [a for a in (block_axis, axis) if a is not None]
+    dims = [d for d in range(x.ndim) if d not in keep]
+    alive = (x != 0).any(dim=dims) if dims else x != 0
+    return alive.T if block_axis is not None and block_axis > axis else alive
 
 
 def _uniform_keep(alive: torch.Tensor) -> torch.Tensor:
@@ -129,42 +117,29 @@ def _gather(x: torch.Tensor, axis: int, index: torch.Tensor, head_axis=None) -> 
 
 
 def compact(params: dict, cfg) -> dict:
-    """The sliced tree of a padded (or masked) one: units that are all-zero on one coupled side
-    (Q or K pair, V or O dim, MLP input or output neuron) are removed. Same logits."""
-    family = family_of(cfg).name
+    """The sliced tree of a padded (or masked) one: a unit is removed when it is all-zero on one
+    side of its coupled product (every input-side member: Q or V columns, MLP input columns and
+    biases; or every output-side member: K, O rows, the MLP's output rows). Same logits."""
+    fam = family_of(cfg)
+    _check_layers(params, cfg)
     layers = []
-    for p in params["layers"]:
+    for p, groups in zip(params["layers"], _by_layer(fam.coupled_groups(cfg), cfg.n_layers)):
         q = dict(p)
-        if family == "llama":
-            a = _nonzero(p["wq"], 4, (1,))  # [Hkv, P]
-            b = _nonzero(p["wk"], 3, (1,))
-            if "bq" in p:
-                a, b = a | _nonzero(p["bq"], 3, (0,)), b | _nonzero(p["bk"], 2, (0,))
-            qk = _uniform_keep(a & b)
-            for k, axis, head in (("wq", 4, 1), ("wk", 3, 1), ("bq", 3, 0), ("bk", 2, 0), ("inv_freq", 1, 0)):
-                if k in p:
-                    q[k] = _gather(p[k], axis, qk, head)
-            v_side = _nonzero(p["wv"], 2, (1,)) | (_nonzero(p["bv"], 1, (0,)) if "bv" in p else False)
-            vo = _uniform_keep(v_side & _nonzero(p["wo"], 2, (0,)))
-            for k, axis, head in (("wv", 2, 1), ("wo", 2, 0), ("bv", 1, 0)):
-                if k in p:
-                    q[k] = _gather(p[k], axis, vo, head)
-            alive = (_nonzero(p["w_gate"], 1) & _nonzero(p["w_up"], 1)) & _nonzero(p["w_down"], 0)
-            mlp = torch.nonzero(alive)[:, 0] if bool(alive.any()) else torch.tensor([0])
-            q["w_gate"], q["w_up"] = p["w_gate"][:, mlp], p["w_up"][:, mlp]
-            q["w_down"] = p["w_down"][mlp]
-        else:
-            qk = _uniform_keep((_nonzero(p["wq"], 2, (1,)) | _nonzero(p["bq"], 1, (0,)))
-                               & (_nonzero(p["wk"], 2, (1,)) | _nonzero(p["bk"], 1, (0,))))
-            for k, axis, head in (("wq", 2, 1), ("wk", 2, 1), ("bq", 1, 0), ("bk", 1, 0)):
-                q[k] = _gather(p[k], axis, qk, head)
-            vo = _uniform_keep((_nonzero(p["wv"], 2, (1,)) | _nonzero(p["bv"], 1, (0,)))
-                               & _nonzero(p["wo"], 1, (0,)))
-            for k, axis, head in (("wv", 2, 1), ("bv", 1, 0), ("wo", 1, 0)):
-                q[k] = _gather(p[k], axis, vo, head)
-            alive = (_nonzero(p["w_in"], 1) | (p["b_in"] != 0)) & _nonzero(p["w_out"], 0)
-            mlp = torch.nonzero(alive)[:, 0] if bool(alive.any()) else torch.tensor([0])
-            q["w_in"], q["b_in"], q["w_out"] = p["w_in"][:, mlp], p["b_in"][mlp], p["w_out"][mlp]
+        for g in groups:
+            sides = {"a": False, "b": False}
+            for m in g.members:
+                if m.masked:
+                    side = "b" if m.side == "b" else "a"
+                    sides[side] = sides[side] | _nonzero(p[m.path[2]], m.unit_axis, m.block_axis)
+            alive = sides["a"] & sides["b"]
+            blocked = g.members[0].block_axis is not None
+            if blocked:
+                keep = _uniform_keep(alive)
+            else:
+                keep = torch.nonzero(alive)[:, 0] if bool(alive.any()) else torch.tensor([0])
+            for m in g.members:
+                x = p[m.path[2]]
+                q[m.path[2]] = _gather(x, m.unit_axis, keep.to(x.device), m.block_axis if blocked else None)
         layers.append(q)
     return {**params, "layers": tuple(layers)}
 

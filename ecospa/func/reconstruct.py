@@ -2,7 +2,7 @@
 
     params = reconstruct(pruned, dense, cfg, batches)        # pure: inputs untouched
 
-For every layer in order and each of its two residual sublayers (``ecospa.func.sublayers``):
+For every layer in order and each of its two residual sublayers (``Family.sublayers``, ``ecospa.func._block``):
 the pruned model's inner activations H [N, K] (K = the KEPT value dims of every query head, or
 the kept MLP neurons) are computed on the pruned model's own inputs, which already went through
 the refit earlier layers; the target is what the DENSE model's residual stream holds after the
@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ecospa.func.families import family_of
-from ecospa.func.sublayers import EMBED, SUBLAYERS, Sublayer
+from ecospa.func._block import Sublayer
 
 TARGETS = ("residual", "local")
 
@@ -54,11 +54,11 @@ def _check(params: dict, dense: dict, cfg, batches) -> list:
     if len(params["layers"]) != len(dense["layers"]):
         raise ValueError(f"pruned and dense trees do not match: {len(params['layers'])} vs "
                          f"{len(dense['layers'])} layers; pass the dense model the pruned one came from")
-    if params[fam.embed].shape != dense[fam.embed].shape:
-        raise ValueError(f"pruned and dense trees do not match: embedding {tuple(params[fam.embed].shape)} "
-                         f"vs {tuple(dense[fam.embed].shape)}")
+    if params[fam.embed_leaf].shape != dense[fam.embed_leaf].shape:
+        raise ValueError(f"pruned and dense trees do not match: embedding {tuple(params[fam.embed_leaf].shape)} "
+                         f"vs {tuple(dense[fam.embed_leaf].shape)}")
     for i, (p, d) in enumerate(zip(params["layers"], dense["layers"])):
-        for s in SUBLAYERS[fam.name]:
+        for s in fam.sublayers:
             kp, kd = s.weight(p).shape, s.weight(d).shape
             if kp[1] != kd[1] or kp[0] > kd[0]:
                 raise ValueError(f"pruned and dense trees do not match at layers.{i}.{s.out}: "
@@ -71,6 +71,11 @@ def _check(params: dict, dense: dict, cfg, batches) -> list:
             raise ValueError(f"calibration batches must be integer token ids [B, T], got {tuple(b.shape)} "
                              f"{b.dtype}")
     return batches
+
+
+def _embedder(fam):
+    """(params, tokens, cfg) -> the first layer's input [B, T, D]."""
+    return lambda params, tokens, cfg: fam.embed(params, tokens, None, cfg)
 
 
 def _finite(x: torch.Tensor, where: str) -> torch.Tensor:
@@ -95,7 +100,7 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     batches = _check(params, dense, cfg, batches)
     fam = family_of(cfg)
-    subs, embed = SUBLAYERS[fam.name], EMBED[fam.name]
+    subs, embed = fam.sublayers, _embedder(fam)
     layers = [dict(p) for p in params["layers"]]
     with torch.no_grad():
         xp = [embed(params, b, cfg) for b in batches]
@@ -167,7 +172,7 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
     """
     batches = _check(dense, dense, cfg, batches)
     fam = family_of(cfg)
-    subs, embed = SUBLAYERS[fam.name], EMBED[fam.name]
+    subs, embed = fam.sublayers, _embedder(fam)
     by_layer = {}
     for g in groups:
         by_layer.setdefault(int(g.members[0].path[1]), []).append(g)

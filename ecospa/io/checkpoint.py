@@ -223,15 +223,15 @@ def _check_family(root: Path, family: str, params) -> None:
     its MLP input in every layer); a hand-edited manifest can claim another family."""
     fam = FAMILIES[family]
     layers = params.get("layers") if isinstance(params, dict) else None
-    fits = (isinstance(params, dict) and fam.embed in params and isinstance(layers, (list, tuple))
+    fits = (isinstance(params, dict) and fam.embed_leaf in params and isinstance(layers, (list, tuple))
             and all(isinstance(layer, dict) and fam.ffn_in in layer for layer in layers))
     if fits:
         return
     top = sorted(params)[:6] if isinstance(params, dict) else type(params).__name__
-    other = [n for n, f in FAMILIES.items() if n != family and isinstance(params, dict) and f.embed in params]
+    other = [n for n, f in FAMILIES.items() if n != family and isinstance(params, dict) and f.embed_leaf in params]
     looks = f", which looks like a {other[0]!r} model" if other else ""
     raise ValueError(f"{root}: the manifest and the tensors disagree: manifest.json says family "
-                     f"{family!r} (embedding {fam.embed!r}, MLP {fam.ffn_in!r}), but model.safetensors "
+                     f"{family!r} (embedding {fam.embed_leaf!r}, MLP {fam.ffn_in!r}), but model.safetensors "
                      f"holds {top}{looks}; restore the manifest or use an earlier checkpoint")
 
 

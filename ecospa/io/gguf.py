@@ -104,7 +104,32 @@ def hf_config(reader) -> dict:
                          f"{cfg['num_hidden_layers']}, but the file holds tensors for only "
                          f"{len(blocks)} blocks (truncated or corrupt file)")
     cfg["tie_word_embeddings"] = "output.weight" not in names
+    scaling = _rope_scaling(reader)
+    if scaling:
+        cfg["rope_scaling"] = scaling
     return cfg
+
+
+def _rope_scaling(reader) -> dict:
+    """RoPE scaling from llama.cpp's metadata: ``rope.scaling.type`` linear (a factor) or a
+    ``rope_freqs`` tensor (per-pair divisors, what Llama 3.x converts to); {} when plain."""
+    kind = _value(reader, "llama.rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise ValueError(f"GGUF rope scaling {kind!r} is not implemented (linear and "
+                             "rope_freqs are); ecospa cannot reproduce this model's positions")
+        return {"rope_type": "linear", "factor": cfg_float(
+            {"f": _value(reader, "llama.rope.scaling.factor")}, "f", 1.0)}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            factors = np.asarray(t.data, dtype=np.float64).reshape(-1)
+            if not np.all(np.isfinite(factors)) or not np.all(factors > 0):
+                raise ValueError("tensor 'rope_freqs.weight' holds values <= 0 or not finite; "
+                                 "the file is corrupt")
+            if np.all(factors == 1.0):
+                return {}
+            return {"rope_type": "factors", "factors": [float(f) for f in factors]}
+    return {}
 
 
 def _array(tensor, gguf) -> np.ndarray:

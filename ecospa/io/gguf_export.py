@@ -12,6 +12,7 @@ permutation (``ecospa.io.gguf.permute``), which ``load_gguf`` undoes on the way 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from typing import Optional
@@ -115,6 +116,21 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
             "notes": notes}
 
 
+def _rope_metadata(gguf, writer, cfg):
+    """Write the RoPE scaling the llama.cpp way: ``linear`` as metadata; any other scaling as the
+    ``rope_freqs`` tensor of per-pair divisors (returned, written with the tensors), which is how
+    llama.cpp's converter writes Llama 3.x."""
+    spec = dict(cfg.rope_scaling or ())
+    if not spec:
+        return None
+    if spec["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(spec["factor"]))
+        return None
+    base = llama.inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    return (base / llama.inv_freq(cfg)).numpy().astype(np.float32)
+
+
 def gguf_leftovers(path: str) -> list:
     """Temporary files that killed exports to ``path`` left beside it."""
     directory, name = os.path.split(path)
@@ -141,6 +157,7 @@ def _write(gguf, path, sd, pcfg, tokenizer_info, dtype, np_dtype, name) -> None:
         writer.add_head_count_kv(pcfg.n_kv_heads)
         writer.add_rope_dimension_count(pcfg.head_dim)
         writer.add_rope_freq_base(float(pcfg.rope_theta))
+        rope_freqs = _rope_metadata(gguf, writer, pcfg)
         writer.add_layer_norm_rms_eps(float(pcfg.norm_eps))
         writer.add_vocab_size(pcfg.vocab_size)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -154,6 +171,8 @@ def _write(gguf, path, sd, pcfg, tokenizer_info, dtype, np_dtype, name) -> None:
                 w = permute(w, pcfg.n_kv_heads)
             arr = w.numpy().astype(np.float32 if w.ndim == 1 else np_dtype)  # norms stay f32
             writer.add_tensor(_gguf_name(hf_name), arr)
+        if rope_freqs is not None:
+            writer.add_tensor("rope_freqs.weight", rope_freqs)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

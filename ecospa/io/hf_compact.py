@@ -52,6 +52,8 @@ def to_hf_compact(params: dict, cfg) -> tuple:
             "layer_ffn_dims": ffn, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attention_bias,
             "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(params["embed"].dtype).removeprefix("torch.")}
+    if cfg.rope_scaling:  # the buffers hold the scaled frequencies; this is for coming back
+        conf["ecospa_rope_scaling"] = dict(cfg.rope_scaling)
     return sd, conf
 
 
@@ -83,6 +85,7 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
                        n_layers=n, n_heads=heads, n_kv_heads=cfg_int(config, "num_key_value_heads", heads),
                        head_dim=cfg_int(config, "head_dim"), ffn_dim=max(lists["layer_ffn_dims"]),
                        rope_theta=cfg_float(config, "rope_theta", 10000.0),
+                       rope_scaling=config.get("ecospa_rope_scaling"),
                        norm_eps=cfg_float(config, "rms_norm_eps", 1e-5),
                        attention_bias=bool(cfg_bool(config, "attention_bias", False)),
                        max_seq_len=cfg_int(config, "max_position_embeddings", 2048),

@@ -20,22 +20,30 @@ def _need(c: dict, key: str):
     return c[key]
 
 
-def _rope_theta(c: dict) -> float:
-    """rope_theta from transformers 4 (top level + rope_scaling) or 5 (rope_parameters)."""
+def _rope(c: dict) -> tuple:
+    """(rope_theta, rope_scaling or None) from transformers 4 (top-level rope_theta +
+    rope_scaling) or 5 (rope_parameters). Unsupported scalings are a ValueError naming them."""
+    spec = None
     for key in ("rope_parameters", "rope_scaling"):
-        spec = c.get(key)
-        if spec is None:
+        v = c.get(key)
+        if v is None:
             continue
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"config {key!r} must be an object or null, got {spec!r}")
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ValueError(f"rope type {kind!r} is not implemented (only plain RoPE); "
-                             "ecospa cannot reproduce this model's positions")
-    rp = c.get("rope_parameters") or {}
-    if rp.get("rope_theta") is not None:
-        return cfg_float(rp, "rope_theta", 10000.0)
-    return cfg_float(c, "rope_theta", 10000.0)
+        if not isinstance(v, Mapping):
+            raise ValueError(f"config {key!r} must be an object or null, got {v!r}")
+        if spec is None:
+            spec = v
+    theta = cfg_float(c, "rope_theta", 10000.0)
+    if spec is not None and spec.get("rope_theta") is not None:
+        theta = cfg_float(spec, "rope_theta", 10000.0)
+    if spec is None:
+        return theta, None
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    scaling = {k: v for k, v in spec.items() if k != "rope_theta"}
+    if kind == "dynamic":
+        raise ValueError("rope type 'dynamic' is not implemented: its frequencies change with the "
+                         "sequence length, which pruned layers (each keeping its own frequencies) "
+                         "cannot follow; ecospa cannot reproduce this model's positions")
+    return theta, llama._check_rope_scaling(scaling)
 
 
 def config_from_hf(config: Any, tied: Optional[bool] = None):
@@ -64,11 +72,12 @@ def config_from_hf(config: Any, tied: Optional[bool] = None):
         # ecospa attends over the full causal prefix: identical only within the window.
         max_len = min(max_len, cfg_int(c, "sliding_window", hi=2**40))
     tie = cfg_bool(c, "tie_word_embeddings")
+    theta, scaling = _rope(c)
     return llama.Config(
         vocab_size=cfg_int(c, "vocab_size"), dim=dim, n_layers=cfg_int(c, "num_hidden_layers"),
         n_heads=heads, n_kv_heads=cfg_int(c, "num_key_value_heads", heads),
         ffn_dim=cfg_int(c, "intermediate_size"), head_dim=cfg_int(c, "head_dim", max(1, dim // heads)),
-        rope_theta=_rope_theta(c), norm_eps=cfg_float(c, "rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling, norm_eps=cfg_float(c, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
         max_seq_len=max_len, name="llama")  # name = the family (checkpoints dispatch on it)
 
@@ -85,6 +94,13 @@ def config_to_hf(cfg, ffn_dim: int, dtype: torch.dtype) -> dict:
             "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_embeddings, "dtype": str(dtype).removeprefix("torch.")}
+    if cfg.rope_scaling:
+        scaling = dict(cfg.rope_scaling)
+        if scaling["rope_type"] == "factors":
+            raise ValueError("this model's RoPE scaling came from a GGUF's rope_freqs table, which "
+                             "transformers cannot express; export it as GGUF instead")
+        conf["rope_parameters"] = {**scaling, "rope_theta": cfg.rope_theta}
+        conf["rope_scaling"] = dict(scaling)  # transformers 4 reads this key
     if not cfg.attention_bias:
         conf.update(attention_bias=False, mlp_bias=False)
     return conf

@@ -119,8 +119,7 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
     if fmt == "hf-compact":
         return {"format": fmt, "path": path, "notes": [
             "load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"]}
-    qk_per_unit = 2 if fam.name == "llama" else 1  # a LLaMA qk unit is a rotary pair
-    widths = sorted({(qk_per_unit * p["wq"].shape[-1], p["wv"].shape[-1]) for p in params["layers"]})
+    widths = sorted({fam.kv_dims(p)[2:] for p in params["layers"]})  # (Dk, Dv) of each layer
     if widths != [(cfg.head_dim, cfg.head_dim)]:
         notes.append("pruned attention written padded with zeros (exact; computed at full head size)")
     mlp = {p[fam.ffn_in].shape[1] for p in params["layers"]}

@@ -3,8 +3,8 @@
 Convention (the usual "6N" accounting, made exact for pruned shapes):
 - one multiply-add = 2 FLOPs;
 - forward matmul FLOPs per token = 2 x (entries of every projection matrix of every layer:
-  llama wq wk wv wo w_gate w_up w_down; gpt2 wq wk wv wo w_in w_out) + 2 x vocab x dim for the
-  output head (tied or not); the embedding lookup counts 0;
+  the family's ``matmuls``, e.g. llama wq wk wv wo w_gate w_up w_down) + 2 x vocab x dim for
+  the output head (tied or not); the embedding lookup counts 0;
 - attention per sequence and layer = 2 T^2 (n_heads x qk dim) for the scores q k^T plus
   2 T^2 (n_heads x v dim) for probs @ v, over the full T x T square (the causal mask is not
   discounted; that is what a dense SDPA kernel computes); qk / v dims are the KEPT ones;
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-_LLAMA = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-_GPT2 = ("wq", "wk", "wv", "wo", "w_in", "w_out")
+from ecospa.func.families import family as _family
 
 
 def _shape(x) -> tuple:
@@ -33,27 +32,22 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def _layer_dims(layer: Mapping, family: str) -> tuple:
+def _layer_dims(layer: Mapping, fam) -> tuple:
     """(matmul weight entries, n_heads * qk dim, n_heads * v dim) of one layer."""
-    names = _LLAMA if family == "llama" else _GPT2
-    mat = sum(_numel(_shape(layer[k])) for k in names)
-    wq, wv = _shape(layer["wq"]), _shape(layer["wv"])
-    if family == "llama":  # wq [D, Hkv, G, 2, P], wv [D, Hkv, Dv]
-        heads = wq[1] * wq[2]
-        return mat, heads * wq[3] * wq[4], heads * wv[2]
-    return mat, wq[1] * wq[2], wv[1] * wv[2]  # gpt2: wq [D, H, Dk], wv [D, H, Dv]
+    mat = sum(_numel(_shape(layer[k])) for k in fam.matmuls)
+    h, g, dk, dv = fam.kv_dims(layer)
+    return mat, h * g * dk, h * g * dv
 
 
 def forward_flops(params: Mapping, family: str, batch_size: int, seq_len: int) -> int:
     """FLOPs of one forward pass over ``batch_size`` sequences of ``seq_len`` tokens."""
-    if family not in ("llama", "gpt2"):
-        raise ValueError(f"family must be 'llama' or 'gpt2', got {family!r}")
+    fam = _family(family)
     tokens = batch_size * seq_len
-    embed = _shape(params["embed"] if family == "llama" else params["wte"])
+    embed = _shape(params[fam.embed_leaf])
     head = _shape(params["lm_head"]) if "lm_head" in params else embed  # [V, D]
     total = 2 * tokens * _numel(head)
     for layer in params["layers"]:
-        mat, qk, v = _layer_dims(layer, family)
+        mat, qk, v = _layer_dims(layer, fam)
         total += 2 * tokens * mat + 2 * batch_size * seq_len * seq_len * (qk + v)
     return total
 
