@@ -85,7 +85,8 @@ def _check_config(root: Path, family: str, fields) -> None:
             continue
         ok = ((int in allowed and _is_int(v)) or (float in allowed and isinstance(v, (int, float))
               and not isinstance(v, bool)) or (bool in allowed and isinstance(v, bool))
-              or (str in allowed and isinstance(v, str)))
+              or (str in allowed and isinstance(v, str))
+              or (tuple in allowed and isinstance(v, list)))  # e.g. rope_scaling pairs: the Config checks them
         if not ok:
             names = "/".join(getattr(a, "__name__", str(a)) for a in allowed)
             raise bad(root, f"config field {k!r} is {v!r}, expected {names}")
