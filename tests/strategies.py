@@ -16,6 +16,7 @@ def llama_configs(draw):
                         n_heads=n_kv * group, n_kv_heads=n_kv, head_dim=2 * pairs,
                         ffn_dim=draw(st.integers(1, 7)), tie_embeddings=draw(st.booleans()),
                         attention_bias=draw(st.booleans()), rope_theta=draw(st.sampled_from([10.0, 1e4])),
+                        qk_norm=draw(st.booleans()),
                         init_std=0.3)
 
 

@@ -31,6 +31,9 @@ LLAMA_VARIANTS = {  # name: (model class, kwargs)
                                       head_dim=12)),
     "qwen2_gqa": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral_gqa": ("Mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # Qwen3: per-head q/k RMSNorm, head_dim independent of hidden_size (12 != 32 / 4)
+    "qwen3_gqa_hd12": ("Qwen3", dict(num_key_value_heads=2, tie_word_embeddings=False, head_dim=12)),
+    "qwen3_mha_tied": ("Qwen3", dict(num_key_value_heads=4, tie_word_embeddings=True)),
 }
 
 
@@ -115,6 +118,7 @@ def test_llama_forward_matches_transformers(variant, dtype):
     assert cfg.n_kv_heads == model.config.num_key_value_heads
     assert cfg.tie_embeddings == model.config.tie_word_embeddings
     assert cfg.attention_bias == variant.startswith("qwen2")
+    assert cfg.qk_norm == variant.startswith("qwen3")
     toks = tokens()
     close(llama.forward(params, toks, cfg), hf_logits(model, toks), HF)
 
@@ -246,6 +250,35 @@ def test_mlp_pruned_llama_exports_to_transformers(tmp_path, dtype):
     assert model.config.intermediate_size == 24
     toks = tokens()
     close(llama.forward(small, toks, cfg), hf_logits(model, toks), HF)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_pruned_qwen3_exports_padded_to_stock_transformers(tmp_path, dtype):
+    """Every coupled kind pruned, rotary pairs too: the per-head q/k norms keep the original
+    head_dim as their divisor, so the padded model (zero pairs) is the pruned one, exactly."""
+    from ecospa.jobs.export import export
+    model0 = hf_llama("qwen3_gqa_hd12", dtype)
+    cfg, params = io_llama.from_hf(model0.state_dict(), model0.config)
+    groups = llama.coupled_groups(cfg)
+    small = ecospa.pruner(groups, sparsity=0.5)(params, random_scores(params, groups, seed=5))
+    assert small["layers"][0]["q_norm"].shape == (2, 2, 3)  # 3 of 6 pairs kept per KV head
+    toks = tokens()
+    want = llama.forward(small, toks, cfg)
+    out = export(small, cfg, str(tmp_path / "padded"), "hf-padded")["path"]
+    model = _from_pretrained(out, dtype)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.head_dim == 12
+    close(hf_logits(model, toks), want, HF)
+    # the pruned model differs from the dense one (the test is not vacuous)
+    assert not torch.allclose(want, hf_logits(model0, toks), **HF[dtype])
+
+
+def test_qwen3_norms_trained_apart_per_head_cannot_go_to_transformers():
+    model0 = hf_llama("qwen3_gqa_hd12", torch.float32)
+    cfg, params = io_llama.from_hf(model0.state_dict(), model0.config)
+    layers = list(params["layers"])
+    layers[1] = {**layers[1], "k_norm": layers[1]["k_norm"] + torch.tensor([[[0.0]], [[0.1]]])}
+    with pytest.raises(ValueError, match="layer 1: k_norm differs between KV heads"):
+        io_llama.to_hf({**params, "layers": tuple(layers)}, cfg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

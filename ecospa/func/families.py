@@ -42,7 +42,7 @@ class Family:
     matmuls: tuple             # the layer's projection-matrix leaves (the FLOP counter)
     unit_sizes: Callable       # (cfg) -> {group kind: dense units per block} for "qk", "vo"
     slots: Callable = lambda p, cfg: {}          # (p, cfg) -> {kind: [H, k] original slot of each kept unit}
-    dense_buffers: Callable = lambda p, cfg: {}  # (p, cfg) -> {leaf: its dense value} (unpruned buffers)
+    dense_buffers: Callable = lambda p, cfg, slots: {}  # (p, cfg, slots) -> {leaf: dense value} of unmasked members
     buffers: frozenset = frozenset()  # leaf names that are buffers (never trained, kept >= fp32)
 
 

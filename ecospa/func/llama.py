@@ -9,6 +9,7 @@ axes so that coupled units are plain tensor axes:
       attn_norm [D]      wq [D, Hkv, G, 2, P]   wk [D, Hkv, 2, P]   inv_freq [Hkv, P]
       wv [D, Hkv, Dv]    wo [Hkv, G, Dv, D]     (bq [Hkv, G, 2, P], bk [Hkv, 2, P], bv [Hkv, Dv])
       mlp_norm [D]       w_gate [D, F]  w_up [D, F]  w_down [F, D]
+      (Qwen3, ``qk_norm``: q_norm [Hkv, 2, P], k_norm [Hkv, 2, P], per-head RMSNorm before RoPE)
     norm [D]
 
 G = query heads per KV head; P = rotary pairs per head (head_dim / 2). Axis 3 of wq (2) holds
@@ -49,6 +50,7 @@ class Config:
     max_seq_len: int = 2048
     init_std: float = 0.02
     rope_scaling: Optional[tuple] = None  # RoPE frequency scaling (see ``inv_freq``); a dict is accepted
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query/key head over the ORIGINAL head_dim, before RoPE
     name: str = field(default="llama", compare=False)
 
     def __post_init__(self):
@@ -195,6 +197,8 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
              "w_gate": w(D, F_), "w_up": w(D, F_), "w_down": w(F_, D)}
         if cfg.attention_bias:
             p.update(bq=w(Hkv, G, 2, P), bk=w(Hkv, 2, P), bv=w(Hkv, 2 * P))
+        if cfg.qk_norm:  # one weight per KV head (shared by its G query heads), pair by pair
+            p.update(q_norm=torch.ones(Hkv, 2, P, dtype=dtype), k_norm=torch.ones(Hkv, 2, P, dtype=dtype))
         return p
 
     params = {"embed": w(cfg.vocab_size, D), "layers": tuple(layer() for _ in range(cfg.n_layers)),
@@ -204,10 +208,24 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
     return params
 
 
-def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+def head_norm(x: torch.Tensor, w: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of x [..., 2, P] (a head's kept pairs) with weight w [..., 2, P].
+
+    The mean square divides by the ORIGINAL ``head_dim``, not by the kept 2P: a removed pair
+    is exactly a zero pair of the dense head, so the pruned layer computes what masking the
+    dense one does (float32 like transformers, cast back)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    ms = xf.pow(2).sum(dim=(-2, -1), keepdim=True) / head_dim
+    return w * (xf * torch.rsqrt(ms + eps)).to(x.dtype)
+
+
+def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: Config) -> tuple:
     """Rotated q [B, Hkv, G, T, 2P], k [B, Hkv, T, 2P] and v [B, Hkv, T, Dv] of one layer, with
     the rotary tables cos/sin [Hkv, T, P] of the tokens' positions."""
     q, k, v = (project(x, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+    if "q_norm" in p:  # q [B, T, Hkv, G, 2, P], k [B, T, Hkv, 2, P]
+        q = head_norm(q, p["q_norm"][:, None], cfg.norm_eps, cfg.head_dim)
+        k = head_norm(k, p["k_norm"], cfg.norm_eps, cfg.head_dim)
     q = q.permute(0, 2, 3, 1, 4, 5)  # [B, T, Hkv, G, 2, P] -> [B, Hkv, G, T, 2, P] (a view; the rotation writes it out)
     k = k.permute(0, 2, 1, 3, 4)  # [B, Hkv, T, 2, P]
     v = v.transpose(1, 2)  # [B, Hkv, T, Dv]
@@ -230,7 +248,7 @@ def _rope(p: dict, pos, T: int, dtype: torch.dtype) -> tuple:
 
 def _attn(p: dict, x: torch.Tensor, pos, cfg: Config, cache=None, **opts) -> tuple:
     x = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = qkv(p, x, *_rope(p, pos, x.shape[1], x.dtype))
+    q, k, v = qkv(p, x, *_rope(p, pos, x.shape[1], x.dtype), cfg)
     return attend(q, k, v, cfg.head_dim ** -0.5, pos, cache, **opts)
 
 
@@ -297,17 +315,36 @@ def slots(p: dict, cfg: Config) -> dict:
     return {"qk": idx}
 
 
-def dense_buffers(p: dict, cfg: Config) -> dict:
-    """The unpruned value of the layer's buffers: every head's full frequency table."""
+def dense_buffers(p: dict, cfg: Config, slots: dict) -> dict:
+    """The dense value of the layer's unmasked qk members: every head's full frequency table,
+    and (Qwen3) the head norms with each kept pair's weight at its slot. A slot a head removed
+    takes the weight another head kept there (the dense model shares one norm over its heads;
+    the zero pair it scales adds nothing), or 1 where no head kept it."""
     full = inv_freq(cfg).to(p["inv_freq"])
-    return {"inv_freq": full.expand(p["inv_freq"].shape[0], full.shape[0]).clone()}
+    out = {"inv_freq": full.expand(p["inv_freq"].shape[0], full.shape[0]).clone()}
+    for leaf in ("q_norm", "k_norm"):
+        if leaf in p:
+            w, idx = p[leaf], slots["qk"].to(p[leaf].device)  # w [Hkv, 2, P], idx [Hkv, P]
+            H, P0 = w.shape[0], cfg.head_dim // 2
+            dense = w.new_ones(H, 2, P0)
+            kept = torch.zeros(H, P0, dtype=torch.bool, device=w.device)
+            for h in range(H):
+                dense[h][:, idx[h]] = w[h]
+                kept[h, idx[h]] = True
+            for s in range(P0):
+                donors = torch.nonzero(kept[:, s])[:, 0]
+                if donors.numel():
+                    dense[~kept[:, s], :, s] = dense[donors[0], :, s].clone()
+            out[leaf] = dense
+    return out
 
 
 def coupled_groups(cfg: Config) -> tuple:
     """qk, vo and mlp groups of every layer (see ``ecospa.groups``).
 
     qk: unit = rotary pair p of KV head h: wq[:, h, :, :, p] (all G query heads), wk[:, h, :, p],
-        the biases, and inv_freq[h, p] (sliced, never masked).
+        the biases, inv_freq[h, p] and (Qwen3) q_norm[h, :, p], k_norm[h, :, p] (sliced, never
+        masked: a masked pair is zero before the norm, whose divisor stays the original head_dim).
     vo: unit = value dim e of KV head h: wv[:, h, e] and wo[h, :, e, :] (all G query heads).
     mlp: unit = hidden neuron j: w_gate[:, j], w_up[:, j], w_down[j, :].
     """
@@ -320,6 +357,9 @@ def coupled_groups(cfg: Config) -> tuple:
         if cfg.attention_bias:
             qk += [Member(L + ("bq",), 3, 0, "a"), Member(L + ("bk",), 2, 0, "b")]
             vo += [Member(L + ("bv",), 1, 0, "a")]
+        if cfg.qk_norm:  # the norm weights of a pair go with it (sliced, never masked)
+            qk += [Member(L + ("q_norm",), 2, 0, None, masked=False),
+                   Member(L + ("k_norm",), 2, 0, None, masked=False)]
         mlp = [Member(L + ("w_gate",), 1), Member(L + ("w_up",), 1, None, "a"),
                Member(L + ("w_down",), 0, None, "b")]
         groups += [Group(f"layers.{i}.qk", "qk", tuple(qk)), Group(f"layers.{i}.vo", "vo", tuple(vo)),

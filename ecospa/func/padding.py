@@ -77,7 +77,7 @@ def pad(params: dict, cfg) -> tuple:
             size, index = sizes[g.kind], slots.get(g.kind)
             for m in g.members:
                 if not m.masked:
-                    continue  # a buffer: its dense value comes from ``dense_buffers``
+                    continue  # a buffer or norm: its dense value comes from ``dense_buffers``
                 x = p[m.path[2]]
                 if x.shape[m.unit_axis] > size:
                     raise ValueError(f"{'.'.join(map(str, m.path))}: a width of {x.shape[m.unit_axis]} "
@@ -87,7 +87,7 @@ def pad(params: dict, cfg) -> tuple:
                                                                           device=x.device), size)
                 else:
                     q[m.path[2]] = _scatter(x, m.unit_axis, index.to(x.device), size, m.block_axis)
-        q.update(fam.dense_buffers(p, cfg))
+        q.update(fam.dense_buffers(p, cfg, slots))
         layers.append(q)
     return {**params, "layers": tuple(layers)}, dataclasses.replace(cfg, ffn_dim=F_)
 

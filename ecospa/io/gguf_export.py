@@ -83,6 +83,9 @@ def save_gguf(params: dict, cfg, path: str, tokenizer_info: Optional[dict] = Non
     if cfg.attention_bias:
         raise ValueError("GGUF export of models with q/k/v biases (Qwen2-style) is not supported: "
                          "llama.cpp's llama architecture has no attention biases")
+    if cfg.qk_norm:
+        raise ValueError("GGUF export of Qwen3 (q/k norms) is not supported: llama.cpp's llama "
+                         "architecture has no q/k norms; use --format hf-padded")
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
     path = os.path.abspath(os.fspath(path))

@@ -30,6 +30,9 @@ def to_hf_compact(params: dict, cfg) -> tuple:
     if not isinstance(cfg, llama.Config):
         raise ValueError(f"hf-compact supports the llama family only, got {type(cfg).__name__}; "
                          "use the hf-padded format")
+    if cfg.qk_norm:
+        raise ValueError("hf-compact does not support Qwen3's q/k norms yet; use --format hf-padded "
+                         "(stock Qwen3ForCausalLM, exact)")
     D = cfg.dim
     sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
     if not cfg.tie_embeddings:

@@ -11,7 +11,7 @@ import torch
 from ecospa.func import llama
 from ecospa.io._hf_common import as_dict, cfg_bool, cfg_float, cfg_int, cfg_str
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _need(c: dict, key: str):
@@ -59,6 +59,9 @@ def config_from_hf(config: Any, tied: Optional[bool] = None):
         raise ValueError("mlp_bias=True is not supported: ecospa's LLaMA MLP has no biases")
     if cfg_bool(c, "use_sliding_window", False) and kind == "qwen2":
         raise ValueError("Qwen2 sliding-window attention is not implemented; use full attention")
+    if kind == "qwen3" and (cfg_bool(c, "use_sliding_window", False)
+                            or any(t != "full_attention" for t in (c.get("layer_types") or []))):
+        raise ValueError("Qwen3 sliding-window attention is not implemented; use full attention")
     if kind != "qwen2" and cfg_bool(c, "attention_bias", False):
         raise ValueError("attention_bias=True puts a bias on o_proj, which ecospa does not "
                          "represent (Qwen2-style q/k/v biases are supported)")
@@ -79,14 +82,18 @@ def config_from_hf(config: Any, tied: Optional[bool] = None):
         ffn_dim=cfg_int(c, "intermediate_size"), head_dim=cfg_int(c, "head_dim", max(1, dim // heads)),
         rope_theta=theta, rope_scaling=scaling, norm_eps=cfg_float(c, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(tied if tie is None else tie), attention_bias=kind == "qwen2",
+        qk_norm=kind == "qwen3",
         max_seq_len=max_len, name="llama")  # name = the family (checkpoints dispatch on it)
 
 
 def config_to_hf(cfg, ffn_dim: int, dtype: torch.dtype) -> dict:
     """The config.json of an export: LLaMA, or Qwen2 when the model has q/k/v biases;
     ``ffn_dim`` is the (uniform) MLP width of the tree, ``dtype`` its weights' dtype."""
-    kind = "qwen2" if cfg.attention_bias else "llama"
-    conf = {"architectures": ["Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"],
+    if cfg.qk_norm and cfg.attention_bias:
+        raise ValueError("no transformers model has both Qwen3's q/k norms and Qwen2's q/k/v biases")
+    kind = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
+    arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[kind]
+    conf = {"architectures": [arch],
             "model_type": kind, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
             "intermediate_size": ffn_dim, "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
@@ -103,6 +110,8 @@ def config_to_hf(cfg, ffn_dim: int, dtype: torch.dtype) -> dict:
         conf["rope_scaling"] = dict(scaling)  # transformers 4 reads this key
     if not cfg.attention_bias:
         conf.update(attention_bias=False, mlp_bias=False)
+    if cfg.qk_norm:
+        conf.update(use_sliding_window=False, layer_types=["full_attention"] * cfg.n_layers)
     return conf
 
 
