@@ -12,11 +12,12 @@ def llama_configs(draw):
     n_kv = draw(st.integers(1, 3))
     group = draw(st.integers(1, 3))  # query heads per KV head: 1 = MHA, n_kv = 1 = MQA
     pairs = draw(st.integers(1, 3))  # rotary pairs per head
+    bias = draw(st.booleans())  # Qwen2-style q/k/v biases, or (no real model has both) Qwen3 q/k norms
     return llama.Config(vocab_size=11, dim=draw(st.integers(2, 10)), n_layers=draw(st.integers(1, 2)),
                         n_heads=n_kv * group, n_kv_heads=n_kv, head_dim=2 * pairs,
                         ffn_dim=draw(st.integers(1, 7)), tie_embeddings=draw(st.booleans()),
-                        attention_bias=draw(st.booleans()), rope_theta=draw(st.sampled_from([10.0, 1e4])),
-                        qk_norm=draw(st.booleans()),
+                        attention_bias=bias, rope_theta=draw(st.sampled_from([10.0, 1e4])),
+                        qk_norm=not bias and draw(st.booleans()),
                         init_std=0.3)
 
 
