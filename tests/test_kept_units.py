@@ -232,3 +232,39 @@ def test_golden_depth_ramp_on_equal_layers():
     counts = allocation.counts("depth", params, groups, scores, 0.6 * 72)
     assert [counts[f"layers.{i}.a"] for i in range(3)] == [3, 2, 2]
     assert [counts[f"layers.{i}.b"] for i in range(3)] == [2, 2, 1]
+
+
+def test_golden_depth_ramp_meets_the_budget_on_unequal_layers():
+    """Layers of unequal cost (44, 44, 32: the last one already pruned, as in a later round):
+    keep 72 of 120. The fractions removed must still ramp 0.5x..1.5x AND remove 48: the mean m
+    solves m (0.5 x 44 + 1.0 x 44 + 1.5 x 32) = 48, m = 48/114: removed 0.211 / 0.421 / 0.632.
+    a: round(6.32, 4.63, 1.47) = 6, 5, 1; b: round(3.95, 2.89, 1.84) = 4, 3, 2: exactly 72.
+    The unweighted mean (0.4) removes only 45.6 before rounding and keeps 75 here (a[2] = 2)."""
+    params, groups = _tree([8, 8, 4], [5, 5, 5])
+    scores = {n: torch.arange(u, dtype=torch.float64).expand(b, u) for n, (b, u) in validate(params, groups).items()}
+    counts = allocation.counts("depth", params, groups, scores, 72)
+    assert [counts[f"layers.{i}.a"] for i in range(3)] == [6, 5, 1]
+    assert [counts[f"layers.{i}.b"] for i in range(3)] == [4, 3, 2]
+    assert _cost(params, groups, counts) == 72
+
+
+@pytest.mark.parametrize("how", allocation.ALLOCATIONS)
+def test_every_variant_meets_a_two_round_budget_within_rounding(how):
+    """``compress --rounds 2 --allocation HOW``: after the second round the removed fraction of
+    the DENSE groups' parameters is the budget, within half a column of every group (the whole
+    units a count is rounded to). Wide groups, so rounding is small: a ramp that misses the budget
+    by about one percent (the depth ramp on a tree pruned unevenly by round 1) fails."""
+    cfg = llama.Config(vocab_size=11, dim=8, n_layers=8, n_heads=2, n_kv_heads=1, head_dim=64, ffn_dim=800,
+                       init_std=0.3)
+    params, groups = llama.init(cfg, 0), llama.coupled_groups(cfg)
+    dense = dense_sizes(params, groups)
+    total = sum(v[1] for v in dense.values())
+    gen = torch.Generator().manual_seed(0)
+    for target in (0.25, 0.5):
+        sizes = validate(params, groups)
+        half_columns = sum(0.5 * sizes[g.name][0] * g.numel_per_unit(params) for g in groups)
+        scores = {n: torch.rand(*bn, generator=gen, dtype=torch.float64) for n, bn in sizes.items()}
+        counts = round_target(target, groups, dense, params, by="budget", scores=scores, allocation=how)["counts"]
+        params = ecospa.slice_units(params, groups, ecospa.select(params, groups, scores, counts=counts))
+        kept = sum(v[1] for v in dense_sizes(params, groups).values())
+        assert abs(kept - (1 - target) * total) <= half_columns, (how, target, 1 - kept / total)
