@@ -16,7 +16,9 @@ MLP width of 550 runs slower than one of 552.
 - ``protect`` (LLM-Pruner-style): the first ``ceil(L/8)`` and last ``ceil(L/16)`` layers keep
   every unit; ``global`` allocates the rest of the budget over the other layers.
 - ``depth`` (SlimGPT-style): the fraction removed grows linearly with depth, from 0.5x to 1.5x
-  the mean fraction (at most 0.95), uniform within a layer; the scores only pick the units.
+  a mean fraction (at most 0.95), uniform within a layer; the mean is the one that removes the
+  budget (weighted by each layer's cost: the layers of a tree pruned in an earlier round differ);
+  the scores only pick the units.
 
     counts = allocation.counts("zscore", params, groups, scores, max_params=0.5 * group_params)
 """
@@ -143,11 +145,15 @@ def counts(how: str, params: Params, groups: Sequence[Group], scores: Scores, ma
         if rest:
             out.update(greedy(rest, cost, {n: _columns(s[n]) / cost[n] for n in rest}, left, multiple_of=m))
         return out
-    mean = max(0.0, 1.0 - max_params / total) if total else 0.0
+    ramp = {n: 0.5 + (layers[n] / (n_layers - 1) if n_layers > 1 else 0.5) for n in names}
+    # the mean fraction m that removes the budget: m x sum(ramp x cost) = total - max_params (on
+    # layers of equal cost, sum(ramp x cost) = total; a tree pruned in an earlier round has
+    # cheaper later layers, and the unweighted mean would remove too little)
+    weighted = sum(ramp[n] * cost[n] * sizes[n][1] for n in names)
+    mean = max(0.0, total - max_params) / weighted if weighted else 0.0
     out = {}
     for n in names:
-        ramp = 0.5 + (layers[n] / (n_layers - 1) if n_layers > 1 else 0.5)
-        frac = min(0.95, mean * ramp)
+        frac = min(0.95, mean * ramp[n])
         out[n] = aligned(round((1.0 - frac) * sizes[n][1]), sizes[n][1], m[n])
     return out
 
