@@ -1,0 +1,218 @@
+"""Numeric options at NON-neutral values (issue 24, "Options only tested at their neutral value"):
+each checked against a hand computation at a value where a plausible wrong formula differs.
+
+- sampling temperature at 0.5 and 2.0 (``logits / T`` vs ``logits * T`` agree only at 1), with
+  top-k: the probabilities handed to the sampler, in ``sample``, ``generate`` and the CLI;
+- the obs/refit ridge at 0.37 (not the default 0.1): the obs score of every MLP neuron equals a
+  brute-force refit without it, with lam = ridge x mean(diag HᵀH); ``--ridge`` reaches both;
+- the recovery LR schedule (``--lr-schedule cosine --warmup 2``) and the training LR options
+  (``lr``, ``lr_warmup``, ``min_lr_ratio``, betas, weight decay, clipping) as the optimizer gets them.
+(The distillation weight at 0.3 is in ``test_provenance.py``.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ecospa.jobs.compress as job_mod
+from ecospa import cli, optim
+from ecospa.func import llama
+from ecospa.func.reconstruct import obs_scores
+from ecospa.io import checkpoint
+from ecospa.io.data import ByteTokenizer
+from ecospa.io.load import encode
+from ecospa.jobs.compress import Job, compress
+from ecospa.jobs.generate import generate, sample
+from ecospa.schedule import PruneSchedule
+from ecospa.train import TrainConfig, train
+from ecospa.train import loop as train_mod
+from tolerances import close
+
+CFG = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=8, max_seq_len=64,
+                   init_std=0.5)
+
+
+def _hand_probs(logits: torch.Tensor, temperature: float, top_k=None) -> torch.Tensor:
+    """softmax(logits / T) over the top_k largest logits (float64)."""
+    z = logits.double() / temperature
+    if top_k is not None:
+        cut = z.sort(-1, descending=True).values[..., top_k - 1:top_k]
+        z = z.masked_fill(z < cut, float("-inf"))
+    return z.softmax(-1)
+
+
+@pytest.fixture
+def sampler_probs(monkeypatch):
+    """Every probability matrix ``torch.multinomial`` is asked to sample from."""
+    seen = []
+    real = torch.multinomial
+
+    def spy(probs, *a, **k):
+        seen.append(probs.detach().clone())
+        return real(probs, *a, **k)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return seen
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sample_draws_from_softmax_of_logits_over_temperature(sampler_probs, temperature, top_k):
+    """Kills ``logits * temperature`` (agrees with ``/`` only at 1) and a top-k cut after the
+    softmax or off by one (k - 1 or k + 1 tokens)."""
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.2, 0.9, 1.9], [1.0, -0.5, 0.0, 0.7, 2.5, -2.0]])
+    sample(logits, temperature, top_k, torch.Generator().manual_seed(0))
+    (probs,) = sampler_probs
+    close(probs, _hand_probs(logits, temperature, top_k).float())
+    assert ((probs > 0).sum(-1) == (top_k or logits.shape[1])).all()
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, 4)])
+def test_generate_samples_each_token_at_the_temperature(sampler_probs, temperature, top_k):
+    """Every step of ``generate`` samples from softmax(full-forward logits / T) of the sequence so
+    far. Kills ``generate`` passing another temperature/top-k to the sampler, or sampling from
+    the logits of the wrong position."""
+    params = llama.init(CFG, seed=0)
+    prompt = torch.tensor([[5, 80, 17, 3]])
+    out = generate(params, CFG, prompt, 4, temperature=temperature, top_k=top_k, seed=1)
+    assert len(sampler_probs) == 4
+    for i, probs in enumerate(sampler_probs):
+        logits = llama.forward(params, out[:, :4 + i], CFG)[:, -1]
+        close(probs, _hand_probs(logits, temperature, top_k).float())
+
+
+def test_cli_temperature_and_top_k_reach_the_sampler(sampler_probs, tmp_path, capsys):
+    """``ecospa generate --temperature 0.5 --top-k 3``: the first draw is from the hand-computed
+    distribution of the prompt's last logits. Kills the CLI dropping or swapping the flags."""
+    params = llama.init(CFG, seed=0)
+    model = checkpoint.save(tmp_path / "ck", params, CFG)
+    rc = cli.main(["generate", "--model", str(model), "--prompt", "def f", "--max-new-tokens", "1",
+                   "--temperature", "0.5", "--top-k", "3", "--seed", "4"])
+    assert rc == 0, capsys.readouterr().err
+    ids = encode(ByteTokenizer(), "def f")[None]
+    (probs,) = sampler_probs
+    close(probs, _hand_probs(llama.forward(params, ids, CFG)[:, -1], 0.5, 3).float())
+
+
+# --- the obs / refit ridge -----------------------------------------------------------------------
+
+def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit(monkeypatch):
+    """The obs score of MLP neuron u: the calibration error left when u is removed and the other
+    neurons' output rows are refit, ||H_R W' - H W||^2 + lam ||W' - W_R||^2 + lam ||w_u||^2 at its
+    minimum, lam = 0.37 x mean(diag HᵀH). Solved here per neuron by least squares (no inverse of
+    the full Gram). Kills lam = ridge (not relative), the default ridge, or a Gram without lam."""
+    cfg = dataclasses.replace(CFG, vocab_size=64)
+    params = llama.init(cfg, seed=2, dtype=torch.float64)
+    groups = llama.coupled_groups(cfg)
+    batches = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    seen = []
+    real_mlp = llama._mlp
+    monkeypatch.setattr(llama, "_mlp", lambda p, x: seen.append(x) or real_mlp(p, x))
+    for b in batches:
+        llama.hidden(params, b, cfg)
+    monkeypatch.undo()
+    p = params["layers"][0]
+    h = torch.cat([(F.silu(x @ p["w_gate"]) * (x @ p["w_up"])).reshape(-1, cfg.ffn_dim) for x in seen])
+    w = p["w_down"]
+    gram = h.T @ h
+    ridge = 0.37
+    lam = ridge * float(gram.diagonal().mean())
+    want = []
+    for u in range(cfg.ffn_dim):
+        rest = [j for j in range(cfg.ffn_dim) if j != u]
+        hr, wr = h[:, rest], w[rest]
+        a = hr.T @ hr + lam * torch.eye(len(rest), dtype=torch.float64)
+        w_new = torch.linalg.solve(a, hr.T @ (h @ w) + lam * wr)
+        want.append(float((hr @ w_new - h @ w).pow(2).sum() + lam * (w_new - wr).pow(2).sum()
+                          + lam * w[u].pow(2).sum()))
+    got = obs_scores(params, cfg, groups, batches, ridge=ridge)["layers.0.mlp"]
+    close(got, torch.tensor([want], dtype=torch.float64))
+    default = obs_scores(params, cfg, groups, batches)["layers.0.mlp"]
+    assert not torch.allclose(default, got, rtol=1e-3)  # the ridge matters at this size
+
+
+def test_ridge_flag_reaches_the_obs_scores_and_the_refit(monkeypatch):
+    """``Job(ridge=0.37)``: both consumers get 0.37. Kills a call that drops ``ridge=job.ridge``
+    (each then runs at its own default, 1e-2)."""
+    seen = {}
+    for name in ("obs_scores", "reconstruct"):
+        real = getattr(job_mod, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            seen[_name] = k.get("ridge")
+            return _real(*a, **k)
+
+        monkeypatch.setattr(job_mod, name, spy)
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    cfg = dataclasses.replace(CFG, ffn_dim=24, n_layers=2)
+    compress(Job("tiny", budget=0.3, ridge=0.37, rank_by="obs", reconstruct=True, steps=0, batch_size=2,
+                 seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(),
+                 ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    assert seen == {"obs_scores": 0.37, "reconstruct": 0.37}
+
+
+# --- learning-rate options -----------------------------------------------------------------------
+
+def _cosine(peak, warmup, total, floor, step):
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine to ``floor`` x peak at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@pytest.fixture
+def adamw_args(monkeypatch):
+    """The arguments of every ``optim.adamw`` call."""
+    calls = []
+    real = optim.adamw
+
+    def spy(lr, **kw):
+        calls.append(dict(kw, lr=lr))
+        return real(lr, **kw)
+
+    monkeypatch.setattr(optim, "adamw", spy)
+    return calls
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_recovery_lr_schedule_and_warmup(adamw_args, schedule):
+    """``--lr 3e-3 --lr-schedule cosine --warmup 2`` over 6 steps: lr(s) = 3e-3 (s+1)/2 for s < 2,
+    then cosine to 10% at step 6; constant: 3e-3 at every step. Kills a warm-up that starts at 0
+    (s / w), a cosine over the whole run instead of after the warm-up, or ``--warmup`` ignored."""
+    cfg = dataclasses.replace(CFG, n_layers=2)
+    params = llama.init(cfg, seed=0)
+    job = Job("tiny", budget=0.3, lr=3e-3, lr_schedule=schedule, warmup=2, steps=6, batch_size=2, seq_len=8,
+              progress=False)
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
+    loss = job_mod.lm_loss(llama.forward, cfg)
+    job_mod.recover(loss, params, ids, job, 6, seed=0)
+    (call,) = adamw_args
+    assert call["weight_decay"] == 0.0
+    lr = call["lr"]
+    want = [_cosine(3e-3, 2, 6, 0.1, s) if schedule == "cosine" else 3e-3 for s in range(8)]
+    got = [lr(s) if callable(lr) else lr for s in range(8)]
+    assert got == pytest.approx(want, rel=1e-12)
+    if schedule == "cosine":
+        assert got[0] == pytest.approx(1.5e-3) and got[6] == pytest.approx(3e-4)
+
+
+def test_training_lr_options_reach_the_optimizer(adamw_args, tmp_path):
+    """``TrainConfig(lr=0.02, lr_warmup=3, min_lr_ratio=0.3, b1=0.8, b2=0.97, weight_decay=0.05,
+    clip_norm=0.7)``: the optimizer gets those betas, decay and clipping, and the lr schedule of
+    the hand formula at every step (warm-up, then cosine to 30% at step 10). Kills the default
+    floor (0.1) in place of ``min_lr_ratio``, b1/b2 swapped, or the warm-up length ignored."""
+    cfg = TrainConfig(model=dataclasses.replace(CFG, n_layers=2), batch_size=2, seq_len=8, steps=10, lr=0.02,
+                      lr_warmup=3, min_lr_ratio=0.3, b1=0.8, b2=0.97, weight_decay=0.05, clip_norm=0.7,
+                      eval_every=10, eval_batches=1, log_every=5, out=str(tmp_path),
+                      prune=PruneSchedule(warmup_steps=1, window=1, rounds=0, sparsity=0.5))
+    train(cfg, until=1, progress=False)
+    (call,) = adamw_args
+    assert (call["b1"], call["b2"], call["weight_decay"], call["clip_norm"]) == (0.8, 0.97, 0.05, 0.7)
+    assert [call["lr"](s) for s in range(12)] == pytest.approx([_cosine(0.02, 3, 10, 0.3, s) for s in range(12)],
+                                                               rel=1e-12)
+    assert train_mod.opt_lr(cfg, 5) == pytest.approx(_cosine(0.02, 3, 10, 0.3, 5), rel=1e-12)  # as logged
