@@ -12,11 +12,83 @@ import torch
 import ecospa
 from ecospa.func import gpt2, llama
 from ecospa.func.padding import compact
+from ecospa.io.data import ByteTokenizer
 from ecospa.schedule import PruneSchedule
 from ecospa.train import TrainConfig, train
 from ecospa.train import loop as train_mod
 from strategies import random_scores
 from tolerances import EXACT, HF, close
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+# --- the lm-eval adapter past its window ---------------------------------------------------------
+
+LM_CFG = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=16, max_seq_len=32, init_std=0.3)
+
+
+def _lm(max_length=16, cfg=LM_CFG, module=llama):
+    pytest.importorskip("lm_eval")
+    from ecospa.jobs.harness import EcospaLM
+    return EcospaLM(loaded=(cfg, module.init(cfg, seed=0), ByteTokenizer()), max_length=max_length, batch_size=3)
+
+
+def test_loglikelihood_past_the_window_keeps_the_continuation_and_the_last_context(monkeypatch):
+    """A 40-token context with max_length 16: the continuation is scored on the LAST 13 context
+    tokens (16 inputs predict 16 tokens, the last 3 the continuation), in the same batch as a short
+    request (right padding must not leak). The model never sees more than 16 tokens. Kills a
+    truncation from the right (dropping the continuation) or one that keeps max_length + 1 inputs."""
+    lm = _lm(16)
+    seen = []
+    real = lm.forward
+    lm.forward = lambda p, x, c: seen.append(x.shape[1]) or real(p, x, c)
+    ctx, cont = "".join(chr(97 + i % 26) for i in range(40)), "xyz"
+    (got, _), (short, _) = lm.loglikelihood([_Req(ctx, cont), _Req("ab", "c")])
+    assert max(seen) <= 16
+    ids = ByteTokenizer().encode(ctx + cont)[-17:]
+    logp = torch.log_softmax(llama.forward(lm.params, ids[None, :-1], LM_CFG)[0].float(), -1)
+    want = logp[-3:].gather(-1, ids[-3:, None]).sum()
+    close(torch.tensor(got), want)
+    full = ByteTokenizer().encode(ctx + cont)  # the whole context (past the window) gives another number
+    logp_full = torch.log_softmax(llama.forward(lm.params, full[None, :-1], LM_CFG)[0].float(), -1)
+    assert abs(float(logp_full[-3:].gather(-1, full[-3:, None]).sum()) - got) > 1e-4
+    ids = ByteTokenizer().encode("abc")
+    logp = torch.log_softmax(llama.forward(lm.params, ids[None, :-1], LM_CFG)[0].float(), -1)
+    close(torch.tensor(short), logp[-1, ids[-1]])
+
+
+@pytest.mark.parametrize("max_gen_toks", [8, 15, 16, 20])
+def test_generate_until_keeps_prompt_and_generation_inside_the_window(monkeypatch, max_gen_toks):
+    """A 40-token context, max_length 16: the prompt is the context's last max(1, 16 - N) tokens
+    and prompt + generation fit in 16. Before: N >= max_length sliced ``ids[-0:]`` (the whole
+    context) or ``ids[4:]``, and the request failed with 'max_new_tokens ... got -8'."""
+    import ecospa.jobs.harness as harness
+    lm = _lm(16)
+    seen = []
+    real = harness.generate
+    monkeypatch.setattr(harness, "generate", lambda p, c, prompt, n, t: seen.append((prompt, n))
+                        or real(p, c, prompt, n, t))
+    ctx = "".join(chr(97 + i % 26) for i in range(40))
+    (text,) = lm.generate_until([_Req(ctx, {"max_gen_toks": max_gen_toks})])
+    (prompt, n), = seen
+    keep = max(1, 16 - max_gen_toks)
+    assert prompt[0].tolist() == ByteTokenizer().encode(ctx)[-keep:].tolist()
+    assert prompt.shape[1] + n <= 16 and n == min(max_gen_toks, 16 - keep)
+    assert isinstance(text, str)
+
+
+def test_max_length_past_the_models_window_is_refused():
+    """--max-length 100 on a model of 32 positions: a clear error when the adapter is built, not
+    GPT-2's position lookup failing on the first long request, nor LLaMA silently running past
+    the positions it was trained on."""
+    for module, cfg in ((llama, LM_CFG), (gpt2, gpt2.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2,
+                                                             ffn_dim=16, max_seq_len=32))):
+        with pytest.raises(ValueError, match="max_length 100.*32"):
+            _lm(100, cfg, module)
+    assert _lm(32).max_length == 32
 
 
 # --- compact with heads that keep different numbers of dims --------------------------------------
