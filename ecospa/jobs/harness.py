@@ -14,7 +14,10 @@ The ``hf-padded`` export works with lm-eval's own ``hf`` model type as well
 Conventions (so scores agree with ``ecospa eval``): ``loglikelihood_rolling`` scores every token
 after the first, in the same non-overlapping windows of ``max_length`` predictions that
 ``ecospa.io.data.windows`` defines (a shorter last window covers the tail); ``loglikelihood`` conditions a
-continuation on the last ``max_length`` tokens of context + continuation.
+continuation on the last ``max_length`` tokens of context + continuation; ``generate_until``
+keeps the last context tokens that leave room for ``max_gen_toks`` new ones in ``max_length``
+(at least one; fewer new tokens when ``max_gen_toks`` alone fills the window). ``max_length``
+may not exceed the model's ``max_seq_len``.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised only without 
     raise ModuleNotFoundError("ecospa.jobs.harness needs lm-eval: pip install 'ecospa[eval]'",
                               name=err.name) from err
 
+from ecospa.errors import UsageError
 from ecospa.func.families import family_of
 from ecospa.io import load
 from ecospa.io.load import encode
@@ -53,6 +57,9 @@ class EcospaLM(LM):
             raise ValueError("this model has no tokenizer; lm-eval needs text in and out")
         self.forward = family_of(self.cfg).forward
         self.max_length = int(max_length or min(self.cfg.max_seq_len, 2048))
+        if self.max_length > self.cfg.max_seq_len:  # GPT-2 has no positions past it, LLaMA was not trained there
+            raise UsageError(f"max_length {self.max_length} exceeds the model's window of {self.cfg.max_seq_len} "
+                             f"positions (max_seq_len); use --max-length {self.cfg.max_seq_len} or less")
         self.batch_size = int(batch_size)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -112,8 +119,9 @@ class EcospaLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 64))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            ids = self._ids(context)[-(self.max_length - max_new):] or [0]
-            max_new = min(max_new, self.cfg.max_seq_len - len(ids))
+            # the last context tokens that leave room for the generation in the window (at least one)
+            ids = self._ids(context)[-max(1, self.max_length - max_new):] or [0]
+            max_new = min(max_new, self.max_length - len(ids))
             seq = generate(self.params, self.cfg, torch.tensor([ids]), max_new, temperature)
             text = self.tok.decode(seq[0, len(ids):].tolist())
             for stop in until:
