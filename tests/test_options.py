@@ -100,7 +100,7 @@ def test_cli_temperature_and_top_k_reach_the_sampler(sampler_probs, tmp_path, ca
 
 # --- the obs / refit ridge -----------------------------------------------------------------------
 
-def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit(monkeypatch):
+def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit():
     """The obs score of MLP neuron u: the calibration error left when u is removed and the other
     neurons' output rows are refit, ||H_R W' - H W||^2 + lam ||W' - W_R||^2 + lam ||w_u||^2 at its
     minimum, lam = 0.37 x mean(diag HᵀH). Solved here per neuron by least squares (no inverse of
@@ -109,14 +109,12 @@ def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit(monkeypatch
     params = llama.init(cfg, seed=2, dtype=torch.float64)
     groups = llama.coupled_groups(cfg)
     batches = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    seen = []
-    real_mlp = llama._mlp
-    monkeypatch.setattr(llama, "_mlp", lambda p, x: seen.append(x) or real_mlp(p, x))
-    for b in batches:
-        llama.hidden(params, b, cfg)
-    monkeypatch.undo()
     p = params["layers"][0]
-    h = torch.cat([(F.silu(x @ p["w_gate"]) * (x @ p["w_up"])).reshape(-1, cfg.ffn_dim) for x in seen])
+    # the MLP's input, from public functions only: with w_down = 0 and a final norm of ones, the
+    # final hidden state is rms_norm(residual after attention) (same eps), the MLP's input / mlp_norm
+    probe = {**params, "norm": torch.ones_like(params["norm"]), "layers": ({**p, "w_down": torch.zeros_like(p["w_down"])},)}
+    xs = [llama.hidden(probe, b, cfg) * p["mlp_norm"] for b in batches]
+    h = torch.cat([(F.silu(x @ p["w_gate"]) * (x @ p["w_up"])).reshape(-1, cfg.ffn_dim) for x in xs])
     w = p["w_down"]
     gram = h.T @ h
     ridge = 0.37
