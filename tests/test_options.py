@@ -6,7 +6,8 @@ each checked against a hand computation at a value where a plausible wrong formu
 - the obs/refit ridge at 0.37 (not the default 0.1): the obs score of every MLP neuron equals a
   brute-force refit without it, with lam = ridge x mean(diag HᵀH); ``--ridge`` reaches both;
 - the recovery LR schedule (``--lr-schedule cosine --warmup 2``) and the training LR options
-  (``lr``, ``lr_warmup``, ``min_lr_ratio``, betas, weight decay, clipping) as the optimizer gets them.
+  (``lr``, ``lr_warmup``, ``min_lr_ratio``, betas, weight decay, clipping) as the optimizer gets them;
+- ``--rounds 3``: the linear ramp of the target over the rounds; lm-eval's sampling temperature.
 (The distillation weight at 0.3 is in ``test_provenance.py``.)
 """
 from __future__ import annotations
@@ -214,3 +215,46 @@ def test_training_lr_options_reach_the_optimizer(adamw_args, tmp_path):
     assert [call["lr"](s) for s in range(12)] == pytest.approx([_cosine(0.02, 3, 10, 0.3, s) for s in range(12)],
                                                                rel=1e-12)
     assert train_mod.opt_lr(cfg, 5) == pytest.approx(_cosine(0.02, 3, 10, 0.3, 5), rel=1e-12)  # as logged
+
+
+def test_rounds_ramp_the_target_linearly_to_the_final_one(monkeypatch):
+    """``--rounds 3 --sparsity 0.6``: round r keeps round((1 - 0.6 r/3) x dense units) per group
+    (4 rotary pairs: 3, 2, 2; 8 V dims: 6, 5, 3; 24 MLP neurons: 19, 14, 10). Kills every round
+    at the final target (no ramp) and a ramp one round late ((r - 1) / rounds)."""
+    widths = []
+    real = job_mod.slice_units
+
+    def spy(tree, groups, keep):
+        widths.append({kind: {k.shape[1] for name, k in keep.items() if name.endswith("." + kind)}
+                       for kind in ("qk", "vo", "mlp")})
+        return real(tree, groups, keep)
+
+    monkeypatch.setattr(job_mod, "slice_units", spy)
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    cfg = dataclasses.replace(CFG, ffn_dim=24, n_layers=2, head_dim=8)
+    compress(Job("tiny", sparsity=0.6, rounds=3, rank_by="estimator", reconstruct=False, steps=0, batch_size=2,
+                 seq_len=16, calib_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(), ppl_dense=1.0,
+                 progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    assert widths == [{"qk": {3}, "vo": {6}, "mlp": {19}}, {"qk": {2}, "vo": {5}, "mlp": {14}},
+                      {"qk": {2}, "vo": {3}, "mlp": {10}}]
+
+
+def test_harness_generation_samples_at_the_requested_temperature(sampler_probs):
+    """lm-eval's ``do_sample=True, temperature=0.5`` reaches the sampler (softmax(logits / 0.5));
+    without ``do_sample`` decoding is greedy (nothing sampled). Kills the temperature dropped or
+    sampling without do_sample."""
+    pytest.importorskip("lm_eval")
+    from ecospa.jobs.harness import EcospaLM
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    params = llama.init(CFG, seed=0)
+    lm = EcospaLM(loaded=(CFG, params, ByteTokenizer()), max_length=32)
+    lm.generate_until([Req("def f", {"max_gen_toks": 1, "temperature": 0.5})])
+    assert sampler_probs == []
+    lm.generate_until([Req("def f", {"max_gen_toks": 1, "do_sample": True, "temperature": 0.5})])
+    (probs,) = sampler_probs
+    ids = encode(ByteTokenizer(), "def f")[None]
+    close(probs, _hand_probs(llama.forward(params, ids, CFG)[:, -1], 0.5).float())
