@@ -7,7 +7,8 @@ each checked against a hand computation at a value where a plausible wrong formu
   brute-force refit without it, with lam = ridge x mean(diag HᵀH); ``--ridge`` reaches both;
 - the recovery LR schedule (``--lr-schedule cosine --warmup 2``) and the training LR options
   (``lr``, ``lr_warmup``, ``min_lr_ratio``, betas, weight decay, clipping) as the optimizer gets them;
-- ``--rounds 3``: the linear ramp of the target over the rounds; lm-eval's sampling temperature.
+- ``--rounds 3``: the linear ramp of the target over the rounds; ``--allocation depth`` reaching
+  the job; lm-eval's sampling temperature.
 (The distillation weight at 0.3 is in ``test_provenance.py``.)
 """
 from __future__ import annotations
@@ -258,3 +259,24 @@ def test_harness_generation_samples_at_the_requested_temperature(sampler_probs):
     (probs,) = sampler_probs
     ids = encode(ByteTokenizer(), "def f")[None]
     close(probs, _hand_probs(llama.forward(params, ids, CFG)[:, -1], 0.5).float())
+
+
+def test_allocation_flag_reaches_the_job(monkeypatch):
+    """``--allocation depth --budget 0.4`` on 2 equal layers: removed 0.2 then 0.6 of every group
+    (0.5x, 1.5x), whatever the scores: layer 0 keeps 3 of 4 pairs, 6 of 8 V dims, 19 of 24 neurons;
+    layer 1 keeps 2, 3, 10. Kills the job spreading the budget with the default (global) instead."""
+    kept = {}
+    real = job_mod.slice_units
+
+    def spy(tree, groups, keep):
+        kept.update({name: k.shape[1] for name, k in keep.items()})
+        return real(tree, groups, keep)
+
+    monkeypatch.setattr(job_mod, "slice_units", spy)
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    cfg = dataclasses.replace(CFG, ffn_dim=24, n_layers=2, head_dim=8)
+    compress(Job("tiny", budget=0.4, allocation="depth", rank_by="estimator", reconstruct=False, steps=0,
+                 batch_size=2, seq_len=16, calib_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(),
+                 ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    assert kept == {"layers.0.qk": 3, "layers.0.vo": 6, "layers.0.mlp": 19,
+                    "layers.1.qk": 2, "layers.1.vo": 3, "layers.1.mlp": 10}
