@@ -101,9 +101,9 @@ def _zero(x: torch.Tensor, index: tuple) -> torch.Tensor:
 
 def test_compact_llama_heads_with_different_widths_computes_the_same_logits():
     """KV head 0 keeps V dim {6} and rotary pairs {1, 2} (pair 3 dead in wq/bq only); head 1 keeps
-    V dims {0, 3, 5} and pairs {0, 1} (pair 3 dead in wq only, pair 2 on both sides); 4 of 12 MLP
-    neurons are zero on a whole side (w_gate and w_up, or w_down; a 5th only in w_gate, which compact
-    keeps, as documented). compact keeps per head the widest head's count (3 V dims, 2 pairs), the logits
+    V dims {0, 3, 5} and pairs {0, 1} (pair 3 dead in wq only, pair 2 on both sides); 5 of 12 MLP
+    neurons are dead: zero in w_gate and w_up, in w_down, or in w_gate only (silu(0) * up = 0: one
+    factor of the product is enough). compact keeps per head the widest head's count (3 V dims, 2 pairs), the logits
     equal the padded tree's. Kills a width taken from head 0 only (1 V dim for head 1's 3), or a
     pair kept unless dead on BOTH sides (``a | b``: 3 pairs)."""
     cfg = llama.Config(vocab_size=32, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=12,
@@ -119,14 +119,14 @@ def test_compact_llama_heads_with_different_widths_computes_the_same_logits():
         p["wk"] = _zero(p["wk"], (slice(None), h, slice(None), dead_k))
         p["bk"] = _zero(p["bk"], (h, slice(None), dead_k))
     for keys, j in ((("w_gate", "w_up"), 0), (("w_down",), 5), (("w_gate", "w_up"), 9), (("w_down",), 11),
-                    (("w_gate",), 4)):  # 4: zero in w_gate only, w_up alive: not zero on a whole side
+                    (("w_gate",), 4)):  # 4: zero in w_gate only, w_up alive: still dead
         for key in keys:
             p[key] = _zero(p[key], (j,) if key == "w_down" else (slice(None), j))
     padded = {**params, "layers": (p,)}
     small = compact(padded, cfg)
     q = small["layers"][0]
     assert q["wv"].shape[2] == q["wo"].shape[2] == 3 and q["wk"].shape[3] == 2 and q["inv_freq"].shape == (2, 2)
-    assert q["w_down"].shape[0] == 8
+    assert q["w_down"].shape[0] == 7
     x = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
     close(llama.forward(small, x, cfg), llama.forward(padded, x, cfg), EXACT)
 

@@ -117,21 +117,24 @@ def _gather(x: torch.Tensor, axis: int, index: torch.Tensor, head_axis=None) -> 
 
 
 def compact(params: dict, cfg) -> dict:
-    """The sliced tree of a padded (or masked) one: a unit is removed when it is all-zero on one
-    side of its coupled product (every input-side member: Q or V columns, MLP input columns and
-    biases; or every output-side member: K, O rows, the MLP's output rows). Same logits."""
+    """The sliced tree of a padded (or masked) one: a unit is removed when one factor of its
+    coupled product is all-zero: the members of one side (``a``: Q or V columns and their biases,
+    the SwiGLU up columns; ``b``: K, O rows, the MLP's output rows), or the side-less members
+    (the SwiGLU gate; GPT-2's MLP input columns with their bias: gelu(0) = 0). Same logits."""
     fam = family_of(cfg)
     _check_layers(params, cfg)
     layers = []
     for p, groups in zip(params["layers"], _by_layer(fam.coupled_groups(cfg), cfg.n_layers)):
         q = dict(p)
         for g in groups:
-            sides = {"a": False, "b": False}
+            factors = {}  # side -> OR over its members; the unit lives only if every factor does
             for m in g.members:
                 if m.masked:
-                    side = "b" if m.side == "b" else "a"
-                    sides[side] = sides[side] | _nonzero(p[m.path[2]], m.unit_axis, m.block_axis)
-            alive = sides["a"] & sides["b"]
+                    nz = _nonzero(p[m.path[2]], m.unit_axis, m.block_axis)
+                    factors[m.side] = factors[m.side] | nz if m.side in factors else nz
+            alive = None
+            for nz in factors.values():
+                alive = nz if alive is None else alive & nz
             blocked = g.members[0].block_axis is not None
             if blocked:
                 keep = _uniform_keep(alive)
