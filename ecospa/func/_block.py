@@ -104,8 +104,10 @@ def _attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     else:
         allowed = torch.arange(L, device=q.device)[None, :] <= positions[:, None]  # [T, L] causal
     qf = rearrange(q, "b h g t d -> b (h g) t d")
+    # enable_gqa is a constant: with dynamic shapes (compiled_decoder) G > 1 would be symbolic;
+    # with G == 1 the query and key head counts are equal and nothing is repeated
     out = F.scaled_dot_product_attention(qf, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
-                                         scale=scale, enable_gqa=G > 1)
+                                         scale=scale, enable_gqa=True)
     return rearrange(out, "b (h g) t d -> b h g t d", g=G)
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ecospa.errors import SEED_MAX, UsageError, whole
-from ecospa.func.decode import decode, init_cache
+from ecospa.func.decode import compiled_decoder, decode, init_cache
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
@@ -50,8 +50,9 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
     """Prompt [B, T] followed by up to ``max_new_tokens`` generated tokens: [B, T + N].
 
     One prefill call, then one ``decode`` call per token with a fixed-size cache and the position
-    as a tensor, so ``compile=True`` compiles two graphs (prefill, step) and never recompiles per
-    token. Generation stops early when every sequence has produced ``eos_id``. ``on_token`` gets
+    as a tensor. ``compile=True`` compiles the LAYER function with dynamic shapes
+    (``ecospa.func.decode.compiled_decoder``): two graphs (prefill, step) shared by every layer
+    whatever its pruned widths, and no recompile per token. Generation stops early when every sequence has produced ``eos_id``. ``on_token`` gets
     each new column [B] as it is produced (for streaming). ``on_ready()`` is called once, when the
     prefill and the first step have run (with ``compile=True``: both graphs are compiled), so a
     caller can time compilation apart from decoding (tokens after it run at the steady speed).
@@ -66,7 +67,7 @@ def generate(params: dict, cfg, prompt: torch.Tensor, max_new_tokens: int, tempe
                          f"the model's max_seq_len {cfg.max_seq_len}: shorten the prompt or ask for fewer tokens")
     if max_new_tokens == 0:
         return prompt
-    step = torch.compile(decode, fullgraph=True, dynamic=False) if compile else decode
+    step = compiled_decoder(cfg) if compile else decode
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     cache = init_cache(params, cfg, B, total)
     out = [prompt]
