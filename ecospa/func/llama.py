@@ -9,7 +9,7 @@ axes so that coupled units are plain tensor axes:
       attn_norm [D]      wq [D, Hkv, G, 2, P]   wk [D, Hkv, 2, P]   inv_freq [Hkv, P]
       wv [D, Hkv, Dv]    wo [Hkv, G, Dv, D]     (bq [Hkv, G, 2, P], bk [Hkv, 2, P], bv [Hkv, Dv])
       mlp_norm [D]       w_gate [D, F]  w_up [D, F]  w_down [F, D]
-      (Qwen3, ``qk_norm``: q_norm [Hkv, 2, P], k_norm [Hkv, 2, P], per-head RMSNorm before RoPE)
+      (Qwen3, ``qk_norm``: q_norm [head_dim], k_norm [head_dim], per-head RMSNorm before RoPE)
     norm [D]
 
 G = query heads per KV head; P = rotary pairs per head (head_dim / 2). Axis 3 of wq (2) holds
@@ -197,8 +197,8 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
              "w_gate": w(D, F_), "w_up": w(D, F_), "w_down": w(F_, D)}
         if cfg.attention_bias:
             p.update(bq=w(Hkv, G, 2, P), bk=w(Hkv, 2, P), bv=w(Hkv, 2 * P))
-        if cfg.qk_norm:  # one weight per KV head (shared by its G query heads), pair by pair
-            p.update(q_norm=torch.ones(Hkv, 2, P, dtype=dtype), k_norm=torch.ones(Hkv, 2, P, dtype=dtype))
+        if cfg.qk_norm:  # one [head_dim] weight shared by every head, as in Qwen3 (never pruned)
+            p.update(q_norm=torch.ones(cfg.head_dim, dtype=dtype), k_norm=torch.ones(cfg.head_dim, dtype=dtype))
         return p
 
     params = {"embed": w(cfg.vocab_size, D), "layers": tuple(layer() for _ in range(cfg.n_layers)),
@@ -208,8 +208,17 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
     return params
 
 
+def kept_slots(p: dict, cfg: Config) -> torch.Tensor:
+    """The original rotary slot [Hkv, P] of each kept pair of a layer, read from its frequencies
+    (each kept pair carries its original frequency in ``inv_freq``): arange for a dense layer."""
+    inv = p["inv_freq"].to(torch.float32)
+    full = inv_freq(cfg).to(inv.device)
+    return (inv.log()[..., None] - full.log()).abs().argmin(-1)
+
+
 def head_norm(x: torch.Tensor, w: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor:
-    """Qwen3's per-head RMSNorm of x [..., 2, P] (a head's kept pairs) with weight w [..., 2, P].
+    """Qwen3's per-head RMSNorm of x [..., 2, P] (a head's kept pairs) with weight w [..., 2, P]
+    (the shared [head_dim] weight gathered at the head's kept slots).
 
     The mean square divides by the ORIGINAL ``head_dim``, not by the kept 2P: a removed pair
     is exactly a zero pair of the dense head, so the pruned layer computes what masking the
@@ -223,9 +232,11 @@ def qkv(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: Con
     """Rotated q [B, Hkv, G, T, 2P], k [B, Hkv, T, 2P] and v [B, Hkv, T, Dv] of one layer, with
     the rotary tables cos/sin [Hkv, T, P] of the tokens' positions."""
     q, k, v = (project(x, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
-    if "q_norm" in p:  # q [B, T, Hkv, G, 2, P], k [B, T, Hkv, 2, P]
-        q = head_norm(q, p["q_norm"][:, None], cfg.norm_eps, cfg.head_dim)
-        k = head_norm(k, p["k_norm"], cfg.norm_eps, cfg.head_dim)
+    if "q_norm" in p:  # q [B, T, Hkv, G, 2, P], k [B, T, Hkv, 2, P]; weights [2, Hkv, P] -> [Hkv, 2, P]
+        idx = kept_slots(p, cfg)
+        wq, wk = (p[n].reshape(2, -1)[:, idx].transpose(0, 1) for n in ("q_norm", "k_norm"))
+        q = head_norm(q, wq[:, None], cfg.norm_eps, cfg.head_dim)
+        k = head_norm(k, wk, cfg.norm_eps, cfg.head_dim)
     q = q.permute(0, 2, 3, 1, 4, 5)  # [B, T, Hkv, G, 2, P] -> [B, Hkv, G, T, 2, P] (a view; the rotation writes it out)
     k = k.permute(0, 2, 1, 3, 4)  # [B, Hkv, T, 2, P]
     v = v.transpose(1, 2)  # [B, Hkv, T, Dv]
@@ -316,35 +327,18 @@ def slots(p: dict, cfg: Config) -> dict:
 
 
 def dense_buffers(p: dict, cfg: Config, slots: dict) -> dict:
-    """The dense value of the layer's unmasked qk members: every head's full frequency table,
-    and (Qwen3) the head norms with each kept pair's weight at its slot. A slot a head removed
-    takes the weight another head kept there (the dense model shares one norm over its heads;
-    the zero pair it scales adds nothing), or 1 where no head kept it."""
+    """The unpruned value of the layer's buffers: every head's full frequency table."""
     full = inv_freq(cfg).to(p["inv_freq"])
-    out = {"inv_freq": full.expand(p["inv_freq"].shape[0], full.shape[0]).clone()}
-    for leaf in ("q_norm", "k_norm"):
-        if leaf in p:
-            w, idx = p[leaf], slots["qk"].to(p[leaf].device)  # w [Hkv, 2, P], idx [Hkv, P]
-            H, P0 = w.shape[0], cfg.head_dim // 2
-            dense = w.new_ones(H, 2, P0)
-            kept = torch.zeros(H, P0, dtype=torch.bool, device=w.device)
-            for h in range(H):
-                dense[h][:, idx[h]] = w[h]
-                kept[h, idx[h]] = True
-            for s in range(P0):
-                donors = torch.nonzero(kept[:, s])[:, 0]
-                if donors.numel():
-                    dense[~kept[:, s], :, s] = dense[donors[0], :, s].clone()
-            out[leaf] = dense
-    return out
+    return {"inv_freq": full.expand(p["inv_freq"].shape[0], full.shape[0]).clone()}
 
 
 def coupled_groups(cfg: Config) -> tuple:
     """qk, vo and mlp groups of every layer (see ``ecospa.groups``).
 
     qk: unit = rotary pair p of KV head h: wq[:, h, :, :, p] (all G query heads), wk[:, h, :, p],
-        the biases, inv_freq[h, p] and (Qwen3) q_norm[h, :, p], k_norm[h, :, p] (sliced, never
-        masked: a masked pair is zero before the norm, whose divisor stays the original head_dim).
+        the biases, and inv_freq[h, p] (sliced, never masked). Qwen3's q/k norms are one shared
+        [head_dim] weight, never pruned: each head reads it at its kept pairs' slots (from
+        inv_freq), and its divisor stays the original head_dim (a masked pair is zero).
     vo: unit = value dim e of KV head h: wv[:, h, e] and wo[h, :, e, :] (all G query heads).
     mlp: unit = hidden neuron j: w_gate[:, j], w_up[:, j], w_down[j, :].
     """
@@ -357,9 +351,6 @@ def coupled_groups(cfg: Config) -> tuple:
         if cfg.attention_bias:
             qk += [Member(L + ("bq",), 3, 0, "a"), Member(L + ("bk",), 2, 0, "b")]
             vo += [Member(L + ("bv",), 1, 0, "a")]
-        if cfg.qk_norm:  # the norm weights of a pair go with it (sliced, never masked)
-            qk += [Member(L + ("q_norm",), 2, 0, None, masked=False),
-                   Member(L + ("k_norm",), 2, 0, None, masked=False)]
         mlp = [Member(L + ("w_gate",), 1), Member(L + ("w_up",), 1, None, "a"),
                Member(L + ("w_down",), 0, None, "b")]
         groups += [Group(f"layers.{i}.qk", "qk", tuple(qk)), Group(f"layers.{i}.vo", "vo", tuple(vo)),

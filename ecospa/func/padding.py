@@ -77,7 +77,7 @@ def pad(params: dict, cfg) -> tuple:
             size, index = sizes[g.kind], slots.get(g.kind)
             for m in g.members:
                 if not m.masked:
-                    continue  # a buffer or norm: its dense value comes from ``dense_buffers``
+                    continue  # a buffer: its dense value comes from ``dense_buffers``
                 x = p[m.path[2]]
                 if x.shape[m.unit_axis] > size:
                     raise ValueError(f"{'.'.join(map(str, m.path))}: a width of {x.shape[m.unit_axis]} "

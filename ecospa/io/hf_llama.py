@@ -1,8 +1,8 @@
 """Conversion between ``ecospa.func.llama`` parameter trees and ``transformers`` checkpoints.
 
 Covers LlamaForCausalLM, MistralForCausalLM (full attention), Qwen2ForCausalLM (q/k/v biases)
-and Qwen3ForCausalLM (per-head q/k RMSNorm: one [head_dim] weight, stored per KV head here so
-each head can keep its own rotary pairs).
+and Qwen3ForCausalLM (per-head q/k RMSNorm: one [head_dim] weight for all heads, kept whole
+when rotary pairs are pruned; each head reads it at its kept pairs' slots).
 HF stores ``nn.Linear`` weights as [out, in]; ecospa stores ``x @ W`` with explicit head axes:
 
     q_proj.weight [Hq*hd, D]  --T-->  [D, Hq*hd]  --reshape-->  wq [D, Hkv, G, 2, P]
@@ -105,8 +105,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
                      bk=t(n + "self_attn.k_proj.bias").reshape(Hkv, 2, P),
                      bv=t(n + "self_attn.v_proj.bias").reshape(Hkv, hd))
         if cfg.qk_norm:
-            p.update(q_norm=t(n + "self_attn.q_norm.weight").reshape(2, P).expand(Hkv, 2, P),
-                     k_norm=t(n + "self_attn.k_norm.weight").reshape(2, P).expand(Hkv, 2, P))
+            p.update(q_norm=t(n + "self_attn.q_norm.weight"), k_norm=t(n + "self_attn.k_norm.weight"))
         return {k: v.clone(memory_format=torch.contiguous_format) for k, v in p.items()}
 
     params = {"embed": t("model.embed_tokens.weight").clone(),
@@ -134,10 +133,6 @@ def _check_representable(params: dict, cfg) -> int:
         if not torch.allclose(freq, full.expand_as(freq), rtol=1e-6, atol=0.0):
             raise ValueError(f"layer {i}: inv_freq differs from rope_theta={cfg.rope_theta}'s "
                              "frequencies (reordered rotary pairs?); transformers cannot hold it")
-        for leaf in ("q_norm", "k_norm"):
-            if leaf in p and not bool((p[leaf] == p[leaf][:1]).all()):
-                raise ValueError(f"layer {i}: {leaf} differs between KV heads (trained per head after "
-                                 "pruning?); transformers' Qwen3 has one norm weight for all heads")
         widths.append(p["w_gate"].shape[1])
     return uniform_width(widths, "intermediate_size")
 
@@ -172,9 +167,9 @@ def layer_to_hf(p: dict, prefix: str, dim: int) -> dict:
            prefix + "post_attention_layernorm.weight": p["mlp_norm"],
            prefix + "mlp.gate_proj.weight": p["w_gate"].T, prefix + "mlp.up_proj.weight": p["w_up"].T,
            prefix + "mlp.down_proj.weight": p["w_down"].T}
-    if "q_norm" in p:  # [Hkv, 2, P] -> the [head_dim] weight (equal across heads: checked by to_hf)
-        out.update({prefix + "self_attn.q_norm.weight": p["q_norm"][0].reshape(-1),
-                    prefix + "self_attn.k_norm.weight": p["k_norm"][0].reshape(-1)})
+    if "q_norm" in p:  # one [head_dim] weight for all heads, as in transformers
+        out.update({prefix + "self_attn.q_norm.weight": p["q_norm"],
+                    prefix + "self_attn.k_norm.weight": p["k_norm"]})
     if "bq" in p:
         out.update({prefix + "self_attn.q_proj.bias": p["bq"].reshape(-1),
                     prefix + "self_attn.k_proj.bias": p["bk"].reshape(-1),
