@@ -52,6 +52,11 @@ class Group:
     name: str
     kind: str
     members: tuple
+    # Whether scaling a unit's side-"a" slice and its side-"b" slice are the same function of the
+    # unit (both linear factors of one product). False when a normalization sits between a side
+    # and the product (Qwen3's per-head q/k norms): each side's dot product is then still the
+    # exact derivative of a mask on THAT side's pre-norm activations, but the two differ.
+    sides_agree: bool = True
 
     def __post_init__(self):
         if not self.members:

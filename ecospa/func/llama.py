@@ -353,6 +353,7 @@ def coupled_groups(cfg: Config) -> tuple:
             vo += [Member(L + ("bv",), 1, 0, "a")]
         mlp = [Member(L + ("w_gate",), 1), Member(L + ("w_up",), 1, None, "a"),
                Member(L + ("w_down",), 0, None, "b")]
-        groups += [Group(f"layers.{i}.qk", "qk", tuple(qk)), Group(f"layers.{i}.vo", "vo", tuple(vo)),
+        groups += [Group(f"layers.{i}.qk", "qk", tuple(qk), sides_agree=not cfg.qk_norm),
+                   Group(f"layers.{i}.vo", "vo", tuple(vo)),
                    Group(f"layers.{i}.mlp", "mlp", tuple(mlp))]
     return tuple(groups)
