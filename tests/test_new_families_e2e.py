@@ -14,7 +14,8 @@ tokenizers = pytest.importorskip("tokenizers")
 from ecospa import cli  # noqa: E402
 from ecospa.func.families import family_of  # noqa: E402
 from ecospa.io.checkpoint import load as load_checkpoint  # noqa: E402
-from tolerances import HF, close  # noqa: E402
+from ecospa.io.load import load_model  # noqa: E402
+from tolerances import EXACT, HF, close  # noqa: E402
 
 CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(
@@ -62,5 +63,15 @@ def test_a_transformers_directory_compresses_and_exports_back_exactly(tmp_path, 
     hf = transformers.AutoModelForCausalLM.from_pretrained(exp, attn_implementation="eager").eval()
     assert type(hf).__name__ == type(model).__name__
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 > 16: past the original context
+    want = family_of(cfg).forward(params, x, cfg)
     with torch.no_grad():
-        close(hf(x).logits, family_of(cfg).forward(params, x, cfg), HF)
+        close(hf(x).logits, want, HF)
+    # the compact export (remote code, pruned shapes) computes it too, and loads back into ecospa
+    assert cli.main(["export", "--model", str(out), "--format", "hf-compact", "--out", str(tmp_path / "hfc")]) == 0
+    rc_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hfc", trust_remote_code=True).eval()
+    assert rc_model.num_parameters() < model.num_parameters()
+    with torch.no_grad():
+        close(rc_model(x).logits, want, HF)
+    cfg2, back, _ = load_model(str(tmp_path / "hfc"))
+    assert (cfg2.qk_norm, cfg2.rope_scaling, cfg2.head_dim) == (cfg.qk_norm, cfg.rope_scaling, cfg.head_dim)
+    close(family_of(cfg2).forward(back, x, cfg2), want, EXACT)

@@ -34,7 +34,7 @@ class EcospaLlamaConfig(PretrainedConfig):
                  num_key_value_heads=None, head_dim=None, layer_qk_pairs=None, layer_v_dims=None,
                  layer_ffn_dims=None, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=2048, attention_bias=False, initializer_range=0.02,
-                 use_cache=True, **kwargs):
+                 use_cache=True, qk_norm=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -49,6 +49,7 @@ class EcospaLlamaConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias = attention_bias
+        self.qk_norm = qk_norm  # Qwen3: per-head q/k RMSNorm over the ORIGINAL head_dim, before RoPE
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(**kwargs)
@@ -81,6 +82,20 @@ class EcospaAttention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * self.Dv, bias=bias)
         self.o_proj = nn.Linear(H * self.Dv, D, bias=False)
         self.register_buffer("inv_freq", torch.zeros(Hkv, self.P, dtype=torch.float32), persistent=True)
+        self.qk_norm = bool(getattr(config, "qk_norm", False))
+        if self.qk_norm:  # one [head_dim] weight for all heads; each head reads its kept pairs' slots
+            self.head_dim, self.eps = config.head_dim, config.rms_norm_eps
+            self.q_norm = EcospaRMSNorm(config.head_dim, config.rms_norm_eps)  # its .weight only
+            self.k_norm = EcospaRMSNorm(config.head_dim, config.rms_norm_eps)
+            self.register_buffer("qk_slots", torch.zeros(Hkv, self.P, dtype=torch.long), persistent=True)
+
+    def _head_norm(self, x, weight, heads_per_slot):
+        """x [B, heads, T, 2P]: RMSNorm per head with the divisor the ORIGINAL head_dim."""
+        w = weight.view(2, -1)[:, self.qk_slots].transpose(0, 1)  # [Hkv, 2, P]
+        w = w.repeat_interleave(heads_per_slot, dim=0).reshape(1, -1, 1, 2 * self.P)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / self.head_dim + self.eps)
+        return w * xf.to(x.dtype)
 
     def _rotate(self, x, pos, heads_per_freq):
         freq = self.inv_freq.to(torch.promote_types(x.dtype, torch.float32))
@@ -95,6 +110,8 @@ class EcospaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, 2 * self.P).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.Hkv, 2 * self.P).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dv).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self._head_norm(q, self.q_norm.weight, self.G), self._head_norm(k, self.k_norm.weight, 1)
         q = self._rotate(q, position_ids, self.G)
         k = self._rotate(k, position_ids, 1)
         if past_key_values is not None:

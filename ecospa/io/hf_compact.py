@@ -30,9 +30,6 @@ def to_hf_compact(params: dict, cfg) -> tuple:
     if not isinstance(cfg, llama.Config):
         raise ValueError(f"hf-compact supports the llama family only, got {type(cfg).__name__}; "
                          "use the hf-padded format")
-    if cfg.qk_norm:
-        raise ValueError("hf-compact does not support Qwen3's q/k norms yet; use --format hf-padded "
-                         "(stock Qwen3ForCausalLM, exact)")
     D = cfg.dim
     sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
     if not cfg.tie_embeddings:
@@ -45,6 +42,8 @@ def to_hf_compact(params: dict, cfg) -> tuple:
         ffn.append(p["w_up"].shape[1])
         sd.update(layer_to_hf(p, n, D))
         sd[n + "self_attn.inv_freq"] = p["inv_freq"].to(torch.float32)  # kept frequencies: a buffer
+        if cfg.qk_norm:  # the shared norm weights (layer_to_hf) and each kept pair's original slot
+            sd[n + "self_attn.qk_slots"] = llama.kept_slots(p, cfg)
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
     conf = {"architectures": ["EcospaLlamaForCausalLM"], "model_type": "ecospa_llama",
             "auto_map": {"AutoConfig": "modeling_ecospa.EcospaLlamaConfig",
@@ -55,6 +54,8 @@ def to_hf_compact(params: dict, cfg) -> tuple:
             "layer_ffn_dims": ffn, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.attention_bias,
             "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(params["embed"].dtype).removeprefix("torch.")}
+    if cfg.qk_norm:
+        conf["qk_norm"] = True
     if cfg.rope_scaling:  # the buffers hold the scaled frequencies; this is for coming back
         conf["ecospa_rope_scaling"] = dict(cfg.rope_scaling)
     return sd, conf
@@ -89,6 +90,7 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
                        head_dim=cfg_int(config, "head_dim"), ffn_dim=max(lists["layer_ffn_dims"]),
                        rope_theta=cfg_float(config, "rope_theta", 10000.0),
                        rope_scaling=config.get("ecospa_rope_scaling"),
+                       qk_norm=bool(cfg_bool(config, "qk_norm", False)),
                        norm_eps=cfg_float(config, "rms_norm_eps", 1e-5),
                        attention_bias=bool(cfg_bool(config, "attention_bias", False)),
                        max_seq_len=cfg_int(config, "max_position_embeddings", 2048),
@@ -128,6 +130,14 @@ def from_hf_compact(sd: dict, config: dict, dtype: torch.dtype = torch.float32) 
             p.update(bq=w(t(pre + "self_attn.q_proj.bias", (Hkv * G * 2 * P,)).reshape(Hkv, G, 2, P)),
                      bk=w(t(pre + "self_attn.k_proj.bias", (Hkv * 2 * P,)).reshape(Hkv, 2, P)),
                      bv=w(t(pre + "self_attn.v_proj.bias", (Hkv * E,)).reshape(Hkv, E)))
+        if cfg.qk_norm:
+            hd = cfg.head_dim
+            p.update(q_norm=w(t(pre + "self_attn.q_norm.weight", (hd,))),
+                     k_norm=w(t(pre + "self_attn.k_norm.weight", (hd,))))
+            slots = t(pre + "self_attn.qk_slots", (Hkv, P))
+            if not torch.equal(slots.long(), llama.kept_slots(p, cfg)):
+                raise ValueError(f"{pre}self_attn.qk_slots disagrees with the layer's inv_freq; the "
+                                 "export is corrupt")
         layers.append({k: v.contiguous() for k, v in p.items()})
     embed = t("model.embed_tokens.weight", (V, D))
     head = None if cfg.tie_embeddings else t("lm_head.weight", (V, D))
