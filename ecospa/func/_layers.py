@@ -88,14 +88,16 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention. q [B, Hkv, G, T, dk], k [B, Hkv, T, dk], v [B, Hkv, T, dv].
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              causal: bool = True) -> torch.Tensor:
+    """Causal (or, with ``causal=False``, bidirectional: encoders such as ViT) attention.
+    q [B, Hkv, G, T, dk], k [B, Hkv, T, dk], v [B, Hkv, T, dv].
 
     Returns [B, Hkv, G, T, dv]. ``scale`` is fixed by the ORIGINAL head dim so a pruned model
     computes exactly what the masked dense one does.
     """
     B, H, G, T, dk = q.shape
     q = rearrange(q, "b h g t d -> b (h g) t d")
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                          enable_gqa=G > 1)  # [B, H*G, T, dv]
     return rearrange(out, "b (h g) t d -> b h g t d", g=G)

@@ -27,9 +27,18 @@ from ecospa.func.families import family_of
 Pos = Union[int, torch.Tensor]
 
 
+def _decoder(cfg):
+    """The family of ``cfg``; ValueError for an encoder (it has no causal decoding)."""
+    fam = family_of(cfg)
+    if not fam.decoder:
+        raise ValueError(f"the {fam.name!r} family is an encoder (bidirectional attention over a "
+                         "whole input): it has no key/value cache and no token-by-token decoding")
+    return fam
+
+
 def init_cache(params: dict, cfg, batch: int, max_len: int, dtype: torch.dtype = None) -> dict:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + new ones)."""
-    fam = family_of(cfg)
+    fam = _decoder(cfg)
     if not 1 <= max_len <= cfg.max_seq_len:
         raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]: "
                          "shorten the prompt or ask for fewer new tokens")
@@ -53,7 +62,7 @@ def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inpla
     ``inplace=True`` writes the new keys/values into the given cache's tensors instead of
     copying them (the caller donates the cache; ``generate`` does this, it owns its cache).
     """
-    fam = family_of(cfg)
+    fam = _decoder(cfg)
     positions = _positions(pos, tokens.shape[1], tokens.device)
     end = None
     if not torch.compiler.is_compiling():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ecospa._tree import FP32_BUFFERS
-from ecospa.func import gpt2, llama
+from ecospa.func import gpt2, llama, vit
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Family:
     slots: Callable = lambda p, cfg: {}          # (p, cfg) -> {kind: [H, k] original slot of each kept unit}
     dense_buffers: Callable = lambda p, cfg, slots: {}  # (p, cfg, slots) -> {leaf: dense value} of unmasked members
     buffers: frozenset = frozenset()  # leaf names that are buffers (never trained, kept >= fp32)
+    decoder: bool = True       # causal LM over token ids; False: an encoder (no cache, no decoding)
 
 
 def _module_family(name: str, module, **kw) -> Family:
@@ -60,6 +61,9 @@ FAMILIES = {
     "gpt2": _module_family("gpt2", gpt2, embed_leaf="wte", ffn_in="w_in",
                            matmuls=("wq", "wk", "wv", "wo", "w_in", "w_out"),
                            unit_sizes=gpt2.unit_sizes),
+    "vit": _module_family("vit", vit, embed_leaf="w_patch", ffn_in="w_in",
+                          matmuls=("wq", "wk", "wv", "wo", "w_in", "w_out"),
+                          unit_sizes=vit.unit_sizes, decoder=False),
 }
 
 
@@ -73,7 +77,7 @@ def family_of(cfg) -> Family:
 
 
 def family(name: str) -> Family:
-    """The family called ``name`` ("llama", "gpt2"); ValueError naming the known ones."""
+    """The family called ``name`` ("llama", "gpt2", "vit"); ValueError naming the known ones."""
     if not isinstance(name, str) or name not in FAMILIES:
         raise ValueError(f"unknown model family {str(name)[:40]!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[name]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ecospa.func.families import FAMILIES, Family, family_of
-from ecospa.io import hf_gpt2, hf_llama
+from ecospa.io import hf_gpt2, hf_llama, hf_vit
 from ecospa.io.hf_compact import from_hf_compact
 from ecospa.io.hf_write import EXPORT_MARKER
 
@@ -38,6 +38,7 @@ HF_FAMILIES = {
     "llama": HFFamily(FAMILIES["llama"], hf_llama.LLAMA_TYPES, hf_llama.from_hf, hf_llama.to_hf,
                       hf_llama.save_hf),
     "gpt2": HFFamily(FAMILIES["gpt2"], ("gpt2",), hf_gpt2.from_hf, hf_gpt2.to_hf, hf_gpt2.save_hf),
+    "vit": HFFamily(FAMILIES["vit"], hf_vit.VIT_TYPES, hf_vit.from_hf, hf_vit.to_hf, hf_vit.save_hf),
 }
 MODEL_TYPES = {t: fam for fam in HF_FAMILIES.values() for t in fam.model_types}
 
@@ -176,7 +177,7 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
         "HuggingFaceTB/SmolLM2-135M" (downloaded with huggingface_hub; needs the network).
       dtype: the dtype of the returned weights (rotary frequencies stay float32).
     Returns:
-      ("llama" or "gpt2", the family's Config, params).
+      ("llama", "gpt2" or "vit", the family's Config, params).
     Example:
       family, cfg, params = load_hf("path/to/model")
       logits = llama.forward(params, tokens, cfg)
