@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ecospa.func import gpt2, llama
+from ecospa.func import gpt2, llama, vit
+from ecospa.func.families import FAMILIES, family_of
 
 
 @st.composite
@@ -28,15 +29,30 @@ def gpt2_configs(draw):
                        n_heads=heads, ffn_dim=draw(st.integers(1, 7)), max_seq_len=8, init_std=0.3)
 
 
+@st.composite
+def vit_configs(draw):
+    heads = draw(st.integers(1, 3))
+    patch = draw(st.integers(1, 3))
+    distillation = draw(st.booleans())
+    return vit.Config(image_size=patch * draw(st.integers(1, 2)), patch_size=patch,
+                      n_channels=draw(st.integers(1, 2)), dim=heads * draw(st.integers(1, 3)),
+                      n_layers=draw(st.integers(1, 2)), n_heads=heads, ffn_dim=draw(st.integers(1, 7)),
+                      n_classes=draw(st.integers(1, 4)), norm_eps=1e-5, init_std=0.3,
+                      distillation=distillation, teacher_head=distillation and draw(st.booleans()))
+
+
 # Every family in ``ecospa.func.families.FAMILIES`` has an entry (test_families checks it), so the
 # property tests that draw ``models()`` cover a new family as soon as it is registered.
-FAMILY_CONFIGS = {"llama": (llama, llama_configs), "gpt2": (gpt2, gpt2_configs)}
+FAMILY_CONFIGS = {"llama": (llama, llama_configs), "gpt2": (gpt2, gpt2_configs),
+                  "vit": (vit, vit_configs)}
 
 
 @st.composite
-def models(draw):
-    """(module, cfg) for any family."""
-    module, configs = FAMILY_CONFIGS[draw(st.sampled_from(sorted(FAMILY_CONFIGS)))]
+def models(draw, decoders: bool = False):
+    """(module, cfg) for any family (``decoders=True``: causal LMs over token ids only, for
+    tests of decoding or of a next-token loss)."""
+    names = sorted(n for n in FAMILY_CONFIGS if FAMILIES[n].decoder or not decoders)
+    module, configs = FAMILY_CONFIGS[draw(st.sampled_from(names))]
     return module, draw(configs())
 
 
@@ -57,9 +73,25 @@ def random_scores(params, groups, seed: int) -> dict:
     return {g.name: torch.randint(0, 5, g.sizes(params), generator=gen).double() for g in groups}
 
 
-def tokens(cfg, seed: int, batch: int = 2, length: int = 5) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def _token_ids(cfg, gen, batch: int, length: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+
+
+def _images(cfg, gen, batch: int, length: int) -> torch.Tensor:
+    """Unit-normal images [batch, C, S, S] (``length`` does not apply: the size is the model's)."""
+    return torch.randn(batch, cfg.n_channels, cfg.image_size, cfg.image_size, generator=gen,
+                       dtype=torch.float64)
+
+
+# The input each family's forward takes, per family (every family has an entry).
+FAMILY_INPUTS = {"llama": _token_ids, "gpt2": _token_ids, "vit": _images}
+
+
+def tokens(cfg, seed: int, batch: int = 2, length: int = 5) -> torch.Tensor:
+    """A batch of the family's input from a seed: token ids [batch, length] for a decoder,
+    images for ViT (see ``FAMILY_INPUTS``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return FAMILY_INPUTS[family_of(cfg).name](cfg, gen, batch, length)
 
 
 @st.composite

@@ -31,7 +31,7 @@ def _cfg(module, cfg):
 
 
 @settings(max_examples=25, deadline=None)
-@given(models(), seeds, targets)
+@given(models(decoders=True), seeds, targets)
 def test_cached_logits_equal_full_forward(model, seed, target):
     module, cfg = model
     cfg = _cfg(module, cfg)

@@ -189,13 +189,15 @@ def test_exported_tokenizer_loads_without_running_remote_code(tmp_path, monkeypa
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 
-from strategies import models, seeds, targets  # noqa: E402
+from ecospa.func.families import family_of  # noqa: E402
+from strategies import models, seeds, targets, tokens  # noqa: E402
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(model=models(), seed=seeds, target=targets)
 def test_random_pruned_trees_export_padded_to_stock_transformers(tmp_path_factory, model, seed, target):
-    """Random LLaMA/Qwen2 (MHA/GQA/MQA, biases, tied or not) and GPT-2 structures, random targets."""
+    """Random LLaMA/Qwen2 (MHA/GQA/MQA, biases, tied or not), GPT-2 and ViT/DeiT structures,
+    random targets."""
     module, cfg = model
     assume(cfg.dim % cfg.n_heads == 0)  # transformers 5 rejects other configs, whatever head_dim says
     params = module.init(cfg, seed=seed, dtype=torch.float64)
@@ -205,8 +207,9 @@ def test_random_pruned_trees_export_padded_to_stock_transformers(tmp_path_factor
     except ValueError:
         small = params
     path = export(small, cfg, tmp_path_factory.mktemp("hyp") / "hf", "hf-padded")["path"]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                           torch_dtype=torch.float64).eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed))
+    decoder = family_of(cfg).decoder  # an encoder (ViT) is an image classifier
+    auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModelForImageClassification
+    hf = auto.from_pretrained(path, attn_implementation="eager", torch_dtype=torch.float64).eval()
+    x = tokens(cfg, seed, batch=2, length=6)
     with torch.no_grad():
-        close(hf(x).logits, module.forward(small, x, cfg), HF)
+        close(hf(x).logits if decoder else hf(pixel_values=x).logits, module.forward(small, x, cfg), HF)

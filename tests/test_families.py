@@ -21,14 +21,14 @@ import ecospa
 from ecospa.func import decode as dec
 from ecospa.func.families import FAMILIES, Family, family, family_of
 from ecospa.func.padding import compact, pad
-from strategies import FAMILY_CONFIGS, random_scores, seeds, tokens
+from strategies import FAMILY_CONFIGS, FAMILY_INPUTS, random_scores, seeds, tokens
 from tolerances import close
 
 NAMES = sorted(FAMILIES)
 
 
 def test_every_family_has_a_config_strategy_and_a_complete_record():
-    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+    assert set(FAMILY_CONFIGS) == set(FAMILIES) == set(FAMILY_INPUTS)
     for name, fam in FAMILIES.items():
         assert isinstance(fam, Family) and fam.name == name
         assert [s.name for s in fam.sublayers] == ["attn", "mlp"]
@@ -88,7 +88,8 @@ def test_forward_decode_and_sublayers_agree_dense_and_pruned(name, data, seed):
     for tree in (params, small):
         full = fam.forward(tree, toks, cfg)
         close(_by_sublayers(fam, tree, toks, cfg), full)
-        close(_decoded(fam, tree, toks, cfg, prefill), full)
+        if fam.decoder:  # an encoder has no causal decoding (init_cache refuses it)
+            close(_decoded(fam, tree, toks, cfg, prefill), full)
     close(fam.forward(small, toks, cfg), fam.forward(masked, toks, cfg))
 
 
@@ -117,13 +118,17 @@ def test_pad_keeps_the_logits_and_compact_undoes_it(name, data, seed):
 def test_kv_dims_size_the_cache_and_the_flop_counter(name):
     from ecospa.train.flops import forward_flops
     fam = FAMILIES[name]
-    cfg = fam.Config(vocab_size=13, dim=8, n_layers=2, n_heads=2)
+    cfg = fam.Config(dim=8, n_layers=2, n_heads=2)
     params = fam.init(cfg, seed=1)
     small, _ = _pruned(fam, params, cfg, 3)
-    cache = dec.init_cache(small, cfg, batch=3, max_len=7)
-    for p, c in zip(small["layers"], cache["layers"]):
-        h, g, dk, dv = fam.kv_dims(p)
-        assert c["k"].shape == (3, h, 7, dk) and c["v"].shape == (3, h, 7, dv)
+    if fam.decoder:
+        cache = dec.init_cache(small, cfg, batch=3, max_len=7)
+        for p, c in zip(small["layers"], cache["layers"]):
+            h, g, dk, dv = fam.kv_dims(p)
+            assert c["k"].shape == (3, h, 7, dk) and c["v"].shape == (3, h, 7, dv)
+    else:
+        with pytest.raises(ValueError, match="encoder .* no key/value cache"):
+            dec.init_cache(small, cfg, batch=3, max_len=7)
     # the attention FLOPs follow the kept dims: with T large they dominate, so shrinking q/k
     # lowers the count by exactly 2 * B * T^2 * heads * (removed dims) per layer
     T = 64

@@ -9,6 +9,7 @@ from hypothesis import given
 import ecospa
 from ecospa._tree import map_paths
 from ecospa.func import gpt2, llama
+from ecospa.func.families import family_of
 from strategies import models, seeds, tokens
 from tolerances import close
 
@@ -17,6 +18,19 @@ def lm_loss(model, cfg):
     def loss(params, batch):
         logits = model.forward(params, batch[:, :-1], cfg)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return loss
+
+
+def task_loss(model, cfg):
+    """Next-token loss for a decoder; for an encoder (a classifier), cross-entropy against
+    labels fixed by the example's index."""
+    if family_of(cfg).decoder:
+        return lm_loss(model, cfg)
+
+    def loss(params, batch):
+        logits = model.forward(params, batch, cfg)
+        labels = torch.arange(logits.shape[0]) % logits.shape[-1]
+        return F.cross_entropy(logits, labels)
     return loss
 
 
@@ -45,7 +59,7 @@ def test_fisher_identity_left_right_and_mask_derivative(model_cfg, seed):
     model, cfg = model_cfg
     params = model.init(cfg, seed=seed, dtype=torch.float64)
     groups = model.coupled_groups(cfg)
-    loss = lm_loss(model, cfg)
+    loss = task_loss(model, cfg)
     batch = tokens(cfg, seed, length=6)
     grads = torch.func.grad(loss)(params, batch)
     v_b = ecospa.unit_dots(params, grads, groups, side="b")

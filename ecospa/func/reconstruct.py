@@ -66,8 +66,8 @@ def _check(params: dict, dense: dict, cfg, batches) -> list:
     batches = [torch.as_tensor(b) for b in batches]
     if not batches:
         raise ValueError("reconstruct needs at least one calibration batch of token ids [B, T]")
-    for b in batches:
-        if b.ndim != 2 or b.is_floating_point():
+    for b in batches:  # an encoder's inputs (images) are checked by its embed
+        if fam.decoder and (b.ndim != 2 or b.is_floating_point()):
             raise ValueError(f"calibration batches must be integer token ids [B, T], got {tuple(b.shape)} "
                              f"{b.dtype}")
     return batches
