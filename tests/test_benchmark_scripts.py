@@ -54,3 +54,27 @@ def test_generate_quick_mode_writes_its_own_file():
     assert full == os.path.join(str(BENCH), "results", "generate.json")
     assert quick != full and os.path.dirname(quick) == os.path.dirname(full)
     assert gen.results_path(quick=True, out="/tmp/x.json") == "/tmp/x.json"  # --out wins
+
+
+def test_vit_digits_quick_runs_and_writes_its_own_file(tmp_path):
+    """The ViT digits demo end to end in a few steps (dense, pruned, small): the pruned model and
+    the small dense one have the same block parameters, about half the dense ones."""
+    pytest.importorskip("sklearn")
+    import json
+
+    import torch
+    bench = _module("vit_digits")
+    assert bench.results_path(quick=True) == os.path.join(str(BENCH), "results", "vit_digits_quick.json")
+    assert bench.results_path(quick=False) == os.path.join(str(BENCH), "results", "vit_digits.json")
+    out = tmp_path / "q.json"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", "--out", str(out), "--threads", str(threads)])
+    assert torch.get_num_threads() == threads
+    res = json.loads(out.read_text())
+    params = res["block_params"]
+    assert params["pruned"] == params["small_from_scratch"] < params["dense"]
+    # half of every coupled group's units; LayerNorms and the output biases stay whole
+    assert 0.45 < params["pruned"] / params["dense"] < 0.6
+    for k in ("dense", "dense_finetuned", "pruned", "small_from_scratch"):
+        assert 0.0 <= res["summary"][k]["mean"] <= 1.0
+    assert res["conditions"]["device"] == "cpu" and res["conditions"]["torch_threads"] == threads
