@@ -46,6 +46,8 @@ PLAN = {
     "python -m ecospa train --budget 0.5 --rounds 3 --estimator fisher --out runs/demo":
         ("run", ["--steps", "40", "--until", "20"], {}),
     "python -m ecospa train --out runs/demo --resume": ("run", [], {}),
+    "python benchmarks/vit_digits.py": ("skip", "about 10 minutes on one CPU thread; its --quick mode "
+                                        "runs in tests/test_benchmark_scripts.py"),
     "python -m ecospa train --preset llama-60m --device cuda": ("skip", "needs a GPU and C4 (internet)"),
     "torchrun --nproc_per_node 2 -m ecospa train --preset tiny --out runs/ddp":
         ("run", ["--steps", "8", "--eval-every", "4"], {}),
