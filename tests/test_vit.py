@@ -185,3 +185,14 @@ def test_an_encoder_has_no_decoding():
         dec.init_cache(vit.init(cfg), cfg, 1, 4)
     with pytest.raises(ValueError, match="'vit' family is an encoder"):
         dec.decode(vit.init(cfg), {"layers": ()}, torch.zeros(1, 1, 8, 8), 0, cfg)
+
+
+def test_pruned_tree_round_trips_through_a_checkpoint(tmp_path):
+    from ecospa.io import checkpoint
+    cfg = vit.Config(dim=6, n_heads=3, ffn_dim=5, distillation=True, teacher_head=True, init_std=0.3)
+    small, _ = _prune(vit.init(cfg, seed=2, dtype=torch.float64), cfg, seed=1)
+    checkpoint.save(str(tmp_path / "ck"), small, cfg)
+    params, cfg2, _ = checkpoint.load(str(tmp_path / "ck"))
+    assert cfg2 == cfg
+    x = images(torch.float64, channels=1)
+    close(vit.forward(params, x, cfg2), vit.forward(small, x, cfg), EXACT)
