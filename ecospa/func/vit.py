@@ -178,7 +178,12 @@ def head(params: dict, x: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def kv_dims(p: dict) -> tuple:
-    """(H, 1, Dk, Dv) of one layer, read from its weights (the FLOP counter)."""
+    """(H, 1, Dk, Dv) of one layer, read from its weights (the FLOP counter).
+
+    ``train.flops.forward_flops(params, "vit", B, cfg.seq_len)`` counts the blocks exactly; its
+    "head" term is here the patch projection (``embed_leaf`` = ``w_patch``) over every token,
+    i.e. it also counts the CLS/distillation tokens' share (1-2 of ``seq_len``) and leaves out the
+    classifier (D x n_classes per image): both small next to the blocks."""
     return p["wk"].shape[1], 1, p["wk"].shape[2], p["wv"].shape[2]
 
 
