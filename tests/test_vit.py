@@ -196,3 +196,24 @@ def test_pruned_tree_round_trips_through_a_checkpoint(tmp_path):
     assert cfg2 == cfg
     x = images(torch.float64, channels=1)
     close(vit.forward(params, x, cfg2), vit.forward(small, x, cfg), EXACT)
+
+
+def test_cli_exports_a_transformers_vit_directory_padded(tmp_path):
+    """`ecospa export --format hf-padded` reads a ViT directory written by transformers (no
+    tokenizer) and writes one transformers loads with the same logits; a pruned checkpoint too."""
+    from ecospa import cli
+    from ecospa.io import checkpoint
+    model = hf_model("vit", torch.float32)
+    model.save_pretrained(tmp_path / "src")
+    assert cli.main(["export", "--model", str(tmp_path / "src"), "--format", "hf-padded",
+                     "--out", str(tmp_path / "out")]) == 0
+    x = images(torch.float32)
+    back = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    close(hf_logits(back, x), hf_logits(model, x), HF)
+    cfg, params = hf_vit.from_hf(model.state_dict(), model.config)
+    small, _ = _prune(params, cfg, seed=7)
+    checkpoint.save(str(tmp_path / "ck"), small, cfg)
+    assert cli.main(["export", "--model", str(tmp_path / "ck"), "--format", "hf-padded",
+                     "--out", str(tmp_path / "out2")]) == 0
+    back = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out2").eval()
+    close(hf_logits(back, x), vit.forward(small, x, cfg), HF)
