@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results file (default: results/vit_digits[_quick].json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.dense_steps, args.finetune_steps = args.seeds[:1], 20, 20
-        args.layers, args.dim, args.ffn = 2, 32, 64
+        args.seeds, args.dense_steps, args.finetune_steps = args.seeds[:1], 6, 10
+        args.layers, args.dim, args.heads, args.ffn, args.batch = 1, 16, 2, 32, 32
     if not 0.0 < args.sparsity < 1.0:
         p.error("--sparsity must be in (0, 1)")
     if args.rounds < 1 or args.rounds * max(1, args.finetune_steps // 10) > args.finetune_steps:
