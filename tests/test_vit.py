@@ -185,6 +185,8 @@ def test_an_encoder_has_no_decoding():
         dec.init_cache(vit.init(cfg), cfg, 1, 4)
     with pytest.raises(ValueError, match="'vit' family is an encoder"):
         dec.decode(vit.init(cfg), {"layers": ()}, torch.zeros(1, 1, 8, 8), 0, cfg)
+    with pytest.raises(ValueError, match="'vit' family is an encoder"):
+        dec.compiled_decoder(cfg, backend="eager")
 
 
 def test_pruned_tree_round_trips_through_a_checkpoint(tmp_path):

@@ -85,7 +85,7 @@ def compiled_decoder(cfg, **compile_kw):
 
     ``compile_kw`` goes to ``torch.compile`` (e.g. ``backend="eager"`` in tests).
     """
-    fam = family_of(cfg)
+    fam = _decoder(cfg)
     layer = torch.compile(fam.layer, fullgraph=True, dynamic=True, **compile_kw)
 
     def step(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inplace: bool = False) -> tuple:
