@@ -78,7 +78,7 @@ def test_train_in_a_log_shows_step_lines_while_it_runs(tmp_path):
     log = tmp_path / "train.log"
     proc = start(["train", "--steps", "20", "--batch-size", "4", "--eval-every", "10",
                   "--out", str(tmp_path / "run")], log)
-    seen, rc = first_seen(proc, log, r"train: step \d+/20 .*steps?/s ETA")
+    seen, rc = first_seen(proc, log, r"train: step \d+/20 .*(steps?/s|s/step) ETA")
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert seen, f"no progress line while training; the log:\n{text[-3000:]}"
