@@ -78,3 +78,17 @@ def test_vit_digits_quick_runs_and_writes_its_own_file(tmp_path):
     for k in ("dense", "dense_finetuned", "pruned", "small_from_scratch"):
         assert 0.0 <= res["summary"][k]["mean"] <= 1.0
     assert res["conditions"]["device"] == "cpu" and res["conditions"]["torch_threads"] == threads
+
+
+def test_compile_decode_quick_compiles_one_layer_graph_per_shape_kind(tmp_path):
+    """The per-layer compiled decoder (dynamo's eager backend: no codegen) on two layers of
+    different pruned widths: tokens equal eager's, and dynamo built at most two graphs (prefill,
+    step) for both layers together."""
+    import json
+    bench = _module("compile_decode")
+    out = tmp_path / "c.json"
+    bench.main(["--quick", "--modes", "eager", "layer", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert len({w[2] for w in res["conditions"]["widths"]}) == 2  # the layers' MLP widths differ
+    layer = [r for r in res["rows"] if r["mode"] == "layer"][0]
+    assert layer["tokens_equal_eager"] is True and 1 <= layer["graphs"] <= 2
