@@ -66,3 +66,83 @@ def test_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="llama family only"):
         save_gguf(gpt2.init(gpt2.Config()), gpt2.Config(), tmp_path / "g.gguf")
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def _pruned(cfg, budget=0.5, seed=1):
+    params = llama.init(cfg, seed=seed)
+    groups = llama.coupled_groups(cfg)
+    return ecospa.pruner(groups, budget=budget)(params, random_scores(params, groups, seed))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("budget", [0.0, 0.5])
+def test_compact_round_trip_keeps_each_layers_width(tmp_path, tied, budget):
+    cfg = llama.Config(**{**CFG.__dict__, "tie_embeddings": tied})
+    small = _pruned(cfg, budget) if budget else llama.init(cfg, seed=1)
+    before = optree.tree_map(torch.clone, small, namespace="")
+    info = save_gguf(small, cfg, tmp_path / "c.gguf", layout="compact")
+    widths = [p["w_up"].shape[1] for p in small["layers"]]
+    assert info["architecture"] == "deci" and info["mlp_widths"] == widths
+    back_cfg, back, _ = load_gguf(tmp_path / "c.gguf")
+    assert back_cfg.ffn_dim == cfg.ffn_dim  # the dense width, kept for padding and statistics
+    assert [p["w_up"].shape[1] for p in back["layers"]] == widths
+    assert [p["w_down"].shape[0] for p in back["layers"]] == widths
+    x = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(0))
+    close(llama.forward(back, x, back_cfg), llama.forward(small, x, cfg), EXACT)
+    for a, b in zip(optree.tree_leaves(small, namespace=""), optree.tree_leaves(before, namespace="")):
+        assert torch.equal(a, b)
+
+
+def test_compact_writes_a_per_layer_array_and_a_smaller_file(tmp_path):
+    import gguf
+    from ecospa.io.gguf_export import DENSE_FFN_KEY
+    small = _pruned(CFG, 0.5)
+    widths = [p["w_up"].shape[1] for p in small["layers"]]
+    assert len(set(widths)) > 1  # the test needs layers of different widths
+    save_gguf(small, CFG, tmp_path / "p.gguf")
+    save_gguf(small, CFG, tmp_path / "c.gguf", layout="compact")
+    r = gguf.GGUFReader(str(tmp_path / "c.gguf"))
+    assert r.fields["general.architecture"].contents() == "deci"
+    assert r.fields["deci.feed_forward_length"].contents() == widths
+    assert r.fields[DENSE_FFN_KEY].contents() == CFG.ffn_dim
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in r.tensors}  # GGUF order: [in, out]
+    for i, w in enumerate(widths):
+        assert shapes[f"blk.{i}.ffn_up.weight"] == (CFG.dim, w)
+        assert shapes[f"blk.{i}.ffn_down.weight"] == (w, CFG.dim)
+        assert shapes[f"blk.{i}.attn_q.weight"] == (CFG.dim, CFG.n_heads * CFG.head_dim)  # padded
+    saved = 4 * 3 * CFG.dim * sum(CFG.ffn_dim - w for w in widths)  # f32 MLP weights left out
+    padded, compact_ = os.path.getsize(tmp_path / "p.gguf"), os.path.getsize(tmp_path / "c.gguf")
+    assert compact_ < padded and padded - compact_ >= saved - 4096  # up to alignment padding
+
+
+def test_compact_refuses_what_it_cannot_hold(tmp_path):
+    small = _pruned(CFG, 0.5)
+    layers = list(small["layers"])
+    layers[1] = {**layers[1], "w_gate": layers[1]["w_gate"][:, :0], "w_up": layers[1]["w_up"][:, :0],
+                 "w_down": layers[1]["w_down"][:0]}
+    with pytest.raises(ValueError, match="layer 1 has no MLP neuron left"):
+        save_gguf({**small, "layers": tuple(layers)}, CFG, tmp_path / "c.gguf", layout="compact")
+    with pytest.raises(ValueError, match="llama family only"):
+        save_gguf(gpt2.init(gpt2.Config()), gpt2.Config(), tmp_path / "g.gguf", layout="compact")
+    biased = llama.Config(**{**CFG.__dict__, "attention_bias": True})
+    with pytest.raises(ValueError, match="biases"):
+        save_gguf(llama.init(biased), biased, tmp_path / "b.gguf", layout="compact")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        save_gguf(small, CFG, tmp_path / "x.gguf", layout="tiny")
+    assert os.listdir(tmp_path) == []
+
+
+def test_reader_checks_per_layer_metadata(tmp_path):
+    import gguf
+    small = _pruned(CFG, 0.5)
+    save_gguf(small, CFG, tmp_path / "c.gguf", layout="compact")
+    data = (tmp_path / "c.gguf").read_bytes()
+    r = gguf.GGUFReader(str(tmp_path / "c.gguf"))
+    field = r.fields["deci.feed_forward_length"]
+    first = int(field.data[0])
+    offset = int(field.parts[field.data[0]].ctypes.data - r.data.ctypes.data)  # the first width's bytes
+    bad = bytearray(data)
+    bad[offset:offset + 4] = (first + 1).to_bytes(4, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="does not belong to these tensors"):
+        load_gguf(tmp_path / "bad.gguf")

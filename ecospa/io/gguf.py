@@ -71,17 +71,19 @@ def _value(reader, key: str):
 def hf_config(reader) -> dict:
     """An HF-style config dict (config.json keys) from a GGUF reader's llama.* metadata."""
     arch = _value(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' files are supported "
-                         "(LLaMA, SmolLM, TinyLlama, Mistral-style dense decoders)")
+                         "(LLaMA, SmolLM, TinyLlama, Mistral-style dense decoders), and 'deci' "
+                         "files with per-layer MLP widths (ecospa's gguf-compact export)")
     cfg = {"model_type": "llama"}
     for key, name in _CONFIG_KEYS.items():
-        v = _value(reader, f"llama.{key}")
+        v = _value(reader, f"{arch}.{key}")
         if v is not None:
             cfg[name] = v
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
-        raise ValueError(f"GGUF metadata lacks {missing}: the file is not a complete llama model")
+        raise ValueError(f"GGUF metadata lacks {missing}: the file is not a complete {arch} model")
+    _per_layer(reader, arch, cfg)
     for key, name in _CONFIG_KEYS.items():  # the types and ranges a model can have
         if name in ("rope_theta", "rms_norm_eps"):
             cfg_float(cfg, name, 1.0)
@@ -104,22 +106,22 @@ def hf_config(reader) -> dict:
                          f"{cfg['num_hidden_layers']}, but the file holds tensors for only "
                          f"{len(blocks)} blocks (truncated or corrupt file)")
     cfg["tie_word_embeddings"] = "output.weight" not in names
-    scaling = _rope_scaling(reader)
+    scaling = _rope_scaling(reader, arch)
     if scaling:
         cfg["rope_scaling"] = scaling
     return cfg
 
 
-def _rope_scaling(reader) -> dict:
+def _rope_scaling(reader, arch: str = "llama") -> dict:
     """RoPE scaling from llama.cpp's metadata: ``rope.scaling.type`` linear (a factor) or a
     ``rope_freqs`` tensor (per-pair divisors, what Llama 3.x converts to); {} when plain."""
-    kind = _value(reader, "llama.rope.scaling.type")
+    kind = _value(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         if kind != "linear":
             raise ValueError(f"GGUF rope scaling {kind!r} is not implemented (linear and "
                              "rope_freqs are); ecospa cannot reproduce this model's positions")
         return {"rope_type": "linear", "factor": cfg_float(
-            {"f": _value(reader, "llama.rope.scaling.factor")}, "f", 1.0)}
+            {"f": _value(reader, f"{arch}.rope.scaling.factor")}, "f", 1.0)}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             factors = np.asarray(t.data, dtype=np.float64).reshape(-1)
@@ -130,6 +132,42 @@ def _rope_scaling(reader) -> dict:
                 return {}
             return {"rope_type": "factors", "factors": [float(f) for f in factors]}
     return {}
+
+
+ARCHITECTURES = ("llama", "deci")
+DENSE_FFN_KEY = "ecospa.dense_feed_forward_length"  # written by ecospa's gguf-compact export
+WIDTHS = "ecospa_ffn_widths"  # hf_config's key for per-layer MLP widths (load_gguf removes it)
+
+
+def _per_layer(reader, arch: str, cfg: dict) -> None:
+    """Per-layer arrays in ``cfg``: the MLP widths (``deci.feed_forward_length`` as an array)
+    go to ``cfg[WIDTHS]`` with the dense width as intermediate_size; head counts must be one
+    number for the model (ecospa's attention has the same heads in every layer)."""
+    n = cfg["num_hidden_layers"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return  # the type checks below name it
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        v = cfg.get(name)
+        if isinstance(v, list):
+            if len(v) != n or len(set(v)) != 1:
+                raise ValueError(f"GGUF metadata {arch}.attention.head_count{'_kv' * (name[4] == 'k')} "
+                                 f"is a per-layer array {v[:8]}...; ecospa reads models with the "
+                                 "same heads in every layer only")
+            cfg[name] = v[0]
+    widths = cfg.get("intermediate_size")
+    if not isinstance(widths, list):
+        return
+    if arch != "deci":
+        raise ValueError(f"GGUF metadata {arch}.feed_forward_length is a per-layer array; llama.cpp's "
+                         f"{arch!r} architecture reads one width (per-layer widths need 'deci')")
+    if len(widths) != n or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w < 2**31
+                                   for w in widths):
+        raise ValueError(f"GGUF metadata deci.feed_forward_length must hold {n} widths >= 1 "
+                         f"(one per layer), got {widths[:8]}...")
+    dense = _value(reader, DENSE_FFN_KEY)
+    dense = dense if isinstance(dense, int) and not isinstance(dense, bool) else 0
+    cfg["intermediate_size"] = max([dense] + widths)
+    cfg[WIDTHS] = list(widths)
 
 
 def _array(tensor, gguf) -> np.ndarray:
@@ -190,8 +228,26 @@ def hf_state_dict(reader, cfg: dict, dtype: torch.dtype = torch.float32) -> dict
                                  f"split into {heads} heads of rotary pairs; the metadata does "
                                  "not belong to these tensors")
             w = unpermute(w, heads)
+        widths = cfg.get(WIDTHS)
+        if widths and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            w = _pad_mlp(w, t.name, parts[2] == "ffn_down", widths, int(parts[1]), cfg)
         out[name] = w
     _check_complete(out, cfg)
+    return out
+
+
+def _pad_mlp(w: torch.Tensor, name: str, down: bool, widths: list, i: int, cfg: dict) -> torch.Tensor:
+    """A compact layer's MLP tensor zero-padded to the dense width (exact: silu(0) * 0 = 0 and
+    zero rows of down add nothing); ``load_gguf`` slices it back to the layer's width."""
+    F_, axis = cfg["intermediate_size"], 1 if down else 0
+    if i >= len(widths) or w.ndim != 2 or w.shape[axis] != widths[i]:
+        raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, but deci.feed_forward_length "
+                         f"gives layer {i} a width of {widths[i] if i < len(widths) else '?'}; the "
+                         "metadata does not belong to these tensors")
+    shape = list(w.shape)
+    shape[axis] = F_
+    out = w.new_zeros(shape)
+    out.narrow(axis, 0, w.shape[axis]).copy_(w)
     return out
 
 
@@ -216,8 +272,29 @@ def tokenizer_info(reader) -> dict:
     return info
 
 
+# general.* keys that describe the file, not the model: an export writes its own
+_FILE_KEYS = ("general.architecture", "general.file_type", "general.quantization_version",
+              "general.alignment")
+
+
+def general_info(reader) -> dict:
+    """The source's ``general.*`` metadata (name, basename, size_label, license, organization,
+    base models, ...) as {key: {"value", "type", "sub_type"}} with the GGUF value types, so an
+    export writes each key back as it was; the keys about the file itself (architecture,
+    file_type, quantization_version, alignment) are left out."""
+    out = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("general.") or key in _FILE_KEYS or not field.types:
+            continue
+        types = [int(t) for t in field.types]
+        out[key] = {"value": _value(reader, key), "type": types[0],
+                    "sub_type": types[-1] if len(types) > 1 else None}
+    return out
+
+
 def load_gguf(path, dtype: torch.dtype = torch.float32):
-    """Load a LLaMA-architecture GGUF file as an ecospa model.
+    """Load a LLaMA-architecture GGUF file as an ecospa model (or a ``deci`` one with per-layer
+    MLP widths, as ecospa's gguf-compact export writes: its layers come back at those widths).
 
     Args:
       path: the .gguf file.
@@ -231,9 +308,14 @@ def load_gguf(path, dtype: torch.dtype = torch.float32):
     reader = open_reader(path)
     cfg = hf_config(reader)
     sd = hf_state_dict(reader, cfg, dtype)
+    widths = cfg.pop(WIDTHS, None)
     model_cfg, params = from_hf(sd, cfg)
+    if widths:  # a gguf-compact file: each layer's MLP back at its own width
+        params = {**params, "layers": tuple(
+            {**p, "w_gate": p["w_gate"][:, :w].contiguous(), "w_up": p["w_up"][:, :w].contiguous(),
+             "w_down": p["w_down"][:w].contiguous()} for p, w in zip(params["layers"], widths))}
     return model_cfg, params, tokenizer_info(reader)
 
 
-__all__ = ["load_gguf", "open_reader", "hf_config", "hf_state_dict", "tokenizer_info", "permute", "unpermute",
+__all__ = ["load_gguf", "open_reader", "hf_config", "general_info", "hf_state_dict", "tokenizer_info", "permute", "unpermute",
            "LAYER_NAMES", "TOP_NAMES"]

@@ -39,7 +39,8 @@ from ecospa.io.files import exclusive, write_errors
 from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
 from ecospa.jobs.evaluate import perplexity
 from ecospa.jobs.compress_job import Job, check_out_dir
-from ecospa.jobs.export import export, source_special_tokens, source_tokenizer_info
+from ecospa.jobs.export import (GGUF_LAYOUTS, export, source_general_info, source_special_tokens,
+                                source_tokenizer_info)
 from ecospa.prune import slice_units
 from ecospa.func.reconstruct import obs_scores, reconstruct
 from ecospa.schedule import dense_sizes, round_target, warmup_cosine
@@ -296,8 +297,9 @@ def _save(job: Job, params, cfg, summary: dict) -> None:
             continue
         try:
             res = export(params, cfg, path, fmt, tokenizer=load_tokenizer(_tokenizer_spec(job.model)),
-                         tokenizer_info=source_tokenizer_info(job.model) if fmt == "gguf" else None,
-                         special_tokens=source_special_tokens(job.model) if fmt != "gguf" else None,
+                         tokenizer_info=source_tokenizer_info(job.model) if fmt in GGUF_LAYOUTS else None,
+                         special_tokens=source_special_tokens(job.model) if fmt not in GGUF_LAYOUTS else None,
+                         general=source_general_info(job.model) if fmt in GGUF_LAYOUTS else None,
                          overwrite=job.overwrite)
             summary[flag.lstrip("-").replace("-", "_")] = f"{res['format']}: {res['path']}"
         except (OSError, ValueError, RuntimeError) as err:

@@ -11,8 +11,15 @@ Formats:
 - ``hf-compact``: per-layer pruned sizes kept (real savings) with a self-contained modeling file
   registered through ``auto_map`` (``ecospa.io.hf_compact``): load with
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; LLaMA family only.
-- ``gguf``: a llama.cpp file, padded the same way (``ecospa.io.gguf_export``), with the source's
-  tokenizer metadata when the source has it.
+- ``gguf``: a llama.cpp file (``llama`` architecture), padded the same way
+  (``ecospa.io.gguf_export``): every file is the dense size.
+- ``gguf-compact``: a llama.cpp file in its ``deci`` architecture with per-layer MLP widths (only
+  the kept neurons; attention padded): the file and llama.cpp's MLP compute shrink with the
+  pruning. ``ecospa.io.gguf.load_gguf`` reads it back compact.
+
+Both GGUF formats carry the source GGUF's tokenizer metadata (pre-tokenizer, chat template,
+bos/eos/add-prefix flags) and its ``general.*`` metadata (a pruned model's name, size label and
+description say so).
 
 The HF formats carry the source's special tokens and chat template (``source_special_tokens``:
 tokenizer_config.json, special_tokens_map.json, generation_config.json and the ids in
@@ -31,7 +38,7 @@ from ecospa._tree import cast_weights
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
 from ecospa.func.padding import pad
-from ecospa.io.gguf import open_reader, tokenizer_info
+from ecospa.io.gguf import general_info, open_reader, tokenizer_info
 from ecospa.io.files import check_output_path
 from ecospa.io.gguf_export import save_gguf
 from ecospa.io.hf import hf_family_of
@@ -40,7 +47,8 @@ from ecospa.io.hf_write import check_export_target
 from ecospa.io.load import REGISTRY, checkpoint_tokenizer_spec, registry_path, run_checkpoint
 from ecospa.io.special_tokens import SpecialTokens, config_ids, from_gguf, from_hf_dir, hf_files
 
-FORMATS = ("hf-padded", "hf-compact", "gguf")
+FORMATS = ("hf-padded", "hf-compact", "gguf", "gguf-compact")
+GGUF_LAYOUTS = {"gguf": "padded", "gguf-compact": "compact"}  # format -> save_gguf layout
 
 
 def _inside(path: str, root: str) -> bool:
@@ -64,7 +72,7 @@ def check_out(out: str, fmt: str, overwrite: bool, model: Optional[str] = None, 
     input ``model`` or a path inside it; an existing export only with ``overwrite``."""
     out = os.path.abspath(os.fspath(out))
     check_source(out, model, flag)
-    if fmt != "gguf":
+    if fmt not in GGUF_LAYOUTS:
         out = check_export_target(out, flag)  # new, empty, or an earlier export of ours
         if os.path.isdir(out) and os.listdir(out) and not overwrite:
             raise UsageError(f"{flag} {out!r} holds an earlier export; pass --overwrite to replace it, "
@@ -87,20 +95,22 @@ def _tokenizer_json(tokenizer) -> Optional[bytes]:
 
 def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info: Optional[dict] = None,
            dtype: str = "f32", overwrite: bool = False,
-           special_tokens: Optional[SpecialTokens] = None) -> dict:
+           special_tokens: Optional[SpecialTokens] = None, general: Optional[dict] = None) -> dict:
     """Write ``params`` to ``out`` in format ``fmt`` (see the module docstring).
 
     Returns {"format", "path", "notes"}. ``tokenizer`` (a ``tokenizers.Tokenizer`` or a fast
     transformers tokenizer) is saved as tokenizer.json beside an HF export, with
     ``special_tokens`` (``source_special_tokens``: bos/eos/unk/pad, chat template) in the files
-    transformers reads; ``tokenizer_info`` (GGUF tokenizer metadata) goes into a GGUF file. The
-    input tree is not modified.
+    transformers reads; ``tokenizer_info`` (GGUF tokenizer metadata) and ``general`` (the source
+    GGUF's ``general.*``, ``source_general_info``) go into a GGUF file. The input tree is not
+    modified.
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = check_out(out, fmt, overwrite)
-    if fmt == "gguf":
-        info = save_gguf(params, cfg, out, tokenizer_info=tokenizer_info, dtype=dtype, overwrite=overwrite)
+    if fmt in GGUF_LAYOUTS:
+        info = save_gguf(params, cfg, out, tokenizer_info=tokenizer_info, dtype=dtype, overwrite=overwrite,
+                         layout=GGUF_LAYOUTS[fmt], general=general)
         return {"format": fmt, "path": info["path"], "notes": info["notes"]}
     fam = family_of(cfg)
     if dtype == "f16":  # the weights only: rotary frequencies stay float32 (exact phases)
@@ -128,17 +138,30 @@ def export(params: dict, cfg, out: str, fmt: str, tokenizer=None, tokenizer_info
     return {"format": fmt, "path": path, "notes": notes}
 
 
-def source_tokenizer_info(spec: str) -> Optional[dict]:
-    """GGUF tokenizer metadata of a model spec (a .gguf, a registry name, or a native checkpoint
-    that records one of those as its tokenizer source), or None."""
+def source_gguf(spec: str) -> Optional[str]:
+    """The GGUF file behind a model spec (a .gguf, a registry name, or a native checkpoint that
+    records one of those as its tokenizer source), or None."""
     path = registry_path(spec) if spec in REGISTRY else spec
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
         with open(os.path.join(path, "manifest.json")) as f:
             src = (json.load(f).get("extra") or {}).get("tokenizer")
-        return source_tokenizer_info(src) if isinstance(src, str) and src != spec else None
+        return source_gguf(src) if isinstance(src, str) and src != spec else None
     if str(path).endswith(".gguf") and os.path.isfile(path):
-        return tokenizer_info(open_reader(path)) or None
+        return path
     return None
+
+
+def source_tokenizer_info(spec: str) -> Optional[dict]:
+    """GGUF tokenizer metadata of a model spec (see ``source_gguf``), or None."""
+    path = source_gguf(spec)
+    return (tokenizer_info(open_reader(path)) or None) if path else None
+
+
+def source_general_info(spec: str) -> Optional[dict]:
+    """The source GGUF's ``general.*`` metadata (``ecospa.io.gguf.general_info``) of a model
+    spec (see ``source_gguf``), or None."""
+    path = source_gguf(spec)
+    return (general_info(open_reader(path)) or None) if path else None
 
 
 def source_special_tokens(spec: str) -> Optional[SpecialTokens]:
@@ -162,4 +185,5 @@ def source_special_tokens(spec: str) -> Optional[SpecialTokens]:
     return None
 
 
-__all__ = ["FORMATS", "check_out", "check_source", "export", "source_special_tokens", "source_tokenizer_info"]
+__all__ = ["FORMATS", "GGUF_LAYOUTS", "check_out", "check_source", "export", "source_general_info",
+           "source_gguf", "source_special_tokens", "source_tokenizer_info"]
