@@ -146,3 +146,81 @@ def test_reader_checks_per_layer_metadata(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(bytes(bad))
     with pytest.raises(ValueError, match="does not belong to these tensors"):
         load_gguf(tmp_path / "bad.gguf")
+
+
+def _source(tmp_path):
+    """A dense source GGUF with a byte-level vocabulary, a chat template, tokenizer flags and
+    general.* metadata (written by ecospa's exporter from explicit metadata)."""
+    import gguf
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
+    alpha = _byte_alphabet()
+    tokens = ["<|endoftext|>", "<|im_start|>"] + [alpha[b] for b in range(256)] + ["Ġt", "he"]
+    tok = {"model": "gpt2", "pre": "smollm", "tokens": tokens, "merges": ["Ġ t", "h e"],
+           "token_type": [3, 3] + [1] * 258, "bos_token_id": 1, "eos_token_id": 0,
+           "padding_token_id": 0, "add_bos_token": False, "add_eos_token": True,
+           "add_space_prefix": False, "chat_template": "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}"}
+    S, A = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY)
+    general = {"general.name": {"value": "Tiny Test Model", "type": S, "sub_type": None},
+               "general.basename": {"value": "tiny", "type": S, "sub_type": None},
+               "general.size_label": {"value": "7K", "type": S, "sub_type": None},
+               "general.license": {"value": "apache-2.0", "type": S, "sub_type": None},
+               "general.organization": {"value": "TestOrg", "type": S, "sub_type": None},
+               "general.languages": {"value": ["en", "fr"], "type": A, "sub_type": S}}
+    cfg = llama.Config(**{**CFG.__dict__, "vocab_size": len(tokens)})
+    save_gguf(llama.init(cfg, seed=2), cfg, tmp_path / "src.gguf", tokenizer_info=tok, general=general)
+    return cfg, tok, tmp_path / "src.gguf"
+
+
+def _fields(path) -> dict:
+    import gguf
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()
+            if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gguf-compact"])
+def test_cli_export_carries_tokenizer_flags_chat_template_and_general(tmp_path, fmt):
+    from ecospa import cli
+    cfg, tok, src = _source(tmp_path)
+    out = tmp_path / "out.gguf"
+    assert cli.main(["export", "--model", str(src), "--format", fmt, "--out", str(out)]) == 0
+    got, want = _fields(out), _fields(src)
+    for key in ("tokenizer.chat_template", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "general.name", "general.basename", "general.size_label", "general.license",
+                "general.organization", "general.languages"):
+        assert got[key] == want[key], key
+    assert want["tokenizer.ggml.add_eos_token"] is True and want["general.languages"] == ["en", "fr"]
+    assert got["general.architecture"] == ("deci" if fmt == "gguf-compact" else "llama")
+
+
+def test_pruned_export_says_so_and_names_its_base_model(tmp_path):
+    from ecospa.jobs.export import export, source_general_info, source_tokenizer_info
+    cfg, tok, src = _source(tmp_path)
+    small = _pruned(cfg, 0.5)
+    export(small, cfg, str(tmp_path / "p.gguf"), "gguf-compact", tokenizer_info=source_tokenizer_info(str(src)),
+           general=source_general_info(str(src)))
+    got = _fields(tmp_path / "p.gguf")
+    assert got["general.name"].startswith("Tiny Test Model (pruned by ecospa, ")
+    assert got["general.size_label"] != "7K" and got["general.license"] == "apache-2.0"
+    assert "structurally pruned by ecospa" in got["general.description"]
+    assert got["general.base_model.count"] == 1
+    assert got["general.base_model.0.name"] == "Tiny Test Model"
+    assert got["general.base_model.0.organization"] == "TestOrg"
+    assert got["tokenizer.chat_template"] == tok["chat_template"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gguf-compact", "hf-padded", "hf-compact"])
+def test_exports_get_the_ordinary_file_mode(tmp_path, fmt):
+    from ecospa.jobs.export import export
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / ("m.gguf" if fmt.startswith("gguf") else "m")
+        export(llama.init(CFG), CFG, str(out), fmt)
+    finally:
+        os.umask(old)
+    paths = [out] if out.is_file() else [out] + sorted(out.rglob("*"))
+    assert len(paths) >= 1
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
