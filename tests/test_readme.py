@@ -71,6 +71,8 @@ PLAN = {
     "python -m ecospa export --model runs/smollm2-50 --format hf-compact --out exports/smol50-compact":
         ("run", [], {}),
     "python -m ecospa export --model runs/smollm2-50 --format gguf --out exports/smol50.gguf": ("run", [], {}),
+    "python -m ecospa export --model runs/smollm2-50 --format gguf-compact --out exports/smol50-compact.gguf":
+        ("run", [], {}),
     "python -m ecospa.cli.harness --model runs/smollm2-50 --tasks hellaswag,arc_easy --limit 200":
         ("skip", "hellaswag and arc_easy download their data (internet); tests/test_harness.py runs a local "
                  "task offline"),
