@@ -224,3 +224,18 @@ def test_exports_get_the_ordinary_file_mode(tmp_path, fmt):
     assert len(paths) >= 1
     for p in paths:
         assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16}])
+def test_compact_carries_rope_scaling(tmp_path, scaling):
+    cfg = llama.Config(**{**CFG.__dict__, "rope_scaling": scaling})
+    small = _pruned(cfg, 0.5)
+    save_gguf(small, cfg, tmp_path / "c.gguf", layout="compact")
+    back_cfg, back, _ = load_gguf(tmp_path / "c.gguf")
+    assert dict(back_cfg.rope_scaling)["rope_type"] == ("linear" if scaling["rope_type"] == "linear" else "factors")
+    close(llama.inv_freq(back_cfg), llama.inv_freq(cfg))
+    x = torch.randint(0, 37, (2, 40), generator=torch.Generator().manual_seed(0))
+    close(llama.forward(back, x, back_cfg), llama.forward(small, x, cfg), EXACT)
