@@ -122,7 +122,8 @@ def test_registry_error_names_the_install_command(monkeypatch):
         models.load_model("no-such-model")
 
 
-@pytest.mark.parametrize("fmt, name", [("hf-padded", "hf"), ("hf-compact", "hfc"), ("gguf", "m.gguf")])
+@pytest.mark.parametrize("fmt, name", [("hf-padded", "hf"), ("hf-compact", "hfc"), ("gguf", "m.gguf"),
+                                       ("gguf-compact", "c.gguf")])
 def test_compress_exports_any_pruned_tree(tiny_gguf, tmp_path, capsys, fmt, name):
     """--export writes the budget-pruned tree (pruned attention, per-layer widths) in every
     format with the same code as `ecospa export`; each loads back to the checkpoint's logits."""

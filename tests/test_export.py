@@ -161,12 +161,12 @@ def test_reexport_replaces_only_our_export_with_its_extra_files(tmp_path):
         assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("fmt", ["hf-padded", "hf-compact", "gguf"])
+@pytest.mark.parametrize("fmt", ["hf-padded", "hf-compact", "gguf", "gguf-compact"])
 def test_exports_come_back_compact(tmp_path, fmt):
     from ecospa.io.load import load_model
     module, cfg = CASES["llama_gqa_tied"]
     small = _pruned(module, cfg, 0.5, torch.float32)
-    path = export(small, cfg, tmp_path / ("m.gguf" if fmt == "gguf" else "out"), fmt)["path"]
+    path = export(small, cfg, tmp_path / ("m.gguf" if fmt.startswith("gguf") else "out"), fmt)["path"]
     c2, p2, _ = load_model(path, compact=True)
     assert [t.shape for t in optree.tree_leaves(p2, namespace="")] == \
         [t.shape for t in optree.tree_leaves(small, namespace="")]

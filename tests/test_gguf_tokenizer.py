@@ -118,3 +118,19 @@ def test_same_ids_as_llama_cpp(tmp_path, pre):
     ours = build_tokenizer(dict(info, pre=pre))
     for text in STRESS + [A, B]:
         assert ours.encode(text).ids == ref.tokenize(text.encode(), add_bos=False, special=False), (pre, text)
+
+
+def test_a_model_with_an_unknown_pre_tokenizer_loads_without_a_tokenizer(tmp_path):
+    """The weights stay usable (pruning, export); only the tokenizer is refused, by name."""
+    from ecospa.func import llama
+    from ecospa.io.gguf_export import save_gguf
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
+    from ecospa.io.load import load_model
+    alpha = _byte_alphabet()
+    cfg = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=8)
+    info = {"model": "gpt2", "pre": "no-such-pre", "tokens": [alpha[b] for b in range(256)],
+            "merges": [], "token_type": [1] * 256}
+    save_gguf(llama.init(cfg), cfg, tmp_path / "m.gguf", tokenizer_info=info)
+    with pytest.warns(UserWarning, match="'no-such-pre' is not supported.*loads without a tokenizer"):
+        got_cfg, _, tok = load_model(str(tmp_path / "m.gguf"))
+    assert tok is None and got_cfg.n_layers == 1

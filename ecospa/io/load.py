@@ -217,7 +217,12 @@ def _load(spec, dtype: torch.dtype):
         spec = left
     if spec.endswith(".gguf"):
         cfg, params, info = load_gguf(spec, dtype=dtype)
-        tok = gguf_tokenizer(spec) if info.get("model") == "gpt2" else None
+        tok = None
+        if info.get("model") == "gpt2":
+            try:
+                tok = gguf_tokenizer(spec)
+            except ValueError as err:  # e.g. a pre-tokenizer llama.cpp names but ecospa does not
+                warnings.warn(f"{spec}: {err}; the model loads without a tokenizer")
         return cfg, params, tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
         cfg, params, tok = _native(spec)
