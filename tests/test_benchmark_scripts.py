@@ -92,3 +92,10 @@ def test_compile_decode_quick_compiles_one_layer_graph_per_shape_kind(tmp_path):
     assert len({w[2] for w in res["conditions"]["widths"]}) == 2  # the layers' MLP widths differ
     layer = [r for r in res["rows"] if r["mode"] == "layer"][0]
     assert layer["tokens_equal_eager"] is True and 1 <= layer["graphs"] <= 2
+
+
+def test_gguf_compact_quick_mode_writes_its_own_file():
+    bench = _module("gguf_compact")
+    full, quick = bench.results_path(quick=False), bench.results_path(quick=True)
+    assert full == os.path.join(str(BENCH), "results", "gguf_compact.json")
+    assert quick != full and os.path.dirname(quick) == os.path.dirname(full)
