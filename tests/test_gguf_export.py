@@ -239,3 +239,27 @@ def test_compact_carries_rope_scaling(tmp_path, scaling):
     close(llama.inv_freq(back_cfg), llama.inv_freq(cfg))
     x = torch.randint(0, 37, (2, 40), generator=torch.Generator().manual_seed(0))
     close(llama.forward(back, x, back_cfg), llama.forward(small, x, cfg), EXACT)
+
+
+def test_reader_refuses_per_layer_heads_and_llama_per_layer_widths(tmp_path):
+    """Files ecospa's reader cannot hold are refused by name, not misread."""
+    import gguf
+    from ecospa.io.gguf import hf_config
+
+    def header(arch, **kv):
+        w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+        w.add_block_count(2)
+        w.add_embedding_length(16)
+        w.add_head_count(kv.get("heads", 4))
+        w.add_feed_forward_length(kv.get("ffn", 24))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return gguf.GGUFReader(str(tmp_path / f"{arch}.gguf"))
+    with pytest.raises(ValueError, match="deci.attention.head_count is a per-layer array"):
+        hf_config(header("deci", heads=[4, 2], ffn=[8, 9]))
+    with pytest.raises(ValueError, match="llama.feed_forward_length is a per-layer array"):
+        hf_config(header("llama", ffn=[8, 9]))
+    with pytest.raises(ValueError, match="must hold 2 widths >= 1"):
+        hf_config(header("deci", ffn=[8, 0]))

@@ -146,13 +146,13 @@ def _per_layer(reader, arch: str, cfg: dict) -> None:
     n = cfg["num_hidden_layers"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return  # the type checks below name it
-    for name in ("num_attention_heads", "num_key_value_heads"):
+    for name, key in (("num_attention_heads", "head_count"), ("num_key_value_heads", "head_count_kv")):
         v = cfg.get(name)
         if isinstance(v, list):
             if len(v) != n or len(set(v)) != 1:
-                raise ValueError(f"GGUF metadata {arch}.attention.head_count{'_kv' * (name[4] == 'k')} "
-                                 f"is a per-layer array {v[:8]}...; ecospa reads models with the "
-                                 "same heads in every layer only")
+                raise ValueError(f"GGUF metadata {arch}.attention.{key} is a per-layer array "
+                                 f"{v[:8]}...; ecospa reads models with the same heads in every "
+                                 "layer only")
             cfg[name] = v[0]
     widths = cfg.get("intermediate_size")
     if not isinstance(widths, list):
