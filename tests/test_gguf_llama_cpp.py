@@ -120,6 +120,9 @@ def test_smollm2_half_pruned_compact_in_llama_cpp(tmp_path):
     export(small, cfg, path, "gguf-compact", tokenizer_info=source_tokenizer_info("smollm2-135m"),
            general=source_general_info("smollm2-135m"))
     llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    src_info = source_tokenizer_info("smollm2-135m")
+    assert llm.metadata["tokenizer.chat_template"] == src_info["chat_template"]  # not llama-2's format
+    assert "pruned by ecospa" in llm.metadata["general.name"]
     text = "def add(a, b):\n    return a + b  # ½ of ٣٤"
     ids = tok.encode(text).ids
     assert ids == llm.tokenize(text.encode(), add_bos=False, special=False)
