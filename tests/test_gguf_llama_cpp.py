@@ -48,9 +48,12 @@ def _pruned(budget: float) -> dict:
     return ecospa.pruner(groups, budget=budget)(params, est.scores(est.init(params)))
 
 
+F32 = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # llama.cpp's KV cache is f16 by default
+
+
 def _llama(path: str):
     return llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, n_threads=1, verbose=False,
-                           n_batch=64)
+                           n_batch=64, **F32)
 
 
 def _logits(llm, tokens: list) -> torch.Tensor:
@@ -98,7 +101,8 @@ def test_compact_file_holds_fewer_parameters_in_llama_cpp(tmp_path):
     for fmt in ("compact", "padded"):
         path = str(tmp_path / f"{fmt}.gguf")
         save_gguf(small, CFG, path, tokenizer_info=_tokenizer(), layout=fmt)
-        n[fmt] = llama_cpp.llama_model_n_params(_llama(path).model)
+        llm = _llama(path)  # held while asked: the model dies with it
+        n[fmt] = llama_cpp.llama_model_n_params(llm.model)
     mlp_removed = sum(3 * CFG.dim * (CFG.ffn_dim - p["w_up"].shape[1]) for p in small["layers"])
     assert mlp_removed > 0 and n["padded"] - n["compact"] == mlp_removed
 
@@ -119,7 +123,7 @@ def test_smollm2_half_pruned_compact_in_llama_cpp(tmp_path):
     path = str(tmp_path / "smol50.gguf")
     export(small, cfg, path, "gguf-compact", tokenizer_info=source_tokenizer_info("smollm2-135m"),
            general=source_general_info("smollm2-135m"))
-    llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, n_threads=2, verbose=False, **F32)
     src_info = source_tokenizer_info("smollm2-135m")
     assert llm.metadata["tokenizer.chat_template"] == src_info["chat_template"]  # not llama-2's format
     assert "pruned by ecospa" in llm.metadata["general.name"]
