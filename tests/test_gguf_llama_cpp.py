@@ -48,7 +48,9 @@ def _pruned(budget: float) -> dict:
     return ecospa.pruner(groups, budget=budget)(params, est.scores(est.init(params)))
 
 
-F32 = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # llama.cpp's KV cache is f16 by default
+# llama.cpp's defaults (an f16 KV cache, flash attention chosen automatically, which runs in f16
+# on the CPU) move SmolLM2's logits by up to 0.017 (measured); the comparison runs it in f32.
+F32 = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
 
 
 def _llama(path: str):
@@ -110,7 +112,11 @@ def test_compact_file_holds_fewer_parameters_in_llama_cpp(tmp_path):
 @pytest.mark.slow
 def test_smollm2_half_pruned_compact_in_llama_cpp(tmp_path):
     """The real model: SmolLM2-135M pruned to half its group parameters (norm-product scores, no
-    training), exported gguf-compact f32: llama.cpp's logits and greedy tokens equal ecospa's."""
+    training), exported gguf-compact f32: llama.cpp's greedy tokens equal ecospa's, and its
+    logits are as close to the float64 truth as ecospa's own float32 forward (the untrained pruned
+    model is ill-conditioned: ecospa's float32 logits are themselves ~1.5e-3 from float64, more
+    than the float32 tolerance, so that bound is the larger of the two)."""
+    from ecospa._tree import cast_weights
     from ecospa.io.load import load_model
     from ecospa.jobs.export import export, source_general_info, source_tokenizer_info
     try:
@@ -130,11 +136,16 @@ def test_smollm2_half_pruned_compact_in_llama_cpp(tmp_path):
     text = "def add(a, b):\n    return a + b  # ½ of ٣٤"
     ids = tok.encode(text).ids
     assert ids == llm.tokenize(text.encode(), add_bos=False, special=False)
-    global CFG
-    saved, CFG = CFG, cfg
-    try:
-        with torch.no_grad():
-            close(_logits(llm, ids), llama.forward(small, torch.tensor([ids]), cfg)[0], HF)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours = llama.forward(small, x, cfg)[0]
+        truth = llama.forward(cast_weights(small, torch.float64), x, cfg)[0].float()
+        theirs = _logits(llm, ids)
+        bound = max(HF[torch.float32]["atol"], float((ours - truth).abs().max()))
+        assert float((theirs - truth).abs().max()) <= bound
+        global CFG
+        saved, CFG = CFG, cfg
+        try:
             assert _greedy_llama_cpp(llm, ids, 16) == _greedy_ecospa(small, ids, 16)
-    finally:
-        CFG = saved
+        finally:
+            CFG = saved
