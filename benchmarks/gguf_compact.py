@@ -16,8 +16,9 @@ For each file: its bytes, the parameters llama.cpp holds (``llama_model_n_params
 llama.cpp's greedy decode speed: the prompt evaluated once, then ``--new`` tokens one by one
 (argmax of the last logits), timed per phase; medians of ``--reps`` runs, files interleaved so
 load drifts hit all alike. Greedy tokens of llama.cpp on the compact file are compared with
-ecospa's own greedy generation of the same pruned tree (f32 only: f16 rounding may change
-a token). Writes benchmarks/results/gguf_compact.json (``--quick``: gguf_compact_quick.json).
+ecospa's own greedy generation of the same pruned tree (with f32 weights and ``--kv f32``, the
+default: llama.cpp's f16 KV cache and f16 flash attention move logits by up to ~0.02 and may
+change a token). Writes benchmarks/results/gguf_compact.json (``--quick``: gguf_compact_quick.json).
 """
 from __future__ import annotations
 
@@ -90,14 +91,16 @@ def prune(params, cfg, budget, batches):
 
 def greedy_llama_cpp(llm, prompt: list, n: int) -> tuple:
     """(tokens, prefill seconds, decode seconds) of ``n`` greedy tokens after ``prompt``."""
+    import llama_cpp
     import numpy as np
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
     t1 = time.perf_counter()
-    out = []
+    out, vocab = [], llm.n_vocab()
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        tok = int(np.argmax(last))  # the last position's logits (llama.cpp keeps only those)
         out.append(tok)
         llm.eval([tok])
     t2 = time.perf_counter()
@@ -113,6 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64, help="greedy tokens decoded")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--kv", choices=("f32", "default"), default="f32",
+                    help="f32: KV cache in f32 and flash attention off (logits as ecospa's, so greedy "
+                         "tokens compare); default: llama.cpp's defaults (f16 KV cache, flash attention auto)")
     ap.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="results file (default: results/gguf_compact.json; "
                     "with --quick results/gguf_compact_quick.json)")
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
            overwrite=True)
     files[("dense", "gguf-compact")] = path
     cond = conditions("cpu", torch.float32, llama_cpp_python=llama_cpp.__version__, threads=args.threads,
-                      gguf_dtype=args.dtype, prompt=args.prompt, new_tokens=args.new, reps=args.reps,
+                      gguf_dtype=args.dtype, kv_cache=args.kv, prompt=args.prompt, new_tokens=args.new, reps=args.reps,
                       model="tiny random llama" if args.quick else "SmolLM2-135M (GGUF Q4_1, dequantized)",
                       pruning="coupled Fisher, global budget, 2 x 128 pydoc train tokens, no recovery",
                       note="llama.cpp greedy decode (eval one token, argmax), interleaved medians; "
@@ -159,8 +165,10 @@ def main(argv=None) -> int:
     print("conditions:", cond, flush=True)
     g = torch.Generator().manual_seed(1)
     prompt = [int(t) for t in torch.randint(1, cfg.vocab_size, (args.prompt,), generator=g)]
+    kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False) \
+        if args.kv == "f32" else {}
     llms = {k: llama_cpp.Llama(model_path=p, n_ctx=args.prompt + args.new + 8, n_threads=args.threads,
-                               n_batch=args.prompt, verbose=False) for k, p in files.items()}
+                               n_batch=args.prompt, verbose=False, **kv) for k, p in files.items()}
     runs = {k: {"prefill": [], "decode": []} for k in files}
     tokens = {}
     for rep in range(args.reps + 1):  # rep 0 warms up
@@ -171,7 +179,7 @@ def main(argv=None) -> int:
                 runs[key]["prefill"].append(pre)
                 runs[key]["decode"].append(dec)
     ref = {}
-    if args.dtype == "f32":
+    if args.dtype == "f32" and args.kv == "f32":
         for name, params in models.items():
             ref[name] = generate(params, cfg, torch.tensor([prompt]), args.new)[0, -args.new:].tolist()
     base_key = ("dense", "gguf")
