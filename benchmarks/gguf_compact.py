@@ -178,6 +178,7 @@ def main(argv=None) -> int:
             if rep:
                 runs[key]["prefill"].append(pre)
                 runs[key]["decode"].append(dec)
+            print(f"  rep {rep} {key[0]} {key[1]}: {args.new / dec:.1f} tok/s", flush=True)
     ref = {}
     if args.dtype == "f32" and args.kv == "f32":
         for name, params in models.items():
