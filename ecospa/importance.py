@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
+import optree
 import torch
 
 from ecospa._tree import get_path
@@ -179,9 +180,38 @@ ESTIMATORS: Mapping[str, EstimatorFactory] = {
     "magnitude": magnitude, "norm_product": norm_product, "random": random}
 
 
+def microbatched(grad_fn: Callable, micro_batch: Optional[int]) -> Callable:
+    """``grad_fn(params, batch)`` (any function returning a tree of tensors: ``torch.func.grad``,
+    ``grad_and_value``) computed ``micro_batch`` rows of the batch at a time and averaged with
+    the parts' row counts as weights: the batch's result when the loss is a mean over rows of
+    equal length (``lm_loss``, the distillation loss), only the summation order differs. The
+    activations kept for a backward pass are those of ``micro_batch`` rows, not of the batch.
+    None, or a batch of at most ``micro_batch`` rows: ``grad_fn`` itself, unchanged."""
+    if not micro_batch:
+        return grad_fn
+
+    def run(params, batch):
+        rows = batch.shape[0] if torch.is_tensor(batch) and batch.ndim >= 1 else None
+        if rows is None or rows <= micro_batch:
+            return grad_fn(params, batch)
+        total = None
+        for part in batch.split(micro_batch):
+            g = grad_fn(params, part)
+            w = part.shape[0] / rows
+            if total is None:
+                total = optree.tree_map(lambda x: x.mul_(w), g, namespace="")
+            else:
+                optree.tree_map(lambda a, x: a.add_(x, alpha=w), total, g, namespace="")
+            del g
+        return total
+
+    return run
+
+
 def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: Iterable,
            estimator: Optional[EstimatorProtocol] = None,
-           on_batch: Optional[Callable[[int, Optional[int]], None]] = None) -> Scores:
+           on_batch: Optional[Callable[[int, Optional[int]], None]] = None,
+           micro_batch: Optional[int] = None) -> Scores:
     """Coupled empirical Fisher scores from calibration batches.
 
     Args:
@@ -192,13 +222,16 @@ def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: 
       estimator: another ``Importance`` to accumulate instead of the coupled Fisher.
       on_batch: ``on_batch(i, n)`` after batch i (1-based) of n (None when ``batches`` has no
         length), e.g. to show progress; the scores do not depend on it.
+      micro_batch: differentiate this many rows of a batch at a time and average the gradients
+        weighted by rows: the batch's gradient when ``loss_fn`` is a mean over rows of equal
+        length (``lm_loss``), with the activation memory of ``micro_batch`` rows. None: whole batches.
     Returns:
       {group name: importance per unit [n_blocks, n_units]}.
     Example:
       scores = ecospa.fisher(lambda p, b: loss(p, b), params, groups, batches)
     """
     est = estimator or coupled_fisher(groups)
-    grad_fn = torch.func.grad(loss_fn)
+    grad_fn = microbatched(torch.func.grad(loss_fn), micro_batch)
     state = est.init(params)
     n = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches, 1):

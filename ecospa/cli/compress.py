@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=_DEFAULTS["lr"], help="recovery learning rate (AdamW)")
     p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"],
                    help="TRAIN batches for the importance scores")
+    p.add_argument("--micro-batch", type=positive_int, default=_DEFAULTS["micro_batch"],
+                   help="rows of a calibration or recovery batch differentiated at a time (their gradients "
+                   "averaged: the batch's gradient, with the activation memory of this many rows)")
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"],
                    help="predictions per held-out window (`ecospa eval --seq-len`)")
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",

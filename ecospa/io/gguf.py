@@ -309,7 +309,7 @@ def load_gguf(path, dtype: torch.dtype = torch.float32):
     cfg = hf_config(reader)
     sd = hf_state_dict(reader, cfg, dtype)
     widths = cfg.pop(WIDTHS, None)
-    model_cfg, params = from_hf(sd, cfg)
+    model_cfg, params = from_hf(sd, cfg, consume=True)  # frees each layer's tensors as it converts
     if widths:  # a gguf-compact file: each layer's MLP back at its own width
         params = {**params, "layers": tuple(
             {**p, "w_gate": p["w_gate"][:, :w].contiguous(), "w_up": p["w_up"][:, :w].contiguous(),

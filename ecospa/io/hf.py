@@ -192,8 +192,10 @@ def load_hf(path_or_id: str, dtype: torch.dtype = torch.float32) -> Tuple[str, o
     else:
         name, convert = MODEL_TYPES[kind].family.name, MODEL_TYPES[kind].from_hf
     sd = read_state_dict(directory)
+    # LLaMA's converter takes the tensors out of sd as it goes: one model in memory, not two
+    more = {"consume": True} if convert is hf_llama.from_hf else {}
     try:
-        cfg, params = convert(sd, config, dtype=dtype)
+        cfg, params = convert(sd, config, dtype=dtype, **more)
     except ValueError as err:  # config and weights disagree: say which directory
         raise ValueError(f"{os.path.join(directory, 'config.json')} and its weights: {err}") from err
     return name, cfg, params

@@ -51,10 +51,12 @@ def expected_shapes(cfg) -> dict:
     return out
 
 
-def _normalize_names(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Give every key the "model." prefix (except lm_head), drop recomputed buffers."""
+def _normalize_names(state_dict: Mapping[str, torch.Tensor], consume: bool = False) -> dict:
+    """Give every key the "model." prefix (except lm_head), drop recomputed buffers;
+    ``consume``: empty ``state_dict`` (a dict) as its tensors move over."""
     out = {}
-    for k, v in state_dict.items():
+    items = [(k, state_dict.pop(k)) for k in list(state_dict)] if consume else state_dict.items()
+    for k, v in items:
         if k.endswith(_IGNORED):
             continue
         if not (k.startswith("model.") or k.startswith("lm_head.")):
@@ -64,7 +66,7 @@ def _normalize_names(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 
 def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
-            dtype: Optional[torch.dtype] = None):
+            dtype: Optional[torch.dtype] = None, consume: bool = False):
     """(llama.Config, params) from an HF LLaMA/Mistral/Qwen2 state dict and config.
 
     Args:
@@ -72,10 +74,13 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
         prefix is optional; lm_head.weight may be absent when embeddings are tied).
       config: a transformers config or the dict from config.json.
       dtype: cast weights to this dtype (default: keep). inv_freq is always float32.
+      consume: take the tensors OUT of ``state_dict`` (a dict; it is empty afterwards) and drop
+        each layer's inputs once converted, so the peak memory is the model plus one layer
+        instead of two models (the loaders pass their own dicts this way). Same result.
     Returns a new tree; the input tensors are not modified (nor aliased).
     Example: ``cfg, params = hf_llama.from_hf(model.state_dict(), model.config)``
     """
-    sd = _normalize_names(state_dict)
+    sd = _normalize_names(state_dict, consume)
     cfg = config_from_hf(config, tied="lm_head.weight" not in sd)
     check_layer_count(cfg.n_layers, len(sd), 1, "num_hidden_layers")
     if cfg.tie_embeddings:
@@ -85,7 +90,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config: Any,
     G, P = cfg.n_heads // Hkv, hd // 2
 
     def t(name):
-        x = sd[name].detach()
+        x = (sd.pop(name) if consume else sd[name]).detach()
         return x if dtype is None else x.to(dtype)
 
     def layer(i):

@@ -39,6 +39,7 @@ from ecospa.io.files import exclusive, write_errors
 from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
 from ecospa.jobs.evaluate import perplexity
 from ecospa.jobs.compress_job import Job, check_out_dir
+from ecospa.jobs.phases import Phases
 from ecospa.jobs.export import (GGUF_LAYOUTS, export, source_general_info, source_special_tokens,
                                 source_tokenizer_info)
 from ecospa.prune import slice_units
@@ -109,7 +110,7 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         warmup_cosine(job.lr, min(job.warmup, steps), steps)
     opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
-    step_fn = make_step(train_loss, opt)
+    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch)
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
@@ -179,15 +180,18 @@ def compress(job: Job, loaded=None) -> dict:
 def _compress(job: Job, loaded) -> dict:
     torch.manual_seed(job.seed)
     texts = corpus(job.data, "train"), corpus(job.data, "val")  # a bad --data fails before loading
-    cfg, dense, tok = loaded if loaded is not None else load.load_model(job.model)
+    ph = Phases()  # wall time and peak resident memory of each phase -> summary["phases"]
+    with ph("load"):
+        cfg, dense, tok = loaded if loaded is not None else load.load_model(job.model)
     fam = family_of(cfg)
     forward, groups = fam.forward, fam.coupled_groups(cfg)
     try:
         check_target(groups, sparsity=job.sparsity, budget=job.budget)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
-    extra_ids = {src: encode(tok, corpus(src, "val", max_chars=EXTRA_CHARS)) for src in job.eval_extra}
+    with ph("encode"):
+        train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
+        extra_ids = {src: encode(tok, corpus(src, "val", max_chars=EXTRA_CHARS)) for src in job.eval_extra}
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress)
 
@@ -195,8 +199,9 @@ def _compress(job: Job, loaded) -> dict:
         """Perplexity on each extra held-out source (never calibrated or recovered on)."""
         return {src: perplexity(forward, p, cfg, ids, **ev) for src, ids in extra_ids.items()}
 
-    ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
-    extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
+    with ph("eval dense"):
+        ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
+        extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
     out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
            "calibration_tokens": 0, "rounds": [], "curve": []}
     ce, train_loss = _losses(forward, cfg, dense, job)
@@ -209,24 +214,31 @@ def _compress(job: Job, loaded) -> dict:
         refit = [batch_at(train_ids, 10_000 * r + 5_000 + i, job.batch_size, job.seq_len, job.seed + 2)
                  for i in range(job.recon_batches)] if job.reconstruct or job.rank_by == "obs" else []
         out["calibration_tokens"] += sum(b.numel() for b in calib + refit)
-        bar = _phase(job, len(calib), "calibrate", "batch")
-        scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar))
-        bar.close()
+        with ph("calibrate"):
+            bar = _phase(job, len(calib), "calibrate", "batch")
+            scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar),
+                            micro_batch=job.micro_batch)
+            bar.close()
         obs = None
         if job.rank_by == "obs":
-            bar = _phase(job, cfg.n_layers, "obs scores", "layer")
-            obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge, on_layer=_ticks(bar))
-            bar.close()
-        params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
-        row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
+            with ph("obs scores"):
+                bar = _phase(job, cfg.n_layers, "obs scores", "layer")
+                obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge, on_layer=_ticks(bar))
+                bar.close()
+        with ph("prune"):
+            params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
+        with ph("eval pruned"):
+            row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
         if job.reconstruct:
             t0 = time.perf_counter()
-            bar = _phase(job, cfg.n_layers, "refit", "layer")
-            params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
-                                 on_layer=_ticks(bar))
-            bar.close()
-            row.update(reconstruct_seconds=time.perf_counter() - t0,
-                       ppl_reconstructed=perplexity(forward, params, cfg, val_ids, **ev))
+            with ph("refit"):
+                bar = _phase(job, cfg.n_layers, "refit", "layer")
+                params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
+                                     on_layer=_ticks(bar))
+                bar.close()
+            row.update(reconstruct_seconds=time.perf_counter() - t0)
+            with ph("eval refit"):
+                row.update(ppl_reconstructed=perplexity(forward, params, cfg, val_ids, **ev))
         if job.progress:
             done = row.get("ppl_reconstructed", row["ppl_pruned"])
             tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
@@ -241,23 +253,36 @@ def _compress(job: Job, loaded) -> dict:
                                      "ppl_extra": held_out(p)})
 
         t0 = time.perf_counter()
-        params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point)
+        with ph("recover"):  # with its --eval-at curve points
+            params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
-                   final_train_loss=losses[-1] if losses else None,
-                   ppl_recovered=(last["ppl"] if last else perplexity(forward, params, cfg, val_ids, **ev))
-                   if per_round else row.get("ppl_reconstructed", row["ppl_pruned"]))
+                   final_train_loss=losses[-1] if losses else None)
+        with ph("eval recovered"):
+            row.update(ppl_recovered=(last["ppl"] if last else perplexity(forward, params, cfg, val_ids, **ev))
+                       if per_round else row.get("ppl_reconstructed", row["ppl_pruned"]))
         out["rounds"].append(row)
     # the final params were just evaluated when the curve's last point is the last step
-    out["ppl_extra"] = last["ppl_extra"] if last else held_out(params)
+    with ph("eval held-out"):
+        out["ppl_extra"] = last["ppl_extra"] if last else held_out(params)
+    with ph("latency"):
+        ratio = latency(forward, dense, cfg, job.eval_seq_len) / latency(forward, params, cfg, job.eval_seq_len)
     out.update(_sizes(dense, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
                ppl_reconstructed=out["rounds"][0].get("ppl_reconstructed"),
-               ppl_recovered=out["rounds"][-1]["ppl_recovered"],
-               latency_ratio=latency(forward, dense, cfg, job.eval_seq_len)
-               / latency(forward, params, cfg, job.eval_seq_len),
+               ppl_recovered=out["rounds"][-1]["ppl_recovered"], latency_ratio=ratio,
                job=dataclasses.asdict(job))
-    _save(job, params, cfg, out)
+    out.update(phases=ph.rows, phase_seconds=ph.seconds(), peak_rss_mb=ph.peak_mb(),
+               peak_rss_exact=ph.exact, dense_bytes=_nbytes(dense))
+    with ph("save"):
+        _save(job, params, cfg, out)
+    out.update(phases=ph.rows, phase_seconds=ph.seconds(), peak_rss_mb=ph.peak_mb())  # with the save
     return out
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the tree's tensors (the dense model: what peak memory is measured against)."""
+    return sum(get_path(tree, p).numel() * get_path(tree, p).element_size() for p in leaf_paths(tree)
+               if torch.is_tensor(get_path(tree, p)))
 
 
 def _sizes(dense, params, groups) -> dict:

@@ -51,6 +51,9 @@ class Job:
     seq_len: int = 256
     lr: float = 2e-4
     calib_batches: int = 4
+    micro_batch: Optional[int] = 1         # rows per backward pass of the calibration and of recovery:
+    #                                        the batch's gradient (rows averaged), the activations of
+    #                                        this many rows in memory; None: the whole batch at once
     eval_seq_len: int = 512
     eval_windows: Optional[int] = 40
     eval_batch_size: int = 4
@@ -103,6 +106,8 @@ class Job:
             v = getattr(self, name)
             if not whole(v) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if self.micro_batch is not None and (not whole(self.micro_batch) or self.micro_batch < 1):
+            raise UsageError(f"--micro-batch must be a whole number >= 1, got {self.micro_batch!r}")
         if self.eval_windows is not None and (not whole(self.eval_windows) or self.eval_windows < 1):
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
         if not whole(self.steps) or self.steps < 0:

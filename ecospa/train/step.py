@@ -11,13 +11,13 @@ all use these, so the same params and windows give the same loss and perplexity 
 from __future__ import annotations
 
 import resource
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ecospa._types import OptimizerProtocol, State
-from ecospa.importance import ESTIMATORS
+from ecospa.importance import ESTIMATORS, microbatched
 
 
 def lm_loss(forward: Callable, model_cfg) -> Callable:
@@ -35,15 +35,19 @@ class StepOut(NamedTuple):
     grads: Any
 
 
-def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False) -> Callable:
+def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False,
+              micro_batch: Optional[int] = None) -> Callable:
     """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
 
     ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
     optimizer's foreach update stays eager). Build a new step after pruning: shapes change.
+    ``micro_batch``: differentiate that many rows at a time and average (``importance.microbatched``):
+    the same step for a loss that is a mean over rows, with the activation memory of fewer rows.
     """
     grad_fn = torch.func.grad_and_value(loss_fn)
     if compile:
         grad_fn = torch.compile(grad_fn, dynamic=False)
+    grad_fn = microbatched(grad_fn, micro_batch)
 
     def step(params, opt_state, batch):
         grads, loss = grad_fn(params, batch)

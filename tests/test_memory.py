@@ -1,0 +1,114 @@
+"""Memory savings that must not change a number (issue 28 item 1): loading that frees each layer's
+source tensors as it converts, gradients computed a few rows at a time (calibration and
+recovery), and the per-phase record of the compress job. Memory itself is measured in
+benchmarks/compress_memory.py, never asserted here."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ecospa import optim
+from ecospa.func import llama
+from ecospa.importance import coupled_fisher, fisher, microbatched
+from ecospa.io.hf_llama import from_hf
+from ecospa.train.step import lm_loss, make_step
+from strategies import tokens
+from tolerances import EXACT, close
+
+CFG = llama.Config(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24)
+
+
+def _params():
+    return llama.init(CFG, 0, dtype=torch.float64)
+
+
+def _leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+def test_consuming_conversion_gives_the_same_tree_and_empties_the_input():
+    from test_gguf import HF_CFG, _hf_state_dict
+    sd = _hf_state_dict(HF_CFG)
+    keep = {k: v.clone() for k, v in sd.items()}
+    cfg_a, ref = from_hf(sd, HF_CFG)
+    assert all(torch.equal(sd[k], keep[k]) for k in keep)  # the copying path leaves sd alone
+    cfg_b, got = from_hf(sd, HF_CFG, consume=True)
+    assert sd == {} and cfg_a == cfg_b
+    assert len(_leaves(got)) == len(_leaves(ref))
+    for a, b in zip(_leaves(got), _leaves(ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_gguf_load_is_the_copying_conversion(tmp_path):
+    pytest.importorskip("gguf")
+    from ecospa.io.gguf import hf_config, hf_state_dict, load_gguf, open_reader
+    from test_gguf import HF_CFG, _hf_state_dict, write_gguf
+    write_gguf(tmp_path / "m.gguf", _hf_state_dict(HF_CFG), HF_CFG)
+    reader = open_reader(tmp_path / "m.gguf")
+    c = hf_config(reader)
+    _, ref = from_hf(hf_state_dict(reader, c), c)
+    _, got, _ = load_gguf(tmp_path / "m.gguf")
+    for a, b in zip(_leaves(got), _leaves(ref)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_fisher_a_few_rows_at_a_time_is_the_batch_fisher(micro):
+    params, groups = _params(), llama.coupled_groups(CFG)
+    batches = [tokens(CFG, s, batch=4, length=9) for s in range(2)]
+    loss = lm_loss(llama.forward, CFG)
+    ref = fisher(loss, params, groups, batches, estimator=coupled_fisher(groups))
+    got = fisher(loss, params, groups, batches, estimator=coupled_fisher(groups), micro_batch=micro)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        close(got[k], ref[k], EXACT)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_recovery_step_a_few_rows_at_a_time_is_the_batch_step(distill):
+    params = _params()
+    teacher = copy.deepcopy(params)
+    teacher["norm"] = teacher["norm"] * 1.5  # a teacher that differs from the student
+    def ce(p, batch):  # lm_loss in float64 (lm_loss itself computes the loss in float32)
+        logits = llama.forward(p, batch[:, :-1], CFG)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    def kd(p, batch):
+        logits = llama.forward(p, batch[:, :-1], CFG)
+        with torch.no_grad():
+            ref = llama.forward(teacher, batch[:, :-1], CFG)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1).flatten(0, 1), ref.log_softmax(-1).flatten(0, 1),
+                                        log_target=True, reduction="batchmean")
+        return 0.5 * ce(p, batch) + 0.5 * kl
+
+    loss = kd if distill else ce
+    opt = optim.adamw(1e-2, weight_decay=0.0)
+    batch = tokens(CFG, 3, batch=4, length=9)
+    a = make_step(loss, opt)(params, opt.init(params), batch)
+    b = make_step(loss, opt, micro_batch=1)(params, opt.init(params), batch)
+    close(b.loss, a.loss, EXACT)
+    for x, y in zip(_leaves(b.params), _leaves(a.params)):
+        close(x, y, EXACT)
+    for x, y in zip(_leaves(b.opt_state), _leaves(a.opt_state)):
+        if torch.is_tensor(y) and y.is_floating_point():
+            close(x, y, EXACT)
+
+
+def test_microbatched_leaves_small_batches_and_none_alone():
+    calls = []
+
+    def fn(params, batch):
+        calls.append(batch.shape[0])
+        return {"g": batch.double().sum(0)}
+
+    assert microbatched(fn, None) is fn
+    batch = torch.arange(10.0).reshape(5, 2)
+    out = microbatched(fn, 2)(None, batch)
+    assert calls == [2, 2, 1]
+    parts = batch.double().split(2)  # weights 2/5, 2/5, 1/5: the parts' row counts
+    close(out["g"], sum(p.sum(0) * (p.shape[0] / 5) for p in parts), EXACT)
+    calls.clear()
+    microbatched(fn, 8)(None, batch)
+    assert calls == [5]
