@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Protocol, 
 import optree
 import torch
 
-from ecospa._tree import get_path
+from ecospa._tree import get_path, map_paths
 from ecospa._types import (EstimatorProtocol, EstimatorUpdateFn, InitFn, Params, Scores, ScoresFn,
                            TensorTree)
 from ecospa.groups import Group, Member
@@ -35,6 +35,10 @@ class Importance(NamedTuple):
     init: InitFn                 # (params) -> state
     update: EstimatorUpdateFn    # (state, params, grads) -> state
     scores: ScoresFn             # (state) -> Scores
+    # The paths of ``grads`` that ``update`` reads (None: any). ``fisher`` differentiates only
+    # these leaves and passes None for the others: the coupled Fisher needs the gradients of
+    # one side of each group (wk, wo, w_down), not a second copy of the whole model.
+    reads: Optional[tuple] = None
 
 
 class EstimatorFactory(Protocol):
@@ -73,7 +77,8 @@ def unit_dots(params: Params, grads: TensorTree, groups: Sequence[Group], side: 
     return out
 
 
-def _accumulating(per_batch, finish, ema: Optional[float] = None) -> Importance:
+def _accumulating(per_batch, finish, ema: Optional[float] = None,
+                  reads: Optional[tuple] = None) -> Importance:
     def init(params):
         return ImportanceState({}, 0)
 
@@ -96,7 +101,12 @@ def _accumulating(per_batch, finish, ema: Optional[float] = None) -> Importance:
         n = 1 if ema is not None else state.count
         return {name: finish(x / n) for name, x in state.stat.items()}
 
-    return Importance(init, update, scores)
+    return Importance(init, update, scores, reads)
+
+
+def _side_paths(groups: Sequence[Group], side: str) -> tuple:
+    """The leaf paths of every group's side-``side`` members (what ``unit_dots`` reads)."""
+    return tuple(dict.fromkeys(m.path for g in groups for m in g.side(side)))
 
 
 def coupled_fisher(groups: Sequence[Group], *, seed: int = 0, ema: Optional[float] = None,
@@ -104,13 +114,14 @@ def coupled_fisher(groups: Sequence[Group], *, seed: int = 0, ema: Optional[floa
     """Coupled empirical Fisher: mean (or EMA with factor ``ema``) of v_j**2 per unit."""
     groups = tuple(groups)
     return _accumulating(lambda p, g: {k: v ** 2 for k, v in unit_dots(p, g, groups, side).items()},
-                         lambda x: x, ema)
+                         lambda x: x, ema, _side_paths(groups, side))
 
 
 def taylor(groups: Sequence[Group], *, seed: int = 0, side: str = "b") -> Importance:
     """First-order Taylor: |mean over batches of v_j|."""
     groups = tuple(groups)
-    return _accumulating(lambda p, g: unit_dots(p, g, groups, side), torch.abs)
+    return _accumulating(lambda p, g: unit_dots(p, g, groups, side), torch.abs,
+                         reads=_side_paths(groups, side))
 
 
 def uncoupled(groups: Sequence[Group], *, seed: int = 0, side: str = "a") -> Importance:
@@ -125,7 +136,8 @@ def uncoupled(groups: Sequence[Group], *, seed: int = 0, side: str = "a") -> Imp
             w, gw = get_path(params, m.path), get_path(grads, m.path)
             out[g.name] = _per_unit(w.detach().double() * gw.detach().double(), m, power=2)
         return out
-    return _accumulating(per_batch, lambda x: x)
+    reads = tuple(dict.fromkeys((g.side(side) or g.side("b"))[0].path for g in groups))
+    return _accumulating(per_batch, lambda x: x, reads=reads)
 
 
 def _static(fn: Callable[[Params], dict]) -> Importance:
@@ -139,7 +151,7 @@ def _static(fn: Callable[[Params], dict]) -> Importance:
 
     return Importance(lambda params: ImportanceState(fn(params), 0),
                       lambda state, params, grads: ImportanceState(fn(params), state.count + 1),
-                      scores)
+                      scores, reads=())
 
 
 def _side_norm(params, g: Group, side: str) -> torch.Tensor:
@@ -208,6 +220,27 @@ def microbatched(grad_fn: Callable, micro_batch: Optional[int]) -> Callable:
     return run
 
 
+def _grad_of(loss_fn: Callable, reads: Optional[tuple]) -> Callable:
+    """``torch.func.grad(loss_fn)``, or with ``reads`` (leaf paths) the gradient of those leaves
+    only, in a tree of the params' structure with None elsewhere: the same values (the same
+    backward ops produce them), without the memory and work of the other leaves' gradients."""
+    if reads is None:
+        return torch.func.grad(loss_fn)
+    paths = tuple(tuple(p) for p in reads)
+
+    def grad_fn(params, batch):
+        if not paths:  # the estimator reads no gradient (magnitude, random, ...)
+            return optree.tree_map(lambda x: None, params, namespace="")
+
+        def partial(sub):
+            return loss_fn(map_paths(params, {p: (lambda _, x=x: x) for p, x in zip(paths, sub)}), batch)
+
+        got = dict(zip(paths, torch.func.grad(partial)(tuple(get_path(params, p) for p in paths))))
+        return optree.tree_map_with_path(lambda path, _: got.get(tuple(path)), params, namespace="")
+
+    return grad_fn
+
+
 def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: Iterable,
            estimator: Optional[EstimatorProtocol] = None,
            on_batch: Optional[Callable[[int, Optional[int]], None]] = None,
@@ -231,7 +264,7 @@ def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: 
       scores = ecospa.fisher(lambda p, b: loss(p, b), params, groups, batches)
     """
     est = estimator or coupled_fisher(groups)
-    grad_fn = microbatched(torch.func.grad(loss_fn), micro_batch)
+    grad_fn = microbatched(_grad_of(loss_fn, getattr(est, "reads", None)), micro_batch)
     state = est.init(params)
     n = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches, 1):

@@ -161,3 +161,22 @@ def test_eval_at_records_a_curve_that_ends_at_the_final_numbers(tiny_gguf, tmp_p
     for bad in ((0,), (5,), (1.5,)):
         with pytest.raises(UsageError, match="--eval-at"):
             Job(str(tiny_gguf), budget=0.5, eval_at=bad, **fast)
+
+
+def test_summary_records_each_phase_and_fewer_rows_at_a_time_change_no_number(tiny_gguf):
+    """Issue 28: the job's gradients a row at a time and its held-out windows one at a time (the
+    defaults, for memory) give the numbers of whole batches; the summary times every phase."""
+    whole = compress(Job(str(tiny_gguf), budget=0.5, micro_batch=None, eval_batch_size=4, **FAST))
+    rows = compress(Job(str(tiny_gguf), budget=0.5, **FAST))
+    for key in ("ppl_dense", "ppl_pruned", "ppl_reconstructed", "ppl_recovered"):
+        close(torch.tensor(rows[key], dtype=torch.float32), torch.tensor(whole[key], dtype=torch.float32))
+    for src, v in whole["ppl_extra"].items():
+        close(torch.tensor(rows["ppl_extra"][src], dtype=torch.float32), torch.tensor(v, dtype=torch.float32))
+    names = [p["phase"] for p in rows["phases"]]
+    assert names[:3] == ["load", "encode", "eval dense"] and names[-1] == "save"
+    assert {"calibrate", "obs scores", "prune", "refit", "recover", "eval held-out"} <= set(names)
+    assert all(p["seconds"] >= 0 and p["peak_rss_mb"] > 0 for p in rows["phases"])
+    assert rows["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in rows["phases"])
+    assert rows["phase_seconds"]["recover"] == pytest.approx(sum(p["seconds"] for p in rows["phases"]
+                                                                 if p["phase"] == "recover"))
+    assert rows["dense_bytes"] == 4 * rows["dense_params"]  # a float32 tree

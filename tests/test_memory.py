@@ -112,3 +112,20 @@ def test_microbatched_leaves_small_batches_and_none_alone():
     calls.clear()
     microbatched(fn, 8)(None, batch)
     assert calls == [5]
+
+
+@pytest.mark.parametrize("name", ["fisher", "taylor", "uncoupled", "magnitude"])
+def test_gradients_of_the_read_leaves_only_give_the_same_scores(name):
+    """``fisher`` differentiates only the leaves an estimator reads (``Importance.reads``): the
+    same scores as with the whole gradient tree."""
+    from ecospa.importance import ESTIMATORS
+    params, groups = _params(), llama.coupled_groups(CFG)
+    batches = [tokens(CFG, s, batch=2, length=9) for s in range(2)]
+    loss = lm_loss(llama.forward, CFG)
+    est = ESTIMATORS[name](groups)
+    assert est.reads is not None and set(est.reads) <= {m.path for g in groups for m in g.members}
+    ref = fisher(loss, params, groups, batches, estimator=est._replace(reads=None))
+    got = fisher(loss, params, groups, batches, estimator=est)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
