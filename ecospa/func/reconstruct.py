@@ -114,16 +114,15 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                 k = w.shape[0] + with_bias
                 gram = torch.zeros(k, k, dtype=torch.float64)
                 cross = torch.zeros(k, w.shape[1], dtype=torch.float64)
-                new_xd, inner = [], []  # this sublayer's inner activations, reused after the solve
+                inner = []  # this sublayer's inner activations, reused after the solve
                 for j in range(len(batches)):
-                    branch_d = s.apply(d, s.inner(d, xd[j], cfg))
-                    new_xd.append(xd[j] + branch_d)
+                    if target == "local":
+                        y = s.apply(d, s.inner(d, xp[j], cfg))
+                    xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))  # the dense stream moves on
                     inner.append(_finite(s.inner(p, xp[j], cfg), where))
                     h = inner[j].reshape(-1, w.shape[0]).double()
                     if target == "residual":
-                        y = new_xd[j] - xp[j]
-                    else:
-                        y = s.apply(d, s.inner(d, xp[j], cfg))
+                        y = xd[j] - xp[j]
                     if s.bias is not None and not with_bias:
                         y = y - p[s.bias]  # the kept bias is part of the branch, not refit
                     y = _finite(y, where).reshape(-1, w.shape[1]).double()
@@ -137,8 +136,9 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                     p[s.bias] = w_new[-1].clone()
                     w_new = w_new[:-1]
                 p[s.out] = w_new.reshape(p[s.out].shape).contiguous()
-                xp = [x + s.apply(p, h) for x, h in zip(xp, inner)]  # the inner does not read W_out
-                xd = new_xd
+                for j, h in enumerate(inner):  # the inner does not read W_out
+                    xp[j] = xp[j] + s.apply(p, h)
+                    inner[j] = None
             if on_layer is not None:
                 on_layer(i, len(layers))
     return {**params, "layers": tuple(layers)}
@@ -183,12 +183,10 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
             for s in subs:
                 w = s.weight(d).double()
                 gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64)
-                hs = []
                 for j in range(len(batches)):
                     h = _finite(s.inner(d, xd[j], cfg), f"layers.{i}.{s.name}")
                     gram += h.reshape(-1, w.shape[0]).double().T @ h.reshape(-1, w.shape[0]).double()
-                    hs.append(xd[j] + s.apply(d, h))
-                xd = hs
+                    xd[j] = xd[j] + s.apply(d, h)  # one residual stream per batch, replaced in place
                 lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
                 hinv = torch.linalg.inv(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
                 for g in by_layer.get(i, []):
