@@ -204,9 +204,16 @@ def _compress(job: Job, loaded) -> dict:
         extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
     out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
            "calibration_tokens": 0, "rounds": [], "curve": []}
-    ce, train_loss = _losses(forward, cfg, dense, job)
+    # the dense model is needed for the refit of every round and, with --distill and recovery
+    # steps, as the teacher; otherwise it is dropped after the last refit (its sizes, bytes and
+    # latency are taken now), so the held-out evaluation holds one model, not two
+    keep_dense = job.distill and job.per_round > 0
+    ce, train_loss = _losses(forward, cfg, dense if keep_dense else None, job)
     params, per_round = dense, job.per_round
     sizes = dense_sizes(dense, groups)
+    dense_info = _sizes(dense, dense, groups) | {"dense_bytes": _nbytes(dense)}
+    with ph("latency"):
+        dense_latency = latency(forward, dense, cfg, job.eval_seq_len)
     for r in range(1, job.rounds + 1):
         est = ESTIMATORS[job.estimator](groups, seed=job.seed)
         calib = [batch_at(train_ids, 10_000 * r + i, job.batch_size, job.seq_len, job.seed + 1)
@@ -237,11 +244,14 @@ def _compress(job: Job, loaded) -> dict:
                                      on_layer=_ticks(bar))
                 bar.close()
             row.update(reconstruct_seconds=time.perf_counter() - t0)
+        if r == job.rounds and not keep_dense:
+            dense = None  # nothing reads it from here on
+        if job.reconstruct:
             with ph("eval refit"):
                 row.update(ppl_reconstructed=perplexity(forward, params, cfg, val_ids, **ev))
         if job.progress:
             done = row.get("ppl_reconstructed", row["ppl_pruned"])
-            tqdm.write(f"round {r}: {1 - group_params(params, groups) / group_params(dense, groups):.1%}"
+            tqdm.write(f"round {r}: {1 - group_params(params, groups) / dense_info['group_params']:.1%}"
                        f" of group params removed, held-out ppl {ppl_dense:.2f} -> {row['ppl_pruned']:.2f}"
                        + (f" -> {done:.2f} after the refit" if job.reconstruct else ""))
             sys.stdout.flush()  # in a log too, when it is known (not at the end of the job)
@@ -266,13 +276,13 @@ def _compress(job: Job, loaded) -> dict:
     with ph("eval held-out"):
         out["ppl_extra"] = last["ppl_extra"] if last else held_out(params)
     with ph("latency"):
-        ratio = latency(forward, dense, cfg, job.eval_seq_len) / latency(forward, params, cfg, job.eval_seq_len)
-    out.update(_sizes(dense, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
+        ratio = dense_latency / latency(forward, params, cfg, job.eval_seq_len)
+    out.update(_sizes(dense_info, params, groups), ppl_pruned=out["rounds"][0]["ppl_pruned"],
                ppl_reconstructed=out["rounds"][0].get("ppl_reconstructed"),
                ppl_recovered=out["rounds"][-1]["ppl_recovered"], latency_ratio=ratio,
                job=dataclasses.asdict(job))
     out.update(phases=ph.rows, phase_seconds=ph.seconds(), peak_rss_mb=ph.peak_mb(),
-               peak_rss_exact=ph.exact, dense_bytes=_nbytes(dense))
+               peak_rss_exact=ph.exact, dense_bytes=dense_info["dense_bytes"])
     with ph("save"):
         _save(job, params, cfg, out)
     out.update(phases=ph.rows, phase_seconds=ph.seconds(), peak_rss_mb=ph.peak_mb())  # with the save
@@ -286,12 +296,14 @@ def _nbytes(tree) -> int:
 
 
 def _sizes(dense, params, groups) -> dict:
-    def blocks(p):
-        return count_params(p["layers"])
-
-    return {"dense_params": count_params(dense), "kept_params": count_params(params),
-            "group_fraction_removed": 1 - group_params(params, groups) / group_params(dense, groups),
-            "block_fraction_removed": 1 - blocks(params) / blocks(dense)}
+    """Parameter counts; ``dense`` is the dense tree or an earlier ``_sizes`` of it."""
+    if "layers" in dense:
+        dense = {"dense_params": count_params(dense), "group_params": group_params(dense, groups),
+                 "block_params": count_params(dense["layers"])}
+    return {"dense_params": dense["dense_params"], "kept_params": count_params(params),
+            "group_params": dense["group_params"], "block_params": dense["block_params"],
+            "group_fraction_removed": 1 - group_params(params, groups) / dense["group_params"],
+            "block_fraction_removed": 1 - count_params(params["layers"]) / dense["block_params"]}
 
 
 def _tokenizer_spec(model: str) -> Optional[str]:
