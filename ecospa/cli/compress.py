@@ -21,6 +21,7 @@ from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
 from ecospa.jobs.compress_job import LR_SCHEDULES, RANK_BY
+from ecospa.jobs.phases import return_freed_memory
 from ecospa.io.load import train_config_of
 from ecospa.jobs.export import FORMATS
 
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
+    return_freed_memory()  # resident memory follows the live tensors (ecospa.jobs.phases)
     warn_context(job)
     summary = compress(job)
     print(table(summary), flush=True)

@@ -60,6 +60,26 @@ def reset_peak() -> bool:
         return False
 
 
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make glibc give large freed blocks back to the kernel (Linux; False elsewhere).
+
+    glibc raises its mmap threshold as big blocks are freed (up to 32 MiB), after which tensors
+    of a few MiB come from the heap and arenas, and freed ones stay resident: after the
+    calibration of SmolLM2-135M the process kept 2.3 GB resident with 0.8 GB of live tensors.
+    Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets)
+    serves every block above it with its own mapping, returned when freed, so the resident
+    memory follows the live tensors (measured: the same Fisher peaked at 1.96 GB instead of
+    2.28 GB and left 0.90 GB resident instead of 2.26). Process-wide: the CLI calls it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class Phases:
     """Rows of (phase, seconds, peak_rss_mb), one per ``with phases(name):`` block, and the
     job's overall peak (the largest phase peak, or the process's peak where marks cannot be reset)."""
@@ -93,4 +113,4 @@ class Phases:
         return out
 
 
-__all__ = ["Phases", "peak_rss_mb", "rss_mb", "reset_peak"]
+__all__ = ["Phases", "peak_rss_mb", "rss_mb", "reset_peak", "return_freed_memory"]
