@@ -52,7 +52,7 @@ SHAPES = {  # HF LlamaConfig fields of the random models
 # the slow 1.1B job on fewer batches and windows (memory is the point; see the module doc)
 DEFAULT_JOB_ARGS = {"llama-1.1b": "--calib-batches 1 --recon-batches 4 --eval-windows 2",
                     "llama-tiny": "--calib-batches 1 --recon-batches 2 --eval-windows 2 --batch-size 2 "
-                                  "--seq-len 32 --eval-seq-len 64"}
+                                  "--seq-len 32 --eval-seq-len 64 --eval-extra"}
 
 
 def write_random_llama(name: str, directory: str) -> None:
@@ -106,6 +106,11 @@ def run_job(model: str, steps: int, budget: float, job_args: str, threads: int, 
             "ppl_recovered": summary.get("ppl_recovered"), "ppl_extra": summary.get("ppl_extra")}
 
 
+def results_path(quick: bool, out: str = None) -> str:
+    """--out, else the quick file for --quick (never the committed one), else RESULTS."""
+    return out or (QUICK_RESULTS if quick else RESULTS)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -116,14 +121,14 @@ def main(argv=None) -> int:
     ap.add_argument("--job-args", default=None,
                     help="more compress flags for every job (default: fewer batches/windows for the random models)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="llama-tiny only, --steps 0 2; writes the _quick file")
+    ap.add_argument("--quick", action="store_true", help="llama-tiny only, --steps 2; writes the _quick file")
     ap.add_argument("--out", help=f"results file (default {os.path.relpath(RESULTS, ROOT)})")
     ap.add_argument("--merge", action="store_true",
                     help="keep the file's other rows (a row of the same model and steps is replaced)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.models, args.steps = ["llama-tiny"], [0, 2]
-    out_path = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+        args.models, args.steps = ["llama-tiny"], [2]
+    out_path = results_path(args.quick, args.out)
     import platform
 
     import torch

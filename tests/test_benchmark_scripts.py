@@ -99,3 +99,24 @@ def test_gguf_compact_quick_mode_writes_its_own_file():
     full, quick = bench.results_path(quick=False), bench.results_path(quick=True)
     assert full == os.path.join(str(BENCH), "results", "gguf_compact.json")
     assert quick != full and os.path.dirname(quick) == os.path.dirname(full)
+
+
+def test_compress_memory_quick_mode_measures_every_phase(tmp_path):
+    """benchmarks/compress_memory.py --quick: a tiny random LLaMA written by transformers (with a
+    byte-level tokenizer.json) compressed in child processes; each row has the job's phases and
+    a peak over the float32 bytes. It writes --out, never the committed results."""
+    pytest.importorskip("transformers")
+    mem = _module("compress_memory")
+    assert mem.results_path(quick=True) != mem.RESULTS
+    before = _digests()
+    out = tmp_path / "mem.json"
+    assert mem.main(["--quick", "--out", str(out)]) == 0
+    assert _digests() == before
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("llama-tiny", 2)]
+    for r in rows:
+        names = [p["phase"] for p in r["phases"]]
+        assert {"load", "calibrate", "refit", "recover", "eval held-out"} <= set(names)
+        assert r["peak_over_fp32"] > 0 and r["dense_bytes"] > 0 and r["peak_rss_mb_job"] > 0
+        assert r["command"].startswith("ecospa compress --model llama-tiny --budget 0.5")
