@@ -17,10 +17,12 @@ temporary directory). A random model has no tokenizer: the directory gets a byte
 ``tokenizer.json`` (256 byte tokens, no merges; ids < 256 < vocab), so the text is bytes.
 ``--quick`` runs the same path on a tiny random LLaMA (``llama-tiny``).
 
-Memory does not depend on how many windows are evaluated or batches calibrated, except the
-refit and obs scores, which keep the residual streams (and one sublayer's inner activations) of
-every refit batch: ``--job-args`` can shrink a slow job (the 1.1B row uses fewer batches and
-windows; they are recorded with the row). Writes benchmarks/results/compress_memory.json;
+Memory does not depend on how many windows are evaluated or batches calibrated, nor (with
+``--micro-batch 1``, the default) on the rows of a calibration batch beyond two (two rows already
+hold the running sum and one row's gradients), except in the refit and obs scores, which keep
+the residual streams [rows x seq_len x dim] and one sublayer's inner activations of every refit
+batch: ``--job-args`` can shrink a slow job (the 1.1B row uses fewer batches and windows; they
+are recorded with the row, and the refit's lists of the default 32 x 4 rows are estimated apart). Writes benchmarks/results/compress_memory.json;
 ``--quick`` writes results/compress_memory_quick.json, never the committed file.
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ SHAPES = {  # HF LlamaConfig fields of the random models
                        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
 }
 # the slow 1.1B job on fewer batches and windows (memory is the point; see the module doc)
-DEFAULT_JOB_ARGS = {"llama-1.1b": "--calib-batches 1 --recon-batches 4 --eval-windows 2",
+DEFAULT_JOB_ARGS = {"llama-1.1b": "--batch-size 2 --calib-batches 1 --recon-batches 1 --eval-windows 1 "
+                                  "--eval-seq-len 128",
                     "llama-tiny": "--calib-batches 1 --recon-batches 2 --eval-windows 2 --batch-size 2 "
                                   "--seq-len 32 --eval-seq-len 64 --eval-extra"}
 
