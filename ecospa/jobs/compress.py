@@ -106,6 +106,9 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
     """
+    if not steps:  # no optimizer state for no step (AdamW's moments are two more models)
+        check_finite(params, "after 0 recovery steps")
+        return params, []
     lr = job.lr if job.lr_schedule == "constant" or not steps else \
         warmup_cosine(job.lr, min(job.warmup, steps), steps)
     opt = optim.adamw(lr, weight_decay=0.0)
