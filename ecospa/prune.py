@@ -97,6 +97,35 @@ def mask(tree: TensorTree, groups: Sequence[Group], keep: Keep) -> TensorTree:
     return map_paths(tree, updates)
 
 
+def _scale_leaf(leaf: torch.Tensor, idx: torch.Tensor, m: Member, n_units: int, factor: float) -> torch.Tensor:
+    scale = torch.full((idx.shape[0], n_units), float(factor), dtype=leaf.dtype)
+    scale.scatter_(1, idx, 1.0)
+    shape = [1] * leaf.ndim
+    shape[m.unit_axis] = n_units
+    if m.block_axis is not None:
+        shape[m.block_axis] = idx.shape[0]
+        if m.block_axis > m.unit_axis:
+            scale = scale.T
+    return leaf * scale.reshape(shape).to(device=leaf.device)
+
+
+def scale_units(tree: TensorTree, groups: Sequence[Group], keep: Keep, factor: float) -> TensorTree:
+    """Multiply every unit NOT in ``keep`` by ``factor`` in the members ``mask`` zeroes (same
+    shapes; kept units are multiplied by exactly 1). ``factor=0`` equals ``mask``. Returns a new
+    tree; the input is unchanged. Soft removal (``PruneSchedule.decay_steps``) ramps the units a
+    round chose to zero with it before slicing them.
+    """
+    sizes = validate(tree, groups)
+    _check_keep(groups, keep, sizes)
+    updates = {}
+    for g in groups:
+        for m in g.members:
+            if m.masked:
+                n = sizes[g.name][1]
+                updates[m.path] = (lambda leaf, i=keep[g.name], m=m, n=n: _scale_leaf(leaf, i, m, n, factor))
+    return map_paths(tree, updates)
+
+
 @dataclass(frozen=True)
 class Pruner:
     """``prune(params, scores) -> params`` with groups and target bound (see ``pruner``)."""

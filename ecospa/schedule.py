@@ -6,6 +6,16 @@ steps just before each round. The cumulative target after round r (0-based) samp
 ``final * ramp((r + 1) / rounds)``, with ``ramp(t) = 1 - (1 - t)**3`` (cubic, front-loaded, as in
 gradual magnitude pruning) or ``t`` (linear).
 
+Soft removal (``decay_steps`` D > 0): the units a round chooses at step ``s`` are not sliced at
+once. After each of the steps ``s .. s+D-1`` their coupled weights (``ecospa.prune.scale_units``)
+are multiplied by ``decay_multiplier``, so that without updates they would follow the ramp
+``1 - (k+1)/D`` after step ``s+k``: exactly 0 after step ``s+D-1``. They are sliced out before
+step ``s+D`` (``slice_step``), when they contribute nothing. Until then they are computed (and
+counted as dense FLOPs).
+
+Gradual shrinking (``gradual``): many small rounds spread evenly over a span of the run (by
+default 25%-75% of the steps).
+
 Targets are always relative to the ORIGINAL dense model. After the first round the tree is
 smaller, so ``round_target`` converts a cumulative target into the units every group of the
 CURRENT tree keeps (``select(..., counts=...)``).
@@ -67,6 +77,8 @@ class PruneSchedule:
       schedule's value over this many steps (0: no re-warm).
     moments: "carry" (default: the AdamW moments are sliced with the params) or "reset" (zeroed
       after each round; the step count, and so the lr schedule and bias correction, go on).
+    decay_steps: soft removal: the chosen units ramp to exactly zero over this many steps and are
+      sliced after it (0: sliced at once); needs ``every >= window + decay_steps``.
     """
 
     warmup_steps: int = 100
@@ -79,9 +91,16 @@ class PruneSchedule:
     multiple_of: int = 1
     rewarm: int = 0
     moments: str = "carry"
+    decay_steps: int = 0
 
     def __post_init__(self):
         check_multiple_of(self.multiple_of)
+        if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise ValueError(f"decay_steps must be a whole number of steps >= 0, got {self.decay_steps!r}")
+        if self.decay_steps and self.rounds > 1 and (self.every or self.window) < self.window + self.decay_steps:
+            raise ValueError(f"every={self.every} must be >= window + decay_steps = "
+                             f"{self.window + self.decay_steps}: a round's units must be sliced "
+                             "before the next round's estimation window starts")
         if isinstance(self.rewarm, bool) or not isinstance(self.rewarm, int) or self.rewarm < 0:
             raise ValueError(f"rewarm must be a whole number of steps >= 0, got {self.rewarm!r}")
         if self.moments not in MOMENTS:
@@ -140,9 +159,57 @@ class PruneSchedule:
         past = [s for s, _ in self.rounds_at() if s <= step] if self.rewarm else []
         return min(1.0, (step - past[-1] + 1) / self.rewarm) if past else 1.0
 
+    def slice_step(self, round_step: int) -> int:
+        """The step before which the units chosen at ``round_step`` are sliced out."""
+        return round_step + self.decay_steps
+
+    def decaying(self, step: int) -> Optional[int]:
+        """The round step ``s`` whose soft-removal ramp covers ``step`` (s <= step < s + decay_steps),
+        or None."""
+        if not self.decay_steps:
+            return None
+        return next((s for s, _ in self.rounds_at() if s <= step < s + self.decay_steps), None)
+
+    def decay_level(self, step: int) -> float:
+        """The ramp's value after step ``step``'s update: ``1 - (k + 1) / decay_steps`` at
+        ``k = step - s`` inside a ramp (exactly 0.0 at its last step), 1.0 outside."""
+        s = self.decaying(step)
+        return 1.0 if s is None else (self.decay_steps - (step - s) - 1) / self.decay_steps
+
+    def decay_multiplier(self, step: int) -> float:
+        """What the chosen units are multiplied by after step ``step``'s update:
+        ``decay_level(step) / decay_level(step - 1)`` inside a ramp (exactly 0.0 at its last step),
+        1.0 outside; the product over a ramp is its level."""
+        s = self.decaying(step)
+        if s is None:
+            return 1.0
+        left = self.decay_steps - (step - s)  # steps of the ramp left, this one included
+        return (left - 1) / left
+
     def in_window(self, step: int) -> bool:
         """Whether step ``step``'s gradients feed the importance estimate of the next round."""
         return any(s - self.window <= step < s for s, _ in self.rounds_at())
+
+
+def gradual(steps: int, rounds: int, start: float = 0.25, end: float = 0.75, window: int = 40,
+            **options) -> PruneSchedule:
+    """Gradual shrinking: ``rounds`` rounds spread evenly from ``start * steps`` to (about)
+    ``end * steps``: the first round runs at ``round(start * steps)``, then one every
+    ``max(window + decay_steps, floor((end - start) * steps / (rounds - 1)))`` steps.
+    ``options``: the other ``PruneSchedule`` fields (ramp, budget, sparsity, decay_steps, ...).
+
+    Example: ``gradual(1800, 10, window=40, budget=0.5, ramp="linear")``: rounds at 450, 550, ..., 1350.
+    """
+    if not (isinstance(steps, int) and steps >= 1 and isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"gradual needs steps >= 1 and rounds >= 1, got steps={steps!r}, rounds={rounds!r}")
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"gradual needs 0 <= start < end <= 1, got start={start}, end={end}")
+    first = round(start * steps)
+    if first < window:
+        raise ValueError(f"the first round at step {first} leaves no room for a {window}-step window")
+    least = window + options.get("decay_steps", 0)
+    every = max(least, math.floor((end - start) * steps / (rounds - 1) + 1e-9)) if rounds > 1 else None  # (0.4 * 1000 / 4 = 99.99..)
+    return PruneSchedule(warmup_steps=first - window, window=window, rounds=rounds, every=every, **options)
 
 
 def dense_sizes(params: Params, groups: Sequence[Group]) -> dict:
@@ -191,4 +258,4 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     return {"counts": counts}
 
 
-__all__ = ["warmup_cosine", "PruneSchedule", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]
+__all__ = ["warmup_cosine", "PruneSchedule", "gradual", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]
