@@ -161,3 +161,78 @@ def test_rewarm_factor_ramps_after_each_round():
     for bad in (dict(rewarm=-1), dict(rewarm=1.5), dict(rewarm=True), dict(moments="zero")):
         with pytest.raises(ValueError):
             PruneSchedule(sparsity=0.5, **bad)
+
+
+# --- soft removal (decay_steps) and gradual shrinking (issue 27) -----------------------------
+
+def test_soft_removal_ramp_reaches_exactly_zero():
+    s = PruneSchedule(warmup_steps=10, window=5, rounds=2, every=10, sparsity=0.5, decay_steps=4)
+    assert [r for r, _ in s.rounds_at()] == [15, 25] and s.slice_step(15) == 19
+    assert [s.decaying(t) for t in (14, 15, 18, 19, 24, 25, 28, 29)] == [None, 15, 15, None, None, 25, 25, None]
+    assert [s.decay_level(t) for t in range(14, 20)] == [1.0, 0.75, 0.5, 0.25, 0.0, 1.0]
+    mult = [s.decay_multiplier(t) for t in range(14, 20)]
+    assert mult[0] == 1.0 and mult[-1] == 1.0 and mult[4] == 0.0  # exactly zero at the ramp's last step
+    assert mult[1:4] == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    level = 1.0
+    for t in range(15, 19):  # the product of the multipliers follows the ramp
+        level *= mult[t - 14]
+        assert level == pytest.approx(s.decay_level(t), abs=1e-15)
+    plain = PruneSchedule(warmup_steps=10, window=5, rounds=2, every=10, sparsity=0.5)
+    assert plain.slice_step(15) == 15 and plain.decaying(15) is None and plain.decay_multiplier(15) == 1.0
+    assert plain.rounds_at() == s.rounds_at()  # the rounds (choices) are where they were
+    with pytest.raises(ValueError, match="window \\+ decay_steps"):
+        PruneSchedule(warmup_steps=10, window=5, rounds=2, every=8, sparsity=0.5, decay_steps=4)
+    PruneSchedule(warmup_steps=10, window=5, rounds=2, every=9, sparsity=0.5, decay_steps=4)  # just fits
+    PruneSchedule(warmup_steps=10, window=5, rounds=1, sparsity=0.5, decay_steps=40)  # one round: no next window
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="decay_steps"):
+            PruneSchedule(sparsity=0.5, decay_steps=bad)
+
+
+def test_scale_units_scales_only_the_removed_units():
+    from ecospa.prune import scale_units
+    params = llama.init(CFG, seed=1)
+    groups = llama.coupled_groups(CFG)
+    scores = {g.name: torch.rand(*g.sizes(params), generator=torch.Generator().manual_seed(5),
+                                 dtype=torch.float64) for g in groups}
+    keep = ecospa.select(params, groups, scores, sparsity=0.5)
+    zero, masked = scale_units(params, groups, keep, 0.0), ecospa.mask(params, groups, keep)
+    for a, b in zip(optree_leaves(zero), optree_leaves(masked)):
+        assert torch.equal(a, b)
+    third = scale_units(params, groups, keep, 0.3)
+    for a, b, p in zip(optree_leaves(third), optree_leaves(params),
+                          optree_leaves(ecospa.mask(optree_map(torch.ones_like, params), groups, keep))):
+        kept = p.bool()
+        assert torch.equal(a[kept], b[kept])  # kept units: multiplied by exactly 1
+        assert torch.equal(a[~kept], b[~kept] * 0.3)
+    assert any((~x.bool()).any() for x in optree_leaves(ecospa.mask(optree_map(torch.ones_like, params), groups, keep)))
+
+
+def optree_leaves(tree):
+    import optree
+    return optree.tree_leaves(tree, namespace="")
+
+
+def optree_map(fn, tree):
+    import optree
+    return optree.tree_map(fn, tree, namespace="")
+
+
+def test_gradual_spreads_small_rounds_over_the_middle_of_training():
+    from ecospa.schedule import gradual
+    g = gradual(1800, 10, window=40, budget=0.5, ramp="linear")
+    rounds = g.rounds_at()
+    assert [s for s, _ in rounds] == list(range(450, 1351, 100))  # 25% .. 75% of 1800 steps
+    assert [t for _, t in rounds] == pytest.approx([0.05 * (r + 1) for r in range(10)])
+    assert (g.warmup_steps, g.window, g.every, g.budget) == (410, 40, 100, 0.5)
+    soft = gradual(1800, 10, window=40, budget=0.5, ramp="linear", decay_steps=60)
+    assert soft.rounds_at() == rounds and soft.decay_steps == 60
+    other = gradual(1000, 5, start=0.3, end=0.7, window=20, sparsity=0.4)
+    assert [s for s, _ in other.rounds_at()] == [300, 400, 500, 600, 700]
+    assert other.rounds_at()[-1][1] == pytest.approx(0.4) and other.ramp == "cubic"
+    cramped = gradual(1000, 5, start=0.3, end=0.7, window=60, sparsity=0.4, decay_steps=50)
+    assert cramped.every == 110  # spaced so that each round is sliced before the next window
+    assert gradual(1000, 1, start=0.5, window=20, sparsity=0.4).rounds_at() == [(500, 0.4)]
+    for bad in (dict(start=0.8, end=0.7), dict(start=0.01), dict(rounds=0)):
+        with pytest.raises(ValueError):
+            gradual(1000, **{"rounds": 4, **bad})
