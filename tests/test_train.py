@@ -201,3 +201,108 @@ def test_rewarm_and_moment_reset_levers(tmp_path):
     assert reset["losses"][:r1 + 1] == base["losses"][:r1 + 1]  # the loss at r1 comes before its update
     assert reset["losses"][r1 + 1] != base["losses"][r1 + 1]
     assert reset["kept_params"] == base["kept_params"]
+
+
+# --- soft removal: the chosen units ramp to exactly zero, then are sliced (issue 27) ----------
+
+SOFT = dataclasses.replace(MICRO, steps=17, log_every=1, prune=PruneSchedule(
+    warmup_steps=3, window=3, rounds=2, every=6, sparsity=0.5, decay_steps=3))
+PLAIN = dataclasses.replace(SOFT, prune=dataclasses.replace(SOFT.prune, decay_steps=0))
+
+
+def _pending(out):
+    ck = checkpoint.load_full(out / "checkpoint")
+    keep = ck.extra["pending"]["keep"]
+    return ck, {k: torch.tensor(v, dtype=torch.int64) for k, v in keep.items()}
+
+
+def test_soft_removal_equals_the_plain_run_until_the_first_round(tmp_path, monkeypatch):
+    r1 = SOFT.prune.rounds_at()[0][0]
+    assert r1 == 6 and SOFT.prune.slice_step(r1) == 9
+    chosen, real = [], train_mod._choose
+    monkeypatch.setattr(train_mod, "_choose", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    plain = train(dataclasses.replace(PLAIN, out=str(tmp_path / "p")), until=r1)
+    soft = train(dataclasses.replace(SOFT, out=str(tmp_path / "s")), until=r1)
+    assert_tree_equal(soft["params"], plain["params"]) and plain["losses"] == soft["losses"]
+    assert_tree_equal(soft["opt_state"], plain["opt_state"])
+    # at r1 the soft run chooses exactly the units the plain run slices, and keeps them (dense)
+    p1 = train(dataclasses.replace(PLAIN, out=str(tmp_path / "p")), resume=True, until=r1 + 1)
+    s1 = train(dataclasses.replace(SOFT, out=str(tmp_path / "s")), resume=True, until=r1 + 1)
+    assert len(chosen) == 2
+    assert_tree_equal(chosen[1], chosen[0])
+    assert_tree_equal(_pending(tmp_path / "s")[1], chosen[0])
+    assert p1["kept_params"] < s1["kept_params"] == s1["dense_params"]
+    assert p1["losses"] != s1["losses"]  # the plain run's step r1 runs sliced, the soft one dense
+
+
+def test_soft_removal_ramps_to_exactly_zero_and_slicing_changes_no_output(tmp_path, monkeypatch):
+    import ecospa.train.loop as loop
+    factors, real = [], loop.scale_units
+    monkeypatch.setattr(loop, "scale_units", lambda t, g, k, f: factors.append(f) or real(t, g, k, f))
+    cfg = dataclasses.replace(SOFT, out=str(tmp_path))
+    groups = llama.coupled_groups(SOFT.model)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits(p):
+        return llama.forward(p, x, SOFT.model)
+
+    before = train(cfg, until=8)["params"]  # after steps 6, 7 of the ramp: 1/3 of the way left
+    assert factors == [2 / 3, 1 / 2]
+    _, keep = _pending(tmp_path)
+    assert not torch.equal(before["layers"][0]["w_up"], ecospa.mask(before, groups, keep)["layers"][0]["w_up"])
+    with pytest.raises(AssertionError):  # not yet decayed: slicing would change the output
+        close(logits(ecospa.slice_units(before, groups, keep)), logits(before))
+    decayed = train(cfg, resume=True, until=9)["params"]  # the ramp's last step: factor exactly 0
+    assert factors == [2 / 3, 1 / 2, 0.0]
+    assert all(v.shape[1] < ecospa.validate(decayed, groups)[k][1] for k, v in keep.items() if k.endswith("mlp"))
+    assert_tree_equal(decayed, ecospa.mask(decayed, groups, keep))  # the chosen units are exactly zero
+    close(logits(ecospa.slice_units(decayed, groups, keep)), logits(decayed))
+    after = train(cfg, resume=True, until=10)  # sliced before step 9
+    assert after["rounds"][0][0] == 6 and len(after["rounds"]) == 1
+    assert ecospa.validate(after["params"], groups) == ecospa.validate(
+        ecospa.slice_units(decayed, groups, keep), groups)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["step"]) for r in lines if "event" in r]
+    assert events == [("decay", 6), ("prune", 9)]
+
+
+def test_soft_removal_resumes_exactly_in_the_middle_of_a_ramp(tmp_path):
+    full = train(dataclasses.replace(SOFT, out=str(tmp_path / "a")))
+    assert [r[0] for r in full["rounds"]] == [6, 12]
+    cfg = dataclasses.replace(SOFT, out=str(tmp_path / "b"))
+    first = train(cfg, until=7)  # one step into the first ramp
+    assert checkpoint.load_full(tmp_path / "b" / "checkpoint").extra["pending"]["step"] == 6
+    second = train(cfg, resume=True, until=13)  # one step into the second ramp
+    third = train(cfg, resume=True)
+    assert first["losses"] + second["losses"] + third["losses"] == full["losses"]  # bit for bit
+    assert_tree_equal(third["params"], full["params"])
+    assert_tree_equal(third["opt_state"], full["opt_state"])
+    assert third["val_ppl"] == full["val_ppl"] and third["train_flops"] == full["train_flops"]
+    plain = train(dataclasses.replace(PLAIN, out=str(tmp_path / "p")))
+    assert full["kept_params"] == plain["kept_params"] and full["losses"] != plain["losses"]
+
+
+def test_soft_removal_counts_the_decaying_units_as_dense_flops(tmp_path):
+    from ecospa.train.flops import train_step_flops
+
+    def per_step(out):
+        lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+        flops = [0] + [r["train_flops"] for r in lines if "train_flops" in r]
+        return [b - a for a, b in zip(flops, flops[1:])]
+
+    soft = train(dataclasses.replace(SOFT, out=str(tmp_path / "s")))
+    train(dataclasses.replace(PLAIN, out=str(tmp_path / "p")))
+    s, p = per_step(tmp_path / "s"), per_step(tmp_path / "p")
+    dense = train_step_flops(llama.init(SOFT.model), "llama", SOFT.batch_size, SOFT.seq_len)
+    assert len(s) == len(p) == 17
+    assert s[:9] == [dense] * 9  # steps 0-8: the ramp's steps 6, 7, 8 still compute every unit
+    assert p[:6] == [dense] * 6 and p[6] < dense  # the plain run is sliced from step 6
+    assert s[9:12] == [p[6]] * 3  # sliced before step 9: the same shapes as the plain run's first round
+    assert s[12:15] == [p[9]] * 3 and s[15] < s[14] and s[15:] == [p[12]] * 2
+    assert soft["train_flops"] == sum(s) > sum(p)
+
+
+def test_soft_removal_must_slice_within_the_run(tmp_path):
+    from ecospa.errors import UsageError
+    with pytest.raises(UsageError, match="decay-steps"):
+        train(dataclasses.replace(SOFT, steps=15, out=str(tmp_path)))

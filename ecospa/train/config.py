@@ -121,6 +121,11 @@ def check_schedule(cfg: TrainConfig) -> None:
     """Every pruning round must run within ``cfg.steps`` (rounds past the end would be dropped)."""
     rounds = cfg.prune.rounds_at()
     late = [s for s, _ in rounds if s >= cfg.steps]
+    if not late and rounds and cfg.prune.slice_step(rounds[-1][0]) >= cfg.steps:
+        end = cfg.prune.slice_step(rounds[-1][0])
+        raise UsageError(f"the last pruning round at step {rounds[-1][0]} slices its units after "
+                         f"--decay-steps {cfg.prune.decay_steps}, at step {end}, past the end "
+                         f"({cfg.steps} steps); use --steps {end + 1} or more, or fewer --decay-steps")
     if not late:
         return
     sched, fit = cfg.prune, len(rounds) - len(late)

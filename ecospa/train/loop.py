@@ -25,7 +25,7 @@ from ecospa.func.families import family
 from ecospa.importance import ImportanceState
 from ecospa.io import data
 from ecospa.io.files import exclusive
-from ecospa.prune import slice_units
+from ecospa.prune import scale_units, slice_units
 from ecospa.schedule import PruneSchedule, dense_sizes, round_target
 from ecospa.select import select
 from ecospa.train.config import (TrainConfig, check_budget, check_run_target, check_schedule,
@@ -59,17 +59,29 @@ class _Timer:
         return t / s if s > 0 else None
 
 
-def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
+def _choose(params, groups, scores, target, dense, schedule: PruneSchedule):
+    """The units a round keeps: {group name: int64 [blocks, k]}."""
     by = "budget" if schedule.budget is not None else "sparsity"
     counts = round_target(target, groups, dense, params, by=by, scores=scores,
                           multiple_of=schedule.multiple_of)["counts"]
-    keep = select(params, groups, scores, counts=counts)
+    return select(params, groups, scores, counts=counts)
+
+
+def _slice(params, opt_state, groups, keep, schedule: PruneSchedule):
     params, opt_state = slice_units(params, groups, keep), optim.slice_state(opt_state, groups, keep)
     if schedule.moments == "reset":  # zeroed moments; the count (lr schedule, bias correction) goes on
         zeros = optree.tree_map(torch.zeros_like, params, namespace="")
         opt_state = optim.AdamWState(opt_state.count, zeros, optree.tree_map(torch.zeros_like, params,
                                                                              namespace=""))
     return params, opt_state
+
+
+def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
+    return _slice(params, opt_state, groups, _choose(params, groups, scores, target, dense, schedule), schedule)
+
+
+def _keep_from_json(keep: dict) -> dict:
+    return {k: torch.tensor(v, dtype=torch.int64) for k, v in keep.items()}
 
 
 def _targets(cfg: TrainConfig, params, groups, dense: dict, done: list, dense_params: int) -> tuple:
@@ -169,7 +181,7 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
                       b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     est = estimator_for(cfg.estimator, groups, cfg.seed)
     rounds = dict(cfg.prune.rounds_at())
-    last_round = max(rounds) if rounds else None
+    last_round = cfg.prune.slice_step(max(rounds)) if rounds else None  # the last slicing
 
     if resume:
         to_dev = lambda t: optree.tree_map(lambda x: x.to(device) if torch.is_tensor(x) else x,  # noqa: E731
@@ -200,19 +212,39 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
 
     state = {"dense": dense, "dense_params": dense_params, "rounds_done": done}  # done grows in place
     state["train_flops"] = int(ck.extra.get("train_flops", 0)) if resume else 0  # ecospa.train.flops
+    # soft removal in progress: {"step": round step, "target", "keep": {group: [[unit, ...], ...]}}
+    state["pending"] = ck.extra.get("pending") if resume else None
+    pending_keep = _keep_from_json(state["pending"]["keep"]) if state["pending"] else None
     stop = cfg.steps if until is None else min(until, cfg.steps)
     step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
     bar = _progress.bar(cfg.steps, "train", "step", initial=start,
                         enabled=progress if par.is_main else False)
     for s in range(start, stop):
+        pend = state["pending"]
+        if pend is not None and s == cfg.prune.slice_step(pend["step"]):  # fully decayed: slice
+            params, opt_state = _slice(params, opt_state, groups, pending_keep, cfg.prune)
+            imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
+            done.append([pend["step"], pend["target"], count_params(params)])
+            state["pending"] = pending_keep = None
+            timer.changed()
+            log({"event": "prune", "step": s, "chosen_at": pend["step"], "target": pend["target"],
+                 "kept_params": count_params(params), "dense_params": dense_params})
         if s in rounds:
             scores = par.reduce_scores(est.scores(imp))  # the same kept units on every rank
-            params, opt_state = _prune_round(params, opt_state, groups, scores, rounds[s], dense, cfg.prune)
-            imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
-            done.append([s, rounds[s], count_params(params)])
-            timer.changed()
-            log({"event": "prune", "step": s, "target": rounds[s],
-                 "kept_params": count_params(params), "dense_params": dense_params})
+            if cfg.prune.decay_steps:  # soft removal: ramp the chosen units to zero, slice later
+                pending_keep = _choose(params, groups, scores, rounds[s], dense, cfg.prune)
+                state["pending"] = {"step": s, "target": rounds[s],
+                                    "keep": {k: v.tolist() for k, v in pending_keep.items()}}
+                imp = est.init(params)
+                log({"event": "decay", "step": s, "target": rounds[s],
+                     "slice_step": cfg.prune.slice_step(s), "dense_params": dense_params})
+            else:
+                params, opt_state = _prune_round(params, opt_state, groups, scores, rounds[s], dense, cfg.prune)
+                imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
+                done.append([s, rounds[s], count_params(params)])
+                timer.changed()
+                log({"event": "prune", "step": s, "target": rounds[s],
+                     "kept_params": count_params(params), "dense_params": dense_params})
         batch = data.batch_at(train_ids, s, cfg.batch_size, cfg.seq_len, cfg.seed).to(device)
         t0 = time.perf_counter()
         res = step_fn(params, opt_state, par.shard(batch))
@@ -227,6 +259,8 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
         if cfg.prune.in_window(s):
             imp = est.update(imp, params, res.grads)
         params, opt_state = res.params, res.opt_state
+        if state["pending"] is not None:  # the chosen units follow the soft-removal ramp
+            params = scale_units(params, groups, pending_keep, cfg.prune.decay_multiplier(s))
         losses.append(loss)
         state["train_flops"] += train_step_flops(params, cfg.model.name, cfg.batch_size, cfg.seq_len)
         phase = "dense" if not done else ("pruned" if s >= (last_round or 0) else None)
