@@ -14,6 +14,9 @@ Same data, steps, seed and learning-rate schedule for every variant:
                better than just training a smaller model?
   ecospa       coupled Fisher importance, pruning rounds from the preset's schedule
   uncoupled / magnitude / random   the same schedule with other importance estimators
+Levers of the schedule (``--tag`` labels their rows): --rounds / --every / --prune-start / --window /
+--ramp, --gradual START END (many small rounds spread over that span), --decay-steps (soft removal),
+--rewarm, --moments, --sparsity; --seed for a second seed.
 Every run is one thread (``--threads``). Rows carry the final val ppl, training FLOPs
 (``ecospa.train.flops``: from the shapes each step used), wall time, peak memory and the curve
 (val ppl against steps and FLOPs). Writes benchmarks/results/pretrain.json (conditions, rows, a
@@ -33,7 +36,7 @@ import tempfile
 import torch
 
 from ecospa.func.families import family_of
-from ecospa.schedule import PruneSchedule, dense_sizes
+from ecospa.schedule import PruneSchedule, dense_sizes, gradual
 from ecospa.train import count_params, presets, train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -124,6 +127,13 @@ def main(argv=None):
                     help="the same fraction of units removed in every group instead of the global --budget (lever)")
     ap.add_argument("--rewarm", type=int, default=None, help="lr re-warm steps after each round (lever)")
     ap.add_argument("--moments", choices=["carry", "reset"], default=None, help="AdamW moments after a round (lever)")
+    ap.add_argument("--decay-steps", type=int, default=None,
+                    help="soft removal: the units a round chooses ramp to exactly 0 over this many steps, "
+                         "then are sliced (counted as dense FLOPs until then) (lever)")
+    ap.add_argument("--gradual", type=float, nargs=2, metavar=("START", "END"), default=None,
+                    help="gradual shrinking: spread the --rounds evenly from START to END (fractions of the "
+                         "steps, e.g. 0.25 0.75) (lever)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the init and the batches (default: the preset's, 0)")
     ap.add_argument("--tag", default=None, help="a label for this run's rows (levers, search points)")
     ap.add_argument("--reuse-search", action="store_true",
                     help="copy the dense / dense-small rows of this exact configuration from the search "
@@ -158,7 +168,14 @@ def main(argv=None):
         sched = dataclasses.replace(sched, window=args.window or sched.window, ramp=args.ramp or sched.ramp)
     if args.rewarm is not None or args.moments is not None:
         sched = dataclasses.replace(sched, rewarm=args.rewarm or 0, moments=args.moments or "carry")
-    base = dataclasses.replace(base, steps=steps, prune=sched)
+    if args.decay_steps is not None:
+        sched = dataclasses.replace(sched, decay_steps=args.decay_steps)
+    if args.gradual is not None:
+        keep = {k: getattr(sched, k) for k in ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments",
+                                               "decay_steps")}
+        sched = gradual(steps, sched.rounds, *args.gradual, window=sched.window, **keep)
+    base = dataclasses.replace(base, steps=steps, prune=sched,
+                               seed=base.seed if args.seed is None else args.seed)
     results = os.path.join(os.path.dirname(__file__), "results")
     out = args.out or os.path.join(results, "pretrain_search.json" if args.search else
                                    f"pretrain{'_quick' if args.quick else ''}.json")

@@ -306,3 +306,30 @@ def test_soft_removal_must_slice_within_the_run(tmp_path):
     from ecospa.errors import UsageError
     with pytest.raises(UsageError, match="decay-steps"):
         train(dataclasses.replace(SOFT, steps=15, out=str(tmp_path)))
+
+
+def test_train_cli_soft_removal_and_gradual_flags(tmp_path):
+    import argparse
+    from ecospa.cli.train import add_arguments, config_from_args
+    from ecospa.errors import UsageError
+    from ecospa.schedule import gradual
+    from ecospa.train.config import check_resumable, config_from_json, config_json
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--preset", "small", "--decay-steps", "50", "--rounds", "10",
+                                         "--gradual", "0.25", "0.75"]))
+    assert cfg.prune == gradual(1800, 10, 0.25, 0.75, window=40, budget=0.5, decay_steps=50)
+    assert [s for s, _ in cfg.prune.rounds_at()] == list(range(450, 1351, 100))
+    assert config_from_args(p.parse_args(["--decay-steps", "7"])).prune.decay_steps == 7
+    assert config_from_args(p.parse_args([])).prune.decay_steps == 0
+    with pytest.raises(UsageError, match="--gradual 0.9 0.5"):
+        config_from_args(p.parse_args(["--gradual", "0.9", "0.5"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--decay-steps", "-1"])
+    # a checkpoint written before decay_steps existed reads back (neutral 0) and resumes
+    old = config_json(MICRO)
+    del old["prune"]["decay_steps"]
+    assert config_from_json(old) == MICRO
+    check_resumable(MICRO, old)
+    with pytest.raises(UsageError, match="prune"):
+        check_resumable(dataclasses.replace(MICRO, prune=dataclasses.replace(MICRO.prune, decay_steps=1)), old)

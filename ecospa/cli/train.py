@@ -11,8 +11,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from ecospa._text import aligned
 from ecospa.cli._options import add_device, add_threads, dtype_help, dtype_name, preset_default, preset_epilog
-from ecospa.errors import fraction, nonneg_int, positive_float, positive_int, seed_int
+from ecospa.errors import UsageError, fraction, nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
+from ecospa.schedule import gradual
 from ecospa.select import parse_sparsity
 from ecospa.train import presets, runtime
 from ecospa.train.config import TrainConfig
@@ -55,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moments", choices=["carry", "reset"],
                         help="AdamW moments after a pruning round: sliced with the params (carry) or zeroed (reset) "
                              + preset_default("moments"))
+    parser.add_argument("--decay-steps", type=nonneg_int,
+                        help="soft removal: the units a round chooses are multiplied by a ramp that reaches "
+                             "exactly 0 over this many steps, then sliced out (still computed, and counted "
+                             "as dense FLOPs, until then; 0: sliced at once) " + preset_default("decay_steps"))
+    parser.add_argument("--gradual", type=float, nargs=2, metavar=("START", "END"),
+                        help="gradual shrinking: spread the --rounds evenly from START to END (fractions of "
+                             "--steps, e.g. 0.25 0.75; the first round's window ends at START); the ramp, "
+                             "target and window stay the preset's (default: the preset's round steps)")
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), help="importance estimator " + preset_default("estimator"))
     parser.add_argument("--data", help="pydoc | stdlib | file:PATH | wikitext103 | c4 " + preset_default("data"))
     parser.add_argument("--lr", type=positive_float, help="peak learning rate " + preset_default("lr"))
@@ -93,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # a flag the user did not give is told from one given with the preset's value.
 FIELDS = ("steps", "estimator", "data", "lr", "batch_size", "seed", "device", "dtype", "eval_every",
           "ckpt_every", "compile")
-SCHEDULE = ("rounds", "multiple_of", "rewarm", "moments")
+SCHEDULE = ("rounds", "multiple_of", "rewarm", "moments", "decay_steps")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -122,8 +131,20 @@ def _overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         sched = dataclasses.replace(sched, sparsity=args.sparsity, budget=None)
     if args.budget is not None:
         sched = dataclasses.replace(sched, sparsity=None, budget=args.budget)
+    if getattr(args, "gradual", None) is not None:
+        sched = _gradual(sched, over.get("steps", cfg.steps), *args.gradual)
     return dataclasses.replace(cfg, prune=sched, out=args.out,
                                compile=bool(over.pop("compile", cfg.compile)), **over)
+
+
+def _gradual(sched, steps: int, start: float, end: float):
+    """``sched`` with its rounds spread from ``start`` to ``end`` of ``steps`` (``schedule.gradual``)."""
+    keep = {k: getattr(sched, k) for k in ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments",
+                                           "decay_steps")}
+    try:
+        return gradual(steps, sched.rounds, start, end, window=sched.window, **keep)
+    except ValueError as err:
+        raise UsageError(f"--gradual {start:g} {end:g}: {err}") from err
 
 
 def _target_text(r: dict) -> str:

@@ -79,9 +79,21 @@ def config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# PruneSchedule fields added after checkpoints were written without them, at their neutral value
+NEW_SCHEDULE_FIELDS = {"decay_steps": 0}
+
+
+def _filled(saved: dict) -> dict:
+    """``saved`` with the schedule fields an older ecospa did not write, at their neutral value."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("prune"), dict):
+        return saved
+    return dict(saved, prune={**NEW_SCHEDULE_FIELDS, **saved["prune"]})
+
+
 def config_from_json(saved: dict) -> TrainConfig:
     """The ``TrainConfig`` that ``config_json`` wrote (a checkpoint's ``train_config``); ValueError
     if it does not describe one (a checkpoint of another ecospa version)."""
+    saved = _filled(saved)
     try:
         fields = dict(saved)
         model = dict(fields.pop("model"))
@@ -100,7 +112,7 @@ def check_resumable(cfg: TrainConfig, saved: dict, step: Optional[int] = None) -
     """``cfg`` continues the run ``saved`` (its ``config_json``) exactly: only the ``RESUMABLE``
     fields differ, and ``steps``, which may grow to extend the run (not below ``step``, the
     checkpoint's)."""
-    now = config_json(cfg)
+    now, saved = config_json(cfg), _filled(saved)
     diff = [k for k in now if k not in RESUMABLE + ("steps",) and now[k] != saved.get(k)]
     if diff:
         was = "; ".join(f"{k} {_short(saved.get(k))} in the checkpoint, {_short(now[k])} now" for k in diff)
