@@ -38,6 +38,7 @@ import torch
 from ecospa.func.families import family_of
 from ecospa.schedule import PruneSchedule, dense_sizes, gradual
 from ecospa.train import count_params, presets, train
+from ecospa.train.flops import train_step_flops
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import conditions, write_results  # noqa: E402
@@ -82,7 +83,7 @@ def run(cfg, name, out_root):
            "peak_mem_mb": r["peak_mem_mb"],
            "tokens_per_s_final": r["tokens_per_s_pruned"] or r["tokens_per_s_dense"],
            "final_loss": r["losses"][-1], "rounds": r["rounds"], "schedule": dataclasses.asdict(cfg.prune),
-           "lr": cfg.lr, "curve": curve}
+           "lr": cfg.lr, "seed": cfg.seed, "steps": cfg.steps, "curve": curve}
     print(f"   { {k: v for k, v in row.items() if k != 'curve'} }", flush=True)
     return row
 
@@ -183,7 +184,9 @@ def main(argv=None):
                       batch_size=base.batch_size, seq_len=base.seq_len, seed=base.seed, budget=args.budget,
                       lr=base.lr, schedule=dataclasses.asdict(sched), data=base.data,
                       model=dataclasses.asdict(base.model),
-                      tokens_seen=steps * base.batch_size * base.seq_len)
+                      tokens_seen=steps * base.batch_size * base.seq_len,
+                      dense_train_flops=steps * train_step_flops(family_of(base.model).init(base.model, 0),
+                                                                 base.model.name, base.batch_size, base.seq_len))
     print("conditions:", cond, flush=True)
     rows = []
     dense_sched = PruneSchedule(rounds=0)
@@ -200,7 +203,8 @@ def main(argv=None):
         if args.note:
             extra["notes"] = extra.get("notes", []) + [n for n in args.note if n not in extra.get("notes", [])]
         main_cond = payload.get("conditions") if args.tag and args.merge and payload.get("conditions") else cond
-        return {**extra, "conditions": main_cond, "rows": merged, "table": _table(merged)}
+        return {**extra, "conditions": main_cond, "rows": merged,
+                "table": _table(merged, main_cond.get("dense_train_flops"))}
 
     if args.reuse_search or (args.note and not args.variants):
         same = ("model", "steps", "lr", "seq_len", "batch_size", "data", "seed")
@@ -229,7 +233,7 @@ def main(argv=None):
             if args.tag:
                 rows[-1]["variant"] = f"{v}@{args.tag}"
             locked_update(out, save)
-    for r in _table(rows):
+    for r in _table(rows, cond["dense_train_flops"]):
         print(r)
 
 
@@ -262,8 +266,12 @@ def search_table(runs):
     return table
 
 
-def _table(rows):
+def _table(rows, dense_train_flops=None):
+    """One line per row; "FLOPs / dense" against the dense row, or without one against
+    ``dense_train_flops`` (the dense model's FLOPs, counted from its shapes: the same number)."""
     dense = next((r for r in rows if r["variant"] == "dense"), None)
+    if dense is None and dense_train_flops:
+        dense = {"val_ppl": float("nan"), "train_flops": dense_train_flops}
     small = next((r for r in rows if r["variant"] == "dense-small"), None)
     table = []
     for r in rows:

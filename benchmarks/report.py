@@ -257,7 +257,37 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
-def pretrain_section(res: dict, search: dict = None, earlier: dict = None) -> str:
+def levers_section(res: dict) -> str:
+    """Issue 27: soft removal / gradual shrinking vs dense-small at equal steps and at equal
+    training FLOPs (a longer dense-small run, ``dense-small@flops-matched``), with its own figure."""
+    c = res.get("conditions", {})
+    rows = {r["variant"]: r for r in res.get("rows", [])}
+    dense_flops = c.get("dense_train_flops")
+    out = [f"**Issue 27: soft removal and gradual shrinking, on the current data split** "
+           f"(`benchmarks/results/pretrain_issue27.json`; the same model, lr and {c.get('steps')} steps as above, "
+           "dense-small re-run on this split; `FLOPs / dense` is against the dense model's training FLOPs "
+           "counted from its shapes, the same number as the dense row above; `@tag` rows name the levers, "
+           "see the notes)", "", generic_table(res), ""]
+    small, matched = rows.get("dense-small"), rows.get("dense-small@flops-matched")
+    for name, r in rows.items():
+        if not name.startswith("ecospa") or not small or r.get("seed", 0) != small.get("seed", 0):
+            continue
+        rs = r["val_ppl"] / small["val_ppl"]
+        rf = r["train_flops"] / dense_flops if dense_flops else float("nan")
+        line = (f"{name} (seed {r.get('seed', 0)}): {rs:.3f}x dense-small at equal steps (target <= 0.98: "
+                f"{'met' if rs <= 0.98 else 'MISSED'}), {rf:.2f}x dense's training FLOPs (target <= 0.80: "
+                f"{'met' if rf <= 0.80 else 'MISSED'})")
+        if matched:
+            rm = r["val_ppl"] / matched["val_ppl"]
+            line += (f"; {rm:.3f}x a dense-small trained for {matched['train_flops'] / r['train_flops']:.2f}x "
+                     f"its FLOPs ({matched.get('steps', '?')} steps; target <= 1.00: {'met' if rm <= 1.0 else 'MISSED'})")
+        out.append(f"- {line}.")
+    out += [f"- {n}" for n in res.get("notes", [])]
+    out += ["", "![issue 27: val ppl vs steps and vs training FLOPs](../benchmarks/results/pretrain_issue27.png)"]
+    return "\n".join(out)
+
+
+def pretrain_section(res: dict, search: dict = None, earlier: dict = None, levers: dict = None) -> str:
     """The pre-training section: regime, the regime search, the comparison table (with FLOPs),
     the figure and a plain verdict against the issue-14 targets."""
     c = res.get("conditions", {})
@@ -293,6 +323,8 @@ def pretrain_section(res: dict, search: dict = None, earlier: dict = None) -> st
     notes = res.get("notes")
     if notes:
         out += ["", *(f"- {n}" for n in notes)]
+    if levers and levers.get("table"):  # issue 27's levers, on the current data split
+        out += ["", levers_section(levers)]
     if earlier and earlier.get("table"):  # the same comparison at half the steps, with the levers
         c0 = earlier.get("conditions", {})
         out += ["", f"**The earlier regime: {c0.get('steps')} steps ({c0.get('tokens_seen', 0) / 1e6:.2f}M tokens), "
@@ -384,9 +416,12 @@ def main(argv=None) -> None:
             plot_speed(res, os.path.join(RESULTS, fname.replace(".json", ".png")))
     res = _load("pretrain.json")
     if res and res.get("table"):
+        levers = _load("pretrain_issue27.json")
         text = replace_section(text, "pretrain", pretrain_section(res, _load("pretrain_search.json"),
-                                                                  _load("pretrain_900.json")))
+                                                                  _load("pretrain_900.json"), levers))
         plot_pretrain(res, os.path.join(RESULTS, "pretrain.png"))
+        if levers and levers.get("rows"):
+            plot_pretrain(levers, os.path.join(RESULTS, "pretrain_issue27.png"))
     res = _load("compress.json")
     if res and (res.get("recovery") or res.get("ablation")):
         text = replace_section(text, "compress", compress_section(res))
