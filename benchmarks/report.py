@@ -266,22 +266,33 @@ def levers_section(res: dict) -> str:
     out = [f"**Issue 27: soft removal and gradual shrinking, on the current data split** "
            f"(`benchmarks/results/pretrain_issue27.json`; the same model, lr and {c.get('steps')} steps as above, "
            "dense-small re-run on this split; `FLOPs / dense` is against the dense model's training FLOPs "
-           "counted from its shapes, the same number as the dense row above; `@tag` rows name the levers, "
+           "counted from its shapes, the same number as the dense row above (no dense run on this split: `ppl / dense` is nan); `ppl / dense-small` is against the seed-0 row, the lines below pair the seeds; `@tag` rows name the levers, "
            "see the notes)", "", generic_table(res), ""]
-    small, matched = rows.get("dense-small"), rows.get("dense-small@flops-matched")
+    # dense-small of each seed ("dense-small" is seed 0, "dense-small@seed1" ...), FLOPs-matched of seed 0
+    small = {r.get("seed", 0): r for n, r in rows.items() if n == "dense-small" or n.startswith("dense-small@seed")}
+    matched = rows.get("dense-small@flops-matched")
+    by_lever: dict = {}
     for name, r in rows.items():
-        if not name.startswith("ecospa") or not small or r.get("seed", 0) != small.get("seed", 0):
+        s = small.get(r.get("seed", 0))
+        if not name.startswith("ecospa") or not s:
             continue
-        rs = r["val_ppl"] / small["val_ppl"]
+        rs = r["val_ppl"] / s["val_ppl"]
         rf = r["train_flops"] / dense_flops if dense_flops else float("nan")
+        by_lever.setdefault(name.split("-seed")[0], []).append((rs, rf))
         line = (f"{name} (seed {r.get('seed', 0)}): {rs:.3f}x dense-small at equal steps (target <= 0.98: "
-                f"{'met' if rs <= 0.98 else 'MISSED'}), {rf:.2f}x dense's training FLOPs (target <= 0.80: "
+                f"{'met' if rs <= 0.98 else 'MISSED'}), {rf:.3f}x dense's training FLOPs (target <= 0.80: "
                 f"{'met' if rf <= 0.80 else 'MISSED'})")
-        if matched:
+        if matched and r.get("seed", 0) == matched.get("seed", 0):
             rm = r["val_ppl"] / matched["val_ppl"]
-            line += (f"; {rm:.3f}x a dense-small trained for {matched['train_flops'] / r['train_flops']:.2f}x "
+            line += (f"; {rm:.3f}x a dense-small trained for {matched['train_flops'] / r['train_flops']:.3f}x "
                      f"its FLOPs ({matched.get('steps', '?')} steps; target <= 1.00: {'met' if rm <= 1.0 else 'MISSED'})")
         out.append(f"- {line}.")
+    for lever, got in by_lever.items():
+        if len(got) > 1:
+            ratios = [g[0] for g in got]
+            out.append(f"- {lever}, mean of {len(got)} seeds: {sum(ratios) / len(ratios):.3f}x dense-small at equal "
+                       f"steps (seeds {', '.join(f'{x:.3f}' for x in ratios)}; spread {max(ratios) - min(ratios):.3f}), "
+                       f"{sum(g[1] for g in got) / len(got):.3f}x dense's FLOPs.")
     out += [f"- {n}" for n in res.get("notes", [])]
     out += ["", "![issue 27: val ppl vs steps and vs training FLOPs](../benchmarks/results/pretrain_issue27.png)"]
     return "\n".join(out)
