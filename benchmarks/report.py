@@ -259,7 +259,8 @@ def plot_quality(compress: dict, pretrain: dict, path: str) -> None:
 
 def levers_section(res: dict) -> str:
     """Issue 27: soft removal / gradual shrinking vs dense-small at equal steps and at equal
-    training FLOPs (a longer dense-small run, ``dense-small@flops-matched``), with its own figure."""
+    training FLOPs (a longer dense-small run of the same seed, ``dense-small@flops-matched[-seedN]``),
+    with its own figure."""
     c = res.get("conditions", {})
     rows = {r["variant"]: r for r in res.get("rows", [])}
     dense_flops = c.get("dense_train_flops")
@@ -270,7 +271,7 @@ def levers_section(res: dict) -> str:
            "see the notes)", "", generic_table(res), ""]
     # dense-small of each seed ("dense-small" is seed 0, "dense-small@seed1" ...), FLOPs-matched of seed 0
     small = {r.get("seed", 0): r for n, r in rows.items() if n == "dense-small" or n.startswith("dense-small@seed")}
-    matched = rows.get("dense-small@flops-matched")
+    matched = {r.get("seed", 0): r for n, r in rows.items() if n.startswith("dense-small@flops-matched")}
     by_lever: dict = {}
     for name, r in rows.items():
         s = small.get(r.get("seed", 0))
@@ -278,21 +279,24 @@ def levers_section(res: dict) -> str:
             continue
         rs = r["val_ppl"] / s["val_ppl"]
         rf = r["train_flops"] / dense_flops if dense_flops else float("nan")
-        by_lever.setdefault(name.split("-seed")[0], []).append((rs, rf))
+        m = matched.get(r.get("seed", 0))
+        rm = r["val_ppl"] / m["val_ppl"] if m else None
+        by_lever.setdefault(name.split("-seed")[0], []).append((rs, rf, rm))
         line = (f"{name} (seed {r.get('seed', 0)}): {rs:.3f}x dense-small at equal steps (target <= 0.98: "
                 f"{'met' if rs <= 0.98 else 'MISSED'}), {rf:.3f}x dense's training FLOPs (target <= 0.80: "
                 f"{'met' if rf <= 0.80 else 'MISSED'})")
-        if matched and r.get("seed", 0) == matched.get("seed", 0):
-            rm = r["val_ppl"] / matched["val_ppl"]
-            line += (f"; {rm:.3f}x a dense-small trained for {matched['train_flops'] / r['train_flops']:.3f}x "
-                     f"its FLOPs ({matched.get('steps', '?')} steps; target <= 1.00: {'met' if rm <= 1.0 else 'MISSED'})")
+        if m:
+            line += (f"; {rm:.3f}x the dense-small of its seed trained for {m['train_flops'] / r['train_flops']:.3f}x "
+                     f"its FLOPs ({m.get('steps', '?')} steps; target <= 1.00: {'met' if rm <= 1.0 else 'MISSED'})")
         out.append(f"- {line}.")
     for lever, got in by_lever.items():
         if len(got) > 1:
             ratios = [g[0] for g in got]
             out.append(f"- {lever}, mean of {len(got)} seeds: {sum(ratios) / len(ratios):.3f}x dense-small at equal "
                        f"steps (seeds {', '.join(f'{x:.3f}' for x in ratios)}; spread {max(ratios) - min(ratios):.3f}), "
-                       f"{sum(g[1] for g in got) / len(got):.3f}x dense's FLOPs.")
+                       f"{sum(g[1] for g in got) / len(got):.3f}x dense's FLOPs"
+                       + (f"; {sum(g[2] for g in got) / len(got):.3f}x dense-small at equal FLOPs (seeds "
+                          f"{', '.join(f'{g[2]:.3f}' for g in got)})" if all(g[2] for g in got) else "") + ".")
     out += [f"- {n}" for n in res.get("notes", [])]
     out += ["", "![issue 27: val ppl vs steps and vs training FLOPs](../benchmarks/results/pretrain_issue27.png)"]
     return "\n".join(out)
