@@ -86,6 +86,11 @@ def slice_units(tree: TensorTree, groups: Sequence[Group], keep: Keep) -> Tensor
 
 def mask(tree: TensorTree, groups: Sequence[Group], keep: Keep) -> TensorTree:
     """Zero every unit not in ``keep`` (same shapes). Returns a new tree; the input is unchanged."""
+    return _map_masked(tree, groups, keep, _mask_leaf)
+
+
+def _map_masked(tree: TensorTree, groups: Sequence[Group], keep: Keep, fn) -> TensorTree:
+    """``fn(leaf, kept indices, member, n_units)`` applied to every member ``mask`` zeroes."""
     sizes = validate(tree, groups)
     _check_keep(groups, keep, sizes)
     updates = {}
@@ -93,7 +98,7 @@ def mask(tree: TensorTree, groups: Sequence[Group], keep: Keep) -> TensorTree:
         for m in g.members:
             if m.masked:
                 n = sizes[g.name][1]
-                updates[m.path] = (lambda leaf, i=keep[g.name], m=m, n=n: _mask_leaf(leaf, i, m, n))
+                updates[m.path] = (lambda leaf, i=keep[g.name], m=m, n=n: fn(leaf, i, m, n))
     return map_paths(tree, updates)
 
 
@@ -115,15 +120,7 @@ def scale_units(tree: TensorTree, groups: Sequence[Group], keep: Keep, factor: f
     tree; the input is unchanged. Soft removal (``PruneSchedule.decay_steps``) ramps the units a
     round chose to zero with it before slicing them.
     """
-    sizes = validate(tree, groups)
-    _check_keep(groups, keep, sizes)
-    updates = {}
-    for g in groups:
-        for m in g.members:
-            if m.masked:
-                n = sizes[g.name][1]
-                updates[m.path] = (lambda leaf, i=keep[g.name], m=m, n=n: _scale_leaf(leaf, i, m, n, factor))
-    return map_paths(tree, updates)
+    return _map_masked(tree, groups, keep, lambda leaf, i, m, n: _scale_leaf(leaf, i, m, n, factor))
 
 
 @dataclass(frozen=True)
