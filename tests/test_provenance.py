@@ -57,8 +57,8 @@ def spied(monkeypatch):
     spy("reconstruct", "refit", 3)
     real_step, real_ppl = job_mod.make_step, job_mod.perplexity
 
-    def make_step(loss, opt):
-        step = real_step(loss, opt)
+    def make_step(loss, opt, **kw):
+        step = real_step(loss, opt, **kw)
 
         def wrapped(params, state, batch):
             seen["recover"].append(batch)

@@ -54,11 +54,16 @@ def pre_tokenizer(pre):
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+class UnsupportedTokenizer(ValueError):
+    """A well-formed GGUF tokenizer that ecospa cannot reproduce (e.g. a pre-tokenizer it does not
+    know). The weights are still usable; a malformed tokenizer is a plain ``ValueError``."""
+
+
 def _pre_spec(pre) -> _Pre:
     pre = "" if pre is None else pre
     if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         known = ", ".join(sorted(n for n in PRE_TOKENIZERS if n))
-        raise ValueError(f"GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; "
+        raise UnsupportedTokenizer(f"GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; "
                          f"supported: {known}")
     return PRE_TOKENIZERS[pre]
 

@@ -28,7 +28,7 @@ from ecospa.func.padding import compact as compact_tree
 from ecospa.io import checkpoint
 from ecospa.io.data import ByteTokenizer, HFTokenizer, tokenizer
 from ecospa.io.gguf import load_gguf
-from ecospa.io.gguf_tokenizer import gguf_tokenizer
+from ecospa.io.gguf_tokenizer import UnsupportedTokenizer, gguf_tokenizer
 from ecospa.io.hf import hub_dir, load_hf, load_hf_tokenizer
 from ecospa.io.hf_write import interrupted_export
 
@@ -221,7 +221,7 @@ def _load(spec, dtype: torch.dtype):
         if info.get("model") == "gpt2":
             try:
                 tok = gguf_tokenizer(spec)
-            except ValueError as err:  # e.g. a pre-tokenizer llama.cpp names but ecospa does not
+            except UnsupportedTokenizer as err:  # a pre-tokenizer llama.cpp names, ecospa does not
                 warnings.warn(f"{spec}: {err}; the model loads without a tokenizer")
         return cfg, params, tok
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json")):
