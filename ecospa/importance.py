@@ -244,7 +244,7 @@ def _grad_of(loss_fn: Callable, reads: Optional[tuple]) -> Callable:
 def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: Iterable,
            estimator: Optional[EstimatorProtocol] = None,
            on_batch: Optional[Callable[[int, Optional[int]], None]] = None,
-           micro_batch: Optional[int] = None) -> Scores:
+           micro_batch: Optional[int] = None, grad_fn: Optional[Callable] = None) -> Scores:
     """Coupled empirical Fisher scores from calibration batches.
 
     Args:
@@ -258,13 +258,16 @@ def fisher(loss_fn: Callable, params: Params, groups: Sequence[Group], batches: 
       micro_batch: differentiate this many rows of a batch at a time and average the gradients
         weighted by rows: the batch's gradient when ``loss_fn`` is a mean over rows of equal
         length (``lm_loss``), with the activation memory of ``micro_batch`` rows. None: whole batches.
+      grad_fn: ``grad_fn(params, batch) -> grads`` computing the gradient of ``loss_fn`` another
+        way, e.g. one layer at a time (``ecospa.func.layerwise.lm_layer_grads``, which must be
+        given the estimator's ``reads``); None: ``torch.func.grad(loss_fn)``.
     Returns:
       {group name: importance per unit [n_blocks, n_units]}.
     Example:
       scores = ecospa.fisher(lambda p, b: loss(p, b), params, groups, batches)
     """
     est = estimator or coupled_fisher(groups)
-    grad_fn = microbatched(_grad_of(loss_fn, getattr(est, "reads", None)), micro_batch)
+    grad_fn = microbatched(grad_fn or _grad_of(loss_fn, getattr(est, "reads", None)), micro_batch)
     state = est.init(params)
     n = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches, 1):

@@ -211,9 +211,14 @@ def init(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict
 def kept_slots(p: dict, cfg: Config) -> torch.Tensor:
     """The original rotary slot [Hkv, P] of each kept pair of a layer, read from its frequencies
     (each kept pair carries its original frequency in ``inv_freq``): arange for a dense layer."""
-    inv = p["inv_freq"].to(torch.float32)
-    full = inv_freq(cfg).to(inv.device)
-    return (inv.log()[..., None] - full.log()).abs().argmin(-1)
+    return _slot_distance(p, cfg).argmin(-1)
+
+
+def _slot_distance(p: dict, cfg: Config) -> torch.Tensor:
+    """|log f_kept - log f_original| [Hkv, P_kept, P] between each kept pair's frequency and
+    every slot of the model's RoPE table (float64)."""
+    full = inv_freq(cfg).to(p["inv_freq"].device)
+    return (p["inv_freq"].double().log()[..., None] - full.double().log()).abs()
 
 
 def head_norm(x: torch.Tensor, w: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor:
@@ -314,8 +319,7 @@ def unit_sizes(cfg: Config) -> dict:
 def slots(p: dict, cfg: Config) -> dict:
     """The original rotary slot [Hkv, P_kept] of each kept pair, found from its frequency in
     ``inv_freq`` (nearest in log space): padding puts each pair back where RoPE expects it."""
-    inv, full = p["inv_freq"], inv_freq(cfg).to(p["inv_freq"].device)
-    d = (inv.double().log()[..., None] - full.double().log()).abs()  # [Hkv, P, P0]
+    d = _slot_distance(p, cfg)
     idx = d.argmin(-1)
     if bool((d.amin(-1) > 1e-4).any()):
         raise ValueError("a layer's inv_freq holds frequencies that are not in the model's RoPE "

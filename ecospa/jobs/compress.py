@@ -32,6 +32,7 @@ from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
+from ecospa.func.layerwise import layer_reads, lm_layer_grads
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.io import checkpoint, load
 from ecospa.io.data import batch_at, corpus
@@ -77,6 +78,15 @@ def _keep(job: Job, r: int, params, dense_sizes_, groups, scores, obs) -> dict:
     if obs is not None:
         keep.update({g: keep_top(obs[g], keep[g].shape[1]) for g in obs})
     return keep
+
+
+def _calib_grads(job: Job, fam, cfg, est):
+    """The calibration's gradient function: one layer at a time when ``--layerwise`` and the
+    estimator reads only layer leaves of a decoder; None (``torch.func.grad``) otherwise."""
+    reads = getattr(est, "reads", None)
+    if not job.layerwise or not fam.decoder or not reads or layer_reads(reads) is None:
+        return None
+    return lm_layer_grads(fam, cfg, reads)
 
 
 def _losses(forward, cfg, teacher, job: Job):
@@ -227,7 +237,7 @@ def _compress(job: Job, loaded) -> dict:
         with ph("calibrate"):
             bar = _phase(job, len(calib), "calibrate", "batch")
             scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar),
-                            micro_batch=job.micro_batch)
+                            micro_batch=job.micro_batch, grad_fn=_calib_grads(job, fam, cfg, est))
             bar.close()
         obs = None
         if job.rank_by == "obs":

@@ -54,6 +54,9 @@ class Job:
     micro_batch: Optional[int] = 1         # rows per backward pass of the calibration and of recovery:
     #                                        the batch's gradient (rows averaged), the activations of
     #                                        this many rows in memory; None: the whole batch at once
+    layerwise: bool = True                 # calibration gradients one layer at a time (ecospa.func.layerwise):
+    #                                        the same scores, one layer's activations in memory, one
+    #                                        more forward pass; False: torch.func.grad of the whole forward
     eval_seq_len: int = 512
     eval_windows: Optional[int] = 40
     eval_batch_size: int = 1               # windows per held-out forward: 1 keeps one window's logits [T, V] in

@@ -1,0 +1,110 @@
+"""Layer-at-a-time gradients (``ecospa.func.layerwise``) equal ``torch.func.grad`` of the whole
+forward, for every decoder family, dense and pruned, at head chunks that do and do not divide the
+sequence; the calibration's scores do not depend on which of the two computed them."""
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import ecospa
+from ecospa.func.families import FAMILIES, family_of
+from ecospa.func.layerwise import layer_reads, lm_layer_grads
+from ecospa.importance import coupled_fisher, fisher
+from ecospa.train.step import lm_loss
+from strategies import models, random_scores, seeds
+from tolerances import close
+
+gguf = pytest.importorskip("gguf")
+from test_safety_io_cli import FAST, tiny_gguf  # noqa: E402,F401  (fixture)
+
+
+def _model(module, cfg, seed, prune):
+    params = optree.tree_map(lambda x: x.double(), module.init(cfg, seed=seed), namespace="")
+    groups = module.coupled_groups(cfg)
+    if prune:
+        try:
+            keep = ecospa.select(params, groups, random_scores(params, groups, seed), sparsity=0.5)
+        except ValueError:
+            assume(False)
+        params = ecospa.slice_units(params, groups, keep)
+    return params, groups
+
+
+@settings(max_examples=12, deadline=None)
+@given(models(decoders=True), seeds, st.booleans(), st.integers(1, 7), st.integers(2, 9))
+def test_layer_grads_equal_the_whole_backward(model, seed, prune, chunk, T):
+    module, cfg = model
+    fam = family_of(cfg)
+    params, groups = _model(module, cfg, seed, prune)
+    T = min(T, cfg.max_seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=gen)
+    reads = tuple(m.path for g in groups for m in g.members if m.masked)
+    whole = torch.func.grad(lm_loss(fam.forward, cfg))(params, batch)
+    got = lm_layer_grads(fam, cfg, reads, head_chunk=chunk)(params, batch)
+    for path in reads:
+        close(ecospa._tree.get_path(got, path), ecospa._tree.get_path(whole, path))
+    # nothing else was computed: every other leaf is None
+    flat = optree.tree_flatten_with_path(got, none_is_leaf=True, namespace="")
+    for path, leaf in zip(flat[0], flat[1]):
+        assert (leaf is not None) == (tuple(path) in set(map(tuple, reads))), path
+
+
+def test_fisher_scores_are_the_same_with_layer_grads():
+    from ecospa.func import llama
+    cfg = llama.Config(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    params = optree.tree_map(lambda x: x.double(), llama.init(cfg, seed=3), namespace="")
+    groups = llama.coupled_groups(cfg)
+    batches = [torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    est = coupled_fisher(groups)
+    plain = fisher(lm_loss(llama.forward, cfg), params, groups, batches, estimator=est)
+    lw = fisher(lm_loss(llama.forward, cfg), params, groups, batches, estimator=coupled_fisher(groups),
+                grad_fn=lm_layer_grads(FAMILIES["llama"], cfg, est.reads, head_chunk=4))
+    assert set(plain) == set(lw)
+    for k in plain:
+        close(lw[k], plain[k])
+        assert plain[k].abs().sum() > 0
+
+
+def test_leaves_outside_the_layers_are_refused():
+    assert layer_reads([("layers", 0, "wq"), ("layers", 2, "wo")]) == {0: {"wq"}, 2: {"wo"}}
+    assert layer_reads([("embed",)]) is None and layer_reads(None) is None
+    from ecospa.func import llama
+    cfg = llama.Config(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    with pytest.raises(ValueError, match="layer leaves only"):
+        lm_layer_grads(FAMILIES["llama"], cfg, [("embed",)])
+    with pytest.raises(ValueError, match="head_chunk"):
+        lm_layer_grads(FAMILIES["llama"], cfg, [("layers", 0, "wq")], head_chunk=0)
+
+
+def test_the_job_keeps_the_same_units_either_way(tiny_gguf, monkeypatch):
+    """``ecospa compress --layerwise`` (the default) and ``--no-layerwise`` keep the same units:
+    the calibration's gradient is the same, computed two ways (spied where it is consumed)."""
+    pytest.importorskip("gguf")
+    import ecospa.jobs.compress as job_mod
+    from ecospa.jobs.compress import Job, compress
+    kept, grad_fns = [], []
+    real_slice, real_fisher = job_mod.slice_units, job_mod.fisher
+
+    def slice_spy(params, groups, keep):
+        kept.append({k: v.clone() for k, v in keep.items()})
+        return real_slice(params, groups, keep)
+
+    def fisher_spy(*args, grad_fn=None, **kw):
+        grad_fns.append(grad_fn)
+        return real_fisher(*args, grad_fn=grad_fn, **kw)
+
+    monkeypatch.setattr(job_mod, "slice_units", slice_spy)
+    monkeypatch.setattr(job_mod, "fisher", fisher_spy)
+    for layerwise in (True, False):
+        compress(Job(str(tiny_gguf), budget=0.4, layerwise=layerwise, reconstruct=False,
+                     **dict(FAST, steps=0, calib_batches=2)))
+    assert grad_fns[0] is not None and grad_fns[0].__qualname__.startswith("lm_layer_grads")
+    assert grad_fns[1] is None
+    a, b = kept
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not bool(v.all()) for v in a.values())  # something was pruned
