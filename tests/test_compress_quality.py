@@ -68,16 +68,18 @@ def _job_params(job, loaded):
 def test_kd_only_ignores_the_hard_labels(tiny_gguf):  # noqa: F811
     from ecospa.io.load import load_model
     cfg, dense, _ = load_model(str(tiny_gguf))
-    fwd = family_of(cfg).forward
     student = {**dense, "norm": dense["norm"] * 1.1}
     batch = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     other = batch.clone()
     other[:, -1] = (other[:, -1] + 1) % cfg.vocab_size  # only the last label differs
     job = Job(str(tiny_gguf), budget=0.3, distill=True, distill_weight=1.0, eval_extra=())
-    _, kd = _losses(fwd, cfg, dense, job)
+    fam = family_of(cfg)
+    _, kd, kd_layers = _losses(fam, cfg, dense, job)
     assert float(kd(student, batch)) == float(kd(student, other)) > 0
-    mixed = _losses(fwd, cfg, dense, Job(str(tiny_gguf), budget=0.3, distill=True, eval_extra=()))[1]
+    assert float(kd_layers(student, batch)[1]) == float(kd_layers(student, other)[1]) > 0
+    _, mixed, mixed_layers = _losses(fam, cfg, dense, Job(str(tiny_gguf), budget=0.3, distill=True, eval_extra=()))
     assert float(mixed(student, batch)) != float(mixed(student, other))
+    assert float(mixed_layers(student, batch)[1]) != float(mixed_layers(student, other)[1])
     assert float(kd(dense, batch)) == pytest.approx(0.0, abs=1e-6)
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ecospa
 from ecospa.func.families import FAMILIES, family_of
-from ecospa.func.layerwise import layer_reads, lm_layer_grads
+from ecospa.func.layerwise import CE, distill_loss, layer_grad_and_value, layer_reads, lm_layer_grads
 from ecospa.importance import coupled_fisher, fisher
 from ecospa.train.step import lm_loss
 from strategies import models, random_scores, seeds
@@ -80,14 +80,14 @@ def test_leaves_outside_the_layers_are_refused():
         lm_layer_grads(FAMILIES["llama"], cfg, [("layers", 0, "wq")], head_chunk=0)
 
 
-def test_the_job_keeps_the_same_units_either_way(tiny_gguf, monkeypatch):
-    """``ecospa compress --layerwise`` (the default) and ``--no-layerwise`` keep the same units:
-    the calibration's gradient is the same, computed two ways (spied where it is consumed)."""
-    pytest.importorskip("gguf")
+def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way(tiny_gguf, monkeypatch):
+    """``ecospa compress --layerwise`` (the default) and ``--no-layerwise``: the calibration's
+    gradient and recovery's step are computed two ways (spied where they are consumed), the same
+    units are kept and the first recovery loss (before any update) is the same."""
     import ecospa.jobs.compress as job_mod
     from ecospa.jobs.compress import Job, compress
-    kept, grad_fns = [], []
-    real_slice, real_fisher = job_mod.slice_units, job_mod.fisher
+    kept, grad_fns, step_fns, losses = [], [], [], []
+    real_slice, real_fisher, real_step = job_mod.slice_units, job_mod.fisher, job_mod.make_step
 
     def slice_spy(params, groups, keep):
         kept.append({k: v.clone() for k, v in keep.items()})
@@ -97,14 +97,68 @@ def test_the_job_keeps_the_same_units_either_way(tiny_gguf, monkeypatch):
         grad_fns.append(grad_fn)
         return real_fisher(*args, grad_fn=grad_fn, **kw)
 
+    def step_spy(loss, opt, grad_and_value=None, **kw):
+        step_fns.append(grad_and_value)
+        step = real_step(loss, opt, grad_and_value=grad_and_value, **kw)
+
+        def wrapped(*a):
+            out = step(*a)
+            losses.append(float(out.loss))
+            return out
+        return wrapped
+
     monkeypatch.setattr(job_mod, "slice_units", slice_spy)
     monkeypatch.setattr(job_mod, "fisher", fisher_spy)
+    monkeypatch.setattr(job_mod, "make_step", step_spy)
     for layerwise in (True, False):
-        compress(Job(str(tiny_gguf), budget=0.4, layerwise=layerwise, reconstruct=False,
-                     **dict(FAST, steps=0, calib_batches=2)))
+        compress(Job(str(tiny_gguf), budget=0.4, layerwise=layerwise, reconstruct=False, distill=True,
+                     distill_weight=0.3, **dict(FAST, steps=2, calib_batches=2)))
     assert grad_fns[0] is not None and grad_fns[0].__qualname__.startswith("lm_layer_grads")
-    assert grad_fns[1] is None
+    assert step_fns[0] is not None and step_fns[0].__qualname__.startswith("layer_grad_and_value")
+    assert grad_fns[1] is None and step_fns[1] is None
     a, b = kept
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not bool(v.all()) for v in a.values())  # something was pruned
+    assert len(losses) == 4 and losses[0] == pytest.approx(losses[2], rel=1e-5)
+
+
+def _kd_loss(fam, cfg, teacher, w):
+    """The distillation mix of ``ecospa compress`` written whole (as jobs.compress._losses does)."""
+    import torch.nn.functional as F
+
+    def loss(params, batch):
+        logits = fam.forward(params, batch[:, :-1], cfg)
+        with torch.no_grad():
+            ref = fam.forward(teacher, batch[:, :-1], cfg)
+        kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        return (1 - w) * hard + w * kl
+    return loss
+
+
+@settings(max_examples=10, deadline=None)
+@given(models(decoders=True), seeds, st.booleans(), st.integers(1, 5), st.sampled_from([None, 0.3]))
+def test_every_leaf_and_the_loss_equal_grad_and_value(model, seed, prune, chunk, weight):
+    """reads=None (a training step): every leaf's gradient, a tied embedding's two uses summed,
+    and the loss value, equal torch.func.grad_and_value; with a teacher (weight 0.3, where
+    swapping the two terms' weights gives another loss) as with plain cross-entropy."""
+    module, cfg = model
+    fam = family_of(cfg)
+    params, _ = _model(module, cfg, seed, prune)
+    teacher = optree.tree_map(lambda x: x * 1.1, params, namespace="")
+    T = min(6, cfg.max_seq_len)
+    batch = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(seed))
+    if weight is None:
+        whole_loss, tl = lm_loss(fam.forward, cfg), CE
+    else:
+        whole_loss, tl = _kd_loss(fam, cfg, teacher, weight), distill_loss(fam, cfg, teacher, weight)
+    g0, v0 = torch.func.grad_and_value(whole_loss)(params, batch)
+    g1, v1 = layer_grad_and_value(fam, cfg, tl, head_chunk=chunk)(params, batch)
+    close(v1, v0.float())
+    a, sa = optree.tree_flatten(g0, namespace="")
+    b, sb = optree.tree_flatten(g1, namespace="")
+    assert sa == sb
+    for x, y in zip(b, a):
+        close(x, y)

@@ -113,7 +113,7 @@ def test_distillation_loss_is_kl_teacher_to_student_at_its_weight(tiny_gguf):
     noise = torch.randn(dense["embed"].shape, generator=torch.Generator().manual_seed(1))
     student = {**dense, "embed": dense["embed"] * 3.0 + noise}  # far from the teacher: KL is not symmetric there
     job = Job(str(tiny_gguf), budget=0.3, distill=True, distill_weight=0.3, **FAST)
-    _, loss = job_mod._losses(fwd, cfg, dense, job)
+    _, loss, by_layer = job_mod._losses(job_mod.family_of(cfg), cfg, dense, job)
     batch = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     s = fwd(student, batch[:, :-1], cfg).double().log_softmax(-1)
     t = fwd(dense, batch[:, :-1], cfg).double().log_softmax(-1)
@@ -122,6 +122,8 @@ def test_distillation_loss_is_kl_teacher_to_student_at_its_weight(tiny_gguf):
     ce = F.nll_loss(s.flatten(0, 1), batch[:, 1:].flatten())
     want = 0.7 * ce + 0.3 * kl_ts
     got = float(loss(student, batch))
+    assert abs(got - float(want)) < 1e-4 * max(1.0, abs(float(want)))
+    got = float(by_layer(student, batch)[1])  # what recovery differentiates (--layerwise, the default)
     assert abs(got - float(want)) < 1e-4 * max(1.0, abs(float(want)))
     for wrong in (0.7 * ce + 0.3 * kl_st, 0.3 * ce + 0.7 * kl_ts):
         assert abs(got - float(wrong)) > 1e-3

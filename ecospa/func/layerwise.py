@@ -20,13 +20,14 @@ Family-agnostic: it reads only the ``Family`` record (embed, layer, head).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import optree
 import torch
 import torch.nn.functional as F
 
 from ecospa._types import Params
+from ecospa.func._block import run
 
 HEAD_CHUNK = 128  # tokens per head chunk: [B, 128, V] logits (and their gradient) at a time
 
@@ -45,6 +46,121 @@ def layer_reads(reads: Optional[Sequence]) -> Optional[dict]:
     return out
 
 
+class TokenLoss(NamedTuple):
+    """A loss that is a sum over tokens divided by their number (cross-entropy, a distillation
+    KL, a mix of them), written so that it can be evaluated a few tokens at a time.
+
+    prepare: ``prepare(batch) -> ctx``, run once per batch without gradients (e.g. the teacher's
+      final hidden states); ``lambda batch: None`` when nothing is needed.
+    chunk: ``chunk(logits [B, t, V], batch [B, T+1], s, ctx) -> summed loss`` of the tokens
+      s..s+t-1 (their logits given), float32; the driver divides by B*T.
+    """
+    prepare: Callable
+    chunk: Callable
+
+
+def _ce_chunk(logits, batch, s, ctx):
+    t = logits.shape[1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1 + s:1 + s + t].flatten(),
+                           reduction="sum")
+
+
+CE = TokenLoss(lambda batch: None, _ce_chunk)  # lm_loss: mean next-token cross-entropy
+
+
+def distill_loss(fam, cfg, teacher: Params, weight: float) -> TokenLoss:
+    """``ecospa compress --distill``'s loss per token: (1 - weight) x cross-entropy + weight x
+    KL(teacher || student) of the next-token distributions (weight 1: KL only). The teacher's
+    final hidden states are computed once per batch (``prepare``, no gradient) and its logits a
+    chunk at a time, so neither model's [B, T, V] logits are ever whole in memory."""
+    def prepare(batch):
+        return run(fam.embed, fam.layer, lambda p, x, c: x, teacher, batch[:, :-1], cfg)[0]
+
+    def chunk(logits, batch, s, hidden):
+        ref = fam.head(teacher, hidden[:, s:s + logits.shape[1]], cfg)
+        kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
+                      log_target=True, reduction="sum")
+        if weight == 1.0:
+            return kl
+        return (1 - weight) * _ce_chunk(logits, batch, s, None) + weight * kl
+
+    return TokenLoss(prepare, chunk)
+
+
+def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequence] = None,
+                         head_chunk: int = HEAD_CHUNK) -> Callable:
+    """``fn(params, batch [B, T+1]) -> (grads, loss)``: like ``torch.func.grad_and_value`` of
+    ``loss`` over the family's forward, with one layer's activations in memory (module docstring).
+
+    ``reads``: leaf paths ("layers", i, name) whose gradient is wanted; every other leaf is None
+    in the result, and the embedding/head gradient is not computed. None: every leaf, the
+    embedding, norms and head included (a training step), with a tied embedding's two uses summed.
+    """
+    wanted = layer_reads(reads)
+    if reads is not None and wanted is None:
+        raise ValueError("with reads, layer_grad_and_value computes the gradients of layer leaves "
+                         "only (paths ('layers', i, name)); give reads=None for every leaf")
+    if head_chunk < 1:
+        raise ValueError(f"head_chunk must be >= 1, got {head_chunk}")
+
+    def fn(params: Params, batch: torch.Tensor):
+        tokens = batch[:, :-1]
+        n_tokens = tokens.numel()
+        layers = params["layers"]
+        top = {k: v for k, v in params.items() if k != "layers"} if reads is None else {}
+        with torch.no_grad():
+            ctx = loss.prepare(batch)
+            xs = [fam.embed(params, tokens, None, cfg)]
+            for p in layers:
+                xs.append(fam.layer(p, xs[-1], None, cfg)[0])
+        x_last = xs.pop()
+        g = torch.empty_like(x_last)
+        top_grads, value = None, torch.zeros((), dtype=torch.float32)
+        T = x_last.shape[1]
+        for s in range(0, T, head_chunk):  # dLoss/dx_L (and the head's gradient), a few tokens at a time
+            xc = x_last[:, s:s + head_chunk]
+
+            def head_loss(top_p, xc, s=s):
+                logits = fam.head({**params, **top_p}, xc, cfg)
+                return loss.chunk(logits, batch, s, ctx) / n_tokens
+
+            part, vjp = torch.func.vjp(head_loss, top, xc)
+            gtop, g[:, s:s + head_chunk] = vjp(torch.ones_like(part))
+            value = value + part.detach().float()
+            top_grads = gtop if top_grads is None else \
+                optree.tree_map(torch.add, top_grads, gtop, namespace="")
+            del vjp, part, gtop
+        del x_last
+        got = {}
+        for i in range(len(layers) - 1, -1, -1):
+            p = layers[i]
+            names = set(p) if wanted is None else wanted.get(i, set())
+            missing = names - set(p)
+            if missing:
+                raise KeyError(f"layer {i} has no leaf {sorted(missing)}")
+            x = xs.pop()
+
+            def run_layer(sub, x, p=p):
+                return fam.layer({**p, **sub}, x, None, cfg)[0]
+
+            _, vjp = torch.func.vjp(run_layer, {k: p[k] for k in names}, x)
+            gsub, g = vjp(g)
+            got[i] = gsub
+            del vjp, x
+        if reads is not None:
+            grads = optree.tree_map_with_path(
+                lambda path, _: got.get(path[1], {}).get(path[2])
+                if len(path) == 3 and path[0] == "layers" else None, params, namespace="")
+            return grads, value
+        _, vjp = torch.func.vjp(lambda top_p: fam.embed({**params, **top_p}, tokens, None, cfg), top)
+        (gembed,) = vjp(g)
+        grads = {k: top_grads[k] + gembed[k] for k in top}
+        grads["layers"] = type(layers)(got[i] for i in range(len(layers)))
+        return grads, value
+
+    return fn
+
+
 def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> Callable:
     """``grad_fn(params, batch [B, T+1]) -> grads``: the gradient of ``lm_loss`` (mean next-token
     cross-entropy, float32) with respect to the layer leaves in ``reads`` (paths
@@ -55,56 +171,11 @@ def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> C
     ``head_chunk``: tokens whose logits are materialized at a time (the loss is a mean over
     tokens, so its gradient with respect to each token's hidden state is independent).
     """
-    wanted = layer_reads(reads)
-    if wanted is None:
+    if layer_reads(reads) is None:
         raise ValueError("lm_layer_grads computes the gradients of layer leaves only "
                          "(paths ('layers', i, name)); use torch.func.grad for other leaves")
-    if head_chunk < 1:
-        raise ValueError(f"head_chunk must be >= 1, got {head_chunk}")
-
-    def grad_fn(params: Params, batch: torch.Tensor):
-        tokens, targets = batch[:, :-1], batch[:, 1:]
-        n_tokens = targets.numel()
-        layers = params["layers"]
-        with torch.no_grad():
-            xs = [fam.embed(params, tokens, None, cfg)]
-            for p in layers[:-1] if layers else ():
-                xs.append(fam.layer(p, xs[-1], None, cfg)[0])
-            x_last = fam.layer(layers[-1], xs[-1], None, cfg)[0] if layers else xs[0]
-        g = torch.empty_like(x_last)
-        T = x_last.shape[1]
-        for s in range(0, T, head_chunk):  # dLoss/dx_L, a few tokens' logits at a time
-            xc = x_last[:, s:s + head_chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = fam.head(params, xc, cfg)
-                part = F.cross_entropy(logits.flatten(0, 1).float(),
-                                       targets[:, s:s + head_chunk].flatten(), reduction="sum")
-                g[:, s:s + head_chunk] = torch.autograd.grad(part / n_tokens, xc)[0]
-            del logits, part, xc
-        del x_last
-        got = {}
-        for i in range(len(layers) - 1, -1, -1):
-            p = layers[i]
-            names = wanted.get(i, set())
-            missing = names - set(p)
-            if missing:
-                raise KeyError(f"layer {i} has no leaf {sorted(missing)}")
-            x = xs.pop()
-
-            def run(sub, x, p=p):
-                return fam.layer({**p, **sub}, x, None, cfg)[0]
-
-            sub = {k: p[k] for k in names}
-            _, vjp = torch.func.vjp(run, sub, x)
-            gsub, g = vjp(g)
-            for k, v in gsub.items():
-                got[(i, k)] = v
-            del vjp, gsub, x
-        return optree.tree_map_with_path(
-            lambda path, _: got.get((path[1], path[2])) if len(path) == 3 and path[0] == "layers"
-            else None, params, namespace="")
-
-    return grad_fn
+    fn = layer_grad_and_value(fam, cfg, CE, reads, head_chunk)
+    return lambda params, batch: fn(params, batch)[0]
 
 
-__all__ = ["lm_layer_grads", "layer_reads", "HEAD_CHUNK"]
+__all__ = ["TokenLoss", "CE", "distill_loss", "layer_grad_and_value", "lm_layer_grads", "layer_reads", "HEAD_CHUNK"]

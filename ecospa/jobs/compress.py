@@ -32,7 +32,7 @@ from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
-from ecospa.func.layerwise import layer_reads, lm_layer_grads
+from ecospa.func.layerwise import CE, distill_loss, layer_grad_and_value, layer_reads, lm_layer_grads
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.io import checkpoint, load
 from ecospa.io.data import batch_at, corpus
@@ -89,10 +89,14 @@ def _calib_grads(job: Job, fam, cfg, est):
     return lm_layer_grads(fam, cfg, reads)
 
 
-def _losses(forward, cfg, teacher, job: Job):
-    """(calibration loss, recovery loss): ``lm_loss``, and with ``--distill`` a mix of it and the
-    KL divergence to the dense ``teacher``'s logits (``--distill-weight 1``: KL only). The
-    teacher runs once per step, under no_grad, outside what is differentiated."""
+def _losses(fam, cfg, teacher, job: Job):
+    """(calibration loss, recovery loss, recovery's gradient function): ``lm_loss``, and with
+    ``--distill`` a mix of it and the KL divergence to the dense ``teacher``'s logits
+    (``--distill-weight 1``: KL only). The teacher runs once per step, under no_grad, outside
+    what is differentiated. With ``--layerwise`` (a decoder), recovery's gradient and loss come
+    from ``layer_grad_and_value`` on the same loss written per token; else None
+    (``torch.func.grad_and_value`` of the recovery loss)."""
+    forward = fam.forward
     ce = lm_loss(forward, cfg)
 
     def distill(params, batch):
@@ -106,10 +110,15 @@ def _losses(forward, cfg, teacher, job: Job):
         hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return (1 - job.distill_weight) * hard + job.distill_weight * kl
 
-    return ce, (distill if job.distill else ce)
+    by_layer = None
+    if job.layerwise and fam.decoder:
+        per_token = distill_loss(fam, cfg, teacher, job.distill_weight) if job.distill else CE
+        by_layer = layer_grad_and_value(fam, cfg, per_token)
+    return ce, (distill if job.distill else ce), by_layer
 
 
-def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=None):
+def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=None,
+            grad_and_value=None):
     """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses).
     ``on_step(i, params)`` runs after step i (1-based), e.g. to evaluate a curve.
 
@@ -123,7 +132,7 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         warmup_cosine(job.lr, min(job.warmup, steps), steps)
     opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
-    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch)
+    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch, grad_and_value=grad_and_value)
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
@@ -221,7 +230,7 @@ def _compress(job: Job, loaded) -> dict:
     # steps, as the teacher; otherwise it is dropped after the last refit (its sizes, bytes and
     # latency are taken now), so the held-out evaluation holds one model, not two
     keep_dense = job.distill and job.per_round > 0
-    ce, train_loss = _losses(forward, cfg, dense if keep_dense else None, job)
+    ce, train_loss, train_grads = _losses(fam, cfg, dense if keep_dense else None, job)
     params, per_round = dense, job.per_round
     sizes = dense_sizes(dense, groups)
     dense_info = _sizes(dense, dense, groups) | {"dense_bytes": _nbytes(dense)}
@@ -277,7 +286,8 @@ def _compress(job: Job, loaded) -> dict:
 
         t0 = time.perf_counter()
         with ph("recover"):  # with its --eval-at curve points
-            params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point)
+            params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
+                                     grad_and_value=train_grads)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None)

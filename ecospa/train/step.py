@@ -36,15 +36,19 @@ class StepOut(NamedTuple):
 
 
 def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False,
-              micro_batch: Optional[int] = None) -> Callable:
+              micro_batch: Optional[int] = None,
+              grad_and_value: Optional[Callable] = None) -> Callable:
     """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
 
     ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
     optimizer's foreach update stays eager). Build a new step after pruning: shapes change.
     ``micro_batch``: differentiate that many rows at a time and average (``importance.microbatched``):
     the same step for a loss that is a mean over rows, with the activation memory of fewer rows.
+    ``grad_and_value``: ``(params, batch) -> (grads, loss)`` of ``loss_fn`` computed another way
+    (e.g. one layer at a time, ``ecospa.func.layerwise.layer_grad_and_value``); None:
+    ``torch.func.grad_and_value(loss_fn)``.
     """
-    grad_fn = torch.func.grad_and_value(loss_fn)
+    grad_fn = grad_and_value or torch.func.grad_and_value(loss_fn)
     if compile:
         grad_fn = torch.compile(grad_fn, dynamic=False)
     grad_fn = microbatched(grad_fn, micro_batch)
