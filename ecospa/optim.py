@@ -74,6 +74,10 @@ def adamw(lr: Union[float, Schedule], b1: float = 0.9, b2: float = 0.95, eps: fl
       trainable: ``(path, leaf) -> bool``; other leaves (default: ``inv_freq``) are never changed.
     Returns:
       ``Optimizer(init, update)``; ``update(grads, state, params) -> (params, state)`` is pure.
+      ``update(..., donate=True)`` computes the same numbers in the tensors of ``params``,
+      ``state`` and ``grads`` themselves (JAX's buffer donation: no second copy of the model
+      and its two moments; the donated trees must not be read afterwards except through the
+      returned ones, and no other tree may share their tensors).
     Example:
       opt = adamw(warmup_cosine(1e-3, 100, 1000)); state = opt.init(params)
       params, state = opt.update(grads, state, params)
@@ -90,7 +94,7 @@ def adamw(lr: Union[float, Schedule], b1: float = 0.9, b2: float = 0.95, eps: fl
         zeros = optree.tree_map(torch.zeros_like, params, namespace="")
         return AdamWState(0, zeros, optree.tree_map(torch.zeros_like, params, namespace=""))
 
-    def update(grads: TensorTree, state: AdamWState, params: Params):
+    def update(grads: TensorTree, state: AdamWState, params: Params, donate: bool = False):
         paths, p_leaves, spec = optree.tree_flatten_with_path(params, namespace="")
         g_leaves, m_leaves, v_leaves = (spec.flatten_up_to(t) for t in (grads, state.mu, state.nu))
         train = [i for i, (path, p) in enumerate(zip(paths, p_leaves)) if trainable(tuple(path), p)]
@@ -98,13 +102,25 @@ def adamw(lr: Union[float, Schedule], b1: float = 0.9, b2: float = 0.95, eps: fl
         m, v = [m_leaves[i] for i in train], [v_leaves[i] for i in train]
         step = state.count + 1
         lr_now = float(schedule(state.count))
+        decay = [1.0 - lr_now * weight_decay * (x.ndim > 1) for x in p]
         if clip_norm is not None and g:
             total = global_norm(g)
             # Same rule as torch.nn.utils.clip_grad_norm_: scale only when the norm exceeds it.
-            g = torch._foreach_mul(g, torch.clamp(clip_norm / (total + 1e-6), max=1.0).item())
-        new_m = torch._foreach_mul(m, b1) if m else []
-        new_v = torch._foreach_mul(v, b2) if v else []
-        new_p = torch._foreach_mul(p, [1.0 - lr_now * weight_decay * (x.ndim > 1) for x in p]) if p else []
+            scale = torch.clamp(clip_norm / (total + 1e-6), max=1.0).item()
+            if donate:
+                torch._foreach_mul_(g, scale)
+            else:
+                g = torch._foreach_mul(g, scale)
+        if donate:  # the same ops, written into the given tensors
+            new_m, new_v, new_p = m, v, p
+            if p:
+                torch._foreach_mul_(new_m, b1)
+                torch._foreach_mul_(new_v, b2)
+                torch._foreach_mul_(new_p, decay)
+        else:
+            new_m = torch._foreach_mul(m, b1) if m else []
+            new_v = torch._foreach_mul(v, b2) if v else []
+            new_p = torch._foreach_mul(p, decay) if p else []
         if p:
             torch._foreach_add_(new_m, g, alpha=1.0 - b1)
             torch._foreach_addcmul_(new_v, g, g, value=1.0 - b2)

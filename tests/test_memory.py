@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import optree
 import pytest
 import torch
 
@@ -129,3 +130,46 @@ def test_gradients_of_the_read_leaves_only_give_the_same_scores(name):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+
+
+def test_owned_copies_exactly_the_leaves_another_tree_uses():
+    from ecospa.jobs.compress import _owned
+    dense = {"embed": torch.randn(4, 3), "layers": ({"w": torch.randn(3, 3)},)}
+    student = {"embed": dense["embed"], "layers": ({"w": torch.randn(3, 2)},)}
+    view = {"embed": dense["embed"][:2], "layers": ({"w": student["layers"][0]["w"]},)}
+    got = _owned(student, dense)
+    assert got["embed"] is not dense["embed"] and torch.equal(got["embed"], dense["embed"])
+    assert got["layers"][0]["w"] is student["layers"][0]["w"]  # its own tensor: not copied
+    assert _owned(view, dense)["embed"].untyped_storage().data_ptr() != dense["embed"].untyped_storage().data_ptr()
+    assert _owned(student, None)["embed"] is dense["embed"]
+
+
+def test_in_place_recovery_leaves_the_teacher_and_the_numbers_as_they_were(tmp_path, monkeypatch):
+    """Recovery updates the student in place (AdamW with donate=True); the distillation teacher,
+    which shares the unpruned leaves (embedding, norms) with the student, is unchanged, and the
+    job's numbers are bit for bit those of the pure update."""
+    pytest.importorskip("gguf")
+    import ecospa.jobs.compress as job_mod
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
+    from test_gguf import HF_CFG, _hf_state_dict, write_gguf
+    alpha = _byte_alphabet()
+    info = {"tokens": [alpha[b] for b in range(256)], "merges": [], "token_type": [1] * 256}
+    path = tmp_path / "t.gguf"
+    write_gguf(path, _hf_state_dict(dict(HF_CFG, vocab_size=256)), dict(HF_CFG, vocab_size=256), tokenizer=info)
+    teachers, real_losses, real_step = [], job_mod._losses, job_mod.make_step
+
+    def losses_spy(fam, cfg, teacher, job):
+        teachers.append((teacher, copy.deepcopy(teacher)))
+        return real_losses(fam, cfg, teacher, job)
+
+    monkeypatch.setattr(job_mod, "_losses", losses_spy)
+    fast = dict(steps=3, batch_size=2, seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=32,
+                eval_windows=2, progress=False, distill=True, lr=3e-2, budget=0.4)
+    donated = job_mod.compress(job_mod.Job(str(path), **fast))
+    monkeypatch.setattr(job_mod, "make_step", lambda *a, donate=False, **kw: real_step(*a, **kw))
+    pure = job_mod.compress(job_mod.Job(str(path), **fast))
+    for teacher, before in teachers:
+        for x, y in zip(optree.tree_leaves(teacher, namespace=""), optree.tree_leaves(before, namespace="")):
+            assert torch.equal(x, y)
+    assert donated["rounds"][0]["final_train_loss"] == pure["rounds"][0]["final_train_loss"]
+    assert donated["ppl_recovered"] == pure["ppl_recovered"] != donated["rounds"][0]["ppl_pruned"]

@@ -153,3 +153,27 @@ def test_slice_state_shapes_follow_params():
     shapes = lambda t: [x.shape for x in optree.tree_leaves(t, namespace="")]  # noqa: E731
     assert shapes(s2.mu) == shapes(small) == shapes(s2.nu)
     assert s2.count == state.count
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_donated_update_is_the_pure_update_in_the_given_tensors(clip):
+    """``update(..., donate=True)``: bit for bit the pure update's params and moments over three
+    steps (weight decay 0.2 on matrices only, clipping active at 0.05), written into the given
+    tensors (no new ones), and the buffer (inv_freq) still untouched."""
+    params = llama.init(CFG, seed=0, dtype=torch.float64)
+    fn = loss_fn(llama, CFG)
+    opt = optim.adamw(0.01, b1=0.8, b2=0.97, weight_decay=0.2, clip_norm=clip)
+    pure_p, pure_s = params, opt.init(params)
+    don_p, don_s = clone(params), opt.init(params)
+    ids = [id(x) for x in optree.tree_leaves((don_p, don_s.mu, don_s.nu), namespace="")]
+    freq = clone(params)["layers"][0]["inv_freq"]
+    for i in range(3):
+        grads = torch.func.grad(fn)(pure_p, batch(i))
+        pure_p, pure_s = opt.update(grads, pure_s, pure_p)
+        don_p, don_s = opt.update(clone(grads), don_s, don_p, donate=True)
+        assert don_s.count == pure_s.count == i + 1
+    assert_tree_equal(don_p, pure_p)
+    assert_tree_equal((don_s.mu, don_s.nu), (pure_s.mu, pure_s.nu))
+    assert [id(x) for x in optree.tree_leaves((don_p, don_s.mu, don_s.nu), namespace="")] == ids
+    assert torch.equal(don_p["layers"][0]["inv_freq"], freq)
+    assert not torch.equal(don_p["layers"][0]["wq"], params["layers"][0]["wq"])

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Callable, Mapping, Optional
 
+import optree
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -89,6 +90,16 @@ def _calib_grads(job: Job, fam, cfg, est):
     return lm_layer_grads(fam, cfg, reads)
 
 
+def _owned(params, *others):
+    """``params`` with a copy of every leaf whose storage a tree in ``others`` also uses (the
+    leaves pruning left as they were are the dense model's own tensors): what an in-place update
+    of ``params`` may write without changing ``others``."""
+    theirs = {x.untyped_storage().data_ptr() for t in others if t is not None
+              for x in optree.tree_leaves(t, namespace="") if torch.is_tensor(x)}
+    return optree.tree_map(lambda x: x.clone() if torch.is_tensor(x) and
+                           x.untyped_storage().data_ptr() in theirs else x, params, namespace="")
+
+
 def _losses(fam, cfg, teacher, job: Job):
     """(calibration loss, recovery loss, recovery's gradient function): ``lm_loss``, and with
     ``--distill`` a mix of it and the KL divergence to the dense ``teacher``'s logits
@@ -132,7 +143,10 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         warmup_cosine(job.lr, min(job.warmup, steps), steps)
     opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
-    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch, grad_and_value=grad_and_value)
+    # donate: AdamW updates the params and its moments in place (no second model and moments at
+    # the update); the caller gives params that share no tensor with another tree (``_owned``)
+    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch, grad_and_value=grad_and_value,
+                        donate=True)
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
@@ -286,6 +300,8 @@ def _compress(job: Job, loaded) -> dict:
 
         t0 = time.perf_counter()
         with ph("recover"):  # with its --eval-at curve points
+            if per_round:
+                params = _owned(params, dense)  # recovery updates params in place: never the teacher
             params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
                                      grad_and_value=train_grads)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None

@@ -37,7 +37,7 @@ class StepOut(NamedTuple):
 
 def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = False,
               micro_batch: Optional[int] = None,
-              grad_and_value: Optional[Callable] = None) -> Callable:
+              grad_and_value: Optional[Callable] = None, donate: bool = False) -> Callable:
     """``step(params, opt_state, batch) -> StepOut(params, opt_state, loss, grads)``, pure.
 
     ``compile=True`` compiles the loss-and-gradient function with ``torch.compile`` (the
@@ -47,6 +47,10 @@ def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = F
     ``grad_and_value``: ``(params, batch) -> (grads, loss)`` of ``loss_fn`` computed another way
     (e.g. one layer at a time, ``ecospa.func.layerwise.layer_grad_and_value``); None:
     ``torch.func.grad_and_value(loss_fn)``.
+    ``donate=True``: the optimizer updates ``params`` and ``opt_state`` in place
+    (``optimizer.update(..., donate=True)``, e.g. ``ecospa.optim.adamw``): the same numbers without
+    a second copy of the model and its moments; the step's inputs must not be read afterwards and
+    must share no tensor with another tree (a teacher); the returned grads are the clipped ones.
     """
     grad_fn = grad_and_value or torch.func.grad_and_value(loss_fn)
     if compile:
@@ -55,7 +59,10 @@ def make_step(loss_fn: Callable, optimizer: OptimizerProtocol, compile: bool = F
 
     def step(params, opt_state, batch):
         grads, loss = grad_fn(params, batch)
-        new_params, new_state = optimizer.update(grads, opt_state, params)
+        if donate:
+            new_params, new_state = optimizer.update(grads, opt_state, params, donate=True)
+        else:
+            new_params, new_state = optimizer.update(grads, opt_state, params)
         return StepOut(new_params, new_state, loss.detach(), grads)
 
     return step
