@@ -124,10 +124,15 @@ def adamw(lr: Union[float, Schedule], b1: float = 0.9, b2: float = 0.95, eps: fl
         if p:
             torch._foreach_add_(new_m, g, alpha=1.0 - b1)
             torch._foreach_addcmul_(new_v, g, g, value=1.0 - b2)
-            denom = torch._foreach_sqrt(new_v)
-            torch._foreach_div_(denom, math.sqrt(1.0 - b2 ** step))
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(new_p, new_m, denom, value=-lr_now / (1.0 - b1 ** step))
+            bias2, step_size = math.sqrt(1.0 - b2 ** step), -lr_now / (1.0 - b1 ** step)
+            if donate:  # the same elementwise ops one leaf at a time: one leaf's denominator in memory
+                for x, mx, vx in zip(new_p, new_m, new_v):
+                    x.addcdiv_(mx, vx.sqrt().div_(bias2).add_(eps), value=step_size)
+            else:
+                denom = torch._foreach_sqrt(new_v)
+                torch._foreach_div_(denom, bias2)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(new_p, new_m, denom, value=step_size)
         out_p, out_m, out_v = list(p_leaves), list(m_leaves), list(v_leaves)
         for j, i in enumerate(train):
             out_p[i], out_m[i], out_v[i] = new_p[j], new_m[j], new_v[j]

@@ -164,10 +164,11 @@ def test_eval_at_records_a_curve_that_ends_at_the_final_numbers(tiny_gguf, tmp_p
 
 
 def test_summary_records_each_phase_and_fewer_rows_at_a_time_change_no_number(tiny_gguf):
-    """Issue 28: the job's gradients a row at a time and its held-out windows one at a time (the
-    defaults, for memory) give the numbers of whole batches; the summary times every phase."""
-    whole = compress(Job(str(tiny_gguf), budget=0.5, micro_batch=None, eval_batch_size=4, **FAST))
-    rows = compress(Job(str(tiny_gguf), budget=0.5, **FAST))
+    """Issue 28: the job's gradients a row at a time (--no-layerwise --micro-batch 1) and its
+    held-out windows one at a time (the default) give the numbers of whole batches; the summary
+    times every phase."""
+    whole = compress(Job(str(tiny_gguf), budget=0.5, micro_batch=None, eval_batch_size=4, layerwise=False, **FAST))
+    rows = compress(Job(str(tiny_gguf), budget=0.5, layerwise=False, **FAST))
     for key in ("ppl_dense", "ppl_pruned", "ppl_reconstructed", "ppl_recovered"):
         close(torch.tensor(rows[key], dtype=torch.float32), torch.tensor(whole[key], dtype=torch.float32))
     for src, v in whole["ppl_extra"].items():

@@ -86,7 +86,7 @@ def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way
     units are kept and the first recovery loss (before any update) is the same."""
     import ecospa.jobs.compress as job_mod
     from ecospa.jobs.compress import Job, compress
-    kept, grad_fns, step_fns, losses = [], [], [], []
+    kept, grad_fns, step_fns, losses, micro = [], [], [], [], []
     real_slice, real_fisher, real_step = job_mod.slice_units, job_mod.fisher, job_mod.make_step
 
     def slice_spy(params, groups, keep):
@@ -95,10 +95,12 @@ def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way
 
     def fisher_spy(*args, grad_fn=None, **kw):
         grad_fns.append(grad_fn)
+        micro.append(kw.get("micro_batch"))
         return real_fisher(*args, grad_fn=grad_fn, **kw)
 
     def step_spy(loss, opt, grad_and_value=None, **kw):
         step_fns.append(grad_and_value)
+        micro.append(kw.get("micro_batch"))
         step = real_step(loss, opt, grad_and_value=grad_and_value, **kw)
 
         def wrapped(*a):
@@ -116,6 +118,8 @@ def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way
     assert grad_fns[0] is not None and grad_fns[0].__qualname__.startswith("lm_layer_grads")
     assert step_fns[0] is not None and step_fns[0].__qualname__.startswith("layer_grad_and_value")
     assert grad_fns[1] is None and step_fns[1] is None
+    # by layer: whole batches (no running gradient sum); whole graph: --micro-batch rows (default 1)
+    assert micro == [None, None, 1, 1]
     a, b = kept
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -88,12 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=positive_int, default=_DEFAULTS["calib_batches"],
                    help="TRAIN batches for the importance scores")
     p.add_argument("--micro-batch", type=positive_int, default=_DEFAULTS["micro_batch"],
-                   help="rows of a calibration or recovery batch differentiated at a time (their gradients "
-                   "averaged: the batch's gradient, with the activation memory of this many rows)")
+                   help="with --no-layerwise: rows of a calibration or recovery batch differentiated at a "
+                   "time (their gradients averaged: the batch's gradient, with the activation memory of this "
+                   "many rows); --layerwise differentiates whole batches one layer at a time")
     p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=_DEFAULTS["layerwise"],
-                   help="calibrate with gradients computed one layer at a time (the same scores with one "
-                   "layer's activations in memory, one more forward pass; --no-layerwise: one backward "
-                   "pass through the whole model)")
+                   help="calibration and recovery gradients computed one layer at a time (the same numbers "
+                   "with one layer's activations and a few tokens' logits in memory, one more forward pass; "
+                   "--no-layerwise: one backward pass through the whole model, --micro-batch rows at a time)")
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"],
                    help="predictions per held-out window (`ecospa eval --seq-len`)")
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",

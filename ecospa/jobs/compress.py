@@ -145,8 +145,8 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     state = opt.init(params)
     # donate: AdamW updates the params and its moments in place (no second model and moments at
     # the update); the caller gives params that share no tensor with another tree (``_owned``)
-    step_fn = make_step(train_loss, opt, micro_batch=job.micro_batch, grad_and_value=grad_and_value,
-                        donate=True)
+    step_fn = make_step(train_loss, opt, micro_batch=None if grad_and_value else job.micro_batch,
+                        grad_and_value=grad_and_value, donate=True)
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
@@ -259,8 +259,9 @@ def _compress(job: Job, loaded) -> dict:
         out["calibration_tokens"] += sum(b.numel() for b in calib + refit)
         with ph("calibrate"):
             bar = _phase(job, len(calib), "calibrate", "batch")
+            by_layer = _calib_grads(job, fam, cfg, est)  # one layer's activations: whole batches
             scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar),
-                            micro_batch=job.micro_batch, grad_fn=_calib_grads(job, fam, cfg, est))
+                            micro_batch=None if by_layer else job.micro_batch, grad_fn=by_layer)
             bar.close()
         obs = None
         if job.rank_by == "obs":

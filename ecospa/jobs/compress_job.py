@@ -51,9 +51,11 @@ class Job:
     seq_len: int = 256
     lr: float = 2e-4
     calib_batches: int = 4
-    micro_batch: Optional[int] = 1         # rows per backward pass of the calibration and of recovery:
-    #                                        the batch's gradient (rows averaged), the activations of
-    #                                        this many rows in memory; None: the whole batch at once
+    micro_batch: Optional[int] = 1         # rows per backward pass of the calibration and of recovery
+    #                                        with --no-layerwise: the batch's gradient (rows averaged), the
+    #                                        activations of this many rows in memory; None: the whole batch
+    #                                        at once. --layerwise (default) keeps one layer's activations
+    #                                        and differentiates whole batches (no running gradient sum)
     layerwise: bool = True                 # calibration gradients one layer at a time (ecospa.func.layerwise):
     #                                        the same scores, one layer's activations in memory, one
     #                                        more forward pass; False: torch.func.grad of the whole forward
