@@ -7,9 +7,10 @@ vs the in-place one (``donate=True``), each configuration in its own child proce
 
 Random weights of the real shape (dim 576, 30 layers, 9/3 heads, SwiGLU 1536, vocab 49152, tied):
 memory and time do not depend on the values. Calibration: one batch of ``--calib-rows`` x 512
-tokens, one row at a time (``--micro-batch 1``, the job's default), coupled Fisher. Recovery: a
-student with 50% of the coupled units removed, distilling from the dense teacher (KL 0.5 + CE
-0.5, the job's default), batch 4 x 256 tokens one row at a time, ``--steps`` AdamW steps.
+tokens, coupled Fisher. Recovery: a student with 50% of the coupled units removed, distilling
+from the dense teacher (KL 0.5 + CE 0.5, the job's default), batch 4 x 256 tokens, ``--steps``
+AdamW steps. As in the job: the whole graph differentiates one row at a time (``--micro-batch
+1``), layer by layer the whole batch at once.
 Peak = the child's ``ru_maxrss`` (the whole process: model, teacher, runtime); "base" = its RSS
 before the measured work. Times are medians of the steps; the machine's load is printed.
 Writes benchmarks/results/grad_memory.json.
@@ -66,8 +67,8 @@ def child(kind: str, mode: str, donate: bool, shape: str, rows: int, seq: int, s
         grad_fn = lm_layer_grads(FAMILIES["llama"], cfg, est.reads) if mode == "layerwise" else None
         base = rss_mb()
         t = time.perf_counter()
-        fisher(lm_loss(llama.forward, cfg), dense, groups, [batch], estimator=est, micro_batch=1,
-               grad_fn=grad_fn)
+        fisher(lm_loss(llama.forward, cfg), dense, groups, [batch], estimator=est,
+               micro_batch=None if grad_fn else 1, grad_fn=grad_fn)
         times.append(time.perf_counter() - t)
     else:
         scores = {g.name: torch.rand(*g.sizes(dense), generator=gen) for g in groups}
@@ -77,7 +78,7 @@ def child(kind: str, mode: str, donate: bool, shape: str, rows: int, seq: int, s
         _, loss, by_layer = jm._losses(FAMILIES["llama"], cfg, dense, job)
         opt = optim.adamw(2e-4, weight_decay=0.0)
         state = opt.init(student)
-        step = make_step(loss, opt, micro_batch=1, grad_and_value=by_layer, donate=donate)
+        step = make_step(loss, opt, micro_batch=None if by_layer else 1, grad_and_value=by_layer, donate=donate)
         batch = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=gen)
         base = rss_mb()
         for _ in range(steps):
