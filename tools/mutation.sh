@@ -38,26 +38,52 @@ fi
 MUTMUT=$(dirname "$PY")/mutmut
 [ -x "$MUTMUT" ] || MUTMUT="$PY -m mutmut"
 
-# io profile, by default: the training step wiring (train/step.py and the pruning round of
-# train/loop.py; a mutant of train() itself would need a training run per test) and the
-# checkpoint writer/reader (io/checkpoint.py) without its manifest validators (_read_manifest,
-# _check_spec, _check_config, fuzzed by tests/test_checkpoint.py). Everything in the checkpoint
-# module: bash tools/mutation.sh io 'ecospa.io.checkpoint.*'
-IO_FILES="ecospa/io/checkpoint.py ecospa/train/step.py ecospa/train/loop.py"
-IO_TESTS="tests/test_checkpoint.py tests/test_mutants_io.py tests/test_train.py"
-IO_NAMES=(
-    'ecospa.train.step.x_lm_loss__mutmut_*' 'ecospa.train.step.x_make_step__mutmut_*'
-    'ecospa.train.step.x_evaluate__mutmut_*' 'ecospa.train.step.x_estimator_for__mutmut_*'
-    'ecospa.train.loop.x__prune_round__mutmut_*'
-    'ecospa.io.checkpoint.x_save__*' 'ecospa.io.checkpoint.x__swap_in__*'
-    'ecospa.io.checkpoint.x__write_tensors__*' 'ecospa.io.checkpoint.x__sha256__*'
-    'ecospa.io.checkpoint.x__encode__*' 'ecospa.io.checkpoint.x__decode__*'
-    'ecospa.io.checkpoint.x__leftovers__*' 'ecospa.io.checkpoint.x__manifest_sha256__*'
-    'ecospa.io.checkpoint.x__resolve__*' 'ecospa.io.checkpoint.x__bad__*'
-    'ecospa.io.checkpoint.x__verify_own_checksum__*' 'ecospa.io.checkpoint.x__verify_file__*'
-    'ecospa.io.checkpoint.x__read_tree__*' 'ecospa.io.checkpoint.x_load_full__*'
-    'ecospa.io.checkpoint.x_load__*'
-)
+# The profiles: files to mutate, the fast test files that exercise them (every mutant reruns them
+# with -x), and optionally the mutant-name patterns (fnmatch) run by default. `core` uses the
+# [mutmut] section of setup.cfg as it is; every other profile swaps in its own file and test lists.
+# Names given on the command line replace a profile's default patterns.
+PROFILES=(core io alloc func io2 train jobs)
+profile_spec() {
+    FILES=""; TESTS=""; NAMES=()
+    case $1 in
+        core) ;;  # setup.cfg as it is
+        io)
+            # the training step wiring (train/step.py and the pruning round of train/loop.py; a
+            # mutant of train() itself would need a training run per test) and the checkpoint
+            # writer/reader (io/checkpoint.py) without its manifest validators (_read_manifest,
+            # _check_spec, _check_config, fuzzed by tests/test_checkpoint.py). Everything in the
+            # checkpoint module: bash tools/mutation.sh io 'ecospa.io.checkpoint.*'
+            FILES="ecospa/io/checkpoint.py ecospa/train/step.py ecospa/train/loop.py"
+            TESTS="tests/test_checkpoint.py tests/test_mutants_io.py tests/test_train.py"
+            NAMES=(
+                'ecospa.train.step.x_lm_loss__mutmut_*' 'ecospa.train.step.x_make_step__mutmut_*'
+                'ecospa.train.step.x_evaluate__mutmut_*' 'ecospa.train.step.x_estimator_for__mutmut_*'
+                'ecospa.train.loop.x__prune_round__mutmut_*'
+                'ecospa.io.checkpoint.x_save__*' 'ecospa.io.checkpoint.x__swap_in__*'
+                'ecospa.io.checkpoint.x__write_tensors__*' 'ecospa.io.checkpoint.x__sha256__*'
+                'ecospa.io.checkpoint.x__encode__*' 'ecospa.io.checkpoint.x__decode__*'
+                'ecospa.io.checkpoint.x__leftovers__*' 'ecospa.io.checkpoint.x__manifest_sha256__*'
+                'ecospa.io.checkpoint.x__resolve__*' 'ecospa.io.checkpoint.x__bad__*'
+                'ecospa.io.checkpoint.x__verify_own_checksum__*' 'ecospa.io.checkpoint.x__verify_file__*'
+                'ecospa.io.checkpoint.x__read_tree__*' 'ecospa.io.checkpoint.x_load_full__*'
+                'ecospa.io.checkpoint.x_load__*'
+            ) ;;
+        alloc)
+            FILES="ecospa/allocation.py"
+            TESTS="tests/test_allocation.py tests/test_multiple_of.py tests/test_mutants_outer.py" ;;
+        func)
+            # the padded layout, the cached decoder, layer-wise reconstruction and the block driver
+            # they share; without the greedy-generation and torch.compile tests (15 s; the jobs
+            # profile has generation)
+            FILES="ecospa/func/padding.py ecospa/func/decode.py ecospa/func/reconstruct.py ecospa/func/_block.py"
+            TESTS="tests/test_padding.py tests/test_decode.py tests/test_reconstruct.py tests/test_mutants_outer.py
+                   --deselect tests/test_decode.py::test_greedy_tokens_equal_reference
+                   --deselect tests/test_reconstruct.py::test_refit_model_compiles_and_matches_eager" ;;
+        *)
+            echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
+            exit 2 ;;
+    esac
+}
 
 run_profile() {
     local profile=$1; shift
@@ -73,9 +99,10 @@ for path in sys.stdin.buffer.read().decode().split("\0"):
         os.makedirs(os.path.join(work, os.path.dirname(path)), exist_ok=True)
         shutil.copy2(path, os.path.join(work, path))
 ' "$work"
+    profile_spec "$profile"
     local names=("$@")
-    if [ "$profile" = io ]; then
-        "$PY" - "$work/setup.cfg" "$IO_FILES" "$IO_TESTS" <<'PYCFG'
+    if [ -n "$FILES" ]; then
+        "$PY" - "$work/setup.cfg" "$FILES" "$TESTS" <<'PYCFG'
 import configparser, sys
 path, files, tests = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 cfg = configparser.ConfigParser()
@@ -85,12 +112,9 @@ cfg["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
 with open(path, "w") as f:
     cfg.write(f)
 PYCFG
-        if [ ${#names[@]} -eq 0 ]; then
-            names=("${IO_NAMES[@]}")
-        fi
-    elif [ "$profile" != core ]; then
-        echo "unknown profile $profile (core, io or all)" >&2
-        exit 2
+    fi
+    if [ ${#names[@]} -eq 0 ] && [ ${#NAMES[@]} -gt 0 ]; then
+        names=("${NAMES[@]}")
     fi
     echo "== mutmut run ($profile) in $work" >&2
     local start=$SECONDS
@@ -106,7 +130,7 @@ PYCFG
 
 status=0
 case "$PROFILE" in
-    all) run_profile core; run_profile io ;;
+    all) for p in "${PROFILES[@]}"; do run_profile "$p"; done ;;
     *) run_profile "$PROFILE" "$@" ;;
 esac
 exit $status
