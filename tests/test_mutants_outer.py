@@ -213,3 +213,155 @@ def test_passthrough_keeps_the_functions_name():
     assert passthrough(mlp).__name__ == "mlp"
     part = passthrough(functools.partial(mlp))  # no __name__: "inner"
     assert part.__name__ == "inner" and part({}, 1, None, None, "c") == (1, "c")
+
+
+# ---- func: padding and compacting (profile func) ------------------------------------------------
+
+from ecospa.func import padding  # noqa: E402
+from ecospa.func.reconstruct import reconstruct  # noqa: E402
+
+
+def _gpt2(ffn=5, layers=1):
+    cfg = gpt2.Config(vocab_size=11, dim=4, n_layers=layers, n_heads=2, ffn_dim=ffn, max_seq_len=8)
+    return cfg, gpt2.init(cfg, seed=0, dtype=torch.float64)
+
+
+def _with_layer(params, i, **leaves):
+    layers = [dict(p) for p in params["layers"]]
+    layers[i].update(leaves)
+    return {**params, "layers": tuple(layers)}
+
+
+def test_compact_drops_a_unit_only_when_a_whole_factor_is_zero():
+    # GPT-2 MLP: the side-less factor is w_in's column with b_in's entry (gelu(0) = 0), side b is
+    # w_out's row. Unit 1: w_in column and b_in zero, w_out row not: dropped. Unit 2: w_in column
+    # zero, b_in not: kept (gelu(b) != 0). Unit 3: b_in zero, w_in column not: kept.
+    cfg, params = _gpt2()
+    p = params["layers"][0]
+    w_in, b_in = p["w_in"].clone(), p["b_in"].clone() + 0.5
+    w_in[:, 1] = 0
+    b_in[1] = 0
+    w_in[:, 2] = 0
+    b_in[3] = 0
+    tree = _with_layer(params, 0, w_in=w_in, b_in=b_in)
+    out = padding.compact(tree, cfg)
+    q = out["layers"][0]
+    assert torch.equal(q["w_in"], w_in[:, [0, 2, 3, 4]]) and torch.equal(q["b_in"], b_in[[0, 2, 3, 4]])
+    assert torch.equal(q["w_out"], p["w_out"][[0, 2, 3, 4]])
+    torch.testing.assert_close(gpt2.forward(out, torch.tensor([[1, 2, 3]]), cfg),
+                               gpt2.forward(tree, torch.tensor([[1, 2, 3]]), cfg))
+
+
+def test_compact_of_a_layer_with_no_live_unit_keeps_unit_zero():
+    cfg, params = _gpt2()
+    p = params["layers"][0]
+    tree = _with_layer(params, 0, w_out=torch.zeros_like(p["w_out"]))
+    q = padding.compact(tree, cfg)["layers"][0]
+    assert torch.equal(q["w_in"], p["w_in"][:, [0]]) and torch.equal(q["b_in"], p["b_in"][[0]])
+    assert torch.equal(q["w_out"], torch.zeros(1, 4, dtype=torch.float64))
+
+
+def test_nonzero_puts_blocks_first_when_the_block_axis_comes_after_the_unit_axis():
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # [units=2, blocks=3]
+    assert padding._nonzero(x, 0, 1).tolist() == [[True, False], [False, False], [False, True]]
+
+
+def test_pad_messages_and_the_padded_ffn_width():
+    cfg, params = _gpt2(ffn=5, layers=2)
+    with pytest.raises(ValueError) as err:
+        padding.pad({**params, "layers": params["layers"][:1]}, cfg)
+    assert str(err.value) == "the tree has 1 layers but the config says n_layers=2"
+    wide = gpt2.Config(vocab_size=11, dim=4, n_layers=2, n_heads=4, ffn_dim=5, max_seq_len=8)
+    with pytest.raises(ValueError) as err:  # 2 heads of 2 value dims read as 4 heads of 1
+        padding.pad(params, wide)
+    assert str(err.value) == "layers.0.wq: a width of 2 exceeds the dense size 1"
+    # a tree wider than its config's ffn_dim pads to its widest layer, and says so
+    small = gpt2.Config(vocab_size=11, dim=4, n_layers=2, n_heads=2, ffn_dim=3, max_seq_len=8)
+    padded, pcfg = padding.pad(params, small)
+    assert pcfg.ffn_dim == 5 and padded["layers"][0]["w_in"].shape == (4, 5)
+
+
+def test_by_layer_refuses_groups_outside_one_layer():
+    m = lambda *path: Member(path, 1, None, "b")  # noqa: E731
+    one = Group("one", "mlp", (m("layers", 1, "w"),))  # a single member is enough
+    assert padding._by_layer([one], 2) == [[], [one]]
+    for bad in [(m("layers", 0, "w"), m("layers", 1, "w")), (m("layers", 0, "mlp", "w"),),
+                (m("blocks", 0, "w"),)]:
+        with pytest.raises(ValueError) as err:
+            padding._by_layer([Group("g", "mlp", bad)], 2)
+        assert str(err.value) == "group 'g': padding needs members at ('layers', i, leaf)"
+
+
+def test_reconstruct_defaults_are_ridge_1e_2_and_the_bias_refit():
+    cfg, dense = _gpt2(ffn=5, layers=2)
+    groups = gpt2.coupled_groups(cfg)
+    from ecospa.prune import slice_units
+    keep = {g.name: torch.arange(g.sizes(dense)[1] - 1)[None].expand(g.sizes(dense)[0], -1)
+            for g in groups}
+    pruned = slice_units(dense, groups, keep)
+    calib = _calib(cfg)
+    got = reconstruct(pruned, dense, cfg, calib)
+    want = reconstruct(pruned, dense, cfg, calib, ridge=1e-2, bias=True)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(a, b)
+    assert not torch.equal(got["layers"][0]["b_out"], pruned["layers"][0]["b_out"])
+
+
+def test_uniform_keep_fills_a_head_with_its_lowest_index_dead_units():
+    alive = torch.zeros(2, 40, dtype=torch.bool)
+    alive[0, ::2] = True      # 20 live units: every head keeps 20
+    alive[1, 30:35] = True    # 5 live units, then its 15 lowest-index dead ones
+    keep = padding._uniform_keep(alive)
+    assert keep[0].tolist() == list(range(0, 40, 2))
+    assert keep[1].tolist() == list(range(15)) + list(range(30, 35))
+
+
+# ---- func: reconstruct's solve, checks and messages (profile func) ------------------------------
+
+from ecospa.func.reconstruct import ridge_solve  # noqa: E402
+
+
+def test_ridge_solve_on_a_small_gram_and_an_indefinite_one():
+    c = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    w = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
+    # G = 0.01 I: lam = 0.5 x 0.01 (the 1e-12 floor does not apply): (C + lam W) / (0.01 + lam)
+    got = ridge_solve(0.01 * torch.eye(2, dtype=torch.float64), c, w, 0.5)
+    torch.testing.assert_close(got, (c + 0.005 * w) / 0.015)
+    # numerically indefinite (Cholesky fails at the first or a later minor): least squares
+    for diag, lam in (([-1.0, 3.0], 1e-2), ([1.0, -3.0], 1e-14)):  # mean diagonal -1: floored
+        g = torch.diag(torch.tensor(diag, dtype=torch.float64))
+        a = g + lam * torch.eye(2, dtype=torch.float64)
+        torch.testing.assert_close(ridge_solve(g, c, w, 1e-2), torch.linalg.solve(a, c + lam * w))
+
+
+def test_reconstruct_input_messages():
+    cfg, dense = _gpt2(ffn=3, layers=2)
+    calib = _calib(cfg)
+    need = "reconstruct needs two parameter trees of the model family (dicts with 'layers')"
+    for params, other in [((), dense), (dense, ()), (dense, {"embed": 1}), ({"embed": 1}, dense)]:
+        with pytest.raises(ValueError) as err:
+            reconstruct(params, other, cfg, calib)
+        assert str(err.value) == need
+    other_cfg, other = _gpt2(ffn=3, layers=2)
+    other = {**other, "wte": torch.zeros(12, 4, dtype=torch.float64)}
+    with pytest.raises(ValueError) as err:
+        reconstruct(dense, other, cfg, calib)
+    assert str(err.value) == "pruned and dense trees do not match: embedding (11, 4) vs (12, 4)"
+    with pytest.raises(ValueError) as err:
+        reconstruct(dense, dense, cfg, [])
+    assert str(err.value) == "reconstruct needs at least one calibration batch of token ids [B, T]"
+
+
+def test_reconstruct_names_a_non_finite_target_and_keeps_dtypes_and_reports_layers():
+    cfg, dense = _gpt2(ffn=3, layers=2)
+    bad = _with_layer(dense, 0, w_out=dense["layers"][0]["w_out"].clone().fill_(float("nan")))
+    with pytest.raises(ValueError) as err:  # the pruned model is finite, the dense target is not
+        reconstruct(dense, bad, cfg, _calib(cfg))
+    assert str(err.value) == ("non-finite activations at layers.0.mlp during reconstruction; the model or "
+                              "the calibration batch is broken (NaN/inf weights?)")
+    f32 = {k: v if k == "layers" else v.float() for k, v in dense.items()}
+    f32["layers"] = tuple({k: v.float() for k, v in p.items()} for p in dense["layers"])
+    calls = []
+    out = reconstruct(f32, f32, cfg, _calib(cfg), on_layer=lambda i, n: calls.append((i, n)))
+    assert calls == [(0, 2), (1, 2)]
+    assert {x.dtype for x in torch.utils._pytree.tree_leaves(out)} == {torch.float32}

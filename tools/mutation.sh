@@ -17,6 +17,9 @@
 # default 1), MUTATION_DIR (default .mutation). mutmut is installed into that Python if missing.
 # Slow: about 85 minutes for the core (1262 mutants) on two shared CPU cores. Not part of .ci/run.
 set -euo pipefail
+# The whole script is one { } block: bash parses it before running it, so an edit of this file
+# while a profile runs (they take an hour) cannot change what the running copy does.
+{
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -90,6 +93,29 @@ profile_spec() {
                 'ecospa.func._block.x__write__*' 'ecospa.func._block.x__attend_cache__*'
                 'ecospa.func._block.x_attend__*' 'ecospa.func._block.x_positions__*'
             ) ;;
+        io2)
+            # the export writers: hf_write (the atomic directory swap and what it may replace) and
+            # hf_compact by default; gguf_export on request (bash tools/mutation.sh io2
+            # 'ecospa.io.gguf_export.*'). _remote_modeling.py is not mutated: transformers loads a
+            # copy of it as remote code, where a mutant cannot be switched on.
+            FILES="ecospa/io/hf_write.py ecospa/io/hf_compact.py ecospa/io/gguf_export.py"
+            TESTS="tests/test_export.py tests/test_gguf_export.py tests/test_reliability.py tests/test_mutants_outer.py
+                   --deselect tests/test_reliability.py::test_failed_export_keeps_the_compressed_checkpoint
+                   --deselect tests/test_reliability.py::test_compress_without_out_keeps_its_result_in_runs_compress
+                   --deselect tests/test_reliability.py::test_compress_on_a_full_disk_is_one_line"
+            NAMES=('ecospa.io.hf_write.*' 'ecospa.io.hf_compact.*') ;;
+        train)
+            # the run directory, checkpoint saving/resuming and the helpers of the training loop
+            # (train() and _train() themselves need a training run per test: not mutated;
+            # _prune_round is in the io profile)
+            FILES="ecospa/train/rundir.py ecospa/train/saving.py ecospa/train/loop.py"
+            TESTS="tests/test_safety_train.py tests/test_train.py tests/test_resume_config.py tests/test_mutants_outer.py"
+            NAMES=('ecospa.train.rundir.*' 'ecospa.train.saving.*' 'ecospa.train.loop.xǁ*'
+                   'ecospa.train.loop.x__choose__*' 'ecospa.train.loop.x__slice__*'
+                   'ecospa.train.loop.x__keep_from_json__*' 'ecospa.train.loop.x__targets__*') ;;
+        jobs)
+            FILES="ecospa/jobs/compress.py ecospa/jobs/compress_job.py ecospa/jobs/export.py ecospa/jobs/generate.py ecospa/jobs/harness.py"
+            TESTS="tests/test_compress.py tests/test_harness.py tests/test_decode.py tests/test_generate_errors.py tests/test_mutants_outer.py" ;;
         *)
             echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
             exit 2 ;;
@@ -145,3 +171,4 @@ case "$PROFILE" in
     *) run_profile "$PROFILE" "$@" ;;
 esac
 exit $status
+}
