@@ -365,3 +365,27 @@ def test_reconstruct_names_a_non_finite_target_and_keeps_dtypes_and_reports_laye
     out = reconstruct(f32, f32, cfg, _calib(cfg), on_layer=lambda i, n: calls.append((i, n)))
     assert calls == [(0, 2), (1, 2)]
     assert {x.dtype for x in torch.utils._pytree.tree_leaves(out)} == {torch.float32}
+
+
+def test_block_driver_honours_positions_and_leaves_the_given_cache_alone():
+    cfg, params = _llama()
+    fam = family_of(cfg)
+    seq = torch.tensor([[1, 2]])
+    pos = torch.tensor([0, 3])  # not contiguous: RoPE sees a distance of 3
+    cache = init_cache(params, cfg, batch=1, max_len=4)
+    run(fam.embed, fam.layer, fam.head, params, seq, cfg, pos, cache)  # no inplace=: a new cache
+    assert all(float(c["k"].abs().sum()) == 0 == float(c["v"].abs().sum()) for c in cache["layers"])
+    # without a cache the positions still reach RoPE: only their distances count
+    plain, none = run(fam.embed, fam.layer, fam.head, params, seq, cfg, pos)
+    assert none is None
+    torch.testing.assert_close(plain, run(fam.embed, fam.layer, fam.head, params, seq, cfg, pos + 5)[0])
+    assert not torch.allclose(plain, llama.forward(params, seq, cfg))  # positions 0, 1
+
+
+def test_decode_out_of_range_message():
+    cfg, params = _llama()
+    cache = init_cache(params, cfg, batch=1, max_len=3)
+    with pytest.raises(ValueError) as err:
+        decode(params, cache, torch.tensor([[1, 2]]), 2, cfg)
+    assert str(err.value) == ("positions 2..3 do not fit a cache of 3 tokens; make the cache longer "
+                              "(init_cache max_len)")
