@@ -338,7 +338,8 @@ def test_reconstruct_input_messages():
     cfg, dense = _gpt2(ffn=3, layers=2)
     calib = _calib(cfg)
     need = "reconstruct needs two parameter trees of the model family (dicts with 'layers')"
-    for params, other in [((), dense), (dense, ()), (dense, {"embed": 1}), ({"embed": 1}, dense)]:
+    for params, other in [((), dense), (dense, ()), (dense, {"embed": 1}), ({"embed": 1}, dense),
+                          ("layers", dense), (dense, "layers")]:  # a str holds "layers" too
         with pytest.raises(ValueError) as err:
             reconstruct(params, other, cfg, calib)
         assert str(err.value) == need
