@@ -4,6 +4,8 @@ Each test names the behaviour it pins; `bash tools/mutation.sh <profile>` runs t
 module's own tests (tools/mutation.sh lists which)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -390,3 +392,72 @@ def test_decode_out_of_range_message():
         decode(params, cache, torch.tensor([[1, 2]]), 2, cfg)
     assert str(err.value) == ("positions 2..3 do not fit a cache of 3 tokens; make the cache longer "
                               "(init_cache max_len)")
+
+
+# ---- io: the compact export's reader and writer (profile io2) ------------------------------------
+
+from ecospa.io import hf_compact  # noqa: E402
+
+
+def _compact_case(**kw):
+    cfg = llama.Config(**{**dict(vocab_size=11, dim=8, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=6,
+                                 ffn_dim=5, max_seq_len=16, rope_theta=500.0, norm_eps=1e-6), **kw})
+    return cfg, llama.init(cfg, seed=0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(attention_bias=True, tie_embeddings=True),
+    dict(qk_norm=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+])
+def test_compact_round_trip_keeps_every_config_field(kw):
+    cfg, params = _compact_case(**kw)
+    sd, conf = hf_compact.to_hf_compact(params, cfg)
+    back_cfg, back = hf_compact.from_hf_compact(sd, json.loads(json.dumps(conf)))
+    assert back_cfg == cfg
+    for a, b in zip(torch.utils._pytree.tree_leaves(back), torch.utils._pytree.tree_leaves(params)):
+        assert torch.equal(a, b)
+
+
+def test_compact_reader_defaults_for_absent_keys():
+    cfg, params = _compact_case(n_kv_heads=6, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=2048,
+                                tie_embeddings=False)
+    sd, conf = hf_compact.to_hf_compact(params, cfg)
+    for key in ("num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+                "attention_bias", "tie_word_embeddings", "torch_dtype"):
+        del conf[key]
+    assert hf_compact.from_hf_compact(sd, conf)[0] == cfg
+
+
+def test_compact_reader_messages():
+    cfg, params = _compact_case()
+    sd, conf = hf_compact.to_hf_compact(params, cfg)
+    with pytest.raises(ValueError) as err:
+        hf_compact.from_hf_compact(sd, {**conf, "num_hidden_layers": 1})
+    assert str(err.value) == (
+        "the config declares num_hidden_layers = 1, but the weights hold 2 layers (model.layers.0 to "
+        "model.layers.1); set num_hidden_layers (and layer_qk_pairs, layer_v_dims, layer_ffn_dims: one "
+        "entry per layer) to 2 to match the weights, or use the config.json that was written with them")
+    for bad in ([5], [5, True], [5, 0], [5, 2**31 + 1], (5, 5), [5, 5.0]):
+        with pytest.raises(ValueError) as err:
+            hf_compact.from_hf_compact(sd, {**conf, "layer_ffn_dims": bad})
+        assert str(err.value) == (f"config 'layer_ffn_dims' must list 2 whole numbers >= 1 (one per layer), "
+                                  f"got {bad!r}")
+    with pytest.raises(ValueError, match="has shape"):  # 2**31 passes the list check, not the tensors'
+        hf_compact.from_hf_compact(sd, {**conf, "layer_ffn_dims": [5, 2**31]})
+
+
+# ---- io: what an export may replace (profile io2) ------------------------------------------------
+
+from ecospa.errors import UsageError  # noqa: E402
+from ecospa.io import hf_write  # noqa: E402
+
+
+def test_an_export_holding_the_working_directory_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    hf_write.write_hf({"w": torch.zeros(2)}, {"model_type": "x"}, str(out))
+    (out / "sub").mkdir()
+    monkeypatch.chdir(out / "sub")
+    with pytest.raises(UsageError) as err:
+        hf_write.check_export_target(str(out))
+    assert str(err.value) == (f"the export directory {str(out)!r} holds the working directory; an export "
+                              "replaces its whole directory, so choose a new or dedicated one")
