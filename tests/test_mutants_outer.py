@@ -461,3 +461,15 @@ def test_an_export_holding_the_working_directory_is_refused(tmp_path, monkeypatc
         hf_write.check_export_target(str(out))
     assert str(err.value) == (f"the export directory {str(out)!r} holds the working directory; an export "
                               "replaces its whole directory, so choose a new or dedicated one")
+
+
+def test_compact_export_is_llama_only_and_keeps_frequencies_float32():
+    cfg, params = _gpt2()
+    with pytest.raises(ValueError) as err:
+        hf_compact.to_hf_compact(params, cfg)
+    assert str(err.value) == "hf-compact supports the llama family only, got Config; use the hf-padded format"
+    cfg, params = _llama()  # every leaf float64 (the frequencies too): they are written as float32
+    params = torch.utils._pytree.tree_map(lambda x: x.double(), params)
+    sd, _ = hf_compact.to_hf_compact(params, cfg)
+    assert sd["model.layers.0.self_attn.inv_freq"].dtype == torch.float32
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float64
