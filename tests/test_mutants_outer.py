@@ -414,8 +414,7 @@ def test_compact_round_trip_keeps_every_config_field(kw):
     sd, conf = hf_compact.to_hf_compact(params, cfg)
     back_cfg, back = hf_compact.from_hf_compact(sd, json.loads(json.dumps(conf)))
     assert back_cfg == cfg
-    for a, b in zip(torch.utils._pytree.tree_leaves(back), torch.utils._pytree.tree_leaves(params)):
-        assert torch.equal(a, b)
+    _same_tree(back, params)
 
 
 def test_compact_reader_defaults_for_absent_keys():
@@ -473,3 +472,53 @@ def test_compact_export_is_llama_only_and_keeps_frequencies_float32():
     sd, _ = hf_compact.to_hf_compact(params, cfg)
     assert sd["model.layers.0.self_attn.inv_freq"].dtype == torch.float32
     assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float64
+
+
+def _same_tree(a, b):
+    pa, ta = torch.utils._pytree.tree_flatten_with_path(a)
+    pb, tb = torch.utils._pytree.tree_flatten_with_path(b)
+    assert ta == tb  # the same keys
+    for (ka, x), (kb, y) in zip(pa, pb):
+        assert ka == kb and x.dtype == y.dtype and torch.equal(x, y), ka
+
+
+def test_compact_reader_ties_heads_and_refuses_what_the_config_does_not_describe():
+    cfg, params = _compact_case(tie_embeddings=False)
+    sd, conf = hf_compact.to_hf_compact(params, cfg)
+    assert conf["architectures"] == ["EcospaLlamaForCausalLM"] and conf["model_type"] == "ecospa_llama"
+    _same_tree(hf_compact.from_hf_compact(sd, conf)[1], params)  # an own head: params["lm_head"]
+    # an untied config whose head equals the embedding: tied, no lm_head leaf
+    same = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}
+    tied_cfg, tied = hf_compact.from_hf_compact(same, conf)
+    assert tied_cfg.tie_embeddings is True and "lm_head" not in tied
+    # a tied config: a saved head equal to the embedding is accepted, another one is not
+    tconf = {**conf, "tie_word_embeddings": True}
+    assert "lm_head" not in hf_compact.from_hf_compact(same, tconf)[1]
+    with pytest.raises(ValueError) as err:
+        hf_compact.from_hf_compact(sd, tconf)
+    assert str(err.value) == ("the weights hold 1 tensors the config does not describe, e.g. ['lm_head.weight']; "
+                              "does config.json belong to these weights?")
+    extra = {**sd, **{f"x.{i}": torch.zeros(1) for i in range(4)}}
+    with pytest.raises(ValueError) as err:
+        hf_compact.from_hf_compact(extra, conf)
+    assert str(err.value) == ("the weights hold 4 tensors the config does not describe, e.g. ['x.0', 'x.1', "
+                              "'x.2']; does config.json belong to these weights?")
+    gone = dict(sd)
+    del gone["model.norm.weight"]
+    with pytest.raises(ValueError) as err:
+        hf_compact.from_hf_compact(gone, conf)
+    assert str(err.value) == "the compact export lacks the tensor 'model.norm.weight'"
+
+
+def test_compact_reader_dtype_and_float32_frequencies_and_corrupt_slots():
+    cfg, params = _compact_case(qk_norm=True)
+    sd, conf = hf_compact.to_hf_compact(params, cfg)
+    sd64 = {k: v.double() for k, v in sd.items() if k.endswith("inv_freq")}
+    got = hf_compact.from_hf_compact({**sd, **sd64}, conf, dtype=torch.float64)[1]
+    assert got["embed"].dtype == torch.float64 and got["layers"][0]["attn_norm"].dtype == torch.float64
+    assert got["layers"][0]["inv_freq"].dtype == torch.float32
+    slots = sd["model.layers.1.self_attn.qk_slots"].flip(-1)
+    with pytest.raises(ValueError) as err:
+        hf_compact.from_hf_compact({**sd, "model.layers.1.self_attn.qk_slots": slots}, conf)
+    assert str(err.value) == ("model.layers.1.self_attn.qk_slots disagrees with the layer's inv_freq; the "
+                              "export is corrupt")
