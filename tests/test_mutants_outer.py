@@ -486,6 +486,7 @@ def test_compact_reader_ties_heads_and_refuses_what_the_config_does_not_describe
     cfg, params = _compact_case(tie_embeddings=False)
     sd, conf = hf_compact.to_hf_compact(params, cfg)
     assert conf["architectures"] == ["EcospaLlamaForCausalLM"] and conf["model_type"] == "ecospa_llama"
+    assert conf["torch_dtype"] == "float32"
     _same_tree(hf_compact.from_hf_compact(sd, conf)[1], params)  # an own head: params["lm_head"]
     # an untied config whose head equals the embedding: tied, no lm_head leaf
     same = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}
@@ -522,3 +523,10 @@ def test_compact_reader_dtype_and_float32_frequencies_and_corrupt_slots():
         hf_compact.from_hf_compact({**sd, "model.layers.1.self_attn.qk_slots": slots}, conf)
     assert str(err.value) == ("model.layers.1.self_attn.qk_slots disagrees with the layer's inv_freq; the "
                               "export is corrupt")
+
+
+def test_save_hf_compact_adds_config_extra(tmp_path):
+    cfg, params = _compact_case()
+    out = hf_compact.save_hf_compact(params, cfg, str(tmp_path / "c"), config_extra={"bos_token_id": 3})
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert out == str(tmp_path / "c") and conf["bos_token_id"] == 3 and conf["layer_ffn_dims"] == [5, 5]
