@@ -4,11 +4,13 @@
 #   bash tools/mutation.sh            # core: groups, select, prune, importance, optim, func/_layers
 #   bash tools/mutation.sh io         # checkpoint.py's writer/reader + train.py's step wiring
 #   bash tools/mutation.sh io 'ecospa.checkpoint.*'   # io with a chosen set of mutants (fnmatch)
-#   bash tools/mutation.sh all        # both, one after the other
+#   bash tools/mutation.sh alloc      # allocation.py (issue 24; also func, io2, train, jobs: the
+#                                     # profile table below lists their modules and tests)
+#   bash tools/mutation.sh all        # every profile, one after the other
 #
 # It copies the tracked files (as they are in the working tree) to .mutation/<profile>/, runs
-# `mutmut run` there with the [mutmut] section of setup.cfg (the io profile swaps in its own
-# module and test lists), and prints the score with tools/mutation_score.py, leaving out the
+# `mutmut run` there with the [mutmut] section of setup.cfg (every profile but core swaps in its
+# own module and test lists), and prints the score with tools/mutation_score.py, leaving out the
 # equivalent mutants listed in tools/mutation_equivalents.md. Only the fast tests run
 # (-m "not slow"). Inspect a profile afterwards with `cd .mutation/core && mutmut results`,
 # `mutmut show NAME` or `mutmut browse`.
