@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from ecospa import allocation
+from ecospa.errors import UsageError
+from ecospa.func import gpt2, llama, padding, vit
+from ecospa.func._block import run
+from ecospa.func.decode import decode, init_cache
+from ecospa.func.families import family_of
+from ecospa.func.reconstruct import obs_scores, reconstruct, ridge_solve
 from ecospa.groups import Group, Member
+from ecospa.io import hf_compact, hf_write
 
 
 # ---- allocation (profile alloc) ----------------------------------------------------------------
@@ -79,12 +86,6 @@ def test_unknown_allocation_message_lists_the_choices():
 
 
 # ---- func: decoding with a cache, the block driver, obs scores (profile func) -------------------
-
-from ecospa.func import gpt2, llama, vit  # noqa: E402
-from ecospa.func._block import run  # noqa: E402
-from ecospa.func.decode import decode, init_cache  # noqa: E402
-from ecospa.func.families import family_of  # noqa: E402
-from ecospa.func.reconstruct import obs_scores  # noqa: E402
 
 
 def _llama(**kw):
@@ -178,7 +179,6 @@ def test_obs_scores_of_some_groups_only():
     groups = [g for g in llama.coupled_groups(cfg) if g.members[0].path[1] == 1 and g.kind != "qk"]
     full = obs_scores(dense, cfg, groups, _calib(cfg))
     assert set(full) == {g.name for g in groups}
-    from ecospa.groups import Group
     outs = [Group(g.name, g.kind, tuple(m for m in g.members if m.path[-1] in ("wo", "w_down")))
             for g in groups]
     alone = obs_scores(dense, cfg, outs, _calib(cfg))
@@ -218,9 +218,6 @@ def test_passthrough_keeps_the_functions_name():
 
 
 # ---- func: padding and compacting (profile func) ------------------------------------------------
-
-from ecospa.func import padding  # noqa: E402
-from ecospa.func.reconstruct import reconstruct  # noqa: E402
 
 
 def _gpt2(ffn=5, layers=1):
@@ -320,8 +317,6 @@ def test_uniform_keep_fills_a_head_with_its_lowest_index_dead_units():
 
 # ---- func: reconstruct's solve, checks and messages (profile func) ------------------------------
 
-from ecospa.func.reconstruct import ridge_solve  # noqa: E402
-
 
 def test_ridge_solve_on_a_small_gram_and_an_indefinite_one():
     c = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
@@ -396,8 +391,6 @@ def test_decode_out_of_range_message():
 
 # ---- io: the compact export's reader and writer (profile io2) ------------------------------------
 
-from ecospa.io import hf_compact  # noqa: E402
-
 
 def _compact_case(**kw):
     cfg = llama.Config(**{**dict(vocab_size=11, dim=8, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=6,
@@ -446,9 +439,6 @@ def test_compact_reader_messages():
 
 
 # ---- io: what an export may replace (profile io2) ------------------------------------------------
-
-from ecospa.errors import UsageError  # noqa: E402
-from ecospa.io import hf_write  # noqa: E402
 
 
 def test_an_export_holding_the_working_directory_is_refused(tmp_path, monkeypatch):
