@@ -44,7 +44,7 @@ def test_every_variant_keeps_within_the_budget_and_every_group(model_cfg, seed, 
         n = cfg.n_layers
         ends = {g.name for g in groups if allocation.layer_of(g) < -(-n // 8) or allocation.layer_of(g) >= n - -(-n // 16)}
         floor = sum(_cost(params, [g], {g.name: sizes[g.name][1] if g.name in ends else 1}) for g in groups)
-    if how != "depth" and floor > allowed + 1e-6:
+    if how != "depth" and floor > allowed + 1e-9:  # the same slack as allocation.counts
         with pytest.raises(ValueError, match="empty a group|too few"):
             allocation.counts(how, params, groups, scores, allowed)
         return
