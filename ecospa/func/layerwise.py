@@ -10,7 +10,8 @@ keeps only what crosses a layer boundary:
     for l = L-1 .. 0:  grads_l, g_l = vjp(layer_l at x_l)(g_{l+1})   (the layer is run again)
 
 so one layer's forward is recomputed (the classic block recompute) and the peak holds the L+1
-boundary activations [B, T, D], one layer's graph and ``head_chunk`` tokens' logits. The result
+boundary activations [B, T, D], one layer's graph and ``head_chunk`` tokens' logits (rows x
+positions). The result
 is the gradient of the same loss, up to float summation order (tested against
 ``torch.func.grad``). Only the gradients of the layer leaves named in ``reads`` are kept; the
 gradient of the embedding, the final norm and the head is not computed (calibration reads the
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from ecospa._types import Params
 from ecospa.func._block import run
 
-HEAD_CHUNK = 128  # tokens per head chunk: [B, 128, V] logits (and their gradient) at a time
+HEAD_CHUNK = 512  # tokens (rows x positions) per head chunk: [B, 512 // B, V] logits at a time
 
 
 def layer_reads(reads: Optional[Sequence]) -> Optional[dict]:
@@ -116,16 +117,17 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
         x_last = xs.pop()
         g = torch.empty_like(x_last)
         top_grads, value = None, torch.zeros((), dtype=torch.float32)
-        T = x_last.shape[1]
-        for s in range(0, T, head_chunk):  # dLoss/dx_L (and the head's gradient), a few tokens at a time
-            xc = x_last[:, s:s + head_chunk]
+        B, T = x_last.shape[:2]
+        step = max(1, head_chunk // B)  # positions per chunk: about head_chunk tokens' logits
+        for s in range(0, T, step):  # dLoss/dx_L (and the head's gradient), a few tokens at a time
+            xc = x_last[:, s:s + step]
 
             def head_loss(top_p, xc, s=s):
                 logits = fam.head({**params, **top_p}, xc, cfg)
                 return loss.chunk(logits, batch, s, ctx) / n_tokens
 
             part, vjp = torch.func.vjp(head_loss, top, xc)
-            gtop, g[:, s:s + head_chunk] = vjp(torch.ones_like(part))
+            gtop, g[:, s:s + step] = vjp(torch.ones_like(part))
             value = value + part.detach().float()
             top_grads = gtop if top_grads is None else \
                 optree.tree_map(torch.add, top_grads, gtop, namespace="")
@@ -168,8 +170,9 @@ def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> C
 
     The same values as ``torch.func.grad(lm_loss(fam.forward, cfg))`` restricted to ``reads``
     (up to summation order), with the activation memory of one layer (see the module docstring).
-    ``head_chunk``: tokens whose logits are materialized at a time (the loss is a mean over
-    tokens, so its gradient with respect to each token's hidden state is independent).
+    ``head_chunk``: tokens (rows x positions, at least one position) whose logits are
+    materialized at a time (the loss is a mean over tokens, so its gradient with respect to
+    each token's hidden state is independent).
     """
     if layer_reads(reads) is None:
         raise ValueError("lm_layer_grads computes the gradients of layer leaves only "
