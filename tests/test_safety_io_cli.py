@@ -170,8 +170,8 @@ def test_compress_never_saves_nonfinite_params(tiny_gguf, tmp_path, monkeypatch)
     def poisoned(*a, **k):
         opt = real(*a, **k)
 
-        def update(grads, state, params):
-            new, state = opt.update(grads, state, params)
+        def update(grads, state, params, **kw):
+            new, state = opt.update(grads, state, params, **kw)
             return optree.tree_map(lambda x: x * float("nan"), new, namespace=""), state
 
         return opt._replace(update=update)
