@@ -129,8 +129,11 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
             part, vjp = torch.func.vjp(head_loss, top, xc)
             gtop, g[:, s:s + step] = vjp(torch.ones_like(part))
             value = value + part.detach().float()
-            top_grads = gtop if top_grads is None else \
-                optree.tree_map(torch.add, top_grads, gtop, namespace="")
+            if top_grads is None:
+                top_grads = gtop
+            elif top:  # summed into the first chunk's (fresh) tensors: no new head-sized buffer per chunk
+                torch._foreach_add_(optree.tree_leaves(top_grads, namespace=""),
+                                    optree.tree_leaves(gtop, namespace=""))
             del vjp, part, gtop
         del x_last
         got = {}
