@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import ecospa
 from ecospa.func.families import FAMILIES, family_of
-from ecospa.func.layerwise import CE, distill_loss, layer_grad_and_value, layer_reads, lm_layer_grads
+from ecospa.func.layerwise import (CE, chunked_loss, distill_loss, layer_grad_and_value, layer_reads,
+                                   lm_layer_grads)
 from ecospa.importance import coupled_fisher, fisher
 from ecospa.train.step import lm_loss
 from strategies import models, random_scores, seeds
@@ -82,8 +83,9 @@ def test_leaves_outside_the_layers_are_refused():
 
 def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way(tiny_gguf, monkeypatch):
     """``ecospa compress --layerwise`` (the default) and ``--no-layerwise``: the calibration's
-    gradient and recovery's step are computed two ways (spied where they are consumed), the same
-    units are kept and the first recovery loss (before any update) is the same."""
+    gradient, recovery's step and the evaluation's loss are computed two ways (spied where they
+    are consumed), the same units are kept, the first recovery loss (before any update) and the
+    dense and pruned perplexities are the same."""
     import ecospa.jobs.compress as job_mod
     from ecospa.jobs.compress import Job, compress
     kept, grad_fns, step_fns, losses, micro = [], [], [], [], []
@@ -112,9 +114,15 @@ def test_the_job_keeps_the_same_units_and_recovers_from_the_same_loss_either_way
     monkeypatch.setattr(job_mod, "slice_units", slice_spy)
     monkeypatch.setattr(job_mod, "fisher", fisher_spy)
     monkeypatch.setattr(job_mod, "make_step", step_spy)
-    for layerwise in (True, False):
-        compress(Job(str(tiny_gguf), budget=0.4, layerwise=layerwise, reconstruct=False, distill=True,
-                     distill_weight=0.3, **dict(FAST, steps=2, calib_batches=2)))
+    evals, real_chunked = [], job_mod.chunked_loss
+    monkeypatch.setattr(job_mod, "chunked_loss", lambda *a, **k: evals.append(a) or real_chunked(*a, **k))
+    out = [compress(Job(str(tiny_gguf), budget=0.4, layerwise=layerwise, reconstruct=False, distill=True,
+                        distill_weight=0.3, **dict(FAST, steps=2, calib_batches=2)))
+           for layerwise in (True, False)]
+    # the perplexities: a few tokens' logits at a time (chunked_loss) by layer, lm_loss otherwise
+    assert len(evals) == 1
+    for key in ("ppl_dense", "ppl_pruned"):
+        assert out[0][key] == pytest.approx(out[1][key], rel=1e-5), key
     assert grad_fns[0] is not None and grad_fns[0].__qualname__.startswith("lm_layer_grads")
     assert step_fns[0] is not None and step_fns[0].__qualname__.startswith("layer_grad_and_value")
     assert grad_fns[1] is None and step_fns[1] is None
@@ -166,3 +174,32 @@ def test_every_leaf_and_the_loss_equal_grad_and_value(model, seed, prune, chunk,
     assert sa == sb
     for x, y in zip(b, a):
         close(x, y)
+
+
+@settings(max_examples=10, deadline=None)
+@given(models(decoders=True), seeds, st.booleans(), st.integers(1, 11), st.sampled_from([None, 0.3]))
+def test_chunked_loss_equals_the_whole_logits_loss(model, seed, prune, chunk, weight):
+    """``chunked_loss`` (the evaluation's loss, a few tokens' logits at a time) has the value of
+    the whole-logits loss: plain cross-entropy and the distillation mix, at chunks that do and
+    do not divide the positions, with no gradient kept."""
+    module, cfg = model
+    fam = family_of(cfg)
+    params, _ = _model(module, cfg, seed, prune)
+    teacher = optree.tree_map(lambda x: x * 1.1, params, namespace="")
+    T = min(7, cfg.max_seq_len)
+    batch = torch.randint(0, cfg.vocab_size, (3, T + 1), generator=torch.Generator().manual_seed(seed))
+    if weight is None:
+        whole_loss, tl = lm_loss(fam.forward, cfg), CE
+    else:
+        whole_loss, tl = _kd_loss(fam, cfg, teacher, weight), distill_loss(fam, cfg, teacher, weight)
+    got = chunked_loss(fam, cfg, tl, head_chunk=chunk)(params, batch)
+    assert not got.requires_grad
+    close(got, whole_loss(params, batch).float())
+
+
+def test_chunked_loss_refuses_an_empty_chunk():
+    from ecospa.func import llama
+    cfg = llama.Config(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
+    with pytest.raises(ValueError, match="head_chunk must be >= 1, got 0"):
+        chunked_loss(family_of(cfg), cfg, head_chunk=0)
+

@@ -133,6 +133,33 @@ def test_inputs_untouched_and_the_result_is_a_valid_pruned_tree(model_cfg, seed)
           model.forward(mask(out, groups, keep), toks, cfg))
 
 
+@settings(max_examples=12, deadline=None)
+@given(models(), seeds)
+def test_donated_refit_equals_the_pure_one_and_never_writes_the_dense_model(model_cfg, seed):
+    """``donate=True`` writes the refit weights into the pruned tree's own output leaves: the same
+    tree as the pure refit, bit for bit; the dense model is never written, even when the tree
+    given shares every leaf with it."""
+    model, cfg = model_cfg
+    dense, groups = _build(model, cfg, seed)
+    pruned, _ = _pruned(dense, groups, seed)
+    dense_before = copy.deepcopy(dense)
+    calib = _calib(cfg, seed)
+
+    def same(x, y):
+        a, b = torch.utils._pytree.tree_leaves(x), torch.utils._pytree.tree_leaves(y)
+        return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+    pure = reconstruct(copy.deepcopy(pruned), dense, cfg, calib)
+    donated = reconstruct(pruned, dense, cfg, calib, donate=True)
+    assert same(pure, donated) and same(dense, dense_before)
+    out = family_of(cfg).sublayers[-1].out  # a sliced output leaf was reused, not copied
+    assert all(q[out] is p[out] for q, p in zip(donated["layers"], pruned["layers"]))
+    # a tree whose leaves ARE the dense model's (nothing sliced): refit, dense untouched
+    shared = {**dense, "layers": tuple(dict(p) for p in dense["layers"])}
+    assert same(reconstruct(shared, dense, cfg, calib, donate=True), reconstruct(dense_before, dense_before, cfg, calib))
+    assert same(dense, dense_before)
+
+
 def test_reconstruction_lowers_the_error_to_the_dense_model():
     from ecospa.func import llama
     cfg = llama.Config(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24)

@@ -94,7 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=_DEFAULTS["layerwise"],
                    help="calibration and recovery gradients computed one layer at a time (the same numbers "
                    "with one layer's activations and a few tokens' logits in memory, one more forward pass; "
-                   "--no-layerwise: one backward pass through the whole model, --micro-batch rows at a time)")
+                   "the perplexities also a few tokens' logits at a time; --no-layerwise: one backward pass "
+                   "through the whole model, --micro-batch rows at a time, whole logits)")
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"],
                    help="predictions per held-out window (`ecospa eval --seq-len`)")
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",

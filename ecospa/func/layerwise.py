@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ecospa._types import Params
 from ecospa.func._block import run
 
-HEAD_CHUNK = 512  # tokens (rows x positions) per head chunk: [B, 512 // B, V] logits at a time
+HEAD_CHUNK = 128  # tokens (rows x positions) per head chunk: [B, 128 // B, V] logits at a time
 
 
 def layer_reads(reads: Optional[Sequence]) -> Optional[dict]:
@@ -166,6 +166,28 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
     return fn
 
 
+def chunked_loss(fam, cfg, loss: TokenLoss = CE, head_chunk: int = HEAD_CHUNK) -> Callable:
+    """``loss_fn(params, batch [B, T+1]) -> mean loss`` (float32 scalar, no gradient): the value of
+    ``lm_loss(fam.forward, cfg)`` (for ``CE``; up to float summation order) with ``head_chunk``
+    tokens' logits in memory at a time instead of all [B, T, V] and their log-softmax: what an
+    evaluation of a large-vocabulary model needs (SmolLM2: 49152 x 4 bytes per token)."""
+    if head_chunk < 1:
+        raise ValueError(f"head_chunk must be >= 1, got {head_chunk}")
+
+    @torch.no_grad()
+    def loss_fn(params: Params, batch: torch.Tensor) -> torch.Tensor:
+        ctx = loss.prepare(batch)
+        x = run(fam.embed, fam.layer, lambda p, x, c: x, params, batch[:, :-1], cfg)[0]
+        B, T = x.shape[:2]
+        step = max(1, head_chunk // B)
+        total = torch.zeros((), dtype=torch.float32)
+        for s in range(0, T, step):
+            total += loss.chunk(fam.head(params, x[:, s:s + step], cfg), batch, s, ctx).float()
+        return total / (B * T)
+
+    return loss_fn
+
+
 def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> Callable:
     """``grad_fn(params, batch [B, T+1]) -> grads``: the gradient of ``lm_loss`` (mean next-token
     cross-entropy, float32) with respect to the layer leaves in ``reads`` (paths
@@ -184,4 +206,4 @@ def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> C
     return lambda params, batch: fn(params, batch)[0]
 
 
-__all__ = ["TokenLoss", "CE", "distill_loss", "layer_grad_and_value", "lm_layer_grads", "layer_reads", "HEAD_CHUNK"]
+__all__ = ["TokenLoss", "CE", "distill_loss", "chunked_loss", "layer_grad_and_value", "lm_layer_grads", "layer_reads", "HEAD_CHUNK"]

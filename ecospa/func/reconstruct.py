@@ -87,10 +87,13 @@ def _finite(x: torch.Tensor, where: str) -> torch.Tensor:
 
 def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor], *,
                 ridge: float = 1e-2, target: str = "residual", bias: bool = True,
-                on_layer: Optional[Callable[[int, int], None]] = None) -> dict:
+                on_layer: Optional[Callable[[int, int], None]] = None, donate: bool = False) -> dict:
     """The pruned ``params`` with every output projection refit to the ``dense`` model (see the
     module doc). ``batches``: calibration token ids [B, T] (TRAIN text only). ``bias``: refit the
     output bias too where the family has one. ``on_layer(i, n)`` is called after each layer.
+    ``donate=True``: the refit weights are written into ``params``' own output leaves (the same
+    result without a second copy of them while the caller still holds ``params``; ``params``
+    must not be read afterwards); a leaf whose storage ``dense`` also uses is never written.
 
     Example: ``params = reconstruct(slice_units(dense, groups, keep), dense, cfg, calib)``
     """
@@ -133,9 +136,9 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                 w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
                 w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
                 if with_bias:
-                    p[s.bias] = w_new[-1].clone()
+                    p[s.bias] = _put(p[s.bias], w_new[-1], donate and not _shares(p[s.bias], d[s.bias]))
                     w_new = w_new[:-1]
-                p[s.out] = w_new.reshape(p[s.out].shape).contiguous()
+                p[s.out] = _put(p[s.out], w_new, donate and not _shares(p[s.out], d[s.out]))
                 for j, h in enumerate(inner):  # the inner does not read W_out
                     xp[j] = xp[j] + s.apply(p, h)
                     inner[j] = None
@@ -144,6 +147,17 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
     return {**params, "layers": tuple(layers)}
 
 
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _put(old: torch.Tensor, new: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``new`` in ``old``'s shape: written into ``old`` itself when ``inplace``, else a new tensor."""
+    if inplace:
+        return old.copy_(new.reshape(old.shape))
+    return new.reshape(old.shape).clone() if new.ndim == 1 else new.reshape(old.shape).contiguous()
 
 
 def _unit_rows(group, sub: Sublayer, p: dict) -> Optional[torch.Tensor]:

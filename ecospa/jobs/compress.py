@@ -33,7 +33,8 @@ from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
-from ecospa.func.layerwise import CE, distill_loss, layer_grad_and_value, layer_reads, lm_layer_grads
+from ecospa.func.layerwise import (CE, chunked_loss, distill_loss, layer_grad_and_value, layer_reads,
+                                   lm_layer_grads)
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.io import checkpoint, load
 from ecospa.io.data import batch_at, corpus
@@ -229,7 +230,8 @@ def _compress(job: Job, loaded) -> dict:
         train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
         extra_ids = {src: encode(tok, corpus(src, "val", max_chars=EXTRA_CHARS)) for src in job.eval_extra}
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
-              max_windows=job.eval_windows, progress=job.progress)
+              max_windows=job.eval_windows, progress=job.progress,
+              loss_fn=chunked_loss(fam, cfg) if job.layerwise and fam.decoder else None)
 
     def held_out(p) -> dict:
         """Perplexity on each extra held-out source (never calibrated or recovered on)."""
@@ -277,8 +279,9 @@ def _compress(job: Job, loaded) -> dict:
             t0 = time.perf_counter()
             with ph("refit"):
                 bar = _phase(job, cfg.n_layers, "refit", "layer")
+                # in place: the pruned tree before the refit is not read again (dense's leaves never written)
                 params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
-                                     on_layer=_ticks(bar))
+                                     on_layer=_ticks(bar), donate=True)
                 bar.close()
             row.update(reconstruct_seconds=time.perf_counter() - t0)
         if r == job.rounds and not keep_dense:

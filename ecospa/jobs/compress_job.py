@@ -56,9 +56,11 @@ class Job:
     #                                        activations of this many rows in memory; None: the whole batch
     #                                        at once. --layerwise (default) keeps one layer's activations
     #                                        and differentiates whole batches (no running gradient sum)
-    layerwise: bool = True                 # calibration gradients one layer at a time (ecospa.func.layerwise):
-    #                                        the same scores, one layer's activations in memory, one
-    #                                        more forward pass; False: torch.func.grad of the whole forward
+    layerwise: bool = True                 # calibration and recovery gradients one layer at a time
+    #                                        (ecospa.func.layerwise): the same scores and steps, one layer's
+    #                                        activations in memory, one more forward pass; the perplexities
+    #                                        with 128 tokens' logits at a time (chunked_loss); False:
+    #                                        torch.func.grad of the whole forward, whole logits
     eval_seq_len: int = 512
     eval_windows: Optional[int] = 40
     eval_batch_size: int = 1               # windows per held-out forward: 1 keeps one window's logits [T, V] in

@@ -59,14 +59,18 @@ def window_warning(seq_len: int, defaults: dict) -> Optional[str]:
 
 
 def nll(forward: Callable, params, cfg, ids, seq_len: int = 512,
-        batch_size: int = 4, max_windows: Optional[int] = None, progress: bool = False) -> dict:
-    """Mean next-token NLL over the windows: {"nll": mean, "tokens": n, "windows": w}."""
+        batch_size: int = 4, max_windows: Optional[int] = None, progress: bool = False,
+        loss_fn: Optional[Callable] = None) -> dict:
+    """Mean next-token NLL over the windows: {"nll": mean, "tokens": n, "windows": w}.
+    ``loss_fn(params, batch)``: the mean NLL of a batch computed another way (e.g.
+    ``ecospa.func.layerwise.chunked_loss``, a few tokens' logits at a time); None:
+    ``lm_loss(forward, cfg)``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     win = windows(ids, seq_len, max_windows)
     batches = win.split(batch_size)
     bar = _progress.bar(len(batches), "eval", "batch", enabled=None if progress else False)
-    mean = evaluate(lm_loss(forward, cfg), params, _ticking(batches, bar))
+    mean = evaluate(loss_fn or lm_loss(forward, cfg), params, _ticking(batches, bar))
     bar.close()
     return {"nll": mean, "tokens": win[:, 1:].numel(), "windows": win.shape[0]}
 
@@ -80,7 +84,7 @@ def _ticking(items, bar):
 
 def perplexity(forward: Callable, params, cfg, ids, seq_len: int = 512,
                batch_size: int = 4, max_windows: Optional[int] = None,
-               progress: bool = False) -> float:
+               progress: bool = False, loss_fn: Optional[Callable] = None) -> float:
     """Perplexity of ``forward(params, tokens, cfg)`` on ``ids`` (1-D int64), pure.
 
     Args:
@@ -91,12 +95,14 @@ def perplexity(forward: Callable, params, cfg, ids, seq_len: int = 512,
       batch_size: windows per forward call.
       max_windows: use only the first this many windows (None: all).
       progress: show progress (``ecospa._progress.bar``: a tqdm bar on a terminal, else lines).
+      loss_fn: the batch's mean NLL computed another way (see ``nll``); None: ``lm_loss``.
     Returns:
       exp(mean NLL) as a float.
     Example:
       ppl = perplexity(llama.forward, params, cfg, ids, seq_len=512, max_windows=40)
     """
-    return math.exp(nll(forward, params, cfg, ids, seq_len, batch_size, max_windows, progress)["nll"])
+    return math.exp(nll(forward, params, cfg, ids, seq_len, batch_size, max_windows, progress,
+                        loss_fn)["nll"])
 
 
 __all__ = ["perplexity", "nll", "eval_defaults", "window_warning"]

@@ -3,13 +3,15 @@
     phases = Phases()
     with phases("calibrate"):
         ...
-    phases.rows   # [{"phase": "calibrate", "seconds": 12.3, "peak_rss_mb": 1890.0}, ...]
+    phases.rows   # [{"phase": "calibrate", "seconds": 12.3, "peak_rss_mb": 1890.0, "start_rss_mb": 900.0}, ...]
 
 The peak of a phase is the process's high-water mark of resident memory (``VmHWM`` in
 ``/proc/self/status``) during that phase: on Linux the mark is reset when the phase starts
 (writing "5" to ``/proc/self/clear_refs``, which touches nothing but that mark), so each row is
 the phase's own peak. Where that is not possible (not Linux, a kernel without it) the row holds
-the peak of the process so far (``getrusage``), and ``Phases.exact`` is False.
+the peak of the process so far (``getrusage``), and ``Phases.exact`` is False. ``start_rss_mb`` is
+the resident memory when the phase began (what earlier phases left; None where the kernel does
+not say), so ``peak - start`` is what the phase itself added.
 Torch tensors live outside Python's allocator, which is why ``tracemalloc`` cannot see them and
 this reads the kernel's numbers instead.
 """
@@ -93,6 +95,7 @@ class Phases:
     def __call__(self, name: str) -> Iterator[None]:
         self._overall = max(self._overall, peak_rss_mb())  # what came before this phase
         self.exact = reset_peak() and self.exact
+        start = rss_mb()
         t0 = time.perf_counter()
         try:
             yield
@@ -100,7 +103,8 @@ class Phases:
             peak = peak_rss_mb()
             self._overall = max(self._overall, peak)
             self.rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2),
-                              "peak_rss_mb": round(peak, 1)})
+                              "peak_rss_mb": round(peak, 1),
+                              "start_rss_mb": None if start is None else round(start, 1)})
 
     def peak_mb(self) -> float:
         return round(max(self._overall, peak_rss_mb()), 1)
