@@ -54,6 +54,36 @@ from ecospa.train.step import lm_loss, make_step
 EXTRA_CHARS = 2_000_000  # of each extra held-out source's val split: far more than 40 windows need
 
 
+def _clean_cut(text: str, start: int) -> int:
+    """The first index >= ``start`` just after a newline that has non-whitespace on both sides, or
+    -1: the byte-level BPE pre-tokenizers (GPT-2, Llama 3, Qwen2, SmolLM) split there, so the
+    tokens before it do not depend on the text after it."""
+    i = text.find("\n", max(start, 1))
+    while i != -1 and i + 1 < len(text):
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.find("\n", i + 1)
+    return -1
+
+
+def leading_ids(tok, text: str, need: Optional[int], margin: int = 256) -> torch.Tensor:
+    """The token ids of ``text`` that the first ``need`` tokens are read from: the whole text's
+    (None), or those of a prefix cut at a clean line boundary (``_clean_cut``) that yields at least
+    ``need + margin`` tokens, so the first ``need`` ids are the whole text's own. The held-out
+    evaluation reads ``eval_windows x eval_seq_len + 1`` tokens: encoding 2 M characters for
+    them kept ~100 MB of the tokenizer's buffers resident for the rest of the job."""
+    chars = 8 * (need + margin) if need is not None else len(text)
+    while chars < len(text):
+        cut = _clean_cut(text, chars)
+        if cut == -1:
+            break
+        ids = encode(tok, text[:cut])
+        if ids.numel() >= need + margin:
+            return ids
+        chars *= 2
+    return encode(tok, text)
+
+
 class RecoveryDiverged(ValueError):
     """The recovery fine-tune produced a NaN/inf loss or parameters; nothing was saved."""
 
@@ -228,7 +258,9 @@ def _compress(job: Job, loaded) -> dict:
         raise UsageError(str(err)) from err
     with ph("encode"):
         train_ids, val_ids = encode(tok, texts[0]), encode(tok, texts[1])
-        extra_ids = {src: encode(tok, corpus(src, "val", max_chars=EXTRA_CHARS)) for src in job.eval_extra}
+        need = job.eval_windows * job.eval_seq_len + 1 if job.eval_windows else None
+        extra_ids = {src: leading_ids(tok, corpus(src, "val", max_chars=EXTRA_CHARS), need)
+                     for src in job.eval_extra}
     ev = dict(seq_len=job.eval_seq_len, batch_size=job.eval_batch_size,
               max_windows=job.eval_windows, progress=job.progress,
               loss_fn=chunked_loss(fam, cfg) if job.layerwise and fam.decoder else None)
