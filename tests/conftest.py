@@ -7,3 +7,10 @@ settings.register_profile("dev", max_examples=25, deadline=None,
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Under pytest-xdist (``-n 2``, the default in pyproject.toml) each worker computes on one thread:
+# two workers with two threads each on a two-core machine would oversubscribe it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)

@@ -87,13 +87,16 @@ def _finite(x: torch.Tensor, where: str) -> torch.Tensor:
 
 def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor], *,
                 ridge: float = 1e-2, target: str = "residual", bias: bool = True,
-                on_layer: Optional[Callable[[int, int], None]] = None, donate: bool = False) -> dict:
+                on_layer: Optional[Callable[[int, int], None]] = None, donate: bool = False,
+                cache_inner: bool = True) -> dict:
     """The pruned ``params`` with every output projection refit to the ``dense`` model (see the
     module doc). ``batches``: calibration token ids [B, T] (TRAIN text only). ``bias``: refit the
     output bias too where the family has one. ``on_layer(i, n)`` is called after each layer.
     ``donate=True``: the refit weights are written into ``params``' own output leaves (the same
     result without a second copy of them while the caller still holds ``params``; ``params``
     must not be read afterwards); a leaf whose storage ``dense`` also uses is never written.
+    ``cache_inner=False``: each sublayer's inner activations are computed again after its solve
+    instead of kept for every batch (the same numbers; less memory, more time).
 
     Example: ``params = reconstruct(slice_units(dense, groups, keep), dense, cfg, calib)``
     """
@@ -122,8 +125,9 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                     if target == "local":
                         y = s.apply(d, s.inner(d, xp[j], cfg))
                     xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))  # the dense stream moves on
-                    inner.append(_finite(s.inner(p, xp[j], cfg), where))
-                    h = inner[j].reshape(-1, w.shape[0]).double()
+                    h = _finite(s.inner(p, xp[j], cfg), where)
+                    inner.append(h if cache_inner else None)
+                    h = h.reshape(-1, w.shape[0]).double()
                     if target == "residual":
                         y = xd[j] - xp[j]
                     if s.bias is not None and not with_bias:
@@ -140,7 +144,7 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                     w_new = w_new[:-1]
                 p[s.out] = _put(p[s.out], w_new, donate and not _shares(p[s.out], d[s.out]))
                 for j, h in enumerate(inner):  # the inner does not read W_out
-                    xp[j] = xp[j] + s.apply(p, h)
+                    xp[j] = xp[j] + s.apply(p, s.inner(p, xp[j], cfg) if h is None else h)
                     inner[j] = None
             if on_layer is not None:
                 on_layer(i, len(layers))
