@@ -311,9 +311,10 @@ def _compress(job: Job, loaded) -> dict:
             t0 = time.perf_counter()
             with ph("refit"):
                 bar = _phase(job, cfg.n_layers, "refit", "layer")
-                # in place: the pruned tree before the refit is not read again (dense's leaves never written)
+                # in place: the pruned tree before the refit is not read again (dense's leaves never
+                # written); inner activations recomputed, not kept per batch (-0.11 GB at 32 batches, +9% time)
                 params = reconstruct(params, dense, cfg, refit, ridge=job.ridge, target=job.recon_target,
-                                     on_layer=_ticks(bar), donate=True)
+                                     on_layer=_ticks(bar), donate=True, cache_inner=False)
                 bar.close()
             row.update(reconstruct_seconds=time.perf_counter() - t0)
         if r == job.rounds and not keep_dense:
