@@ -520,3 +520,189 @@ def test_save_hf_compact_adds_config_extra(tmp_path):
     out = hf_compact.save_hf_compact(params, cfg, str(tmp_path / "c"), config_extra={"bos_token_id": 3})
     conf = json.loads((tmp_path / "c" / "config.json").read_text())
     assert out == str(tmp_path / "c") and conf["bos_token_id"] == 3 and conf["layer_ffn_dims"] == [5, 5]
+
+
+# ---- train: the run directory, checkpoints and resume (profile train) --------------------------
+
+def test_checkpointer_where_names_the_schedule_or_the_last_good_checkpoint():
+    from pathlib import Path
+
+    from ecospa.train.saving import Checkpointer
+    ck = Path("runs") / "r" / "checkpoint"
+    assert Checkpointer(ck, None, None, 5, None).where() == ("no checkpoint was written "
+                                                             "(checkpoints every 5 steps)")
+    assert Checkpointer(ck, None, None, 0, None).where() == ("no checkpoint was written "
+                                                             "(--ckpt-every 0: only at the end)")
+    assert Checkpointer(ck, None, None, 5, 10).where() == (f"the last good checkpoint (step 10) in {ck} "
+                                                           "is intact")
+
+
+def test_resume_without_a_checkpoint_message(tmp_path):
+    from ecospa.train.saving import load_for_resume, stored_config
+    ck = tmp_path / "checkpoint"
+    want = (f"--resume: {ck}: no checkpoint directory here: there is no checkpoint to continue "
+            "from; start a new run without --resume (with --overwrite if the directory holds an "
+            "unfinished one)")
+    for read in (stored_config, lambda p: load_for_resume(p, None)):
+        with pytest.raises(UsageError) as err:
+            read(ck)
+        assert str(err.value) == want
+
+
+def test_resuming_a_checkpoint_not_written_by_train_names_it(tmp_path):
+    from ecospa.io import checkpoint
+    from ecospa.train.saving import load_for_resume, stored_config
+    from test_train import MICRO
+    ck = tmp_path / "checkpoint"
+    checkpoint.save(ck, llama.init(MICRO.model, seed=0), MICRO.model, extra={"tokenizer": None})
+    for read in (stored_config, lambda p: load_for_resume(p, MICRO)):
+        with pytest.raises(UsageError) as err:
+            read(ck)
+        assert str(err.value) == (f"--resume: {ck} was not written by `ecospa train` (it holds no "
+                                  "training state; `ecospa compress` writes such checkpoints): "
+                                  "evaluate or compress it instead, or start a new run in another "
+                                  "--out")
+
+
+def test_trim_metrics_keeps_the_checkpoints_steps_and_skips_what_is_not_a_record(tmp_path):
+    from ecospa.train.rundir import trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "lo\xff\xfe\n[1, 2]\n{"step": "x"}\n'
+                     b'{"loss": 3.0}\n{"step": 1.5}\n{"step": 2, "loss": 1.5}\n'
+                     b'{"event": "prune", "step": 2}\n{"step": 3, "loss": 1.0}\n')
+    trim_metrics(path, 2)
+    # a prune event at the checkpoint's step happens after it: written again by the resumed run
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_summary_json_is_indented_one_space_per_level(tmp_path):
+    from ecospa.train.rundir import write_json
+    write_json(tmp_path / "summary.json", {"a": 1, "b": [2]})
+    assert (tmp_path / "summary.json").read_text() == '{\n "a": 1,\n "b": [\n  2\n ]\n}'
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory):
+    """A complete training checkpoint of the tests' micro run as ``checkpoint.load_full`` returns
+    it (built in memory: the state ``train`` saves), its config and its path."""
+    import dataclasses
+
+    from ecospa import optim
+    from ecospa._tree import count_params
+    from ecospa.func.families import family
+    from ecospa.io.checkpoint import Checkpoint
+    from ecospa.schedule import dense_sizes
+    from ecospa.train.config import config_json
+    from test_train import MICRO
+    cfg = dataclasses.replace(MICRO, out=str(tmp_path_factory.mktemp("run")))
+    params = llama.init(cfg.model, seed=0)
+    groups = family(cfg.model.name).coupled_groups(cfg.model)
+    extra = {"train_config": config_json(cfg), "dense": dense_sizes(params, groups),
+             "dense_params": count_params(params), "rounds_done": []}
+    ck = Checkpoint(params, cfg.model, extra, optim.adamw(cfg.lr).init(params), (), 1)
+    return cfg, tmp_path_factory.mktemp("out") / "checkpoint", ck
+
+
+def test_resume_needs_every_piece_of_the_training_state(micro_checkpoint, monkeypatch):
+    from ecospa.io import checkpoint
+    from ecospa.train.saving import load_for_resume
+    cfg, path, ck = micro_checkpoint
+    loaded = []
+    monkeypatch.setattr(checkpoint, "load_full", lambda p: loaded[-1])
+
+    def resume(**change):
+        extra = {**ck.extra, **change.pop("extra", {})}
+        loaded.append(ck._replace(extra=extra, **change))
+        return load_for_resume(path, cfg)
+
+    assert resume().step == 1 and resume(step=0).step == 0  # a checkpoint at step 0 resumes too
+    incomplete = (f"{path}: the training state in the checkpoint is incomplete (dense sizes, rounds, "
+                  "optimizer or importance state, step)")
+    for change in ({"extra": {"dense": None}}, {"extra": {"dense_params": None}},
+                   {"extra": {"dense_params": 1.0}}, {"extra": {"rounds_done": None}},
+                   {"opt_state": None}, {"state": None}, {"step": None}, {"step": True},
+                   {"step": -1}):
+        with pytest.raises(ValueError) as err:
+            resume(**change)
+        assert str(err.value) == incomplete, change
+    nan = ck.params | {"norm": ck.params["norm"] * float("nan")}
+    with pytest.raises(ValueError) as err:
+        resume(params=nan)
+    assert str(err.value) == (f"{path} holds NaN or inf parameters (written after the loss diverged, "
+                              "by an ecospa before issue 9's fix); start a new run (--overwrite) with "
+                              "a lower learning rate")
+
+
+def test_timer_skips_the_first_steps_after_each_change_and_counts_phases_apart():
+    from ecospa.train.loop import _Timer
+    t = _Timer()  # skips 3 steps at the start and after each change
+    assert t.rate("dense") is None and t.rate("pruned") is None
+    for tokens in (1, 2, 3):
+        t.add("dense", 1.0, tokens)
+    assert t.rate("dense") is None
+    t.add("dense", 2.0, 10)
+    t.add(None, 1.0, 100)  # between rounds: no phase
+    assert t.rate("dense") == 5.0 and t.rate("pruned") is None
+    t.changed()
+    for _ in range(3):
+        t.add("pruned", 1.0, 7)
+    t.add("pruned", 4.0, 8)
+    assert t.rate("pruned") == 2.0 and t.rate("dense") == 5.0
+    t = _Timer(skip=1)
+    t.add("dense", 1.0, 1)
+    t.add("dense", 1.0, 3)
+    assert t.rate("dense") == 3.0
+
+
+def test_a_round_keeps_what_its_schedule_asks_a_budget_by_score_widths_aligned():
+    from ecospa.func.families import family
+    from ecospa.groups import validate
+    from ecospa.schedule import PruneSchedule, dense_sizes
+    from ecospa.train.loop import _choose
+    from test_train import MICRO
+    params = llama.init(MICRO.model, seed=0)
+    groups = family("llama").coupled_groups(MICRO.model)
+    dense, sizes = dense_sizes(params, groups), validate(params, groups)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.name: torch.rand(sizes[g.name], generator=gen) for g in groups}
+    schedule = PruneSchedule(warmup_steps=0, window=1, rounds=1, every=1, budget=0.5)
+    keep = _choose(params, groups, scores, 0.5, dense, schedule)
+    kept = sum(keep[g.name].numel() * g.numel_per_unit(params) for g in groups)
+    assert kept <= 0.5 * sum(d[1] for d in dense.values())
+    # spread over the groups by score, not half of each group's units (sparsity 0.5)
+    assert {keep[g.name].shape[1] / sizes[g.name][1] for g in groups} != {0.5}
+    schedule = PruneSchedule(warmup_steps=0, window=1, rounds=1, every=1, sparsity=0.3, multiple_of=8)
+    keep = _choose(params, groups, scores, 0.3, dense, schedule)
+    mlp = [keep[g.name].shape[1] for g in groups if g.kind == "mlp"]
+    assert mlp == [32, 32]  # round(0.7 * 48) = 34 units, a multiple of 8
+
+
+def test_targets_requested_and_reached_of_a_dense_and_a_pruned_tree():
+    import dataclasses
+
+    from ecospa import select, slice_units
+    from ecospa._tree import count_params
+    from ecospa.func.families import family
+    from ecospa.groups import validate
+    from ecospa.schedule import PruneSchedule, dense_sizes
+    from ecospa.train.loop import _targets
+    from test_train import MICRO
+    params = llama.init(MICRO.model, seed=0)
+    groups = family("llama").coupled_groups(MICRO.model)
+    dense, n = dense_sizes(params, groups), count_params(params)
+    dense_cfg = dataclasses.replace(MICRO, prune=PruneSchedule(rounds=0))
+    assert _targets(dense_cfg, params, groups, dense, [], n) == (
+        {"sparsity": 0.0, "budget": None, "rounds": 0},
+        {"sparsity": {"qk": 0.0, "vo": 0.0, "mlp": 0.0}, "budget": 0.0, "rounds": 0, "param_reduction": 0.0})
+    counts = {"layers.0.qk": 1, "layers.1.qk": 2, "layers.0.vo": 2, "layers.1.vo": 2,
+              "layers.0.mlp": 24, "layers.1.mlp": 12}
+    scores = {g.name: torch.rand(validate(params, groups)[g.name]) for g in groups}
+    pruned = slice_units(params, groups, select(params, groups, scores, counts=counts))
+    kept = count_params(pruned)
+    requested, reached = _targets(MICRO, pruned, groups, dense, [[3, 0.25, 1], [7, 0.5, kept]], n)
+    assert requested == {"sparsity": 0.5, "budget": None, "rounds": 2}
+    assert reached == {"sparsity": {"qk": 1 - 3 / 4, "vo": 1 - 4 / 8, "mlp": 1 - 36 / 96},
+                       "budget": (n - kept) / sum(d[1] for d in dense.values()), "rounds": 2,
+                       "param_reduction": 1 - kept / n}
+    budget_cfg = dataclasses.replace(MICRO, prune=dataclasses.replace(MICRO.prune, sparsity=None, budget=0.4))
+    assert _targets(budget_cfg, pruned, groups, dense, [], n)[0] == {"sparsity": None, "budget": 0.4, "rounds": 2}
