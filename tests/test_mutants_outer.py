@@ -704,5 +704,311 @@ def test_targets_requested_and_reached_of_a_dense_and_a_pruned_tree():
     assert reached == {"sparsity": {"qk": 1 - 3 / 4, "vo": 1 - 4 / 8, "mlp": 1 - 36 / 96},
                        "budget": (n - kept) / sum(d[1] for d in dense.values()), "rounds": 2,
                        "param_reduction": 1 - kept / n}
+    assert _targets(MICRO, params, [], {}, [], n)[1] == {"sparsity": {}, "budget": 0.0, "rounds": 0,
+                                                        "param_reduction": 0.0}  # no groups at all
     budget_cfg = dataclasses.replace(MICRO, prune=dataclasses.replace(MICRO.prune, sparsity=None, budget=0.4))
     assert _targets(budget_cfg, pruned, groups, dense, [], n)[0] == {"sparsity": None, "budget": 0.4, "rounds": 2}
+
+
+# ---- io: the GGUF writer (profile io2, 'ecospa.io.gguf_export.*') ------------------------------
+
+def _gguf_case(budget=0.5):
+    import ecospa
+    from strategies import random_scores
+    cfg = llama.Config(vocab_size=37, dim=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=24,
+                       rope_theta=500.0, init_std=0.3, max_seq_len=64)
+    params = llama.init(cfg, seed=1)
+    if budget:
+        groups = llama.coupled_groups(cfg)
+        params = ecospa.pruner(groups, budget=budget)(params, random_scores(params, groups, 1))
+    return cfg, params
+
+
+def _gguf_fields(path) -> dict:
+    import gguf
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()
+            if not k.startswith("GGUF.")}
+
+
+def test_save_gguf_messages(tmp_path, monkeypatch):
+    import dataclasses
+    import os
+    import sys
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case()
+
+    def message(*args, **kw):
+        with pytest.raises(ValueError) as err:
+            save_gguf(*args, **kw)
+        return str(err.value)
+    assert message(params, cfg, tmp_path / "m.gguf", layout="tiny") == \
+        "layout must be one of ['compact', 'padded'], got 'tiny'"
+    assert message(gpt2.init(gpt2.Config()), gpt2.Config(), tmp_path / "g.gguf") == \
+        "GGUF export supports the llama family only, got Config"
+    biased = dataclasses.replace(cfg, attention_bias=True)
+    assert message(llama.init(biased), biased, tmp_path / "b.gguf") == (
+        "GGUF export of models with q/k/v biases (Qwen2-style) is not supported: llama.cpp's llama "
+        "and deci architectures have no attention biases")
+    normed = dataclasses.replace(cfg, qk_norm=True)
+    assert message(llama.init(normed), normed, tmp_path / "n.gguf") == (
+        "GGUF export of Qwen3 (q/k norms) is not supported: llama.cpp's llama and deci "
+        "architectures have no q/k norms; use --format hf-padded")
+    assert message(params, cfg, tmp_path / "m.gguf", dtype="bf16") == "dtype must be 'f32' or 'f16', got 'bf16'"
+    path = str(tmp_path / "m.bin")
+    assert message(params, cfg, path) == f"{path!r}: a GGUF file name must end in .gguf"
+    (tmp_path / "d.gguf").mkdir()
+    path = str(tmp_path / "d.gguf")
+    assert message(params, cfg, path, overwrite=True) == f"{path!r} is a directory; give a file name ending in .gguf"
+    (tmp_path / "e.gguf").write_bytes(b"user data")
+    path = str(tmp_path / "e.gguf")
+    assert message(params, cfg, path) == f"{path!r} exists; choose another name or pass overwrite=True (--overwrite)"
+    layers = list(params["layers"])
+    layers[1] = {**layers[1], "w_gate": layers[1]["w_gate"][:, :0], "w_up": layers[1]["w_up"][:, :0],
+                 "w_down": layers[1]["w_down"][:0]}
+    assert message({**params, "layers": tuple(layers)}, cfg, tmp_path / "c.gguf", layout="compact") == (
+        "layer 1 has no MLP neuron left; the gguf-compact layout needs at least one per layer (export "
+        "it with --format gguf, which pads)")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    assert message(params, cfg, tmp_path / "m.gguf") == "writing GGUF files needs the 'gguf' package: pip install gguf"
+    assert sorted(os.listdir(tmp_path)) == ["d.gguf", "e.gguf"]
+
+
+def test_save_gguf_reports_what_it_wrote(tmp_path):
+    import os
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case()
+    attention = ("pruned attention written padded (zero Q/K pairs and V/O dims): exact, but llama.cpp "
+                 "computes the full head size")
+    path = os.path.join(str(tmp_path), "sub", "p.gguf")  # the directory is made
+    assert save_gguf(params, cfg, path) == {
+        "path": path, "layout": "padded", "architecture": "llama", "ffn_width": 24, "mlp_widths": [13, 14, 7],
+        "notes": ["MLP widths 7..14 padded with zeros to 24 (llama.cpp's llama architecture has one "
+                  "feed_forward_length; --format gguf-compact writes the kept neurons only)", attention]}
+    assert save_gguf(params, cfg, tmp_path / "c.gguf", layout="compact")["notes"] == [
+        "llama.cpp 'deci' architecture: per-layer MLP widths 7..14 (dense 24)", attention]
+    dense = llama.init(cfg, seed=1)
+    assert save_gguf(dense, cfg, tmp_path / "d.gguf")["notes"] == []
+    # every MLP pruned to the same width, attention whole; then only the V/O dims pruned
+    even = {**dense, "layers": tuple({**p, "w_gate": p["w_gate"][:, :12], "w_up": p["w_up"][:, :12],
+                                      "w_down": p["w_down"][:12]} for p in dense["layers"])}
+    assert save_gguf(even, cfg, tmp_path / "e.gguf")["notes"] == [
+        "MLP widths 12..12 padded with zeros to 24 (llama.cpp's llama architecture has one "
+        "feed_forward_length; --format gguf-compact writes the kept neurons only)"]
+    vo = {**dense, "layers": tuple({**p, "wv": p["wv"][..., :2], "wo": p["wo"][:, :, :2]}
+                                   if i == 2 else p for i, p in enumerate(dense["layers"]))}
+    assert save_gguf(vo, cfg, tmp_path / "v.gguf")["notes"] == [attention]
+
+
+def test_size_labels():
+    from ecospa.io.gguf_export import _size_label
+    got = [_size_label(n) for n in (999, 1000, 1500, 9500, 10_000, 1_000_000, 135_000_000,
+                                    1_700_000_000, 3 * 10**12, 25 * 10**12)]
+    assert got == ["999", "1K", "1.5K", "9.5K", "10K", "1M", "135M", "1.7B", "3T", "25T"]
+
+
+def test_general_metadata_of_a_dense_and_a_pruned_model():
+    from ecospa.io.gguf_export import general_metadata
+
+    def text(value):
+        return {"value": value, "type": 8, "sub_type": None}
+    assert general_metadata(None, "tiny", 200, 200, "padded") == {"general.name": text("tiny")}
+    assert general_metadata({"general.name": text("")}, "tiny", 200, 200, "padded") == {"general.name": text("tiny")}
+    assert general_metadata({"general.name": text("Src")}, "tiny", 200, 200, "padded") == {"general.name": text("Src")}
+    assert general_metadata(None, "tiny", 50, 200, "padded") == {
+        "general.name": text("tiny (pruned by ecospa, 25% of weights)"),
+        "general.size_label": text("50"),
+        "general.description": text("model structurally pruned by ecospa: 50 of 200 weights kept (25.0%); "
+                                    "GGUF layout 'padded' (pruned units padded with zeros to the dense shapes)")}
+    source = {"general.name": text("Src"), "general.organization": text("Org"), "general.version": text(""),
+              "general.repo_url": text("https://x"), "general.license": text("mit")}
+    assert general_metadata(source, "tiny", 1500, 2000, "compact") == {
+        **source,
+        "general.name": text("Src (pruned by ecospa, 75% of weights)"),
+        "general.size_label": text("1.5K"),
+        "general.description": text("Src structurally pruned by ecospa: 1,500 of 2,000 weights kept (75.0%); "
+                                    "GGUF layout 'compact' (per-layer MLP widths in deci.feed_forward_length, "
+                                    "attention padded)"),
+        "general.base_model.count": {"value": 1, "type": 4, "sub_type": None},
+        "general.base_model.0.name": text("Src"),
+        "general.base_model.0.organization": text("Org"),
+        "general.base_model.0.repo_url": text("https://x")}
+    based = {"general.name": text("Src"), "general.base_model.count": {"value": 1, "type": 4, "sub_type": None},
+             "general.base_model.0.name": text("Base")}
+    got = general_metadata(based, "tiny", 1, 2, "padded")
+    assert got["general.base_model.0.name"] == text("Base") and got["general.base_model.count"]["value"] == 1
+    assert source["general.name"] == text("Src")  # the caller's dict is not changed
+
+
+def test_gguf_leftovers_are_the_temporary_files_of_this_path_only(tmp_path):
+    import os
+
+    from ecospa.io.gguf_export import gguf_leftovers
+    assert gguf_leftovers(str(tmp_path / "none" / "m.gguf")) == []
+    for name in (".tmp-m.gguf-b", ".tmp-m.gguf-a", ".tmp-n.gguf-a", "m.gguf", ".tmp-m.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / ".tmp-m.gguf-dir").mkdir()
+    os.symlink(tmp_path / "m.gguf", tmp_path / ".tmp-m.gguf-link")
+    assert gguf_leftovers(str(tmp_path / "m.gguf")) == [str(tmp_path / ".tmp-m.gguf-a"), str(tmp_path / ".tmp-m.gguf-b")]
+
+
+def test_gguf_header_tokenizer_metadata_and_f16_weights(tmp_path):
+    import gguf
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case(budget=0)
+    tok = {"model": "llama", "pre": "", "tokens": [f"t{i}" for i in range(37)], "scores": [float(-i) for i in range(37)],
+           "token_type": [1] * 37, "merges": [], "bos_token_id": 1, "eos_token_id": 2, "unk_token_id": -1,
+           "pad_token_id": True, "add_bos_token": True, "add_eos_token": 0, "chat_template": ""}
+    save_gguf(params, cfg, tmp_path / "h.gguf", tokenizer_info=tok, dtype="f16")
+    f = _gguf_fields(tmp_path / "h.gguf")
+    assert {k: v for k, v in f.items() if k.startswith("llama.")} == {
+        "llama.block_count": 3, "llama.context_length": 64, "llama.embedding_length": 16,
+        "llama.feed_forward_length": 24, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 4, "llama.rope.freq_base": 500.0,
+        "llama.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps), "llama.vocab_size": 37}
+    assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+    tokenizer = {k: v for k, v in f.items() if k.startswith("tokenizer.")}
+    assert tokenizer.pop("tokenizer.ggml.scores") == pytest.approx(tok["scores"])
+    assert tokenizer == {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tok["tokens"],
+                         "tokenizer.ggml.token_type": [1] * 37, "tokenizer.ggml.bos_token_id": 1,
+                         "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "h.gguf")).tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32  # norms stay f32
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    save_gguf(params, cfg, tmp_path / "h.gguf", dtype="f32", overwrite=True)
+    f = _gguf_fields(tmp_path / "h.gguf")
+    assert f["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
+    assert not any(k.startswith("tokenizer.") for k in f)
+
+
+# ---- io: the export directory's writer, swap and recovery (profile io2, hf_write) --------------
+
+def _export(out, **kw):
+    return hf_write.write_hf({"w": torch.arange(3.0)}, {"model_type": "x"}, str(out), **kw)
+
+
+def test_write_hf_under_a_dangling_link_names_the_parent_it_cannot_create(tmp_path):
+    import os
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    with pytest.raises(UsageError) as err:
+        _export(tmp_path / "link" / "exp")
+    assert str(err.value) == f"cannot create {str(tmp_path / 'link')!r}: File exists"
+
+
+def test_write_hf_writes_pt_safetensors_and_its_temporary_directory_is_a_findable_sibling(tmp_path, monkeypatch):
+    import os
+
+    from safetensors import safe_open
+    out, seen = tmp_path / "exp", []
+    real = hf_write.save_file
+
+    def save_file(sd, path, **kw):  # a kill here leaves the temporary directory beside the export
+        seen.append((os.path.dirname(path), hf_write.export_leftovers(str(out))))
+        return real(sd, path, **kw)
+    monkeypatch.setattr(hf_write, "save_file", save_file)
+    assert _export(out, extra_files={"tokenizer.json": b"{}"}, config_extra={"bos_token_id": 1}) == str(out)
+    (tmp, (tmps, olds)), = seen
+    assert tmps == [tmp] and olds == [] and os.path.basename(tmp).startswith(".tmp-exp-")
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["bos_token_id"] == 1 and conf["model_type"] == "x"
+    assert sorted(conf[hf_write.EXPORT_MARKER]["files"]) == ["model.safetensors", "tokenizer.json"]
+    assert (out / "tokenizer.json").read_bytes() == b"{}"
+    _export(out)  # an intact earlier export is replaced, leaving nothing beside it
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "config.json", "model.safetensors"])
+def test_write_hf_refuses_extra_file_names_and_keeps_the_previous_export(tmp_path, name):
+    import os
+    out = tmp_path / "exp"
+    _export(out)
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    with pytest.raises(ValueError) as err:
+        _export(out, extra_files={"ok.txt": b"x", name: b"x"})
+    assert str(err.value) == f"extra file name {name!r} is not allowed in an export"
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+
+
+def _not_ours(tmp_path, out):
+    raw = str(out)
+    entries = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UsageError) as err:
+        hf_write.check_export_target(raw)
+    assert str(err.value) == (f"the export directory {raw!r} is not an ecospa export (it holds {entries[:3]}"
+                              f"{'...' if len(entries) > 3 else ''}, and no config.json with an intact "
+                              "'ecospa_export' record); an export replaces its directory, so choose a new "
+                              "or empty one")
+
+
+def test_only_an_intact_export_of_ours_may_be_replaced(tmp_path):
+    import os
+    out = tmp_path / "exp"
+    _export(out, extra_files={"tokenizer.json": b"{}"})
+    assert hf_write.check_export_target(str(out)) == str(out)
+    conf = json.loads((out / "config.json").read_text())
+    marker = conf[hf_write.EXPORT_MARKER]
+    files = marker["files"]
+
+    def with_config(text):
+        (out / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        _not_ours(tmp_path, out)
+    for changed in ({"kind": "other"}, {"files": None}, {"files": [1]},
+                    {"files": {**files, "": files["tokenizer.json"]}},
+                    {"files": {**files, "sub/x": files["tokenizer.json"]}},
+                    {"files": {**files, ".tokenizer.json": files["tokenizer.json"]}},
+                    {"files": {**files, "tokenizer.json": "x"}},
+                    {"files": {**files, "tokenizer.json": {**files["tokenizer.json"], "bytes": 3}}},
+                    {"files": {**files, "tokenizer.json": {**files["tokenizer.json"], "sha256": "0" * 64}}},
+                    {"files": {**files, "missing.bin": files["tokenizer.json"]}}):
+        with_config(json.dumps({**conf, hf_write.EXPORT_MARKER: {**marker, **changed}}))
+    with_config(json.dumps({**conf, hf_write.EXPORT_MARKER: None}))
+    with_config(json.dumps([conf]))
+    with_config("{not json")
+    with_config(b'{"a": "\xff\xfe"}')  # not UTF-8
+    with_config("[" * 100000)  # deeper than json's recursion limit
+    (out / ".tokenizer.json").write_bytes(b"{}")
+    os.symlink(out / ".tokenizer.json", out / "sub")
+    with_config(json.dumps({**conf, hf_write.EXPORT_MARKER: {**marker, "files": {**files, "sub": files["tokenizer.json"]}}}))
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    _not_ours(tmp_path, out)
+    (out / "config.json").rmdir()
+    (tmp_path / "c.json").write_text(json.dumps(conf))
+    os.symlink(tmp_path / "c.json", out / "config.json")
+    _not_ours(tmp_path, out)
+    assert sorted(p.name for p in out.iterdir()) == [".tokenizer.json", "config.json", "model.safetensors",
+                                                       "sub", "tokenizer.json"]
+
+
+def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
+    import os
+    import time
+    out = tmp_path / "exp"
+    assert hf_write.export_leftovers(str(tmp_path / "none" / "exp")) == ([], [])
+    assert hf_write.interrupted_export(str(out)) is None and hf_write.recover_export(str(out)) is None
+    _export(tmp_path / "exp.old-a")
+    _export(tmp_path / "exp.old-b", extra_files={"x.txt": b"newer"})
+    os.utime(tmp_path / "exp.old-a", (time.time() - 100, time.time() - 100))
+    (tmp_path / "exp.old-c").mkdir()  # not an intact export: removed, never restored
+    (tmp_path / ".tmp-exp-1").mkdir()
+    (tmp_path / ".tmp-exp-2").write_bytes(b"")  # a file, not a directory of ours
+    (tmp_path / ".tmp-other-1").mkdir()
+    (tmp_path / "exp.old-link").symlink_to(tmp_path / "exp.old-a")
+    want = ([str(tmp_path / ".tmp-exp-1")],
+            [str(tmp_path / f"exp.old-{k}") for k in "abc"])
+    assert hf_write.export_leftovers(str(out)) == want
+    assert hf_write.export_leftovers(str(out) + os.sep) == want
+    assert hf_write.interrupted_export(str(out)) == str(tmp_path / "exp.old-b")  # the newest intact
+    assert hf_write.recover_export(str(out)) == str(tmp_path / "exp.old-b")
+    assert (out / "x.txt").read_bytes() == b"newer"
+    assert sorted(os.listdir(tmp_path)) == [".tmp-exp-2", ".tmp-other-1", "exp", "exp.old-link"]
+    assert hf_write.interrupted_export(str(out)) is None  # something is at the path now
