@@ -1012,3 +1012,198 @@ def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
     assert (out / "x.txt").read_bytes() == b"newer"
     assert sorted(os.listdir(tmp_path)) == [".tmp-exp-2", ".tmp-other-1", "exp", "exp.old-link"]
     assert hf_write.interrupted_export(str(out)) is None  # something is at the path now
+
+
+def test_checkpointer_saves_finite_state_and_says_what_is_intact_when_it_cannot(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from ecospa.io import checkpoint
+    from ecospa.train.config import config_json
+    from ecospa.train.runtime import LOCAL
+    from ecospa.train.saving import CheckpointNotSaved, Checkpointer, TrainingDiverged
+    from test_train import MICRO
+    cfg, path = dataclasses.replace(MICRO, out=str(tmp_path)), tmp_path / "checkpoint"
+    params = llama.init(cfg.model, seed=0)
+    saver = Checkpointer(path, cfg, LOCAL, 5, None)
+    nan = params | {"norm": params["norm"] * float("nan")}
+    with pytest.raises(TrainingDiverged) as err:
+        saver.save(3, False, nan, None, (), {})
+    assert str(err.value) == ("the parameters are NaN or inf at step 3; not saved; no checkpoint was written "
+                              "(checkpoints every 5 steps). Try a lower learning rate (now 0.01).")
+    real = checkpoint.save
+
+    def full_disk(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    saver.save(3, False, params, None, (), {})
+    assert capsys.readouterr().err == ("warning: could not save the checkpoint at step 3 (OSError: disk full); "
+                                       "no checkpoint has been written yet; training goes on and saves again "
+                                       "at the next checkpoint\n")
+    with pytest.raises(CheckpointNotSaved) as err:
+        saver.save(4, True, params, None, (), {})
+    assert str(err.value) == ("could not save the checkpoint at step 4 (OSError: disk full); no checkpoint "
+                              "has been written yet. Fix the cause and run again")
+    assert saver.last_saved is None and not path.exists()
+    monkeypatch.setattr(checkpoint, "save", real)
+    saver.save(5, False, params, None, (), {"dense_params": 7})
+    assert saver.last_saved == 5 and checkpoint.load_extra(path) == {"train_config": config_json(cfg),
+                                                                     "dense_params": 7}
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    with pytest.raises(CheckpointNotSaved) as err:
+        saver.save(6, True, params, None, (), {})
+    assert str(err.value) == (f"could not save the checkpoint at step 6 (OSError: disk full); the previous "
+                              f"checkpoint (step 5) in {path} is intact. Fix the cause and run again with "
+                              "--resume")
+
+    class Rank1:
+        is_main, barriers = False, 0
+
+        def barrier(self):
+            self.barriers += 1
+    rank1 = Rank1()
+    Checkpointer(tmp_path / "other", cfg, rank1, 5, None).save(5, True, params, None, (), {})
+    assert rank1.barriers == 1 and not (tmp_path / "other").exists()  # only rank 0 writes
+
+
+def test_all_finite_reads_only_floating_point_tensors():
+    from ecospa.train.saving import all_finite
+    assert all_finite({}) and all_finite({"count": 3, "ids": torch.arange(4)})
+    assert all_finite({"count": 3, "w": torch.ones(2), "h": torch.ones(3, dtype=torch.float16)})
+    assert not all_finite({"count": 3, "w": torch.ones(2), "h": torch.tensor([1.0, float("inf")])})
+    assert not all_finite([torch.tensor([float("nan")], dtype=torch.float16), torch.ones(2)])
+
+
+def test_check_out_messages(tmp_path, monkeypatch):
+    import os
+
+    from ecospa.train.rundir import check_out
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out in (f, f / "sub" / "run"):
+        with pytest.raises(UsageError) as err:
+            check_out(out)
+        assert str(err.value) == f"--out {out}: {f} is a file, not a directory; choose another --out"
+    long = tmp_path / ("a" * 300)
+    with pytest.raises(UsageError) as err:
+        check_out(long)
+    assert str(err.value) == f"--out {str(long)[:80]}...{str(long)[-40:]}: File name too long; choose another --out"
+    from pathlib import Path
+
+    def failing(err):
+        def exists(self):
+            raise err
+        return exists
+    for n, shown in ((199, None), (200, "short")):
+        out = tmp_path / ("b" * (n - len(str(tmp_path)) - 1))
+        assert len(str(out)) == n
+        shown = str(out) if shown is None else f"{str(out)[:80]}...{str(out)[-40:]}"
+        with monkeypatch.context() as m:
+            m.setattr(Path, "exists", failing(OSError(5, "Input/output error")))
+            with pytest.raises(UsageError) as err:
+                check_out(out)
+        assert str(err.value) == f"--out {shown}: Input/output error; choose another --out"
+    with monkeypatch.context() as m:
+        m.setattr(Path, "exists", failing(OSError("no errno")))
+        with pytest.raises(UsageError) as err:
+            check_out(tmp_path / "x")
+    assert str(err.value) == f"--out {tmp_path / 'x'}: no errno; choose another --out"
+    assert check_out(tmp_path) is None and check_out(tmp_path / "new" / "run") is None
+    asked = []
+
+    def access(path, mode):  # root may write anywhere: a read-only directory, simulated
+        asked.append((path, mode))
+        return mode & os.W_OK == 0 or path != tmp_path
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(UsageError) as err:
+        check_out(tmp_path / "new" / "run")
+    assert str(err.value) == f"--out {tmp_path / 'new' / 'run'}: {tmp_path} is not writable; choose another --out"
+    assert asked[0][0] == tmp_path and asked[0][1] & os.X_OK
+
+
+def test_run_files_are_ours_and_the_leftovers_of_interrupted_writes(tmp_path):
+    import os
+
+    from ecospa.train.rundir import run_files
+    assert run_files(tmp_path / "none") == []
+    (tmp_path / "summary.json").write_text("{}")
+    os.symlink(tmp_path / "gone", tmp_path / "metrics.jsonl")  # a dangling link counts too
+    for name in (".checkpoint.old-1", ".metrics.jsonl.tmp-2", ".summary.json.trash-3", ".checkpoint.tmp-0",
+                 ".checkpoint.foo-1", ".checkpoint.old", ".other.old-1", "checkpoint.old-1", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert run_files(tmp_path) == [tmp_path / n for n in (
+        "metrics.jsonl", "summary.json", ".checkpoint.old-1", ".checkpoint.tmp-0", ".metrics.jsonl.tmp-2",
+        ".summary.json.trash-3")]
+
+
+def test_check_fresh_messages_and_what_overwrite_replaces(tmp_path):
+    import os
+
+    from ecospa.train.rundir import check_fresh
+    assert check_fresh(tmp_path, False) == [] and check_fresh(tmp_path / "new", False) == []
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(UsageError) as err:
+        check_fresh(tmp_path, False)
+    assert str(err.value) == (f"{tmp_path} already holds a training run (metrics.jsonl, summary.json); use "
+                              "--resume to continue it, --overwrite to replace it, or another --out")
+    for name in (".checkpoint.old-1", ".checkpoint.old-2", ".checkpoint.tmp-3"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(UsageError) as err:
+        check_fresh(tmp_path, False)
+    assert str(err.value) == (f"{tmp_path} already holds a training run (metrics.jsonl, summary.json, "
+                              ".checkpoint.old-1, .checkpoint.old-2, ...); use --resume to continue it, "
+                              "--overwrite to replace it, or another --out")
+    assert len(check_fresh(tmp_path, True)) == 5
+    ck = tmp_path / "checkpoint"
+    for make in (lambda: ck.write_text("x"), ck.mkdir, lambda: os.symlink(tmp_path / "real", ck)):
+        make()
+        with pytest.raises(UsageError) as err:
+            check_fresh(tmp_path, True)
+        assert str(err.value) == (f"{ck} is not an ecospa checkpoint; --overwrite replaces only ecospa's "
+                                  "own files: move it away or choose another --out")
+        os.rmdir(ck) if ck.is_dir() and not ck.is_symlink() else ck.unlink()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "manifest.json").write_text("{}")
+    os.symlink(tmp_path / "real", ck)  # a link to a checkpoint is not ours either
+    with pytest.raises(UsageError):
+        check_fresh(tmp_path, True)
+    ck.unlink()
+    ck.mkdir()
+    (ck / "manifest.json").write_text("{}")
+    assert check_fresh(tmp_path, True)[0] == ck
+    for name in ("metrics.jsonl", "summary.json"):
+        (tmp_path / name).unlink()
+        (tmp_path / name).mkdir()
+        with pytest.raises(UsageError) as err:
+            check_fresh(tmp_path, True)
+        assert str(err.value) == (f"{tmp_path / name} is not a file ecospa wrote; move it away or choose "
+                                  "another --out")
+        (tmp_path / name).rmdir()
+        os.symlink(tmp_path / "real" / "manifest.json", tmp_path / name)
+        with pytest.raises(UsageError):
+            check_fresh(tmp_path, True)
+        (tmp_path / name).unlink()
+        (tmp_path / name).write_text("")
+
+
+def test_remove_run_sets_each_file_aside_leftovers_and_checkpoint_first(tmp_path, monkeypatch):
+    import os
+
+    from ecospa.train.rundir import remove_run, run_files
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "manifest.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "keep.txt").write_text("mine")
+    os.symlink(tmp_path / "keep.txt", tmp_path / "summary.json")  # removed, its target kept
+    (tmp_path / ".metrics.jsonl.tmp-1").write_text("")
+    (tmp_path / ".checkpoint.old-2").mkdir()
+    (tmp_path / ".summary.json.trash-3").write_text("")
+    moved, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: moved.append((a.name, b.name)) or real(a, b))
+    remove_run(run_files(tmp_path) + [tmp_path / ".checkpoint.tmp-9"])  # one already gone: skipped
+    assert [a for a, _ in moved] == [".checkpoint.old-2", ".summary.json.trash-3", ".metrics.jsonl.tmp-1",
+                                     "checkpoint", "summary.json", "metrics.jsonl"]
+    for a, b in moved:
+        base = next(n for n in ("checkpoint", "metrics.jsonl", "summary.json") if a == n or a.startswith(f".{n}."))
+        assert b == a if ".trash-" in a else (b.startswith(f".{base}.trash-") and len(b) == len(base) + 16), (a, b)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "mine"
