@@ -625,6 +625,10 @@ def test_resume_needs_every_piece_of_the_training_state(micro_checkpoint, monkey
         with pytest.raises(ValueError) as err:
             resume(**change)
         assert str(err.value) == incomplete, change
+    with pytest.raises(UsageError) as err:
+        resume(step=20)  # the run's own settings, but a checkpoint past its 13 steps
+    assert str(err.value) == ("--steps 13 is below the checkpoint's step 20: a resumed run cannot go back; "
+                              "give --steps 20 or more (or leave it out)")
     nan = ck.params | {"norm": ck.params["norm"] * float("nan")}
     with pytest.raises(ValueError) as err:
         resume(params=nan)
@@ -648,6 +652,8 @@ def test_timer_skips_the_first_steps_after_each_change_and_counts_phases_apart()
         t.add("pruned", 1.0, 7)
     t.add("pruned", 4.0, 8)
     assert t.rate("pruned") == 2.0 and t.rate("dense") == 5.0
+    t.add("pruned", 1.0, 7)  # summed over the phase: 15 tokens in 5 s
+    assert t.rate("pruned") == 3.0
     t = _Timer(skip=1)
     t.add("dense", 1.0, 1)
     t.add("dense", 1.0, 3)
@@ -1065,9 +1071,15 @@ def test_checkpointer_saves_finite_state_and_says_what_is_intact_when_it_cannot(
     assert rank1.barriers == 1 and not (tmp_path / "other").exists()  # only rank 0 writes
 
 
-def test_all_finite_reads_only_floating_point_tensors():
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_finite_reads_only_floating_point_tensors(fused, monkeypatch):
     from ecospa.train.saving import all_finite
+    if not fused:  # the per-tensor check it falls back to (mixed devices, a torch without the fused norm)
+        def unavailable(*a, **k):
+            raise RuntimeError("no fused norm here")
+        monkeypatch.setattr(torch, "_foreach_norm", unavailable)
     assert all_finite({}) and all_finite({"count": 3, "ids": torch.arange(4)})
+    assert all_finite({"w": torch.ones(3)}) and not all_finite({"w": torch.tensor([float("nan")])})
     assert all_finite({"count": 3, "w": torch.ones(2), "h": torch.ones(3, dtype=torch.float16)})
     assert not all_finite({"count": 3, "w": torch.ones(2), "h": torch.tensor([1.0, float("inf")])})
     assert not all_finite([torch.tensor([float("nan")], dtype=torch.float16), torch.ones(2)])
@@ -1146,8 +1158,14 @@ def test_check_fresh_messages_and_what_overwrite_replaces(tmp_path):
         check_fresh(tmp_path, False)
     assert str(err.value) == (f"{tmp_path} already holds a training run (metrics.jsonl, summary.json); use "
                               "--resume to continue it, --overwrite to replace it, or another --out")
-    for name in (".checkpoint.old-1", ".checkpoint.old-2", ".checkpoint.tmp-3"):
+    for name in (".checkpoint.old-1", ".checkpoint.old-2"):
         (tmp_path / name).mkdir()
+    with pytest.raises(UsageError) as err:
+        check_fresh(tmp_path, False)
+    assert str(err.value) == (f"{tmp_path} already holds a training run (metrics.jsonl, summary.json, "
+                              ".checkpoint.old-1, .checkpoint.old-2); use --resume to continue it, "
+                              "--overwrite to replace it, or another --out")
+    (tmp_path / ".checkpoint.tmp-3").mkdir()
     with pytest.raises(UsageError) as err:
         check_fresh(tmp_path, False)
     assert str(err.value) == (f"{tmp_path} already holds a training run (metrics.jsonl, summary.json, "
@@ -1200,7 +1218,8 @@ def test_remove_run_sets_each_file_aside_leftovers_and_checkpoint_first(tmp_path
     (tmp_path / ".summary.json.trash-3").write_text("")
     moved, real = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: moved.append((a.name, b.name)) or real(a, b))
-    remove_run(run_files(tmp_path) + [tmp_path / ".checkpoint.tmp-9"])  # one already gone: skipped
+    # given in any order (here reversed), one already gone (skipped)
+    remove_run([tmp_path / ".checkpoint.tmp-9"] + run_files(tmp_path)[::-1])
     assert [a for a, _ in moved] == [".checkpoint.old-2", ".summary.json.trash-3", ".metrics.jsonl.tmp-1",
                                      "checkpoint", "summary.json", "metrics.jsonl"]
     for a, b in moved:
