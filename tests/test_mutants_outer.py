@@ -718,11 +718,11 @@ def test_targets_requested_and_reached_of_a_dense_and_a_pruned_tree():
 
 # ---- io: the GGUF writer (profile io2, 'ecospa.io.gguf_export.*') ------------------------------
 
-def _gguf_case(budget=0.5):
+def _gguf_case(budget=0.5, **kw):
     import ecospa
     from strategies import random_scores
     cfg = llama.Config(vocab_size=37, dim=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=24,
-                       rope_theta=500.0, init_std=0.3, max_seq_len=64)
+                       rope_theta=500.0, init_std=0.3, max_seq_len=64, **kw)
     params = llama.init(cfg, seed=1)
     if budget:
         groups = llama.coupled_groups(cfg)
@@ -809,9 +809,10 @@ def test_save_gguf_reports_what_it_wrote(tmp_path):
 
 def test_size_labels():
     from ecospa.io.gguf_export import _size_label
-    got = [_size_label(n) for n in (999, 1000, 1500, 9500, 10_000, 1_000_000, 135_000_000,
-                                    1_700_000_000, 3 * 10**12, 25 * 10**12)]
-    assert got == ["999", "1K", "1.5K", "9.5K", "10K", "1M", "135M", "1.7B", "3T", "25T"]
+    got = [_size_label(n) for n in (999, 1000, 1500, 9500, 10_000, 10_400, 12_345, 1_000_000, 135_000_000,
+                                    10**9, 1_700_000_000, 10**12, 3 * 10**12, 25 * 10**12)]
+    assert got == ["999", "1K", "1.5K", "9.5K", "10K", "10K", "12K", "1M", "135M", "1B", "1.7B", "1T", "3T",
+                   "25T"]
 
 
 def test_general_metadata_of_a_dense_and_a_pruned_model():
@@ -1226,3 +1227,44 @@ def test_remove_run_sets_each_file_aside_leftovers_and_checkpoint_first(tmp_path
         base = next(n for n in ("checkpoint", "metrics.jsonl", "summary.json") if a == n or a.startswith(f".{n}."))
         assert b == a if ".trash-" in a else (b.startswith(f".{base}.trash-") and len(b) == len(base) + 16), (a, b)
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_description_counts_every_weight_but_the_rotary_tables(tmp_path, tied):
+    import optree
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case(tie_embeddings=tied)
+    assert ("lm_head" in params) != tied
+
+    def weights(tree):
+        return sum(x.numel() for path, x in zip(*optree.tree_flatten_with_path(tree, namespace="")[:2])
+                   if "inv_freq" not in path)
+    kept, dense = weights(params), weights(llama.init(cfg, seed=1))
+    save_gguf(params, cfg, tmp_path / "w.gguf", name="tiny")
+    assert _gguf_fields(tmp_path / "w.gguf")["general.description"] == (
+        f"model structurally pruned by ecospa: {kept:,} of {dense:,} weights kept ({kept / dense:.1%}); GGUF "
+        "layout 'padded' (pruned units padded with zeros to the dense shapes)")
+
+
+def test_compact_layout_holds_a_layer_with_one_neuron(tmp_path):
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case()
+    layers = list(params["layers"])
+    layers[1] = {**layers[1], "w_gate": layers[1]["w_gate"][:, :1], "w_up": layers[1]["w_up"][:, :1],
+                 "w_down": layers[1]["w_down"][:1]}
+    info = save_gguf({**params, "layers": tuple(layers)}, cfg, tmp_path / "c.gguf", layout="compact")
+    assert info["mlp_widths"] == [13, 1, 7]
+
+
+def test_general_arrays_keep_their_element_type(tmp_path):
+    import gguf
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case(budget=0)
+    A, U32, S = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
+    general = {"general.name": {"value": "Src", "type": int(S), "sub_type": None},
+               "general.x_ids": {"value": [1, 2], "type": int(A), "sub_type": int(U32)}}
+    save_gguf(params, cfg, tmp_path / "a.gguf", general=general)
+    field = gguf.GGUFReader(str(tmp_path / "a.gguf")).fields["general.x_ids"]
+    assert field.types == [A, U32] and field.contents() == [1, 2]
