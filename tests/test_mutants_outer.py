@@ -828,7 +828,7 @@ def test_general_metadata_of_a_dense_and_a_pruned_model():
         "general.size_label": text("50"),
         "general.description": text("model structurally pruned by ecospa: 50 of 200 weights kept (25.0%); "
                                     "GGUF layout 'padded' (pruned units padded with zeros to the dense shapes)")}
-    source = {"general.name": text("Src"), "general.organization": text("Org"), "general.version": text(""),
+    source = {"general.name": text("Src"), "general.organization": text("Org"), "general.version": text("v2"),
               "general.repo_url": text("https://x"), "general.license": text("mit")}
     assert general_metadata(source, "tiny", 1500, 2000, "compact") == {
         **source,
@@ -840,7 +840,10 @@ def test_general_metadata_of_a_dense_and_a_pruned_model():
         "general.base_model.count": {"value": 1, "type": 4, "sub_type": None},
         "general.base_model.0.name": text("Src"),
         "general.base_model.0.organization": text("Org"),
+        "general.base_model.0.version": text("v2"),
         "general.base_model.0.repo_url": text("https://x")}
+    empty = general_metadata({"general.name": text("Src"), "general.organization": text("")}, "tiny", 1, 2, "padded")
+    assert "general.base_model.0.organization" not in empty and empty["general.base_model.0.name"] == text("Src")
     based = {"general.name": text("Src"), "general.base_model.count": {"value": 1, "type": 4, "sub_type": None},
              "general.base_model.0.name": text("Base")}
     got = general_metadata(based, "tiny", 1, 2, "padded")
@@ -1268,3 +1271,33 @@ def test_general_arrays_keep_their_element_type(tmp_path):
     save_gguf(params, cfg, tmp_path / "a.gguf", general=general)
     field = gguf.GGUFReader(str(tmp_path / "a.gguf")).fields["general.x_ids"]
     assert field.types == [A, U32] and field.contents() == [1, 2]
+
+
+def test_gguf_is_written_beside_its_path_then_renamed(tmp_path, monkeypatch):
+    import os
+
+    from ecospa.io import gguf_export
+    cfg, params = _gguf_case(budget=0)
+    path, seen = str(tmp_path / "m.gguf"), []
+    real = gguf_export.publish_mode
+
+    def publish_mode(tmp):  # a kill here leaves a temporary file the next export finds and removes
+        seen.append((tmp, gguf_export.gguf_leftovers(path)))
+        real(tmp)
+    monkeypatch.setattr(gguf_export, "publish_mode", publish_mode)
+    gguf_export.save_gguf(params, cfg, path)
+    (tmp, left), = seen
+    assert left == [tmp] and os.path.basename(tmp).startswith(".tmp-m.gguf-")
+    assert os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_rope_factors_are_a_float32_tensor(tmp_path):
+    import gguf
+
+    from ecospa.io.gguf_export import save_gguf
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    cfg, params = _gguf_case(budget=0, rope_scaling=scaling)
+    save_gguf(params, cfg, tmp_path / "r.gguf")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "r.gguf")).tensors}
+    assert types["rope_freqs.weight"] == gguf.GGMLQuantizationType.F32
