@@ -879,6 +879,7 @@ def test_gguf_header_tokenizer_metadata_and_f16_weights(tmp_path):
         "llama.rope.dimension_count": 4, "llama.rope.freq_base": 500.0,
         "llama.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps), "llama.vocab_size": 37}
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+    assert f["general.name"] == "ecospa model"  # no name and no source metadata given
     tokenizer = {k: v for k, v in f.items() if k.startswith("tokenizer.")}
     assert tokenizer.pop("tokenizer.ggml.scores") == pytest.approx(tok["scores"])
     assert tokenizer == {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tok["tokens"],
@@ -1301,3 +1302,40 @@ def test_rope_factors_are_a_float32_tensor(tmp_path):
     save_gguf(params, cfg, tmp_path / "r.gguf")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "r.gguf")).tensors}
     assert types["rope_freqs.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_a_failed_gguf_write_says_what_is_intact(tmp_path, monkeypatch):
+    import os
+
+    from ecospa.io import gguf_export
+    from ecospa.io.files import WriteFailed
+    cfg, params = _gguf_case(budget=0)
+    path = str(tmp_path / "m.gguf")
+    real = gguf_export.publish_mode
+
+    def full_disk(tmp):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gguf_export, "publish_mode", full_disk)
+    with pytest.raises(WriteFailed) as err:
+        gguf_export.save_gguf(params, cfg, path)
+    assert str(err.value) == (f"could not write {path}: No space left on device (disk full: free space and "
+                              "run again); nothing was written")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(gguf_export, "publish_mode", real)
+    gguf_export.save_gguf(params, cfg, path)
+    before = (tmp_path / "m.gguf").read_bytes()
+    monkeypatch.setattr(gguf_export, "publish_mode", full_disk)
+    with pytest.raises(WriteFailed) as err:
+        gguf_export.save_gguf(params, cfg, path, overwrite=True)
+    assert str(err.value) == (f"could not write {path}: No space left on device (disk full: free space and "
+                              "run again); the previous file is unchanged")
+    assert (tmp_path / "m.gguf").read_bytes() == before and os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_padded_gguf_holds_a_layer_with_no_mlp_neuron(tmp_path):
+    from ecospa.io.gguf_export import save_gguf
+    cfg, params = _gguf_case()
+    layers = list(params["layers"])
+    layers[1] = {**layers[1], "w_gate": layers[1]["w_gate"][:, :0], "w_up": layers[1]["w_up"][:, :0],
+                 "w_down": layers[1]["w_down"][:0]}
+    assert save_gguf({**params, "layers": tuple(layers)}, cfg, tmp_path / "p.gguf")["mlp_widths"] == [13, 0, 7]
