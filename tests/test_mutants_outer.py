@@ -1339,3 +1339,33 @@ def test_padded_gguf_holds_a_layer_with_no_mlp_neuron(tmp_path):
     layers[1] = {**layers[1], "w_gate": layers[1]["w_gate"][:, :0], "w_up": layers[1]["w_up"][:, :0],
                  "w_down": layers[1]["w_down"][:0]}
     assert save_gguf({**params, "layers": tuple(layers)}, cfg, tmp_path / "p.gguf")["mlp_widths"] == [13, 0, 7]
+
+
+def test_padded_gguf_notes_one_pruned_mlp_and_writes_a_one_layer_model(tmp_path):
+    import dataclasses
+
+    from ecospa.io.gguf_export import save_gguf
+    cfg, _ = _gguf_case(budget=0)
+    dense = llama.init(cfg, seed=1)
+    one = {**dense, "layers": tuple({**p, "w_gate": p["w_gate"][:, :12], "w_up": p["w_up"][:, :12],
+                                     "w_down": p["w_down"][:12]} if i == 1 else p
+                                    for i, p in enumerate(dense["layers"]))}
+    assert save_gguf(one, cfg, tmp_path / "o.gguf")["notes"] == [
+        "MLP widths 12..24 padded with zeros to 24 (llama.cpp's llama architecture has one "
+        "feed_forward_length; --format gguf-compact writes the kept neurons only)"]
+    cfg1 = dataclasses.replace(cfg, n_layers=1)
+    info = save_gguf(llama.init(cfg1, seed=1), cfg1, tmp_path / "l.gguf")
+    assert info["mlp_widths"] == [24] and info["notes"] == []
+
+
+def test_attention_note_reads_the_rotary_pairs_and_value_dims(tmp_path):
+    from ecospa.io.gguf_export import save_gguf
+    cfg = llama.Config(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, max_seq_len=64)
+    dense = llama.init(cfg, seed=1)  # head_dim 8: wq [D, KV heads 2, group 2, 2, pairs 4]
+    assert save_gguf(dense, cfg, tmp_path / "d.gguf")["notes"] == []
+    qk = {**dense, "layers": (dense["layers"][0], {**dense["layers"][1], "wq": dense["layers"][1]["wq"][..., :3],
+                                                   "wk": dense["layers"][1]["wk"][..., :3],
+                                                   "inv_freq": dense["layers"][1]["inv_freq"][..., :3]})}
+    assert save_gguf(qk, cfg, tmp_path / "q.gguf")["notes"] == [
+        "pruned attention written padded (zero Q/K pairs and V/O dims): exact, but llama.cpp computes the "
+        "full head size"]
