@@ -940,6 +940,10 @@ def test_write_hf_writes_pt_safetensors_and_its_temporary_directory_is_a_findabl
 def test_write_hf_refuses_extra_file_names_and_keeps_the_previous_export(tmp_path, name):
     import os
     out = tmp_path / "exp"
+    with pytest.raises(ValueError) as err:  # a first export: nothing is left
+        _export(out, extra_files={name: b"x"})
+    assert str(err.value) == f"extra file name {name!r} is not allowed in an export"
+    assert os.listdir(tmp_path) == []
     _export(out)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}
     with pytest.raises(ValueError) as err:
@@ -1369,3 +1373,23 @@ def test_attention_note_reads_the_rotary_pairs_and_value_dims(tmp_path):
     assert save_gguf(qk, cfg, tmp_path / "q.gguf")["notes"] == [
         "pruned attention written padded (zero Q/K pairs and V/O dims): exact, but llama.cpp computes the "
         "full head size"]
+
+
+def test_export_config_is_sorted_indented_and_its_marker_lists_each_file(tmp_path):
+    import hashlib
+    out = tmp_path / "exp"
+    hf_write.write_hf({"w": torch.arange(3.0)}, {"model_type": "x", "hidden": 4}, str(out),
+                      extra_files={"tokenizer.json": b"{}"}, config_extra={"bos_token_id": 1})
+    text = (out / "config.json").read_text()
+    conf = json.loads(text)
+    assert text == json.dumps(conf, indent=2, sort_keys=True)  # diffable: sorted keys, 2 spaces
+    assert list(conf) == ["bos_token_id", hf_write.EXPORT_MARKER, "hidden", "model_type"]
+
+    def record(name):
+        data = (out / name).read_bytes()
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert conf[hf_write.EXPORT_MARKER] == {
+        "kind": "ecospa-hf-export",
+        "files": {"model.safetensors": record("model.safetensors"), "tokenizer.json": record("tokenizer.json")},
+        "note": "written by ecospa; a later export replaces this directory only while it holds just these "
+                "files, unchanged"}
