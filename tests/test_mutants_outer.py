@@ -1393,3 +1393,22 @@ def test_export_config_is_sorted_indented_and_its_marker_lists_each_file(tmp_pat
         "files": {"model.safetensors": record("model.safetensors"), "tokenizer.json": record("tokenizer.json")},
         "note": "written by ecospa; a later export replaces this directory only while it holds just these "
                 "files, unchanged"}
+
+
+def test_a_swap_killed_between_its_renames_leaves_an_export_that_is_put_back(tmp_path, monkeypatch):
+    import os
+    out, seen = tmp_path / "exp", []
+    _export(out, extra_files={"x.txt": b"first"})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # an empty working directory
+    real = os.replace
+
+    def replace(a, b):
+        if len(seen) == 1:  # a kill here: the old export set aside, the new one not yet in place
+            seen.append(hf_write.interrupted_export(str(out)))
+        seen.append(b)
+        real(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    _export(out, extra_files={"x.txt": b"second"})
+    assert seen[1] == seen[0] and os.path.basename(seen[0]).startswith("exp.old-.tmp-exp-")
+    assert (out / "x.txt").read_bytes() == b"second" and sorted(os.listdir(tmp_path)) == ["cwd", "exp"]
