@@ -1412,3 +1412,26 @@ def test_a_swap_killed_between_its_renames_leaves_an_export_that_is_put_back(tmp
     _export(out, extra_files={"x.txt": b"second"})
     assert seen[1] == seen[0] and os.path.basename(seen[0]).startswith("exp.old-.tmp-exp-")
     assert (out / "x.txt").read_bytes() == b"second" and sorted(os.listdir(tmp_path)) == ["cwd", "exp"]
+
+
+def test_a_swap_whose_second_rename_fails_puts_the_old_export_back(tmp_path, monkeypatch):
+    import os
+
+    from ecospa.io.files import WriteFailed
+    out = tmp_path / "exp"
+    _export(out, extra_files={"x.txt": b"first"})
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:  # the new export into place
+            raise OSError(28, "No space left on device")
+        real(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(WriteFailed) as err:
+        _export(out, extra_files={"x.txt": b"second"})
+    assert str(err.value) == (f"could not write {out}: No space left on device (disk full: free space and run "
+                              "again); the previous export, if any, is unchanged")
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["exp"]
