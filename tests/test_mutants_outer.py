@@ -976,6 +976,11 @@ def test_only_an_intact_export_of_ours_may_be_replaced(tmp_path):
     def with_config(text):
         (out / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
         _not_ours(tmp_path, out)
+    # files a bad record could name: they exist with the listed size and sha256, so only the
+    # name rules (no separator, no leading dot) keep them from counting as the export's
+    (out / ".tokenizer.json").write_bytes(b"{}")
+    (out / "sub").mkdir()
+    (out / "sub" / "x").write_bytes(b"{}")
     for changed in ({"kind": "other"}, {"files": None}, {"files": [1]},
                     {"files": {**files, "": files["tokenizer.json"]}},
                     {"files": {**files, "sub/x": files["tokenizer.json"]}},
@@ -990,9 +995,8 @@ def test_only_an_intact_export_of_ours_may_be_replaced(tmp_path):
     with_config("{not json")
     with_config(b'{"a": "\xff\xfe"}')  # not UTF-8
     with_config("[" * 100000)  # deeper than json's recursion limit
-    (out / ".tokenizer.json").write_bytes(b"{}")
-    os.symlink(out / ".tokenizer.json", out / "sub")
-    with_config(json.dumps({**conf, hf_write.EXPORT_MARKER: {**marker, "files": {**files, "sub": files["tokenizer.json"]}}}))
+    os.symlink(out / ".tokenizer.json", out / "link")
+    with_config(json.dumps({**conf, hf_write.EXPORT_MARKER: {**marker, "files": {**files, "link": files["tokenizer.json"]}}}))
     (out / "config.json").unlink()
     (out / "config.json").mkdir()
     _not_ours(tmp_path, out)
@@ -1000,8 +1004,8 @@ def test_only_an_intact_export_of_ours_may_be_replaced(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(conf))
     os.symlink(tmp_path / "c.json", out / "config.json")
     _not_ours(tmp_path, out)
-    assert sorted(p.name for p in out.iterdir()) == [".tokenizer.json", "config.json", "model.safetensors",
-                                                       "sub", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".tokenizer.json", "config.json", "link",
+                                                       "model.safetensors", "sub", "tokenizer.json"]
 
 
 def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
