@@ -1096,6 +1096,12 @@ def test_all_finite_reads_only_floating_point_tensors(fused, monkeypatch):
     assert all_finite({"count": 3, "w": torch.ones(2), "h": torch.ones(3, dtype=torch.float16)})
     assert not all_finite({"count": 3, "w": torch.ones(2), "h": torch.tensor([1.0, float("inf")])})
     assert not all_finite([torch.tensor([float("nan")], dtype=torch.float16), torch.ones(2)])
+    # finite half-precision values whose norm overflows (100 x sqrt(1e6) = 1e5 > 65504): finite,
+    # not a false "diverged"; one NaN among them is still caught
+    big = torch.full((1_000_000,), 100.0, dtype=torch.float16)
+    assert all_finite({"w": big, "b": torch.full((10,), 3e4, dtype=torch.bfloat16)})
+    big[123] = float("nan")
+    assert not all_finite({"w": big})
 
 
 def test_check_out_messages(tmp_path, monkeypatch):
