@@ -150,22 +150,27 @@ def _kd_loss(fam, cfg, teacher, w):
     return loss
 
 
+def _losses_of(model, seed, prune, weight, rows, T):
+    """(fam, cfg, params, batch [rows, T+1], the whole-logits loss, its TokenLoss): plain
+    cross-entropy (weight None) or the distillation mix with a teacher 1.1x the student."""
+    module, cfg = model
+    fam = family_of(cfg)
+    params, _ = _model(module, cfg, seed, prune)
+    teacher = optree.tree_map(lambda x: x * 1.1, params, namespace="")
+    T = min(T, cfg.max_seq_len)
+    batch = torch.randint(0, cfg.vocab_size, (rows, T + 1), generator=torch.Generator().manual_seed(seed))
+    if weight is None:
+        return fam, cfg, params, batch, lm_loss(fam.forward, cfg), CE
+    return fam, cfg, params, batch, _kd_loss(fam, cfg, teacher, weight), distill_loss(fam, cfg, teacher, weight)
+
+
 @settings(max_examples=10, deadline=None)
 @given(models(decoders=True), seeds, st.booleans(), st.integers(1, 11), st.sampled_from([None, 0.3]))
 def test_every_leaf_and_the_loss_equal_grad_and_value(model, seed, prune, chunk, weight):
     """reads=None (a training step): every leaf's gradient, a tied embedding's two uses summed,
     and the loss value, equal torch.func.grad_and_value; with a teacher (weight 0.3, where
     swapping the two terms' weights gives another loss) as with plain cross-entropy."""
-    module, cfg = model
-    fam = family_of(cfg)
-    params, _ = _model(module, cfg, seed, prune)
-    teacher = optree.tree_map(lambda x: x * 1.1, params, namespace="")
-    T = min(6, cfg.max_seq_len)
-    batch = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(seed))
-    if weight is None:
-        whole_loss, tl = lm_loss(fam.forward, cfg), CE
-    else:
-        whole_loss, tl = _kd_loss(fam, cfg, teacher, weight), distill_loss(fam, cfg, teacher, weight)
+    fam, cfg, params, batch, whole_loss, tl = _losses_of(model, seed, prune, weight, rows=2, T=6)
     g0, v0 = torch.func.grad_and_value(whole_loss)(params, batch)
     g1, v1 = layer_grad_and_value(fam, cfg, tl, head_chunk=chunk)(params, batch)
     close(v1, v0.float())
@@ -182,16 +187,7 @@ def test_chunked_loss_equals_the_whole_logits_loss(model, seed, prune, chunk, we
     """``chunked_loss`` (the evaluation's loss, a few tokens' logits at a time) has the value of
     the whole-logits loss: plain cross-entropy and the distillation mix, at chunks that do and
     do not divide the positions, with no gradient kept."""
-    module, cfg = model
-    fam = family_of(cfg)
-    params, _ = _model(module, cfg, seed, prune)
-    teacher = optree.tree_map(lambda x: x * 1.1, params, namespace="")
-    T = min(7, cfg.max_seq_len)
-    batch = torch.randint(0, cfg.vocab_size, (3, T + 1), generator=torch.Generator().manual_seed(seed))
-    if weight is None:
-        whole_loss, tl = lm_loss(fam.forward, cfg), CE
-    else:
-        whole_loss, tl = _kd_loss(fam, cfg, teacher, weight), distill_loss(fam, cfg, teacher, weight)
+    fam, cfg, params, batch, whole_loss, tl = _losses_of(model, seed, prune, weight, rows=3, T=7)
     got = chunked_loss(fam, cfg, tl, head_chunk=chunk)(params, batch)
     assert not got.requires_grad
     close(got, whole_loss(params, batch).float())

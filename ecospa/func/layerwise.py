@@ -33,6 +33,14 @@ from ecospa.func._block import run
 HEAD_CHUNK = 128  # tokens (rows x positions) per head chunk: [B, 128 // B, V] logits at a time
 
 
+def _chunks(x: torch.Tensor, head_chunk: int):
+    """(first position, positions) of each head chunk of x [B, T, D]: about ``head_chunk`` tokens
+    (rows x positions), at least one position."""
+    B, T = x.shape[:2]
+    step = max(1, head_chunk // B)
+    return [(s, step) for s in range(0, T, step)]
+
+
 def layer_reads(reads: Optional[Sequence]) -> Optional[dict]:
     """{layer index: leaf names} for ``reads`` (leaf paths), or None when a path is not a layer
     leaf ("layers", i, name): such a gradient needs the whole backward pass."""
@@ -117,9 +125,7 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
         x_last = xs.pop()
         g = torch.empty_like(x_last)
         top_grads, value = None, torch.zeros((), dtype=torch.float32)
-        B, T = x_last.shape[:2]
-        step = max(1, head_chunk // B)  # positions per chunk: about head_chunk tokens' logits
-        for s in range(0, T, step):  # dLoss/dx_L (and the head's gradient), a few tokens at a time
+        for s, step in _chunks(x_last, head_chunk):  # dLoss/dx_L (and the head's gradient), a few tokens at a time
             xc = x_last[:, s:s + step]
 
             def head_loss(top_p, xc, s=s):
@@ -179,9 +185,8 @@ def chunked_loss(fam, cfg, loss: TokenLoss = CE, head_chunk: int = HEAD_CHUNK) -
         ctx = loss.prepare(batch)
         x = run(fam.embed, fam.layer, lambda p, x, c: x, params, batch[:, :-1], cfg)[0]
         B, T = x.shape[:2]
-        step = max(1, head_chunk // B)
         total = torch.zeros((), dtype=torch.float32)
-        for s in range(0, T, step):
+        for s, step in _chunks(x, head_chunk):
             total += loss.chunk(fam.head(params, x[:, s:s + step], cfg), batch, s, ctx).float()
         return total / (B * T)
 

@@ -158,7 +158,10 @@ def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _put(old: torch.Tensor, new: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``new`` in ``old``'s shape: written into ``old`` itself when ``inplace``, else a new tensor."""
+    """``new`` in ``old``'s shape: written into ``old`` itself when ``inplace``, else a new tensor
+    (the bias row cloned out of the solve's result, the weight rows kept where they are: a
+    ``clone`` of those moves them to another allocation, and the next sublayer's matmuls then
+    differ in the last bits from the in-place refit's, which the tests compare bit for bit)."""
     if inplace:
         return old.copy_(new.reshape(old.shape))
     return new.reshape(old.shape).clone() if new.ndim == 1 else new.reshape(old.shape).contiguous()
