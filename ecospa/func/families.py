@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ecospa._tree import FP32_BUFFERS
 from ecospa.func import gpt2, llama, vit
 
 
@@ -43,7 +42,6 @@ class Family:
     unit_sizes: Callable       # (cfg) -> {group kind: dense units per block} for "qk", "vo"
     slots: Callable = lambda p, cfg: {}          # (p, cfg) -> {kind: [H, k] original slot of each kept unit}
     dense_buffers: Callable = lambda p, cfg, slots: {}  # (p, cfg, slots) -> {leaf: dense value} of unmasked members
-    buffers: frozenset = frozenset()  # leaf names that are buffers (never trained, kept >= fp32)
     decoder: bool = True       # causal LM over token ids; False: an encoder (no cache, no decoding)
 
 
@@ -57,7 +55,7 @@ FAMILIES = {
     "llama": _module_family("llama", llama, embed_leaf="embed", ffn_in="w_up",
                             matmuls=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"),
                             unit_sizes=llama.unit_sizes, slots=llama.slots,
-                            dense_buffers=llama.dense_buffers, buffers=FP32_BUFFERS),
+                            dense_buffers=llama.dense_buffers),
     "gpt2": _module_family("gpt2", gpt2, embed_leaf="wte", ffn_in="w_in",
                            matmuls=("wq", "wk", "wv", "wo", "w_in", "w_out"),
                            unit_sizes=gpt2.unit_sizes),
@@ -83,9 +81,4 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def is_buffer(path) -> bool:
-    """Whether the leaf at ``path`` is a buffer (rotary frequencies), not a trained weight."""
-    return bool(path) and path[-1] in FP32_BUFFERS
-
-
-__all__ = ["Family", "FAMILIES", "family_of", "family", "is_buffer"]
+__all__ = ["Family", "FAMILIES", "family_of", "family"]
