@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="llama-tiny only, --steps 2; writes the _quick file")
     ap.add_argument("--out", help=f"results file (default {os.path.relpath(RESULTS, ROOT)})")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the file's other rows (a row of the same model and steps is replaced)")
+                    help="keep the file's other rows (a row of the same model, steps and command is replaced)")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.steps = ["llama-tiny"], [2]
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     if args.merge and os.path.isfile(out_path):
         with open(out_path, encoding="utf-8") as f:
             before = json.load(f)
-        new = {(r["model"], r["steps"]) for r in rows}
-        rows = [r for r in before.get("rows", []) if (r["model"], r["steps"]) not in new] + rows
+        new = {(r["model"], r["steps"], r["command"]) for r in rows}
+        rows = [r for r in before.get("rows", []) if (r["model"], r["steps"], r["command"]) not in new] + rows
         cond = {"runs": before.get("conditions", {}).get("runs", [before.get("conditions")]) + [cond]}
     write_results(out_path, {"conditions": cond, "rows": rows})
     return 0

@@ -142,6 +142,11 @@ def test_owned_copies_exactly_the_leaves_another_tree_uses():
     assert got["layers"][0]["w"] is student["layers"][0]["w"]  # its own tensor: not copied
     assert _owned(view, dense)["embed"].untyped_storage().data_ptr() != dense["embed"].untyped_storage().data_ptr()
     assert _owned(student, None)["embed"] is dense["embed"]
+    # --no-train-embedding: the fixed leaf stays the teacher's tensor, the others are still copied
+    both = {"embed": dense["embed"], "norm": dense["layers"][0]["w"][0], "layers": student["layers"]}
+    got = _owned(both, dense, skip=("embed",))
+    assert got["embed"] is dense["embed"] and list(got) == list(both)
+    assert got["norm"].untyped_storage().data_ptr() != dense["layers"][0]["w"].untyped_storage().data_ptr()
 
 
 def test_in_place_recovery_leaves_the_teacher_and_the_numbers_as_they_were(tmp_path, monkeypatch):

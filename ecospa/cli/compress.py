@@ -96,6 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with one layer's activations and a few tokens' logits in memory, one more forward pass; "
                    "the perplexities also a few tokens' logits at a time; --no-layerwise: one backward pass "
                    "through the whole model, --micro-batch rows at a time, whole logits)")
+    p.add_argument("--train-embedding", action=argparse.BooleanOptionalAction,
+                   default=_DEFAULTS["train_embedding"],
+                   help="recovery trains the token embedding (with a tied head such as SmolLM2's, the head "
+                   "too); --no-train-embedding holds it at the dense values: no gradient, no AdamW moments "
+                   "and no copy of it (less memory and time)")
     p.add_argument("--eval-seq-len", type=positive_int, default=_DEFAULTS["eval_seq_len"],
                    help="predictions per held-out window (`ecospa eval --seq-len`)")
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",

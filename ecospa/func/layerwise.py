@@ -97,18 +97,26 @@ def distill_loss(fam, cfg, teacher: Params, weight: float) -> TokenLoss:
 
 
 def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequence] = None,
-                         head_chunk: int = HEAD_CHUNK) -> Callable:
+                         head_chunk: int = HEAD_CHUNK, frozen: Sequence[str] = ()) -> Callable:
     """``fn(params, batch [B, T+1]) -> (grads, loss)``: like ``torch.func.grad_and_value`` of
     ``loss`` over the family's forward, with one layer's activations in memory (module docstring).
 
     ``reads``: leaf paths ("layers", i, name) whose gradient is wanted; every other leaf is None
     in the result, and the embedding/head gradient is not computed. None: every leaf, the
     embedding, norms and head included (a training step), with a tied embedding's two uses summed.
+    ``frozen`` (with reads=None): top-level leaves (e.g. ``fam.embed_leaf``) that are held fixed:
+    their gradient is not computed and they are absent from ``grads`` (whose keys are then the
+    params' others): ``torch.func.grad_and_value`` of ``lambda rest: loss({**rest, **fixed})``.
     """
     wanted = layer_reads(reads)
     if reads is not None and wanted is None:
         raise ValueError("with reads, layer_grad_and_value computes the gradients of layer leaves "
                          "only (paths ('layers', i, name)); give reads=None for every leaf")
+    frozen = frozenset(frozen)
+    if "layers" in frozen:
+        raise ValueError("frozen names top-level leaves outside 'layers' (e.g. the embedding)")
+    if frozen and reads is not None:
+        raise ValueError("frozen applies to a training step's gradient (reads=None)")
     if head_chunk < 1:
         raise ValueError(f"head_chunk must be >= 1, got {head_chunk}")
 
@@ -116,7 +124,8 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
         tokens = batch[:, :-1]
         n_tokens = tokens.numel()
         layers = params["layers"]
-        top = {k: v for k, v in params.items() if k != "layers"} if reads is None else {}
+        top = {k: v for k, v in params.items() if k != "layers" and k not in frozen} \
+            if reads is None else {}
         with torch.no_grad():
             ctx = loss.prepare(batch)
             xs = [fam.embed(params, tokens, None, cfg)]

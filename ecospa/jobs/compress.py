@@ -121,14 +121,17 @@ def _calib_grads(job: Job, fam, cfg, est):
     return lm_layer_grads(fam, cfg, reads)
 
 
-def _owned(params, *others):
+def _owned(params, *others, skip=()):
     """``params`` with a copy of every leaf whose storage a tree in ``others`` also uses (the
     leaves pruning left as they were are the dense model's own tensors): what an in-place update
-    of ``params`` may write without changing ``others``."""
+    of ``params`` may write without changing ``others``. The top-level leaves named in ``skip``
+    (held fixed by recovery, never written) stay shared."""
     theirs = {x.untyped_storage().data_ptr() for t in others if t is not None
               for x in optree.tree_leaves(t, namespace="") if torch.is_tensor(x)}
-    return optree.tree_map(lambda x: x.clone() if torch.is_tensor(x) and
-                           x.untyped_storage().data_ptr() in theirs else x, params, namespace="")
+    own = optree.tree_map(lambda x: x.clone() if torch.is_tensor(x) and
+                          x.untyped_storage().data_ptr() in theirs else x,
+                          {k: v for k, v in params.items() if k not in skip}, namespace="")
+    return {k: own[k] if k in own else v for k, v in params.items()}
 
 
 def _losses(fam, cfg, teacher, job: Job):
@@ -155,14 +158,23 @@ def _losses(fam, cfg, teacher, job: Job):
     by_layer = None
     if job.layerwise and fam.decoder:
         per_token = distill_loss(fam, cfg, teacher, job.distill_weight) if job.distill else CE
-        by_layer = layer_grad_and_value(fam, cfg, per_token)
+        by_layer = layer_grad_and_value(fam, cfg, per_token, frozen=frozen_leaves(fam, job))
     return ce, (distill if job.distill else ce), by_layer
 
 
+def frozen_leaves(fam, job: Job) -> tuple:
+    """The top-level leaves recovery holds fixed: the token embedding with
+    ``--no-train-embedding`` (with a tied head, the head too), else none."""
+    return () if job.train_embedding else (fam.embed_leaf,)
+
+
 def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=None,
-            grad_and_value=None):
+            grad_and_value=None, frozen=()):
     """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses).
     ``on_step(i, params)`` runs after step i (1-based), e.g. to evaluate a curve.
+    ``frozen``: top-level leaves held fixed (no gradient, no AdamW moments; never written, so
+    they may share storage with the teacher); ``grad_and_value`` then returns no gradient for
+    them (``layer_grad_and_value(..., frozen=...)``).
 
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
@@ -172,6 +184,14 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         return params, []
     lr = job.lr if job.lr_schedule == "constant" or not steps else \
         warmup_cosine(job.lr, min(job.warmup, steps), steps)
+    fixed = {k: params[k] for k in frozen}
+    order = list(params)
+    if fixed:  # train the rest: the loss and gradient see the fixed leaves, the optimizer does not
+        params = {k: v for k, v in params.items() if k not in fixed}
+        loss_of, grad_and_value = train_loss, grad_and_value and (
+            lambda rest, batch, fn=grad_and_value: fn({**rest, **fixed}, batch))
+        train_loss = lambda rest, batch: loss_of({**rest, **fixed}, batch)  # noqa: E731
+    whole = (lambda p: {k: p[k] if k in p else fixed[k] for k in order}) if fixed else (lambda p: p)
     opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
     # donate: AdamW updates the params and its moments in place (no second model and moments at
@@ -191,10 +211,11 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
         params, state = new_params, new_state
         losses.append(float(loss))
         if on_step is not None:
-            on_step(step + 1, params)
+            on_step(step + 1, whole(params))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
+    params = whole(params)
     check_finite(params, f"after {steps} recovery steps with --lr {job.lr}")
     return params, losses
 
@@ -338,9 +359,10 @@ def _compress(job: Job, loaded) -> dict:
         t0 = time.perf_counter()
         with ph("recover"):  # with its --eval-at curve points
             if per_round:
-                params = _owned(params, dense)  # recovery updates params in place: never the teacher
+                # recovery updates params in place: never the teacher (a fixed leaf stays shared)
+                params = _owned(params, dense, skip=frozen_leaves(fam, job))
             params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
-                                     grad_and_value=train_grads)
+                                     grad_and_value=train_grads, frozen=frozen_leaves(fam, job))
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None)

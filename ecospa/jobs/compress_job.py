@@ -61,6 +61,9 @@ class Job:
     #                                        activations in memory, one more forward pass; the perplexities
     #                                        with 128 tokens' logits at a time (chunked_loss); False:
     #                                        torch.func.grad of the whole forward, whole logits
+    train_embedding: bool = True           # recovery trains the token embedding (with a tied head, the head
+    #                                        too); False: held at the dense values (no gradient, no AdamW
+    #                                        moments, no copy: it stays the teacher's tensor)
     eval_seq_len: int = 512
     eval_windows: Optional[int] = 40
     eval_batch_size: int = 1               # windows per held-out forward: 1 keeps one window's logits [T, V] in
