@@ -109,7 +109,7 @@ def test_the_job_keeps_the_dense_embedding_bit_for_bit_and_the_default_trains_it
     assert not torch.equal(outs[False]["norm"], dense["norm"])  # recovery ran
 
 
-def test_the_cli_flag_reaches_the_job(monkeypatch, tiny_gguf, tmp_path):
+def test_the_recovery_flags_reach_the_job(monkeypatch, tiny_gguf, tmp_path):
     from ecospa import cli
     import ecospa.cli.compress as cli_mod
     seen = []
@@ -119,3 +119,6 @@ def test_the_cli_flag_reaches_the_job(monkeypatch, tiny_gguf, tmp_path):
         argv = ["compress", "--model", str(tiny_gguf), "--budget", "0.4", "--out", str(tmp_path / "x")]
         assert cli.main(argv + ([flag] if flag else [])) == 0
         assert seen[-1].train_embedding is want, flag
+        assert (seen[-1].teacher_rows, seen[-1].teacher_pool) == (0, 32)  # the defaults
+    assert cli.main(argv + ["--teacher-rows", "3", "--teacher-pool", "7"]) == 0
+    assert (seen[-1].teacher_rows, seen[-1].teacher_pool) == (3, 7)

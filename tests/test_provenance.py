@@ -132,3 +132,58 @@ def test_distillation_loss_is_kl_teacher_to_student_at_its_weight(tiny_gguf):
     assert abs(got - float(want)) < 1e-4 * max(1.0, abs(float(want)))
     for wrong in (0.7 * ce + 0.3 * kl_st, 0.3 * ce + 0.7 * kl_ts):
         assert abs(got - float(wrong)) > 1e-3
+
+
+def test_teacher_rows_are_the_dense_models_own_text_and_the_rest_train(tiny_gguf, spied, monkeypatch):
+    """``--teacher-rows 1 --teacher-pool 3``: the pool is sampled once, from the DENSE model (the
+    teacher, before pruning) at temperature 1, each sequence from one TRAIN token; every recovery
+    batch is TRAIN windows plus the pool's rows in turn (0, 1, 2, 0: cycled), and no val text."""
+    made = []
+    real = job_mod.generate
+
+    def generate(params, cfg, prompt, n, **kw):
+        out = real(params, cfg, prompt, n, **kw)
+        made.append((params, prompt, n, kw, out))
+        return out
+
+    monkeypatch.setattr(job_mod, "generate", generate)
+    job = Job(str(tiny_gguf), budget=0.3, teacher_rows=1, teacher_pool=3, **dict(FAST, steps=4))
+    compress(job)
+    _, dense, tok = load_model(str(tiny_gguf))
+    train = _bytes(encode(tok, corpus("pydoc", "train")))
+    (params, prompt, n, kw, pool), = made  # one generate call: 3 sequences < GEN_BATCH
+    assert all(torch.equal(params[k], dense[k]) for k in ("embed", "norm"))
+    assert params["layers"][0]["w_up"].shape == dense["layers"][0]["w_up"].shape  # not the pruned model
+    assert kw["temperature"] == 1.0 and n == job.seq_len and prompt.shape == (3, 1)
+    assert all(_in(t, train) for t in prompt)
+    assert pool.shape == (3, job.seq_len + 1)
+    assert not any(_in(row, train) for row in pool)  # generated, not copied from the text
+    batches = spied["recover"]
+    assert len(batches) == 4
+    for step, batch in enumerate(batches):
+        assert batch.shape == (job.batch_size, job.seq_len + 1)
+        assert all(_in(row, train) for row in batch[:-1])
+        assert torch.equal(batch[-1], pool[step % 3])
+
+
+def test_recovery_batch_cycles_the_pool_rows():
+    ids = torch.arange(1000)
+    pool = torch.arange(5 * 9).reshape(5, 9) + 10_000
+    job = Job("x", budget=0.3, batch_size=4, seq_len=8, teacher_rows=2, progress=False)
+    got = [job_mod.recovery_batch(ids, pool, job, s, seed=0) for s in range(3)]
+    for s, b in enumerate(got):
+        assert b.shape == (4, 9)
+        assert torch.equal(b[:2], job_mod.batch_at(ids, s, 2, 8, 0))
+        assert torch.equal(b[2:], pool[[(2 * s) % 5, (2 * s + 1) % 5]])
+    whole = Job("x", budget=0.3, batch_size=2, seq_len=8, teacher_rows=2, progress=False)
+    assert torch.equal(job_mod.recovery_batch(ids, pool, whole, 1, seed=0), pool[[2, 3]])
+    assert torch.equal(job_mod.recovery_batch(ids, None, job, 1, seed=0), job_mod.batch_at(ids, 1, 4, 8, 0))
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(teacher_rows=5), r"--teacher-rows must be a whole number in \[0, --batch-size 4\], got 5"),
+                                     (dict(teacher_rows=-1), "--teacher-rows"),
+                                     (dict(teacher_pool=0), "--teacher-pool must be a whole number >= 1, got 0")])
+def test_teacher_options_are_checked(kw, msg):
+    from ecospa.errors import UsageError
+    with pytest.raises(UsageError, match=msg):
+        Job("x", budget=0.3, batch_size=4, **kw)

@@ -96,6 +96,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with one layer's activations and a few tokens' logits in memory, one more forward pass; "
                    "the perplexities also a few tokens' logits at a time; --no-layerwise: one backward pass "
                    "through the whole model, --micro-batch rows at a time, whole logits)")
+    p.add_argument("--teacher-rows", type=nonneg_int, default=_DEFAULTS["teacher_rows"],
+                   help="rows of every recovery batch that are text sampled from the dense model itself "
+                   "(temperature 1, each started from one TRAIN token; no other data): general text for "
+                   "the distillation; the other rows are TRAIN windows (0: TRAIN only)")
+    p.add_argument("--teacher-pool", type=positive_int, default=_DEFAULTS["teacher_pool"],
+                   help="sequences of --seq-len tokens sampled from the dense model once, before recovery, "
+                   "and cycled through by --teacher-rows")
     p.add_argument("--train-embedding", action=argparse.BooleanOptionalAction,
                    default=_DEFAULTS["train_embedding"],
                    help="recovery trains the token embedding (with a tied head such as SmolLM2's, the head "

@@ -41,6 +41,7 @@ from ecospa.io.data import batch_at, corpus
 from ecospa.io.files import exclusive, write_errors
 from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
 from ecospa.jobs.evaluate import perplexity
+from ecospa.jobs.generate import generate
 from ecospa.jobs.compress_job import Job, check_out_dir
 from ecospa.jobs.phases import Phases
 from ecospa.jobs.export import (GGUF_LAYOUTS, export, source_general_info, source_special_tokens,
@@ -168,13 +169,42 @@ def frozen_leaves(fam, job: Job) -> tuple:
     return () if job.train_embedding else (fam.embed_leaf,)
 
 
+GEN_BATCH = 16  # sequences sampled at a time for --teacher-rows
+
+
+def teacher_text(teacher, cfg, ids: torch.Tensor, job: Job, on_token=None) -> torch.Tensor:
+    """``--teacher-pool`` sequences [N, seq_len + 1] sampled from the dense model at temperature 1,
+    each started from one token of the TRAIN text (``ids``; the rest is the model's own text):
+    general text for the distillation that no external corpus provides. Deterministic in
+    ``job.seed``."""
+    starts = batch_at(ids, 0, job.teacher_pool, 1, job.seed + 3)[:, :1]  # [N, 1]: one TRAIN token each
+    rows = []
+    for i in range(0, job.teacher_pool, GEN_BATCH):
+        rows.append(generate(teacher, cfg, starts[i:i + GEN_BATCH], job.seq_len, temperature=1.0,
+                             seed=job.seed + i, on_token=on_token))
+    return torch.cat(rows)
+
+
+def recovery_batch(ids: torch.Tensor, pool: Optional[torch.Tensor], job: Job, step: int,
+                   seed: int) -> torch.Tensor:
+    """Recovery step ``step``'s batch [batch_size, seq_len + 1]: TRAIN windows, of which the last
+    ``--teacher-rows`` are the pool's sequences in turn (step * rows + j, cycled)."""
+    k = job.teacher_rows if pool is not None else 0
+    train = batch_at(ids, step, job.batch_size - k, job.seq_len, seed) if k < job.batch_size else None
+    if not k:
+        return train
+    picked = pool[torch.arange(step * k, (step + 1) * k) % pool.shape[0]]
+    return picked if train is None else torch.cat([train, picked])
+
+
 def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=None,
-            grad_and_value=None, frozen=()):
+            grad_and_value=None, frozen=(), pool: Optional[torch.Tensor] = None):
     """``steps`` AdamW steps on random TRAIN windows; returns (params, last losses).
     ``on_step(i, params)`` runs after step i (1-based), e.g. to evaluate a curve.
     ``frozen``: top-level leaves held fixed (no gradient, no AdamW moments; never written, so
     they may share storage with the teacher); ``grad_and_value`` then returns no gradient for
-    them (``layer_grad_and_value(..., frozen=...)``).
+    them (``layer_grad_and_value(..., frozen=...)``). ``pool``: the dense model's text
+    (``teacher_text``), ``--teacher-rows`` rows of every batch (``recovery_batch``).
 
     Raises ``RecoveryDiverged`` as soon as a loss is NaN/inf, and at the end if the params are
     not finite (the last update comes after the last loss that was seen).
@@ -201,8 +231,7 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
-        new_params, new_state, loss, _ = step_fn(params, state, batch_at(ids, step, job.batch_size,
-                                                                          job.seq_len, seed))
+        new_params, new_state, loss, _ = step_fn(params, state, recovery_batch(ids, pool, job, step, seed))
         if not math.isfinite(float(loss)):
             bar.close()
             raise RecoveryDiverged(
@@ -299,6 +328,12 @@ def _compress(job: Job, loaded) -> dict:
     # steps, as the teacher; otherwise it is dropped after the last refit (its sizes, bytes and
     # latency are taken now), so the held-out evaluation holds one model, not two
     keep_dense = job.distill and job.per_round > 0
+    pool = None
+    if job.teacher_rows and job.per_round:
+        with ph("teacher text"):
+            bar = _phase(job, job.teacher_pool * job.seq_len, "teacher text", "token")
+            pool = teacher_text(dense, cfg, train_ids, job, on_token=lambda col: bar.update(col.numel()))
+            bar.close()
     ce, train_loss, train_grads = _losses(fam, cfg, dense if keep_dense else None, job)
     params, per_round = dense, job.per_round
     sizes = dense_sizes(dense, groups)
@@ -362,7 +397,7 @@ def _compress(job: Job, loaded) -> dict:
                 # recovery updates params in place: never the teacher (a fixed leaf stays shared)
                 params = _owned(params, dense, skip=frozen_leaves(fam, job))
             params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
-                                     grad_and_value=train_grads, frozen=frozen_leaves(fam, job))
+                                     grad_and_value=train_grads, frozen=frozen_leaves(fam, job), pool=pool)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None)

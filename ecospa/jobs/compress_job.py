@@ -61,6 +61,10 @@ class Job:
     #                                        activations in memory, one more forward pass; the perplexities
     #                                        with 128 tokens' logits at a time (chunked_loss); False:
     #                                        torch.func.grad of the whole forward, whole logits
+    teacher_rows: int = 0                  # rows of every recovery batch drawn from text SAMPLED FROM THE
+    #                                        DENSE MODEL (temperature 1, each from one TRAIN token; issue 28:
+    #                                        general ability); the other rows are TRAIN windows
+    teacher_pool: int = 32                 # sequences of that text, sampled once before recovery and cycled
     train_embedding: bool = True           # recovery trains the token embedding (with a tied head, the head
     #                                        too); False: held at the dense values (no gradient, no AdamW
     #                                        moments, no copy: it stays the teacher's tensor)
@@ -122,6 +126,11 @@ class Job:
             raise UsageError(f"--micro-batch must be a whole number >= 1, got {self.micro_batch!r}")
         if self.eval_windows is not None and (not whole(self.eval_windows) or self.eval_windows < 1):
             raise UsageError(f"--eval-windows must be a whole number >= 1, got {self.eval_windows!r}")
+        if not whole(self.teacher_rows) or not 0 <= self.teacher_rows <= self.batch_size:
+            raise UsageError(f"--teacher-rows must be a whole number in [0, --batch-size {self.batch_size}], "
+                             f"got {self.teacher_rows!r}")
+        if not whole(self.teacher_pool) or self.teacher_pool < 1:
+            raise UsageError(f"--teacher-pool must be a whole number >= 1, got {self.teacher_pool!r}")
         if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
         if self.steps and self.steps % self.rounds:  # else rounds x (steps // rounds) steps would run
