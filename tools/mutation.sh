@@ -116,8 +116,32 @@ profile_spec() {
                    'ecospa.train.loop.x__choose__*' 'ecospa.train.loop.x__slice__*'
                    'ecospa.train.loop.x__keep_from_json__*' 'ecospa.train.loop.x__targets__*') ;;
         jobs)
+            # the compress job (run it first: bash tools/mutation.sh jobs 'ecospa.jobs.compress.*'),
+            # its Job checks, the export entry point, generation and the lm-eval adapter. A mutant
+            # of compress() runs every test that compresses: the fast ones on an in-memory model
+            # (test_mutants_jobs, test_kept_units, test_options) and only a few of the jobs that
+            # load a GGUF file (1-7 s each; test_mutants_jobs repeats the provenance check on the
+            # in-memory model). Not mutated by default: latency() and the progress bars' helpers.
             FILES="ecospa/jobs/compress.py ecospa/jobs/compress_job.py ecospa/jobs/export.py ecospa/jobs/generate.py ecospa/jobs/harness.py"
-            TESTS="tests/test_compress.py tests/test_harness.py tests/test_decode.py tests/test_generate_errors.py tests/test_mutants_outer.py" ;;
+            TESTS="tests/test_mutants_jobs.py tests/test_kept_units.py tests/test_options.py tests/test_provenance.py
+                   tests/test_layerwise.py tests/test_held_out_text.py tests/test_generate_errors.py
+                   tests/test_harness.py tests/test_boundaries.py tests/test_decode.py tests/test_mutants_outer.py
+                   tests/test_compress.py::test_bad_target_is_a_clear_error
+                   tests/test_compress.py::test_registry_error_names_the_install_command
+                   tests/test_compress.py::test_export_hf_holds_any_pruned_tree
+                   tests/test_compress.py::test_compress_exports_any_pruned_tree[gguf-compact-c.gguf]
+                   --deselect tests/test_provenance.py::test_every_stage_reads_train_and_every_reported_number_val"
+            NAMES=('ecospa.jobs.compress.x__clean_cut__*' 'ecospa.jobs.compress.x__keep__*'
+                   'ecospa.jobs.compress.x__calib_grads__*' 'ecospa.jobs.compress.x__owned__*'
+                   'ecospa.jobs.compress.x__losses__*' 'ecospa.jobs.compress.x__compress__*'
+                   'ecospa.jobs.compress.x__nbytes__*' 'ecospa.jobs.compress.x__sizes__*'
+                   'ecospa.jobs.compress.x__tokenizer_spec__*' 'ecospa.jobs.compress.x__save__*'
+                   'ecospa.jobs.compress.x_leading_ids__*'
+                   'ecospa.jobs.compress.x_group_params__*' 'ecospa.jobs.compress.x_recover__*'
+                   'ecospa.jobs.compress.x_check_finite__*' 'ecospa.jobs.compress.x_compress__*'
+                   'ecospa.jobs.compress.x_message_of__*' 'ecospa.jobs.compress.x_table__*'
+                   'ecospa.jobs.compress_job.*' 'ecospa.jobs.export.*' 'ecospa.jobs.generate.*'
+                   'ecospa.jobs.harness.*') ;;
         *)
             echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
             exit 2 ;;
