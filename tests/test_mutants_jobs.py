@@ -84,7 +84,7 @@ def spied_job():
     mp.setattr(job_mod, "make_step", make_step)
     mp.setattr(job_mod, "perplexity", perplexity)
     cfg, dense, tok = _loaded()
-    before = {k: v.clone() for k, v in dense["layers"][0].items()}
+    before = torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, dense)
     job = Job("tiny", budget=0.4, rounds=2, rank_by="obs", reconstruct=True, distill=True, distill_weight=0.3,
               steps=4, eval_at=(1, 4), seed=5, **SMALL)
     try:
@@ -138,7 +138,8 @@ def test_the_summary_numbers_are_the_models_own(spied_job, tmp_path):
     assert s["ppl_dense"] == pytest.approx(_ppl(dense, val, 16, 2), rel=1e-4)
     assert s["ppl_dense_extra"]["stdlib"] == pytest.approx(_ppl(dense, stdlib, 16, 2), rel=1e-4)
     # recovery never writes the teacher (the dense model the caller gave)
-    assert all(torch.equal(v, dense["layers"][0][k]) for k, v in before.items())
+    flat = torch.utils._pytree.tree_leaves
+    assert all(torch.equal(a, b) for a, b in zip(flat(before), flat(dense)))
     assert [c["step"] for c in s["curve"]] == [1, 4] and [r["steps"] for r in s["rounds"]] == [2, 2]
     assert s["ppl_recovered"] == s["rounds"][1]["ppl_recovered"] == s["curve"][-1]["ppl"]
     assert s["ppl_extra"] == s["curve"][-1]["ppl_extra"] and set(s["ppl_extra"]) == {"stdlib"}
@@ -177,3 +178,514 @@ def test_a_saved_job_reports_what_it_saved(tmp_path):
     assert s["block_params"] == _n_params(dense["layers"])
     assert s["block_fraction_removed"] == pytest.approx(2 * removed_per_layer / _n_params(dense["layers"]))
     assert [r["steps"] for r in s["rounds"]] == [2] and s["rounds"][0]["final_train_loss"] > 0
+
+
+# ---- generate: end of sequence, seeds, option edges --------------------------------------------
+
+GCFG = llama.Config(vocab_size=256, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, init_std=0.3,
+                    max_seq_len=12)
+
+
+def _greedy(params, prompt, n):
+    from ecospa.jobs.generate import greedy_reference
+    return greedy_reference(llama.forward, params, GCFG, prompt, n)
+
+
+def test_generation_stops_each_row_at_eos_and_the_job_when_all_rows_did():
+    """Row 0 reaches ``eos_id`` at its 2nd new token and holds it; row 1 never produces it and runs
+    to max_new_tokens (its tokens are the reference's); with one row, generation ends at eos."""
+    from ecospa.jobs.generate import generate
+    params = llama.init(GCFG, seed=0)
+    for seed in range(50):
+        prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(seed))
+        ref = _greedy(params, prompt, 5)
+        eos = int(ref[0, 4])
+        if eos not in ref[0, 3:4].tolist() and eos not in ref[1, 3:].tolist():
+            break
+    else:
+        pytest.fail("no prompt with a usable eos token")
+    out = generate(params, GCFG, prompt, 5, eos_id=eos)
+    want = ref.clone()
+    want[0, 5:] = eos
+    assert torch.equal(out, want)
+    one = generate(params, GCFG, prompt[:1], 5, eos_id=eos)
+    assert torch.equal(one, ref[:1, :5])  # stopped at the eos: no token after it
+    assert torch.equal(generate(params, GCFG, prompt, 5), ref)  # no eos_id: never stops early
+
+
+def test_sampled_generation_depends_on_its_seed_only():
+    from ecospa.jobs import generate as gen
+    params = llama.init(GCFG, seed=0)
+    prompt = torch.tensor([[5, 80, 17]])
+    a = gen.generate(params, GCFG, prompt, 8, temperature=1.5, top_k=50, seed=7)
+    torch.manual_seed(123)  # the global generator plays no part
+    torch.rand(5)
+    assert torch.equal(gen.generate(params, GCFG, prompt, 8, temperature=1.5, top_k=50, seed=7), a)
+    assert not torch.equal(gen.generate(params, GCFG, prompt, 8, temperature=1.5, top_k=50, seed=8), a)
+    assert torch.equal(gen.generate(params, GCFG, prompt, 8, temperature=1.5, top_k=50),
+                       gen.generate(params, GCFG, prompt, 8, temperature=1.5, top_k=50, seed=0))
+    # top_k=1 samples the greedy token at any temperature
+    assert torch.equal(gen.generate(params, GCFG, prompt, 6, temperature=3.0, top_k=1, seed=1),
+                       _greedy(params, prompt, 6))
+
+
+def test_sample_defaults_to_greedy_and_keeps_top_k_of_one_row():
+    from ecospa.jobs.generate import sample
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 2.8, -1.0]])
+    assert sample(logits).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, 50.0, 3, g)) for _ in range(200)}  # nearly uniform over the top 3
+    assert drawn == {1, 2, 4}
+
+
+def test_generation_option_edges_and_messages():
+    from ecospa.jobs.generate import generate
+    params = llama.init(GCFG, seed=0)
+    prompt = torch.tensor([[5, 80, 17]])
+    assert generate(params, GCFG, prompt, 0) is prompt
+    assert torch.equal(generate(params, GCFG, prompt[:, :1], 2), _greedy(params, prompt[:, :1], 2))
+    assert generate(params, GCFG, prompt, 9).shape == (1, 12)  # exactly max_seq_len
+    with pytest.raises(UsageError) as e:
+        generate(params, GCFG, prompt, 10)
+    assert str(e.value) == ("prompt (3 tokens) + max_new_tokens (10) = 13 exceeds the model's max_seq_len 12: "
+                            "shorten the prompt or ask for fewer tokens")
+    with pytest.raises(UsageError) as e:
+        generate(params, GCFG, prompt[0], 2)
+    assert str(e.value) == "prompt must be [batch, tokens] with at least one token, got (3,)"
+    with pytest.raises(UsageError, match=r"seed must be a whole number in \[0, 2\*\*63 - 1\], got -1"):
+        generate(params, GCFG, prompt, 2, temperature=1.0, seed=-1)
+    from ecospa.jobs.generate import check_options
+    check_options(0, 0.0, 1)  # no token, top-1: allowed
+    with pytest.raises(UsageError, match="top_k must be >= 1, got 0"):
+        check_options(1, 1.0, 0)
+
+
+def test_on_ready_runs_once_after_the_prefill_and_the_first_step(monkeypatch):
+    from ecospa.jobs import generate as gen
+    params = llama.init(GCFG, seed=0)
+    events = []
+    gen.generate(params, GCFG, torch.tensor([[5, 80]]), 4, on_token=lambda t: events.append("token"),
+                 on_ready=lambda: events.append("ready"))
+    assert events == ["token", "ready", "token", "token", "token"]
+    events.clear()
+    gen.generate(params, GCFG, torch.tensor([[5, 80]]), 1, on_token=lambda t: events.append("token"),
+                 on_ready=lambda: events.append("ready"))
+    assert events == ["token"]  # a single token needs no step after the prefill
+    # compile=True decodes with the compiled layer function of this config
+    seen = []
+    monkeypatch.setattr(gen, "compiled_decoder", lambda cfg: seen.append(cfg) or gen.decode)
+    out = gen.generate(params, GCFG, torch.tensor([[5, 80]]), 3, compile=True)
+    assert seen == [GCFG] and torch.equal(out, _greedy(params, torch.tensor([[5, 80]]), 3))
+
+
+# ---- harness: the lm-eval adapter's edges ------------------------------------------------------
+
+HCFG = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=16, max_seq_len=128, init_std=0.3)
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def _hlm(max_length=16, cfg=HCFG):
+    pytest.importorskip("lm_eval")
+    from ecospa.jobs.harness import EcospaLM
+    return EcospaLM(loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()), max_length=max_length, batch_size=3)
+
+
+def _logp(params, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, computed on the whole sequence at once."""
+    with torch.no_grad():
+        lp = torch.log_softmax(llama.forward(params, ids[None, :-1], HCFG)[0].double(), -1)
+    return lp.gather(-1, ids[1:, None])[:, 0]
+
+
+def test_adapter_construction_messages_and_the_default_window(tmp_path):
+    pytest.importorskip("lm_eval")
+    from ecospa.jobs.harness import EcospaLM
+    with pytest.raises(ValueError) as e:
+        EcospaLM()
+    assert str(e.value) == "give model=SPEC (registry name, .gguf, HF directory or ecospa checkpoint)"
+    with pytest.raises(ValueError) as e:
+        EcospaLM(loaded=(HCFG, llama.init(HCFG, seed=0), None))
+    assert str(e.value) == "this model has no tokenizer; lm-eval needs text in and out"
+    params = llama.init(HCFG, seed=1)
+    checkpoint.save(tmp_path / "ck", params, HCFG)  # a model spec: loaded from it
+    lm = EcospaLM(model=str(tmp_path / "ck"), max_length=16)
+    assert torch.equal(lm.params["embed"], params["embed"]) and lm.max_length == 16
+    assert _hlm(None).max_length == 128 and _hlm(128).max_length == 128  # the model's window
+    long = llama.Config(vocab_size=256, dim=16, n_layers=1, n_heads=2, ffn_dim=16, max_seq_len=4096)
+    assert _hlm(None, long).max_length == 2048  # capped
+    with pytest.raises(UsageError) as e:
+        _hlm(129)
+    assert str(e.value) == ("max_length 129 exceeds the model's window of 128 positions (max_seq_len); "
+                            "use --max-length 128 or less")
+
+
+def test_loglikelihood_without_context_and_past_the_window_equals_a_hand_sum():
+    lm = _hlm(8)
+    tok = ByteTokenizer()
+    # no context: the first continuation token conditions the rest; one token: scored on itself
+    (a, _), (b, _), (c, _) = lm.loglikelihood([_Req("", "abc"), _Req("", "a"), _Req("xyzw" * 4, "pqrstuvwxyzab")])
+    assert a == pytest.approx(float(_logp(lm.params, tok.encode("abc")).sum()), abs=1e-4)
+    assert b == pytest.approx(float(_logp(lm.params, tok.encode("aa")).sum()), abs=1e-4)
+    # a continuation longer than the window: all 8 predictions of the last 9 tokens are scored
+    ids = tok.encode("xyzw" * 4 + "pqrstuvwxyzab")[-9:]
+    assert c == pytest.approx(float(_logp(lm.params, ids).sum()), abs=1e-4)
+    with pytest.raises(ValueError) as e:
+        lm.loglikelihood([_Req("0123456789" * 5, "")])
+    assert str(e.value) == f"empty continuation for context {('0123456789' * 5)[-40:]!r}"
+
+
+def test_requests_of_different_lengths_in_one_batch_score_as_alone():
+    """Right padding: a short request batched with longer ones gets its own sum and greedy flag."""
+    lm = _hlm(32)
+    tok = ByteTokenizer()
+    for ctx in ("def f", "abc", "xyz", "12", "hello", "q", "import os", "the"):
+        with torch.no_grad():
+            nxt = int(llama.forward(lm.params, tok.encode(ctx)[None], HCFG)[0, -1].argmax())
+        if nxt < 128:  # one byte: its own token
+            break
+    best = chr(nxt)
+    alone = lm.loglikelihood([_Req(ctx, best)])
+    batched = lm.loglikelihood([_Req(ctx, best), _Req("a much longer context here", " and its continuation")])
+    assert alone[0][1] is True and batched[0][1] is True
+    assert batched[0][0] == pytest.approx(alone[0][0], abs=1e-5)
+    # rolling: windows of 8 predictions, the last one shorter; 8 + 2 tokens -> windows of 9 and 2
+    lm8 = _hlm(8)
+    for text in ("abcdefghij", "abcdefghijklmnopq", "a"):
+        ids = tok.encode(text)
+        want = sum(float(_logp(lm8.params, ids[s:s + 9]).sum()) for s in range(0, len(ids) - 1, 8))
+        (got,) = lm8.loglikelihood_rolling([_Req(text)])
+        assert got == pytest.approx(want, abs=1e-4), text
+    assert lm8.loglikelihood_rolling([_Req("a")]) == [0.0]
+
+
+def test_generate_until_takes_its_prompt_and_length_from_the_request():
+    lm = _hlm(128)
+    tok = ByteTokenizer()
+
+    def direct(prompt_ids, n):
+        from ecospa.jobs.generate import generate
+        out = generate(lm.params, HCFG, torch.tensor([prompt_ids]), n)
+        return tok.decode(out[0, len(prompt_ids):].tolist())
+
+    ctx = "0123456789"
+    ids = tok.encode(ctx).tolist()
+    free = direct(ids, 64)  # lm-eval's default of 64 new tokens
+    assert lm.generate_until([_Req(ctx, {})]) == [free]
+    assert lm.generate_until([_Req(ctx, {"until": "§§"})]) == [free]  # a stop string absent from the text
+    stop = free[len(free) // 2]
+    cut = free[:free.index(stop)]
+    assert lm.generate_until([_Req(ctx, {"until": stop})]) == [cut]  # one string, not its characters
+    assert lm.generate_until([_Req(ctx, {"until": [stop]})]) == [cut]
+    # sampling only with do_sample; its temperature defaults to 0 (greedy)
+    assert lm.generate_until([_Req(ctx, {"temperature": 1.0})]) == [free]
+    assert lm.generate_until([_Req(ctx, {"do_sample": True})]) == [free]
+    # an empty context starts from token 0; a long one keeps its last max_length - N tokens
+    assert lm.generate_until([_Req("", {"max_gen_toks": 5})]) == [direct([0], 5)]
+    lm16 = _hlm(16)
+    long_ctx = "abcdefghijklmnopqrstuvwxyz0123"  # 30 tokens, window 16: 6 new tokens, the last 10 of the context
+    with torch.no_grad():
+        want = tok.decode(generate_ids(lm16, tok.encode(long_ctx).tolist()[-10:], 6))
+    assert lm16.generate_until([_Req(long_ctx, {"max_gen_toks": 6})]) == [want]
+    # asking for more than the window holds: one context token and window - 1 new ones
+    assert lm16.generate_until([_Req(long_ctx, {"max_gen_toks": 40})]) == \
+        [tok.decode(generate_ids(lm16, tok.encode(long_ctx).tolist()[-1:], 15))]
+
+
+def generate_ids(lm, prompt_ids, n):
+    from ecospa.jobs.generate import generate
+    return generate(lm.params, lm.cfg, torch.tensor([prompt_ids]), n)[0, len(prompt_ids):].tolist()
+
+
+# ---- compress_job: every value and path is checked before anything is loaded -------------------
+
+BAD_JOBS = [
+    ({}, "give exactly one target: --budget F (fraction of the coupled groups' parameters removed) or --sparsity (e.g. 'qk=0.25,vo=0.25,mlp=0.5')"),
+    ({'budget': 0.5, 'sparsity': 0.5}, "give exactly one target: --budget F (fraction of the coupled groups' parameters removed) or --sparsity (e.g. 'qk=0.25,vo=0.25,mlp=0.5')"),
+    ({'budget': 0.0}, '--budget must be a number in (0, 1), got 0.0'),
+    ({'budget': 1.0}, '--budget must be a number in (0, 1), got 1.0'),
+    ({'sparsity': {'a=b': 0.1}}, "--sparsity names unknown group kinds ['a=b']"),
+    ({'sparsity': {1: 0.1}}, '--sparsity names unknown group kinds [1]'),
+    ({'sparsity': {'a,b': 0.1}}, "--sparsity names unknown group kinds ['a,b']"),
+    ({'sparsity': {'attn': 0.1}}, "--sparsity names unknown group kinds ['attn']; use qk, vo, mlp"),
+    ({'sparsity': 1.5}, '--sparsity fraction must be a number in [0, 1), got 1.5'),
+    ({'sparsity': {'mlp': -0.1}}, '--sparsity fraction must be a number in [0, 1), got -0.1'),
+    ({'sparsity': 'mlp=2'}, '--sparsity mlp must be a number in [0, 1), got 2.0'),
+    ({'budget': 0.5, 'estimator': 'nope'}, "--estimator 'nope' is unknown; use one of ['fisher', 'magnitude', 'norm_product', 'random', 'taylor', 'uncoupled']"),
+    ({'budget': 0.5, 'rounds': 0}, '--rounds must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'batch_size': 1.5}, '--batch-size must be a whole number >= 1, got 1.5'),
+    ({'budget': 0.5, 'seq_len': 0}, '--seq-len must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'calib_batches': 0}, '--calib-batches must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'eval_seq_len': 0}, '--eval-seq-len must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'eval_batch_size': 0}, '--eval-batch-size must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'micro_batch': 0}, '--micro-batch must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'micro_batch': 1.5}, '--micro-batch must be a whole number >= 1, got 1.5'),
+    ({'budget': 0.5, 'eval_windows': 0}, '--eval-windows must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'eval_windows': 2.5}, '--eval-windows must be a whole number >= 1, got 2.5'),
+    ({'budget': 0.5, 'steps': -1}, '--steps must be a whole number >= 0, got -1'),
+    ({'budget': 0.5, 'steps': 2.5}, '--steps must be a whole number >= 0, got 2.5'),
+    ({'budget': 0.5, 'steps': 5, 'rounds': 2}, '--steps 5 does not split into --rounds 2 equal recovery phases; give a multiple of 2 (e.g. --steps 4 or 6) or --steps 0'),
+    ({'budget': 0.5, 'steps': 1, 'rounds': 2}, '--steps 1 does not split into --rounds 2 equal recovery phases; give a multiple of 2 (e.g. --steps 2 or 4) or --steps 0'),
+    ({'budget': 0.5, 'steps': 7, 'rounds': 3}, '--steps 7 does not split into --rounds 3 equal recovery phases; give a multiple of 3 (e.g. --steps 6 or 9) or --steps 0'),
+    ({'budget': 0.5, 'steps': 4, 'eval_at': (5,)}, '--eval-at takes recovery steps in [1, 4] (the steps --steps 4 runs in --rounds 1), got [5]'),
+    ({'budget': 0.5, 'steps': 4, 'eval_at': (0,)}, '--eval-at takes recovery steps in [1, 4] (the steps --steps 4 runs in --rounds 1), got [0]'),
+    ({'budget': 0.5, 'steps': 4, 'eval_at': (1.5,)}, '--eval-at takes recovery steps in [1, 4] (the steps --steps 4 runs in --rounds 1), got [1.5]'),
+    ({'budget': 0.5, 'seed': -1}, '--seed must be a whole number >= 0, got -1'),
+    ({'budget': 0.5, 'seed': 1.5}, '--seed must be a whole number >= 0, got 1.5'),
+    ({'budget': 0.5, 'lr': 0}, '--lr must be a finite number > 0, e.g. 2e-4; got 0'),
+    ({'budget': 0.5, 'lr': float("inf")}, '--lr must be a finite number > 0, e.g. 2e-4; got inf'),
+    ({'budget': 0.5, 'lr': float("nan")}, '--lr must be a finite number > 0, e.g. 2e-4; got nan'),
+    ({'budget': 0.5, 'lr': True}, '--lr must be a finite number > 0, e.g. 2e-4; got True'),
+    ({'budget': 0.5, 'lr': '1'}, "--lr must be a finite number > 0, e.g. 2e-4; got '1'"),
+    ({'budget': 0.5, 'distill_weight': -0.1}, '--distill-weight must lie in [0, 1], got -0.1'),
+    ({'budget': 0.5, 'distill_weight': 1.1}, '--distill-weight must lie in [0, 1], got 1.1'),
+    ({'budget': 0.5, 'distill_weight': float("nan")}, '--distill-weight must lie in [0, 1], got nan'),
+    ({'budget': 0.5, 'distill_weight': True}, '--distill-weight must lie in [0, 1], got True'),
+    ({'budget': 0.5, 'multiple_of': 0}, '--multiple-of: multiple_of must be a whole number >= 1 (units per block are kept in multiples of it), got 0'),
+    ({'budget': 0.5, 'allocation': 'nope'}, "--allocation must be one of global, zscore, protect, depth, got 'nope'"),
+    ({'sparsity': 0.5, 'allocation': 'depth'}, '--allocation depth spreads a --budget; with --sparsity every group already has its fraction (drop --allocation or give --budget)'),
+    ({'budget': 0.5, 'rank_by': 'x'}, "--rank-by must be one of estimator, obs, got 'x'"),
+    ({'budget': 0.5, 'recon_target': 'x'}, "--recon-target must be one of residual, local, got 'x'"),
+    ({'budget': 0.5, 'lr_schedule': 'x'}, "--lr-schedule must be one of constant, cosine, got 'x'"),
+    ({'budget': 0.5, 'ridge': 0}, '--ridge must be a finite number > 0, e.g. 0.1; got 0'),
+    ({'budget': 0.5, 'ridge': float("inf")}, '--ridge must be a finite number > 0, e.g. 0.1; got inf'),
+    ({'budget': 0.5, 'ridge': float("nan")}, '--ridge must be a finite number > 0, e.g. 0.1; got nan'),
+    ({'budget': 0.5, 'recon_batches': 0}, '--recon-batches must be a whole number >= 1, got 0'),
+    ({'budget': 0.5, 'recon_batches': 1.5}, '--recon-batches must be a whole number >= 1, got 1.5'),
+    ({'budget': 0.5, 'warmup': -1}, '--warmup must be a whole number in [0, --steps], got -1'),
+    ({'budget': 0.5, 'steps': 4, 'warmup': 5}, '--warmup must be a whole number in [0, --steps], got 5'),
+    ({'budget': 0.5, 'warmup': 1.5}, '--warmup must be a whole number in [0, --steps], got 1.5'),
+    ({'budget': 0.5, 'eval_extra': ('',)}, "--eval-extra must name other text sources than --data 'pydoc', got ('',)"),
+    ({'budget': 0.5, 'eval_extra': ('pydoc',)}, "--eval-extra must name other text sources than --data 'pydoc', got ('pydoc',)"),
+    ({'budget': 0.5, 'eval_extra': 'pydoc'}, "--eval-extra must name other text sources than --data 'pydoc', got 'pydoc'"),
+    ({'budget': 0.5, 'eval_extra': (1,)}, "--eval-extra must name other text sources than --data 'pydoc', got (1,)"),
+    ({'budget': 0.5, 'ppl_dense': 0}, 'ppl_dense must be a number > 0, got 0'),
+    ({'budget': 0.5, 'ppl_dense': True}, 'ppl_dense must be a number > 0, got True'),
+    ({'budget': 0.5, 'ppl_dense': float("nan")}, 'ppl_dense must be a number > 0, got nan'),
+    ({'budget': 0.5, 'export': 'x.bin', 'export_format': 'onnx'}, "--format must be one of hf-padded, hf-compact, gguf, gguf-compact, got 'onnx'"),
+]
+
+
+def test_every_bad_value_is_a_usage_error_with_its_whole_message():
+    for kw, message in BAD_JOBS:
+        with pytest.raises(UsageError) as e:
+            Job("m", **kw)
+        assert str(e.value) == message, kw
+
+
+def test_the_edges_of_every_range_are_allowed_and_normalized():
+    j = Job("m", budget=0.5, rounds=1, steps=0, micro_batch=None, eval_windows=None, seed=0, distill_weight=0.0,
+            warmup=0, eval_extra=None)
+    assert j.per_round == 0 and j.eval_at == () and j.eval_extra == ()
+    j = Job("m", budget=0.5, distill_weight=1.0, steps=4, warmup=4, eval_at=(4, 1, 4), micro_batch=1, eval_windows=1,
+            lr=1, ridge=1e-9, recon_batches=1, ppl_dense=1e-3)
+    assert j.eval_at == (1, 4) and j.per_round == 4
+    assert Job("m", budget=0.5, steps=6, rounds=3).per_round == 2 and Job("m", budget=0.5, steps=6).per_round == 6
+    assert Job("m", budget=0.5, steps=0, warmup=3).warmup == 3  # no recovery: nothing to warm up
+    assert Job("m", sparsity="mlp=0.5,qk=0").sparsity == {"mlp": 0.5, "qk": 0.0}
+    assert Job("m", sparsity=0.0).sparsity == 0.0 and Job("m", sparsity={"vo": 0.25}).sparsity == {"vo": 0.25}
+    assert Job("m", budget=0.5, eval_extra="stdlib").eval_extra == ("stdlib",)
+    assert Job("m", budget=0.5, data="stdlib", eval_extra=("pydoc",)).eval_extra == ("pydoc",)
+    assert Job("m", budget=0.5, allocation="depth").allocation == "depth"
+    for name in ("rounds", "batch_size", "seq_len", "calib_batches", "eval_seq_len", "eval_batch_size"):
+        Job("m", budget=0.5, **{name: 1})
+
+
+def test_output_paths_are_checked_before_anything_is_touched(tmp_path):
+    from ecospa.jobs.compress_job import check_out_dir
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights").write_text("w")
+    with pytest.raises(UsageError) as e:
+        Job("", budget=0.5)
+    assert str(e.value) == "--model must name a model, got ''"
+    for flag, kw, holder in (("--out", "out", model), ("--export-hf", "export_hf", tmp_path),
+                             ("--export", "export", tmp_path)):
+        with pytest.raises(UsageError) as e:
+            Job(str(model), budget=0.5, **{kw: str(holder)})
+        assert str(e.value) == (f"{flag} {str(holder)!r} is or holds the input model {str(model)!r}; "
+                                "choose another directory")
+    a, b = str(tmp_path / "a"), str(tmp_path / "a" / "hf")
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, out=a, export_hf=b)
+    assert str(e.value) == f"--out {a!r} and --export-hf {b!r} overlap; give separate paths"
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, out=b, export_hf=a)
+    assert str(e.value) == f"--out {b!r} and --export-hf {a!r} overlap; give separate paths"
+    c = str(tmp_path / "c")
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, export_hf=c, export=c + ".gguf", export_format="gguf", out=c)
+    assert "overlap" in str(e.value)
+    Job("m", budget=0.5, out=str(tmp_path / "ab"), export_hf=a)  # a shared prefix is not an overlap
+    Job(str(model), budget=0.5, out=str(tmp_path / "model2"))
+    # a training run's directory and its checkpoint are never replaced
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(run / "checkpoint"))
+    assert str(e.value) == (f"--out {str(run / 'checkpoint')!r} is the checkpoint of the training run "
+                            f"{str(run)!r}; compress never replaces it: choose another --out")
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(run), flag="--x")
+    assert str(e.value) == f"--x {str(run)!r} is a training run's directory; choose another --out"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(tmp_path / "file"))
+    assert str(e.value) == f"--out {str(tmp_path / 'file')!r} is a file; give a directory path for the checkpoint"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    for name in ("d", "c", "b", "a"):
+        (busy / name).write_text("")
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(busy))
+    assert str(e.value) == (f"--out {str(busy)!r} is a non-empty directory that is not an ecospa checkpoint "
+                            "(it holds ['a', 'b', 'c']); choose a new or empty one")
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, llama.init(CFG, seed=0), CFG)
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(ck))
+    assert str(e.value) == (f"--out {str(ck)!r} holds an earlier checkpoint; pass --overwrite to replace it, "
+                            "or choose another --out")
+    assert check_out_dir(str(ck), overwrite=True) == str(ck)
+    (tmp_path / "empty").mkdir()
+    assert check_out_dir(str(tmp_path / "empty")) == str(tmp_path / "empty")
+    assert check_out_dir(str(tmp_path / "new")) == str(tmp_path / "new")
+    other = tmp_path / "other" / "checkpoint"  # named checkpoint, but no run files beside it
+    assert check_out_dir(str(other)) == str(other)
+
+
+# ---- compress: recovery, its divergence checks, the ramp, the teacher ---------------------------
+
+def _recover_job(**kw):
+    return Job("m", budget=0.5, micro_batch=None, batch_size=2, seq_len=4, progress=False, **kw)
+
+
+def test_recover_steps_on_train_windows_and_stops_at_the_first_non_finite_loss():
+    from ecospa.jobs.compress import recover
+    ids = torch.arange(100)
+    seen, nan_at = [], [2]
+
+    def loss(params, batch):
+        seen.append(batch)
+        bad = float("nan") if len(seen) in nan_at else 0.0
+        return ((params["w"] - batch.float().mean()) ** 2).sum() + bad
+
+    steps_seen = []
+    with pytest.raises(RecoveryDiverged) as e:
+        recover(loss, {"w": torch.zeros(3)}, ids, _recover_job(lr=0.5), 3, 7, on_step=lambda i, p: steps_seen.append(i))
+    assert str(e.value) == ("recovery diverged: the loss became nan at step 2 of 3 (--lr 0.5); nothing was saved. "
+                            "Use a smaller --lr (default 2e-4)")
+    assert steps_seen == [1]  # the diverged step reports nothing
+    assert [b.tolist() for b in seen] == [batch_at(ids, s, 2, 4, 7).tolist() for s in range(2)]
+    # finite losses: one per step, each the loss before that step's update; on_step after each
+    seen.clear()
+    nan_at.clear()
+    steps_seen.clear()
+    out, losses = recover(loss, {"w": torch.zeros(3)}, ids, _recover_job(lr=0.5), 2, 7,
+                          on_step=lambda i, p: steps_seen.append((i, p["w"].clone())))
+    b0 = batch_at(ids, 0, 2, 4, 7).float().mean()
+    assert losses[0] == pytest.approx(3 * float(b0) ** 2, rel=1e-5) and len(losses) == 2
+    assert [s[0] for s in steps_seen] == [1, 2] and torch.equal(steps_seen[-1][1], out["w"])
+    assert not torch.equal(out["w"], torch.zeros(3))
+
+
+def test_recover_checks_the_params_after_the_last_update_and_with_no_step():
+    from ecospa.jobs.compress import check_finite, recover
+    ids = torch.arange(100)
+
+    def loss(params, batch):  # 0 at w = 0, with an infinite gradient: the update makes w NaN
+        return params["w"].sqrt().sum()
+
+    with pytest.raises(RecoveryDiverged) as e:
+        recover(loss, {"w": torch.zeros(2)}, ids, _recover_job(), 1, 0)
+    assert str(e.value) == ("recovery diverged: parameter w is not finite after 1 recovery steps with --lr 0.0002; "
+                            "nothing was saved. Use a smaller --lr (default 2e-4)")
+    p = {"a": {"b": [torch.ones(2), torch.tensor([1.0, float("inf")])]}, "n": torch.tensor([7])}
+    with pytest.raises(RecoveryDiverged) as e:
+        recover(loss, p, ids, _recover_job(), 0, 0)
+    assert str(e.value) == ("recovery diverged: parameter a.b.1 is not finite after 0 recovery steps; "
+                            "nothing was saved. Use a smaller --lr (default 2e-4)")
+    same, losses = recover(loss, {"w": torch.ones(2)}, ids, _recover_job(), 0, 0)
+    assert losses == [] and torch.equal(same["w"], torch.ones(2))
+    check_finite({"i": torch.tensor([2**62]), "w": torch.ones(1)}, "x")  # integers are never "not finite"
+    with pytest.raises(RecoveryDiverged, match="parameter w is not finite x;"):
+        check_finite({"i": torch.ones(1), "w": torch.tensor([float("nan")])}, "x")
+
+
+def test_a_per_group_sparsity_ramps_over_rounds_and_widths_stay_multiples(monkeypatch):
+    """--sparsity mlp=0.5 in 2 rounds keeps 18 then 12 of 24 neurons (0.25 then 0.5 removed);
+    --multiple-of 4 --budget 0.4 keeps multiples of 4 neurons in every layer."""
+    widths = []
+    real = job_mod.slice_units
+
+    def spy(tree, groups, keep):
+        widths.append({n: k.shape[1] for n, k in keep.items()})
+        return real(tree, groups, keep)
+
+    monkeypatch.setattr(job_mod, "slice_units", spy)
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    tiny = dict(steps=0, batch_size=2, seq_len=16, calib_batches=1, eval_seq_len=16, eval_windows=1,
+                eval_extra=(), ppl_dense=1.0, progress=False, rank_by="estimator", reconstruct=False)
+    compress(Job("tiny", sparsity={"mlp": 0.5}, rounds=2, **tiny), loaded=_loaded())
+    assert [w["layers.0.mlp"] for w in widths] == [18, 12] and [w["layers.1.vo"] for w in widths] == [4, 4]
+    widths.clear()
+    compress(Job("tiny", budget=0.4, multiple_of=4, **tiny), loaded=_loaded())
+    (w,) = widths
+    assert all(w[f"layers.{i}.mlp"] % 4 == 0 for i in range(2)) and min(w.values()) < 24
+
+
+def test_table_lists_every_number_of_the_summary():
+    from ecospa.jobs.compress import table
+    s = {"dense_params": 1_234_567, "kept_params": 987_654, "group_fraction_removed": 0.4567,
+         "block_fraction_removed": 0.3012, "ppl_dense": 10.456,
+         "rounds": [{"ppl_pruned": 20.5, "ppl_reconstructed": 15.25, "steps": 4, "ppl_recovered": 12.125},
+                    {"ppl_pruned": 30.0, "ppl_reconstructed": None, "steps": 4, "ppl_recovered": 14.0}],
+         "curve": [{"step": 2, "ppl": 13.0, "ppl_extra": {"stdlib": 20.0}}],
+         "ppl_dense_extra": {"stdlib": 16.0}, "ppl_extra": {"stdlib": 24.0}, "latency_ratio": 1.555,
+         "export_hf": "hf-padded: /x", "export": "gguf: /y.gguf"}
+    rows = [line.split("  ")[0].strip() + " | " + line.rsplit("  ", 1)[-1].strip() for line in table(s).splitlines()]
+    assert rows == ["dense params | 1.23M", "kept params | 0.99M", "coupled-group params removed | 45.7%",
+                    "block params removed | 30.1%", "ppl dense | 10.46", "ppl after prune (round 1) | 20.50",
+                    "ppl after the refit (round 1) | 15.25", "ppl after recovery (round 1, 4 steps) | 12.12",
+                    "ppl after prune (round 2) | 30.00", "ppl after recovery (round 2, 4 steps) | 14.00",
+                    "ppl at recovery step 2 | 13.00, stdlib 20.00",
+                    "held-out stdlib: ppl dense -> final | 16.00 -> 24.00 (1.50x)",
+                    "forward latency dense / pruned | 1.55x" if f"{1.555:.2f}" == "1.55" else
+                    "forward latency dense / pruned | 1.56x",
+                    "HF export | hf-padded: /x", "export | gguf: /y.gguf"]
+    bare = {k: v for k, v in s.items() if k not in ("curve", "ppl_dense_extra", "export_hf", "export")}
+    assert len(table(bare).splitlines()) == 5 + 3 + 2 + 1
+
+
+def test_a_failed_export_is_recorded_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    """An export that fails (here: a full disk) is recorded in the summary in one line, in full;
+    the checkpoint at --out is saved; without --out the summary says nothing was saved."""
+    def full(params, cfg, path, fmt, **kw):
+        raise OSError("No space\n left on device")
+
+    monkeypatch.setattr(job_mod, "export", full)
+    cfg, dense, tok = _loaded()
+    out, hf = tmp_path / "c", tmp_path / "hf"
+    s = compress(Job("tiny", out=str(out), export_hf=str(hf), budget=0.3, rank_by="estimator", reconstruct=False,
+                     steps=0, eval_extra=(), **SMALL), loaded=(cfg, dense, tok))
+    assert s["export_hf"] == "FAILED: No space left on device"
+    assert s["export_failed"] == (f"--export-hf {hf}: No space left on device (the compressed model IS saved at "
+                                  f"{out}; export it again with `ecospa export --model {out} --format FORMAT "
+                                  "--out PATH`)")
+    assert checkpoint.load_extra(str(out))["summary"]["ppl_pruned"] == s["ppl_pruned"]
+    gguf = tmp_path / "m.gguf"
+    s = compress(Job("tiny", export=str(gguf), export_format="gguf", budget=0.3, rank_by="estimator",
+                     reconstruct=False, steps=0, eval_extra=(), **SMALL), loaded=(cfg, dense, tok))
+    assert s["export"] == "FAILED: No space left on device" and "export_hf" not in s
+    assert s["export_failed"] == f"--export {gguf}: No space left on device (nothing was saved (no --out))"
+
+
+def test_tokenizer_spec_and_message_of():
+    from ecospa.jobs.compress import _tokenizer_spec, message_of
+    assert _tokenizer_spec("smollm2-135m") == "smollm2-135m"  # not a path: the spec itself
+    assert _tokenizer_spec(".") == os.path.abspath(".")
+    assert message_of(OSError("a\n  b\tc ")) == "a b c" and message_of(KeyboardInterrupt()) == "KeyboardInterrupt"
