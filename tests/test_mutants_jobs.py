@@ -57,8 +57,7 @@ def _in(row, stream: bytes) -> bool:
 
 # ---- compress: which data feeds which stage ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def spied_job():
+def _spied_job():
     """One two-round job with every stage on (obs ranking, refit, distilled recovery, a curve, an
     extra held-out source), what each stage consumed, and its summary."""
     seen = {k: [] for k in ("fisher", "obs", "refit", "recover", "ppl")}
@@ -94,8 +93,10 @@ def spied_job():
     return job, seen, summary, dense, before
 
 
-def test_every_stage_reads_its_own_train_windows_and_every_number_val(spied_job):
-    job, seen, summary, _, _ = spied_job
+def test_every_stage_reads_its_own_train_windows_and_every_number_val():
+    """One test (mutmut maps a mutant to the tests that run it; a module fixture would run in the
+    first test only): what each stage read, then the summary's numbers."""
+    job, seen, summary, dense, before = _spied_job()
     tok = ByteTokenizer()
     train_ids = tok.encode(corpus("pydoc", "train"))
     train, val = _bytes(train_ids), tok.encode(corpus("pydoc", "val"))
@@ -129,10 +130,11 @@ def test_every_stage_reads_its_own_train_windows_and_every_number_val(spied_job)
     # (its last step, 2, is not a curve point; round 2's is: reused); stdlib: dense and the curve
     assert sum(torch.equal(ids, val) for ids, _ in seen["ppl"]) == 1 + 2 * 2 + 2 + 1
     assert len(seen["ppl"]) == 8 + 1 + 2
+    _check_the_summary(summary, dense, before)
 
 
-def test_the_summary_numbers_are_the_models_own(spied_job, tmp_path):
-    job, _, s, dense, before = spied_job
+def _check_the_summary(s, dense, before):
+    """The summary's numbers are the models' own (computed here), and the teacher is untouched."""
     tok = ByteTokenizer()
     val, stdlib = tok.encode(corpus("pydoc", "val")), tok.encode(corpus("stdlib", "val", max_chars=EXTRA_CHARS))
     assert s["ppl_dense"] == pytest.approx(_ppl(dense, val, 16, 2), rel=1e-4)
