@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch._dynamo  # noqa: F401  (torch.func imports it on first use, ~3 s: at collection instead, so
+import torch.nn.functional as F  # mutmut's forked test runs, one a mutant, start with it imported)
 
 import ecospa.jobs.compress as job_mod
 from ecospa.errors import UsageError
@@ -691,3 +692,44 @@ def test_tokenizer_spec_and_message_of():
     assert _tokenizer_spec("smollm2-135m") == "smollm2-135m"  # not a path: the spec itself
     assert _tokenizer_spec(".") == os.path.abspath(".")
     assert message_of(OSError("a\n  b\tc ")) == "a b c" and message_of(KeyboardInterrupt()) == "KeyboardInterrupt"
+
+
+def test_layerwise_and_whole_graph_jobs_keep_the_same_units_from_the_same_numbers(monkeypatch):
+    """--layerwise (the default) and --no-layerwise on the in-memory model: the calibration's
+    gradient, recovery's step and the evaluation's loss are computed two ways; the kept units, the
+    dense and pruned perplexities and the first recovery loss are the same; by layer whole batches
+    are differentiated, else --micro-batch rows (here 2)."""
+    kept, grad_fns, step_fns, losses, micro, evals = [], [], [], [], [], []
+    real_slice, real_fisher, real_step, real_chunked = (job_mod.slice_units, job_mod.fisher, job_mod.make_step,
+                                                        job_mod.chunked_loss)
+
+    def fisher_spy(*a, grad_fn=None, **kw):
+        grad_fns.append(grad_fn)
+        micro.append(kw.get("micro_batch"))
+        return real_fisher(*a, grad_fn=grad_fn, **kw)
+
+    def step_spy(loss, opt, grad_and_value=None, **kw):
+        step_fns.append(grad_and_value)
+        micro.append(kw.get("micro_batch"))
+        step = real_step(loss, opt, grad_and_value=grad_and_value, **kw)
+        return lambda *a: (lambda out: (losses.append(float(out.loss)), out)[1])(step(*a))
+
+    monkeypatch.setattr(job_mod, "slice_units", lambda p, g, keep: (kept.append(keep), real_slice(p, g, keep))[1])
+    monkeypatch.setattr(job_mod, "fisher", fisher_spy)
+    monkeypatch.setattr(job_mod, "make_step", step_spy)
+    monkeypatch.setattr(job_mod, "chunked_loss", lambda *a, **k: (evals.append(a), real_chunked(*a, **k))[1])
+    out = [compress(Job("tiny", budget=0.4, layerwise=layerwise, reconstruct=False, rank_by="estimator", distill=True,
+                        distill_weight=0.3, steps=1, micro_batch=2, eval_extra=(), **dict(SMALL, batch_size=4)),
+                    loaded=_loaded())
+           for layerwise in (True, False)]
+    assert len(evals) == 1
+    for key in ("ppl_dense", "ppl_pruned"):
+        assert out[0][key] == pytest.approx(out[1][key], rel=1e-5), key
+    assert grad_fns[0] is not None and grad_fns[0].__qualname__.startswith("lm_layer_grads")
+    assert step_fns[0] is not None and step_fns[0].__qualname__.startswith("layer_grad_and_value")
+    assert grad_fns[1] is None and step_fns[1] is None
+    assert micro == [None, None, 2, 2]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = kept
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.shape[1] < 8 for v in a.values())  # something was pruned
