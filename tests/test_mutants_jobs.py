@@ -167,6 +167,7 @@ def test_a_saved_job_reports_what_it_saved(tmp_path):
     val = tok.encode(corpus("pydoc", "val"))
     assert s["ppl_recovered"] == pytest.approx(_ppl(params, val, 16, 2), rel=1e-4)
     assert s["ppl_extra"] == {} and s["curve"] == [] and s["ppl_reconstructed"] is None
+    assert s["calibration_tokens"] == 2 * 2 * 17  # no refit and no obs scores: no refit batches
     layer, dlayer = params["layers"][0], dense["layers"][0]
     assert layer["w_up"].shape[1] == 12 and layer["wv"].shape[-1] == 3 and layer["wk"].shape == dlayer["wk"].shape
     # the counts, by hand, per layer: MLP 24 -> 12 neurons of 3 x 16 weights; V/O 4 -> 3 dims in
@@ -733,3 +734,67 @@ def test_layerwise_and_whole_graph_jobs_keep_the_same_units_from_the_same_number
     a, b = kept
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.shape[1] < 8 for v in a.values())  # something was pruned
+
+
+def test_owned_copies_only_the_leaves_another_tree_also_holds():
+    """What recovery may update in place: a copy of every leaf whose storage the teacher also uses
+    (a view of it too), the other leaves as they are (no second copy of the model)."""
+    from ecospa.jobs.compress import _owned
+    shared, own, base = torch.ones(3), torch.zeros(2), torch.arange(6.0)
+    params = {"a": shared, "b": [own, base[2:4]], "n": 5}
+    out = _owned(params, {"t": [shared, base]}, None)
+    assert out["a"] is not shared and torch.equal(out["a"], shared)
+    assert out["b"][0] is own and out["n"] == 5
+    assert out["b"][1].untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    assert torch.equal(out["b"][1], torch.tensor([2.0, 3.0]))
+    alone = _owned(params, None)
+    assert alone["a"] is shared and alone["b"][1] is params["b"][1]
+
+
+def test_the_calibration_differentiates_by_layer_only_what_it_can():
+    """By layer only with --layerwise, a decoder and an estimator that reads gradients of layer
+    leaves; an estimator that reads no gradient (magnitude) gets none at all."""
+    import types
+
+    from ecospa.func.families import family_of
+    from ecospa.importance import ESTIMATORS
+    from ecospa.jobs.compress import _calib_grads
+    fam, groups = family_of(CFG), llama.coupled_groups(CFG)
+    job = Job("m", budget=0.5)
+    assert _calib_grads(job, fam, CFG, ESTIMATORS["fisher"](groups)) is not None
+    assert _calib_grads(Job("m", budget=0.5, layerwise=False), fam, CFG, ESTIMATORS["fisher"](groups)) is None
+    assert _calib_grads(job, fam, CFG, ESTIMATORS["magnitude"](groups)) is None
+    encoder = types.SimpleNamespace(decoder=False)
+    assert _calib_grads(job, encoder, CFG, ESTIMATORS["fisher"](groups)) is None
+    outside = ESTIMATORS["fisher"](groups)._replace(reads=(("embed",),))  # a leaf outside the layers
+    assert _calib_grads(job, fam, CFG, outside) is None
+
+
+def test_the_estimator_and_its_seed_reach_the_calibration(monkeypatch):
+    """--estimator random: the kept units follow the job's seed (the same seed, the same units)."""
+    kept = []
+    real = job_mod.slice_units
+    monkeypatch.setattr(job_mod, "slice_units", lambda p, g, keep: (kept.append(keep), real(p, g, keep))[1])
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    tiny = dict(steps=0, batch_size=2, seq_len=16, calib_batches=1, eval_seq_len=16, eval_windows=1,
+                eval_extra=(), ppl_dense=1.0, progress=False, rank_by="estimator", reconstruct=False)
+    for seed in (1, 1, 2):
+        compress(Job("tiny", sparsity=0.5, estimator="random", seed=seed, **tiny), loaded=_loaded())
+    same = all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
+    other = all(torch.equal(kept[0][k], kept[2][k]) for k in kept[0])
+    assert same and not other
+
+
+def test_a_job_with_progress_reports_every_phase(capsys):
+    """progress=True (what the CLI passes on a terminal or in a log): one line per phase in a log,
+    with its count of batches/layers/steps done, and a line per round on stdout."""
+    compress(Job("tiny", budget=0.4, rank_by="obs", reconstruct=True, steps=2, eval_extra=(), progress=True,
+                 **{k: v for k, v in SMALL.items() if k != "progress"}), loaded=_loaded())
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    for desc, unit, n in (("calibrate", "batch", 2), ("obs scores", "layer", 2), ("refit", "layer", 2),
+                          ("recover", "step", 2), ("eval", "batch", 2)):
+        assert any(line.startswith(f"{desc}: {unit} {n}/{n}") for line in lines), (desc, err)
+    assert any(line.startswith("recover: step 2/2 loss ") for line in lines)
+    (summary,) = [line for line in out.splitlines() if line.startswith("round 1: ")]
+    assert " of group params removed, held-out ppl " in summary and summary.endswith(" after the refit")
