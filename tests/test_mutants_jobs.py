@@ -159,9 +159,12 @@ def _check_the_summary(s, dense, before):
 def test_a_saved_job_reports_what_it_saved(tmp_path):
     """--out: the checkpoint holds the summary; its params are the ones the numbers describe."""
     cfg, dense, tok = _loaded(seed=4)
+    before = torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, dense)
     out = tmp_path / "c"
     s = compress(Job("tiny", out=str(out), sparsity={"mlp": 0.5, "vo": 0.25}, rank_by="estimator",
                      reconstruct=False, steps=2, eval_extra=(), seed=2, **SMALL), loaded=(cfg, dense, tok))
+    flat = torch.utils._pytree.tree_leaves  # one round, distilled: its recovery never writes the teacher
+    assert all(torch.equal(a, b) for a, b in zip(flat(before), flat(dense)))
     params, _, extra = checkpoint.load(str(out))
     assert extra["summary"]["ppl_recovered"] == s["ppl_recovered"] and extra["tokenizer"] == "tiny"
     val = tok.encode(corpus("pydoc", "val"))
@@ -677,6 +680,7 @@ def test_a_failed_export_is_recorded_and_the_checkpoint_kept(tmp_path, monkeypat
     s = compress(Job("tiny", out=str(out), export_hf=str(hf), budget=0.3, rank_by="estimator", reconstruct=False,
                      steps=0, eval_extra=(), **SMALL), loaded=(cfg, dense, tok))
     assert s["export_hf"] == "FAILED: No space left on device"
+    assert s["ppl_recovered"] == s["ppl_pruned"] and s["rounds"][0]["steps"] == 0  # no recovery, no refit
     assert s["export_failed"] == (f"--export-hf {hf}: No space left on device (the compressed model IS saved at "
                                   f"{out}; export it again with `ecospa export --model {out} --format FORMAT "
                                   "--out PATH`)")
@@ -798,3 +802,54 @@ def test_a_job_with_progress_reports_every_phase(capsys):
     assert any(line.startswith("recover: step 2/2 loss ") for line in lines)
     (summary,) = [line for line in out.splitlines() if line.startswith("round 1: ")]
     assert " of group params removed, held-out ppl " in summary and summary.endswith(" after the refit")
+
+
+def test_two_rounds_without_distillation_refit_each_round_and_recover_on_cross_entropy(monkeypatch):
+    """rounds=2, the refit in both (the dense model is kept for it), recovery on plain cross-entropy
+    (no teacher): the first recovery loss is the pruned, refit model's CE on its first window; the
+    curve's points are each round's own numbers; the last one is the recovered model's."""
+    pruned, refits, targets = [], [], []
+    real_rec = job_mod.reconstruct
+
+    def rec(params, dense, cfg, batches, **kw):
+        targets.append(kw["target"])
+        out = real_rec(params, dense, cfg, batches, **kw)
+        refits.append(torch.utils._pytree.tree_map(lambda x: x.clone(), out))
+        return out
+
+    monkeypatch.setattr(job_mod, "reconstruct", rec)
+    s = compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
+                     recon_target="local", steps=4, eval_at=(1, 2, 4), seed=3, eval_extra=(), **SMALL),
+                 loaded=_loaded())
+    assert targets == ["local", "local"] and len(refits) == 2
+    train = ByteTokenizer().encode(corpus("pydoc", "train"))
+    first = batch_at(train, 0, 2, 16, 3 + 1)  # round 1's first recovery window
+    assert [c["step"] for c in s["curve"]] == [1, 2, 4]
+    assert s["rounds"][0]["ppl_recovered"] == s["curve"][1]["ppl"]
+    assert s["rounds"][1]["ppl_recovered"] == s["curve"][2]["ppl"] == s["ppl_recovered"]
+    assert s["curve"][0]["ppl"] != s["curve"][1]["ppl"]
+    # the recovery loss of the first step: CE, not a distillation loss (recorded by the step)
+    losses = []
+    real_step = job_mod.make_step
+
+    def step_spy(loss, opt, **kw):
+        step = real_step(loss, opt, **kw)
+        return lambda *a: (lambda out: (losses.append(float(out.loss)), out)[1])(step(*a))
+
+    monkeypatch.setattr(job_mod, "make_step", step_spy)
+    refits.clear()
+    compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
+                 steps=2, seed=3, eval_extra=(), **SMALL), loaded=_loaded())
+    with torch.no_grad():
+        logits = llama.forward(refits[0], first[:, :-1], CFG)
+    assert losses[0] == pytest.approx(float(F.cross_entropy(logits.flatten(0, 1), first[:, 1:].flatten())), rel=1e-4)
+
+
+def test_without_recovery_the_last_refit_is_the_result_and_is_not_evaluated_again(monkeypatch):
+    calls = []
+    real = job_mod.perplexity
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    s = compress(Job("tiny", budget=0.4, rank_by="estimator", reconstruct=True, steps=0, eval_extra=(), **SMALL),
+                 loaded=_loaded())
+    assert s["ppl_recovered"] == s["ppl_reconstructed"] != s["ppl_pruned"]
+    assert len(calls) == 3  # dense, pruned, refit
