@@ -798,8 +798,11 @@ def test_a_job_with_progress_reports_every_phase(capsys):
     lines = err.splitlines()
     for desc, unit, n in (("calibrate", "batch", 2), ("obs scores", "layer", 2), ("refit", "layer", 2),
                           ("recover", "step", 2), ("eval", "batch", 2)):
-        assert any(line.startswith(f"{desc}: {unit} {n}/{n}") for line in lines), (desc, err)
-    assert any(line.startswith("recover: step 2/2 loss ") for line in lines)
+        mine = [line for line in lines if line.startswith(f"{desc}: ")]
+        assert mine and mine[-1].startswith(f"{desc}: {unit} {n}/{n}"), (desc, err)  # the last line: done
+    import re
+    last = [line for line in lines if line.startswith("recover: ")][-1]
+    assert re.match(r"recover: step 2/2 loss \d+\.\d{3} ", last), last
     (summary,) = [line for line in out.splitlines() if line.startswith("round 1: ")]
     assert " of group params removed, held-out ppl " in summary and summary.endswith(" after the refit")
 
@@ -837,12 +840,15 @@ def test_two_rounds_without_distillation_refit_each_round_and_recover_on_cross_e
         return lambda *a: (lambda out: (losses.append(float(out.loss)), out)[1])(step(*a))
 
     monkeypatch.setattr(job_mod, "make_step", step_spy)
-    refits.clear()
-    compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
-                 steps=2, seed=3, eval_extra=(), **SMALL), loaded=_loaded())
-    with torch.no_grad():
-        logits = llama.forward(refits[0], first[:, :-1], CFG)
-    assert losses[0] == pytest.approx(float(F.cross_entropy(logits.flatten(0, 1), first[:, 1:].flatten())), rel=1e-4)
+    for layerwise in (True, False):
+        refits.clear()
+        losses.clear()
+        compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
+                     steps=2, seed=3, eval_extra=(), layerwise=layerwise, **SMALL), loaded=_loaded())
+        with torch.no_grad():
+            logits = llama.forward(refits[0], first[:, :-1], CFG)
+        want = float(F.cross_entropy(logits.flatten(0, 1), first[:, 1:].flatten()))
+        assert losses[0] == pytest.approx(want, rel=1e-4), layerwise
 
 
 def test_without_recovery_the_last_refit_is_the_result_and_is_not_evaluated_again(monkeypatch):
