@@ -859,3 +859,17 @@ def test_without_recovery_the_last_refit_is_the_result_and_is_not_evaluated_agai
                  loaded=_loaded())
     assert s["ppl_recovered"] == s["ppl_reconstructed"] != s["ppl_pruned"]
     assert len(calls) == 3  # dense, pruned, refit
+
+
+def test_the_summary_times_every_phase_in_order(tmp_path):
+    s = compress(Job("tiny", out=str(tmp_path / "c"), budget=0.4, rank_by="obs", reconstruct=True, steps=2, rounds=2,
+                     eval_extra=(), **SMALL), loaded=_loaded())
+    one_round = ["calibrate", "obs scores", "prune", "eval pruned", "refit", "eval refit", "recover", "eval recovered"]
+    assert [p["phase"] for p in s["phases"]] == (["load", "encode", "eval dense", "latency"] + one_round * 2
+                                                 + ["eval held-out", "latency", "save"])
+    assert s["phase_seconds"]["recover"] == pytest.approx(sum(p["seconds"] for p in s["phases"]
+                                                              if p["phase"] == "recover"))
+    assert set(s["phase_seconds"]) == {p["phase"] for p in s["phases"]}
+    assert s["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in s["phases"]) > 0 and "peak_rss_exact" in s
+    saved = checkpoint.load_extra(str(tmp_path / "c"))["summary"]  # written during the save: up to it
+    assert [p["phase"] for p in saved["phases"]] == [p["phase"] for p in s["phases"]][:-1]
