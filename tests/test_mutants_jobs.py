@@ -843,8 +843,9 @@ def test_two_rounds_without_distillation_refit_each_round_and_recover_on_cross_e
     for layerwise in (True, False):
         refits.clear()
         losses.clear()
-        compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
-                     steps=2, seed=3, eval_extra=(), layerwise=layerwise, **SMALL), loaded=_loaded())
+        s = compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
+                         steps=2, seed=3, layerwise=layerwise, **SMALL), loaded=_loaded())
+        assert 1 < s["ppl_extra"]["stdlib"] < 1e6 and 1 < s["ppl_dense_extra"]["stdlib"] < 1e6
         with torch.no_grad():
             logits = llama.forward(refits[0], first[:, :-1], CFG)
         want = float(F.cross_entropy(logits.flatten(0, 1), first[:, 1:].flatten()))
@@ -873,3 +874,45 @@ def test_the_summary_times_every_phase_in_order(tmp_path):
     assert s["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in s["phases"]) > 0 and "peak_rss_exact" in s
     saved = checkpoint.load_extra(str(tmp_path / "c"))["summary"]  # written during the save: up to it
     assert [p["phase"] for p in saved["phases"]] == [p["phase"] for p in s["phases"]][:-1]
+
+
+def test_a_job_loads_its_model_from_a_checkpoint_and_evaluates_every_window(tmp_path):
+    """No ``loaded``: the model (and its byte tokenizer) is read from the checkpoint --model names;
+    --eval-windows None reads every window of the val split; the saved checkpoint records the
+    tokenizer of its source."""
+    params = llama.init(CFG, seed=6)
+    src = tmp_path / "src"
+    checkpoint.save(src, params, CFG, extra={"tokenizer": "byte"})
+    out = tmp_path / "c"
+    s = compress(Job(str(src), out=str(out), budget=0.3, rank_by="estimator", reconstruct=False, steps=0,
+                     eval_extra=(), **dict(SMALL, eval_windows=None, eval_seq_len=512, eval_batch_size=8)))
+    val = ByteTokenizer().encode(corpus("pydoc", "val"))
+    assert s["model"] == str(src)
+    assert s["ppl_dense"] == pytest.approx(_ppl(params, val, 512, (len(val) - 1) // 512), rel=1e-4)
+    assert checkpoint.load_extra(str(out))["tokenizer"] == "byte"
+
+
+def test_known_dense_numbers_are_not_measured_again(monkeypatch):
+    calls = []
+    real = job_mod.perplexity
+    monkeypatch.setattr(job_mod, "perplexity", lambda f, p, c, ids, **k: (calls.append(len(ids)), real(f, p, c, ids, **k))[1])
+    s = compress(Job("tiny", budget=0.4, rank_by="estimator", reconstruct=False, steps=0, ppl_dense=3.5,
+                     ppl_dense_extra={"stdlib": 7.25}, **SMALL), loaded=_loaded())
+    assert s["ppl_dense"] == 3.5 and s["ppl_dense_extra"] == {"stdlib": 7.25}
+    assert len(calls) == 2 and s["ppl_extra"]["stdlib"] != 7.25  # the pruned model on val and on stdlib
+
+
+def test_a_target_the_model_cannot_take_is_a_usage_error(monkeypatch):
+    """--sparsity for a kind the model has no group of (here: a family with MLP groups only)."""
+    import types
+    real = job_mod.family_of
+
+    def mlp_only(cfg):
+        fam = real(cfg)
+        return types.SimpleNamespace(forward=fam.forward, decoder=fam.decoder,
+                                     coupled_groups=lambda c: [g for g in fam.coupled_groups(c) if g.kind == "mlp"])
+
+    monkeypatch.setattr(job_mod, "family_of", mlp_only)
+    with pytest.raises(UsageError) as e:
+        compress(Job("tiny", sparsity={"qk": 0.5}, **SMALL), loaded=_loaded())
+    assert str(e.value) == "sparsity names group kinds ['qk'] that none of the groups has; known kinds: ['mlp']"
