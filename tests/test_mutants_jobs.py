@@ -792,8 +792,12 @@ def test_the_estimator_and_its_seed_reach_the_calibration(monkeypatch):
 def test_a_job_with_progress_reports_every_phase(capsys):
     """progress=True (what the CLI passes on a terminal or in a log): one line per phase in a log,
     with its count of batches/layers/steps done, and a line per round on stdout."""
-    compress(Job("tiny", budget=0.4, rank_by="obs", reconstruct=True, steps=2, eval_extra=(), progress=True,
-                 **{k: v for k, v in SMALL.items() if k != "progress"}), loaded=_loaded())
+    import time
+    t0 = time.perf_counter()
+    s = compress(Job("tiny", budget=0.4, rank_by="obs", reconstruct=True, steps=2, eval_extra=(), progress=True,
+                     **{k: v for k, v in SMALL.items() if k != "progress"}), loaded=_loaded())
+    wall = time.perf_counter() - t0
+    assert 0 < s["rounds"][0]["reconstruct_seconds"] < wall and 0 < s["rounds"][0]["recover_seconds"] < wall
     out, err = capsys.readouterr()
     lines = err.splitlines()
     for desc, unit, n in (("calibrate", "batch", 2), ("obs scores", "layer", 2), ("refit", "layer", 2),
@@ -804,7 +808,13 @@ def test_a_job_with_progress_reports_every_phase(capsys):
     last = [line for line in lines if line.startswith("recover: ")][-1]
     assert re.match(r"recover: step 2/2 loss \d+\.\d{3} ", last), last
     (summary,) = [line for line in out.splitlines() if line.startswith("round 1: ")]
-    assert " of group params removed, held-out ppl " in summary and summary.endswith(" after the refit")
+    assert summary == (f"round 1: {s['group_fraction_removed']:.1%} of group params removed, held-out ppl "
+                       f"{s['ppl_dense']:.2f} -> {s['ppl_pruned']:.2f} -> {s['ppl_reconstructed']:.2f} after the refit")
+    s = compress(Job("tiny", budget=0.4, rank_by="estimator", reconstruct=False, steps=0, eval_extra=(), progress=True,
+                     **{k: v for k, v in SMALL.items() if k != "progress"}), loaded=_loaded())
+    (summary,) = [line for line in capsys.readouterr()[0].splitlines() if line.startswith("round 1: ")]
+    assert summary == (f"round 1: {s['group_fraction_removed']:.1%} of group params removed, held-out ppl "
+                       f"{s['ppl_dense']:.2f} -> {s['ppl_pruned']:.2f}")
 
 
 def test_two_rounds_without_distillation_refit_each_round_and_recover_on_cross_entropy(monkeypatch):
@@ -844,8 +854,9 @@ def test_two_rounds_without_distillation_refit_each_round_and_recover_on_cross_e
         refits.clear()
         losses.clear()
         s = compress(Job("tiny", budget=0.4, rounds=2, distill=False, rank_by="estimator", reconstruct=True,
-                         steps=2, seed=3, layerwise=layerwise, **SMALL), loaded=_loaded())
+                         steps=2, eval_at=(1,), seed=3, layerwise=layerwise, **SMALL), loaded=_loaded())
         assert 1 < s["ppl_extra"]["stdlib"] < 1e6 and 1 < s["ppl_dense_extra"]["stdlib"] < 1e6
+        assert 1 < s["curve"][0]["ppl"] < 1e6 and 1 < s["curve"][0]["ppl_extra"]["stdlib"] < 1e6
         with torch.no_grad():
             logits = llama.forward(refits[0], first[:, :-1], CFG)
         want = float(F.cross_entropy(logits.flatten(0, 1), first[:, 1:].flatten()))
