@@ -927,3 +927,62 @@ def test_a_target_the_model_cannot_take_is_a_usage_error(monkeypatch):
     with pytest.raises(UsageError) as e:
         compress(Job("tiny", sparsity={"qk": 0.5}, **SMALL), loaded=_loaded())
     assert str(e.value) == "sparsity names group kinds ['qk'] that none of the groups has; known kinds: ['mlp']"
+
+
+# ---- compress: the save and the exports ------------------------------------------------------------
+
+_NOTHING = dict(rank_by="estimator", reconstruct=False, steps=0, eval_extra=(), **SMALL)
+
+
+def test_the_exports_hold_the_saved_model(tmp_path):
+    from ecospa.io.load import load_model
+    out, hf, gg = tmp_path / "c", tmp_path / "hf", tmp_path / "m.gguf"
+    s = compress(Job("tiny", out=str(out), export_hf=str(hf), export=str(gg), export_format="gguf-compact",
+                     budget=0.4, **_NOTHING), loaded=_loaded())
+    assert s["export_hf"] == f"hf-padded: {hf}" and s["export"] == f"gguf-compact: {gg}" and "export_failed" not in s
+    params, cfg, _ = checkpoint.load(str(out))
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = llama.forward(params, tokens, cfg)
+    for path in (hf, gg):
+        c2, p2, _ = load_model(str(path))
+        got = job_mod.family_of(c2).forward(p2, tokens, c2)
+        assert torch.allclose(got, want, atol=1e-4), path
+
+
+def test_the_save_replaces_only_what_it_may_and_says_what_is_intact(tmp_path, monkeypatch):
+    from ecospa.io.files import WriteFailed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    compress(Job("tiny", out=str(empty), budget=0.4, **_NOTHING), loaded=_loaded())
+    assert (empty / "manifest.json").is_file()  # an empty directory given as --out: the checkpoint there
+    s = compress(Job("tiny", out=str(empty), budget=0.3, overwrite=True, **_NOTHING), loaded=_loaded())
+    assert checkpoint.load_extra(str(empty))["summary"]["job"]["budget"] == 0.3 == s["job"]["budget"]
+
+    class Full:
+        @staticmethod
+        def save(path, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job_mod, "checkpoint", Full)
+    new = tmp_path / "new"
+    with pytest.raises(WriteFailed) as e:
+        compress(Job("tiny", out=str(new), budget=0.4, **_NOTHING), loaded=_loaded())
+    assert str(e.value) == (f"could not write {new}: No space left on device (disk full: free space and run "
+                            "again); no checkpoint was saved (an earlier one at --out is unchanged)")
+    from ecospa.jobs.compress import _save
+    p = {"layers": [{"w": torch.tensor([float("nan")])}]}
+    with pytest.raises(RecoveryDiverged) as e:
+        _save(Job("tiny", budget=0.4), p, CFG, {})
+    assert str(e.value) == ("recovery diverged: parameter layers.0.w is not finite before saving; "
+                            "nothing was saved. Use a smaller --lr (default 2e-4)")
+
+
+def test_the_summary_records_latency_and_memory_as_measured(monkeypatch, tmp_path):
+    times = iter([0.5, 0.125])  # the dense model's forward, then the pruned one's
+    monkeypatch.setattr(job_mod, "latency", lambda *a, **k: next(times))
+    s = compress(Job("tiny", out=str(tmp_path / "c"), budget=0.4, **_NOTHING), loaded=_loaded())
+    assert s["latency_ratio"] == 4.0
+    saved = checkpoint.load_extra(str(tmp_path / "c"))["summary"]
+    assert set(saved["phase_seconds"]) == {p["phase"] for p in saved["phases"]}
+    assert saved["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in saved["phases"]) > 0
+    assert isinstance(saved["peak_rss_exact"], bool) and saved["dense_bytes"] == s["dense_bytes"] > 0
