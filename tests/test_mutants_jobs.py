@@ -6,6 +6,7 @@ Numbers are compared with what is computed here from the model itself (perplexit
 counts, the batches each stage may read), at non-default option values."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -986,3 +987,62 @@ def test_the_summary_records_latency_and_memory_as_measured(monkeypatch, tmp_pat
     assert set(saved["phase_seconds"]) == {p["phase"] for p in saved["phases"]}
     assert saved["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in saved["phases"]) > 0
     assert isinstance(saved["peak_rss_exact"], bool) and saved["dense_bytes"] == s["dense_bytes"] > 0
+
+
+def test_the_exports_carry_the_source_models_tokenizer_and_metadata(tmp_path):
+    """--model a GGUF with a byte-level BPE tokenizer, special tokens, a chat template and
+    ``general.*`` metadata (the model itself given in memory): the HF export holds its
+    tokenizer.json and special tokens, the GGUF export its tokenizer metadata and general info."""
+    pytest.importorskip("gguf")
+    from ecospa.io.gguf import general_info, open_reader, tokenizer_info
+    from ecospa.io.gguf_export import save_gguf
+    from ecospa.io.gguf_tokenizer import _byte_alphabet
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    cfg = llama.Config(vocab_size=len(specials) + 256, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24,
+                       init_std=0.3)
+    info = {"model": "gpt2", "tokens": specials + [_byte_alphabet()[b] for b in range(256)], "merges": [],
+            "token_type": [3] * 3 + [1] * 256, "bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0,
+            "chat_template": template}
+    src = tmp_path / "src.gguf"
+    params = llama.init(cfg, seed=0)
+    save_gguf(params, cfg, str(src), tokenizer_info=info, name="Tiny Source")
+    hf, gg = tmp_path / "hf", tmp_path / "m.gguf"
+    s = compress(Job(str(src), export_hf=str(hf), export=str(gg), export_format="gguf", budget=0.4, **_NOTHING),
+                 loaded=(cfg, params, ByteTokenizer()))
+    assert "export_failed" not in s, s.get("export_failed")
+    assert (hf / "tokenizer.json").is_file()
+    with open(hf / "config.json") as f:
+        config = json.load(f)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    with open(hf / "tokenizer_config.json") as f:
+        assert json.load(f)["chat_template"] == template
+    got = tokenizer_info(open_reader(str(gg)))
+    assert (got["bos_token_id"], got["eos_token_id"], got["chat_template"]) == (1, 2, template)
+    assert "Tiny Source" in general_info(open_reader(str(gg)))["general.name"]["value"]
+
+
+def test_the_export_paths_are_checked_when_the_job_is_built(tmp_path, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    gg = str(tmp_path / "m.gguf")
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, export=gg, export_format="gguf")
+    assert str(e.value) == f"--export {gg!r} exists; choose another name or pass --overwrite"
+    Job("m", budget=0.5, export=gg, export_format="gguf", overwrite=True)
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, export=str(tmp_path / "m.bin"), export_format="gguf-compact")
+    assert str(e.value) == f"--export {str(tmp_path / 'm.bin')!r}: a GGUF file name must end in .gguf"
+    hf = tmp_path / "hf"
+    compress(Job("tiny", export_hf=str(hf), budget=0.4, **_NOTHING), loaded=_loaded())
+    with pytest.raises(UsageError) as e:
+        Job("m", budget=0.5, export_hf=str(hf))
+    assert str(e.value) == (f"--export-hf {str(hf)!r} holds an earlier export; pass --overwrite to replace it, "
+                            "or choose another directory")
+    Job("m", budget=0.5, export_hf=str(hf), overwrite=True)
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, llama.init(CFG, seed=0), CFG)
+    Job("m", budget=0.5, out=str(ck), overwrite=True)
+    # a model name that is not a path holds nothing: the working directory may be an output
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    Job("not-a-path", budget=0.5, out=str(tmp_path / "empty"))
