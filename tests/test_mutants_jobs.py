@@ -1046,3 +1046,32 @@ def test_the_export_paths_are_checked_when_the_job_is_built(tmp_path, monkeypatc
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
     Job("not-a-path", budget=0.5, out=str(tmp_path / "empty"))
+
+
+# ---- compress: the leading tokens of an extra held-out source ----------------------------------
+
+def test_clean_cut_at_the_text_edges():
+    from ecospa.jobs.compress import _clean_cut
+    assert _clean_cut("a\nb", 0) == 2  # the first newline, one character from each end
+    assert _clean_cut("ab\n", 0) == -1 and _clean_cut("ab\n\n", 0) == -1  # nothing after it
+    assert _clean_cut("a\n b\nc", 0) == 5  # text on both sides
+
+
+class _Coarse:
+    """A tokenizer of 16 characters a token (``tokenizers`` style), coarser than leading_ids' first guess."""
+
+    def get_vocab_size(self):
+        return 2
+
+    def encode(self, text):
+        import types
+        return types.SimpleNamespace(ids=[hash(text[i:i + 16]) % 2 for i in range(0, len(text) - 15, 16)])
+
+
+def test_leading_ids_read_enough_tokens_with_a_coarse_tokenizer():
+    from ecospa.jobs.compress import leading_ids
+    text = "".join(f"line {i:06d} of some text\n" for i in range(4000))  # 100 k characters, clean cuts
+    ids = leading_ids(_Coarse(), text, 100)
+    assert 356 <= ids.numel() < len(text) // 16  # need + margin, not the whole text
+    whole = leading_ids(_Coarse(), text, None)
+    assert whole.numel() == len(text) // 16 and torch.equal(ids, whole[:ids.numel()])
