@@ -384,6 +384,8 @@ def test_generate_until_takes_its_prompt_and_length_from_the_request():
     free = direct(ids, 64)  # lm-eval's default of 64 new tokens
     assert lm.generate_until([_Req(ctx, {})]) == [free]
     assert lm.generate_until([_Req(ctx, {"until": "§§"})]) == [free]  # a stop string absent from the text
+    absent = free[3] + "§§"  # its first character is in the text, the string is not: no cut
+    assert absent not in free and lm.generate_until([_Req(ctx, {"until": absent})]) == [free]
     stop = free[len(free) // 2]
     cut = free[:free.index(stop)]
     assert lm.generate_until([_Req(ctx, {"until": stop})]) == [cut]  # one string, not its characters
@@ -562,8 +564,15 @@ def test_output_paths_are_checked_before_anything_is_touched(tmp_path):
     (tmp_path / "empty").mkdir()
     assert check_out_dir(str(tmp_path / "empty")) == str(tmp_path / "empty")
     assert check_out_dir(str(tmp_path / "new")) == str(tmp_path / "new")
+    (tmp_path / "other").mkdir()
     other = tmp_path / "other" / "checkpoint"  # named checkpoint, but no run files beside it
     assert check_out_dir(str(other)) == str(other)
+    with pytest.raises(UsageError) as e:
+        check_out_dir(str(tmp_path / "file" / "x"), flag="--y")
+    assert str(e.value) == f"--y {str(tmp_path / 'file' / 'x')!r} is under {str(tmp_path / 'file')!r}, which is a file, not a directory"
+    with pytest.raises(UsageError) as e:
+        Job(str(model), budget=0.5, out="/")  # the root holds every model
+    assert str(e.value) == f"--out '/' is or holds the input model {str(model)!r}; choose another directory"
 
 
 # ---- compress: recovery, its divergence checks, the ramp, the teacher ---------------------------
