@@ -1084,3 +1084,19 @@ def test_leading_ids_read_enough_tokens_with_a_coarse_tokenizer():
     assert 356 <= ids.numel() < len(text) // 16  # need + margin, not the whole text
     whole = leading_ids(_Coarse(), text, None)
     assert whole.numel() == len(text) // 16 and torch.equal(ids, whole[:ids.numel()])
+
+
+def test_an_empty_context_is_no_tokens_even_for_a_tokenizer_that_adds_a_bos():
+    """A ``tokenizers`` tokenizer whose post-processor starts every encoding with <s> (id 1): the
+    empty context is no tokens, so the continuation "<s> a b" scores a and b after <s>."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, models, pre_tokenizers, processors
+    vocab = {"<unk>": 0, "<s>": 1, **{chr(c): c for c in range(32, 127)}}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    pytest.importorskip("lm_eval")
+    from ecospa.jobs.harness import EcospaLM
+    lm = EcospaLM(loaded=(HCFG, llama.init(HCFG, seed=0), tok), max_length=16)
+    (got, _), = lm.loglikelihood([_Req("", "ab")])
+    assert got == pytest.approx(float(_logp(lm.params, torch.tensor([1, 97, 98])).sum()), abs=1e-4)
