@@ -1101,3 +1101,18 @@ def test_an_empty_context_is_no_tokens_even_for_a_tokenizer_that_adds_a_bos():
     lm = EcospaLM(loaded=(HCFG, llama.init(HCFG, seed=0), tok), max_length=16)
     (got, _), = lm.loglikelihood([_Req("", "ab")])
     assert got == pytest.approx(float(_logp(lm.params, torch.tensor([1, 97, 98])).sum()), abs=1e-4)
+
+
+def test_a_data_free_estimator_keeps_the_same_units_whatever_the_calibration_windows(monkeypatch):
+    """--estimator magnitude reads no gradient: other seeds (other calibration windows) keep the
+    same units; with the Fisher estimator they would differ."""
+    kept = []
+    real = job_mod.slice_units
+    monkeypatch.setattr(job_mod, "slice_units", lambda p, g, keep: (kept.append(keep), real(p, g, keep))[1])
+    monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
+    tiny = dict(steps=0, batch_size=2, seq_len=16, calib_batches=1, eval_seq_len=16, eval_windows=1,
+                eval_extra=(), ppl_dense=1.0, progress=False, rank_by="estimator", reconstruct=False)
+    for estimator, seed in (("magnitude", 1), ("magnitude", 2), ("fisher", 1), ("fisher", 2)):
+        compress(Job("tiny", sparsity=0.5, estimator=estimator, seed=seed, **tiny), loaded=_loaded())
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in (kept[0:2], kept[2:4])]
+    assert same == [True, False]
