@@ -658,19 +658,19 @@ def test_a_per_group_sparsity_ramps_over_rounds_and_widths_stay_multiples(monkey
 
 def test_table_lists_every_number_of_the_summary():
     from ecospa.jobs.compress import table
-    s = {"dense_params": 1_234_567, "kept_params": 987_654, "group_fraction_removed": 0.4567,
+    s = {"dense_params": 1_995_001, "kept_params": 1_005_001, "group_fraction_removed": 0.4567,
          "block_fraction_removed": 0.3012, "ppl_dense": 10.456,
          "rounds": [{"ppl_pruned": 20.5, "ppl_reconstructed": 15.25, "steps": 4, "ppl_recovered": 12.125},
                     {"ppl_pruned": 30.0, "ppl_reconstructed": None, "steps": 4, "ppl_recovered": 14.0}],
-         "curve": [{"step": 2, "ppl": 13.0, "ppl_extra": {"stdlib": 20.0}}],
+         "curve": [{"step": 2, "ppl": 13.0, "ppl_extra": {"stdlib": 20.0, "wiki": 30.0}}],
          "ppl_dense_extra": {"stdlib": 16.0}, "ppl_extra": {"stdlib": 24.0}, "latency_ratio": 1.555,
          "export_hf": "hf-padded: /x", "export": "gguf: /y.gguf"}
     rows = [line.split("  ")[0].strip() + " | " + line.rsplit("  ", 1)[-1].strip() for line in table(s).splitlines()]
-    assert rows == ["dense params | 1.23M", "kept params | 0.99M", "coupled-group params removed | 45.7%",
+    assert rows == ["dense params | 2.00M", "kept params | 1.01M", "coupled-group params removed | 45.7%",
                     "block params removed | 30.1%", "ppl dense | 10.46", "ppl after prune (round 1) | 20.50",
                     "ppl after the refit (round 1) | 15.25", "ppl after recovery (round 1, 4 steps) | 12.12",
                     "ppl after prune (round 2) | 30.00", "ppl after recovery (round 2, 4 steps) | 14.00",
-                    "ppl at recovery step 2 | 13.00, stdlib 20.00",
+                    "ppl at recovery step 2 | 13.00, stdlib 20.00, wiki 30.00",
                     "held-out stdlib: ppl dense -> final | 16.00 -> 24.00 (1.50x)",
                     "forward latency dense / pruned | 1.55x" if f"{1.555:.2f}" == "1.55" else
                     "forward latency dense / pruned | 1.56x",
@@ -701,6 +701,10 @@ def test_a_failed_export_is_recorded_and_the_checkpoint_kept(tmp_path, monkeypat
                      reconstruct=False, steps=0, eval_extra=(), **SMALL), loaded=(cfg, dense, tok))
     assert s["export"] == "FAILED: No space left on device" and "export_hf" not in s
     assert s["export_failed"] == f"--export {gguf}: No space left on device (nothing was saved (no --out))"
+    s = compress(Job("tiny", export_hf=str(hf), export=str(gguf), export_format="gguf", budget=0.3,
+                     rank_by="estimator", reconstruct=False, steps=0, eval_extra=(), **SMALL), loaded=(cfg, dense, tok))
+    assert s["export_failed"] == (f"--export-hf {hf}: No space left on device; --export {gguf}: No space left on "
+                                  "device (nothing was saved (no --out))")
 
 
 def test_tokenizer_spec_and_message_of():
@@ -958,6 +962,9 @@ def test_the_exports_hold_the_saved_model(tmp_path):
         c2, p2, _ = load_model(str(path))
         got = job_mod.family_of(c2).forward(p2, tokens, c2)
         assert torch.allclose(got, want, atol=1e-4), path
+    again = compress(Job("tiny", export_hf=str(hf), export=str(gg), export_format="gguf-compact", budget=0.3,
+                         overwrite=True, **_NOTHING), loaded=_loaded())  # --overwrite reaches the exports
+    assert "export_failed" not in again and again["export_hf"] == f"hf-padded: {hf}"
 
 
 def test_the_save_replaces_only_what_it_may_and_says_what_is_intact(tmp_path, monkeypatch):
