@@ -1123,3 +1123,15 @@ def test_a_data_free_estimator_keeps_the_same_units_whatever_the_calibration_win
         compress(Job("tiny", sparsity=0.5, estimator=estimator, seed=seed, **tiny), loaded=_loaded())
     same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in (kept[0:2], kept[2:4])]
     assert same == [True, False]
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_recovery_never_writes_the_model_the_caller_passed(distill):
+    """A bug found by the jobs mutation profile: with --no-distill the dense model is dropped
+    before recovery, so the leaves pruning left as they were (embeddings, norms) were updated in
+    place in the caller's ``loaded`` tree. Recovery now owns a copy of every leaf it shares."""
+    cfg, dense, tok = _loaded()
+    before = torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, dense)
+    compress(Job("tiny", budget=0.4, distill=distill, **_NOTHING | dict(steps=2)), loaded=(cfg, dense, tok))
+    flat = torch.utils._pytree.tree_leaves
+    assert all(torch.equal(a, b) for a, b in zip(flat(before), flat(dense)))

@@ -393,9 +393,11 @@ def _compress(job: Job, loaded) -> dict:
 
         t0 = time.perf_counter()
         with ph("recover"):  # with its --eval-at curve points
-            if per_round:
-                # recovery updates params in place: never the teacher (a fixed leaf stays shared)
-                params = _owned(params, dense, skip=frozen_leaves(fam, job))
+            if per_round:  # recovery updates params in place: never the teacher, nor the model a
+                # caller passed as loaded= (without --distill, dense is already dropped here); a
+                # fixed leaf stays shared
+                params = _owned(params, dense, loaded[1] if loaded is not None else None,
+                                skip=frozen_leaves(fam, job))
             params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
                                      grad_and_value=train_grads, frozen=frozen_leaves(fam, job), pool=pool)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
