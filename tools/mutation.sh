@@ -117,13 +117,14 @@ profile_spec() {
                    'ecospa.train.loop.x__keep_from_json__*' 'ecospa.train.loop.x__targets__*') ;;
         jobs)
             # the compress job (run it first: bash tools/mutation.sh jobs 'ecospa.jobs.compress.*'),
-            # its Job checks, the export entry point, generation and the lm-eval adapter. A mutant
-            # of compress() runs every test that compresses: here only the fast ones, on an
-            # in-memory model (test_mutants_jobs, test_kept_units, test_options; about 0.1 s a job
-            # once torch._dynamo is imported); the jobs that load a GGUF file (1-7 s each) are left
-            # out: test_mutants_jobs repeats the provenance and the layer-wise checks in memory; the
-            # export calls of _save are tested only by test_compress (not in this selection). Not
-            # mutated by default: latency() and the progress bars' helpers.
+            # its Job checks, generation and the lm-eval adapter. A mutant of compress() runs every
+            # test that compresses: here only the fast ones, on an in-memory model
+            # (test_mutants_jobs, test_kept_units, test_options; about 0.1 s a job once
+            # torch._dynamo is imported); the jobs that load a GGUF file (1-7 s each, in
+            # test_compress, test_layerwise, test_safety_io_cli) are left out: test_mutants_jobs
+            # repeats their provenance, layer-wise and export checks in memory. Not mutated by
+            # default: latency(), the progress bars' helpers and export.py (its tests, test_export,
+            # test_gguf_export, test_export_tokens, are not in this selection).
             FILES="ecospa/jobs/compress.py ecospa/jobs/compress_job.py ecospa/jobs/export.py ecospa/jobs/generate.py ecospa/jobs/harness.py"
             TESTS="tests/test_mutants_jobs.py tests/test_kept_units.py tests/test_options.py tests/test_provenance.py
                    tests/test_held_out_text.py tests/test_generate_errors.py tests/test_harness.py
@@ -140,8 +141,7 @@ profile_spec() {
                    'ecospa.jobs.compress.x_group_params__*' 'ecospa.jobs.compress.x_recover__*'
                    'ecospa.jobs.compress.x_check_finite__*' 'ecospa.jobs.compress.x_compress__*'
                    'ecospa.jobs.compress.x_message_of__*' 'ecospa.jobs.compress.x_table__*'
-                   'ecospa.jobs.compress_job.*' 'ecospa.jobs.export.*' 'ecospa.jobs.generate.*'
-                   'ecospa.jobs.harness.*') ;;
+                   'ecospa.jobs.compress_job.*' 'ecospa.jobs.generate.*' 'ecospa.jobs.harness.*') ;;
         *)
             echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
             exit 2 ;;
