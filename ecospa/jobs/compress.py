@@ -328,6 +328,7 @@ def _compress(job: Job, loaded) -> dict:
     # steps, as the teacher; otherwise it is dropped after the last refit (its sizes, bytes and
     # latency are taken now), so the held-out evaluation holds one model, not two
     keep_dense = job.distill and job.per_round > 0
+    frozen = frozen_leaves(fam, job)
     pool = None
     if job.teacher_rows and job.per_round:
         with ph("teacher text"):
@@ -397,9 +398,9 @@ def _compress(job: Job, loaded) -> dict:
                 # caller passed as loaded= (without --distill, dense is already dropped here); a
                 # fixed leaf stays shared
                 params = _owned(params, dense, loaded[1] if loaded is not None else None,
-                                skip=frozen_leaves(fam, job))
+                                skip=frozen)
             params, losses = recover(train_loss, params, train_ids, job, per_round, job.seed + r, point,
-                                     grad_and_value=train_grads, frozen=frozen_leaves(fam, job), pool=pool)
+                                     grad_and_value=train_grads, frozen=frozen, pool=pool)
         last = out["curve"][-1] if out["curve"] and out["curve"][-1]["step"] == r * per_round else None
         row.update(steps=per_round, recover_seconds=time.perf_counter() - t0,
                    final_train_loss=losses[-1] if losses else None)
