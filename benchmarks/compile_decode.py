@@ -1,6 +1,7 @@
 """``generate --compile`` on CPU: compiling the whole decoder vs compiling its layer function.
 
     python benchmarks/compile_decode.py                 # SmolLM2-135M's shape, 8 layers, pruned 50%
+    python benchmarks/compile_decode.py --budget 0 --modes eager layer --out X.json  # dense
     python benchmarks/compile_decode.py --quick         # 2 tiny layers, the eager backend (CI)
 
 A random model with SmolLM2-135M's widths (dim 576, 9/3 heads, SwiGLU 1536, vocab 49152) and
@@ -66,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32, help="tokens to generate (default 32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["eager", "layer", "whole"], choices=["eager", "layer", "whole"])
+    ap.add_argument("--budget", type=float, default=0.5,
+                    help="fraction of the block parameters removed (0: the dense model; default 0.5)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -82,10 +85,11 @@ def main(argv=None):
     params = llama.init(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     scores = {k: torch.rand(b, u, generator=g) for k, (b, u) in ecospa.validate(params, groups).items()}
-    params = ecospa.pruner(groups, budget=0.5)(params, scores)
+    if a.budget > 0:
+        params = ecospa.pruner(groups, budget=a.budget)(params, scores)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     cond = conditions("cpu", torch.float32, layers=cfg.n_layers, dim=cfg.dim, new_tokens=n, prompt=16,
-                      backend=backend, inductor_caches="off", budget=0.5,
+                      backend=backend, inductor_caches="off", budget=a.budget,
                       widths=sorted({(2 * p["wq"].shape[-1], p["wv"].shape[-1], p["w_up"].shape[1])
                                      for p in params["layers"]}))
     print(cond)

@@ -16,7 +16,8 @@ Same data, steps, seed and learning-rate schedule for every variant:
   uncoupled / magnitude / random   the same schedule with other importance estimators
 Levers of the schedule (``--tag`` labels their rows): --rounds / --every / --prune-start / --window /
 --ramp, --gradual START END (many small rounds spread over that span), --decay-steps (soft removal),
---rewarm, --moments, --sparsity; --seed for a second seed.
+--distill-steps / --distill-weight (self-distillation), --rewarm, --moments, --sparsity; --seed for a
+second seed.
 Every run is one thread (``--threads``). Rows carry the final val ppl, training FLOPs
 (``ecospa.train.flops``: from the shapes each step used), wall time, peak memory and the curve
 (val ppl against steps and FLOPs). Writes benchmarks/results/pretrain.json (conditions, rows, a
@@ -36,7 +37,7 @@ import tempfile
 import torch
 
 from ecospa.func.families import family_of
-from ecospa.schedule import PruneSchedule, dense_sizes, gradual
+from ecospa.schedule import PruneSchedule, dense_sizes, respread
 from ecospa.train import count_params, presets, train
 from ecospa.train.flops import train_step_flops
 
@@ -128,6 +129,11 @@ def main(argv=None):
                     help="the same fraction of units removed in every group instead of the global --budget (lever)")
     ap.add_argument("--rewarm", type=int, default=None, help="lr re-warm steps after each round (lever)")
     ap.add_argument("--moments", choices=["carry", "reset"], default=None, help="AdamW moments after a round (lever)")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="self-distillation from the pre-round snapshot until this many steps after each "
+                         "round's slicing (PruneSchedule.distill_steps; default 0)")
+    ap.add_argument("--distill-weight", type=float, default=None,
+                    help="the KL term's weight while self-distilling (default 0.5)")
     ap.add_argument("--decay-steps", type=int, default=None,
                     help="soft removal: the units a round chooses ramp to exactly 0 over this many steps, "
                          "then are sliced (counted as dense FLOPs until then) (lever)")
@@ -171,10 +177,12 @@ def main(argv=None):
         sched = dataclasses.replace(sched, rewarm=args.rewarm or 0, moments=args.moments or "carry")
     if args.decay_steps is not None:
         sched = dataclasses.replace(sched, decay_steps=args.decay_steps)
+    if args.distill_steps is not None:
+        sched = dataclasses.replace(sched, distill_steps=args.distill_steps,
+                                    distill_weight=sched.distill_weight if args.distill_weight is None
+                                    else args.distill_weight)
     if args.gradual is not None:
-        keep = {k: getattr(sched, k) for k in ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments",
-                                               "decay_steps")}
-        sched = gradual(steps, sched.rounds, *args.gradual, window=sched.window, **keep)
+        sched = respread(sched, steps, *args.gradual)
     base = dataclasses.replace(base, steps=steps, prune=sched,
                                seed=base.seed if args.seed is None else args.seed)
     results = os.path.join(os.path.dirname(__file__), "results")

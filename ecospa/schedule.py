@@ -79,6 +79,11 @@ class PruneSchedule:
       after each round; the step count, and so the lr schedule and bias correction, go on).
     decay_steps: soft removal: the chosen units ramp to exactly zero over this many steps and are
       sliced after it (0: sliced at once); needs ``every >= window + decay_steps``.
+    distill_steps: self-distillation: from each round's step until this many steps after its
+      slicing, the loss is ``(1 - distill_weight) x cross-entropy + distill_weight x
+      KL(teacher || model)``, the teacher being a frozen copy of the model taken just before the
+      round (0: off). A later round's snapshot replaces an earlier one.
+    distill_weight: the KL term's weight in (0, 1] (1: KL only).
     """
 
     warmup_steps: int = 100
@@ -92,6 +97,8 @@ class PruneSchedule:
     rewarm: int = 0
     moments: str = "carry"
     decay_steps: int = 0
+    distill_steps: int = 0
+    distill_weight: float = 0.5
 
     def __post_init__(self):
         check_multiple_of(self.multiple_of)
@@ -101,6 +108,12 @@ class PruneSchedule:
             raise ValueError(f"every={self.every} must be >= window + decay_steps = "
                              f"{self.window + self.decay_steps}: a round's units must be sliced "
                              "before the next round's estimation window starts")
+        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
+            raise ValueError(f"distill_steps must be a whole number of steps >= 0, got {self.distill_steps!r}")
+        if (isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float))
+                or not 0 < self.distill_weight <= 1):
+            raise ValueError(f"distill_weight must be in (0, 1] (the KL term's share of the loss), "
+                             f"got {self.distill_weight!r}")
         if isinstance(self.rewarm, bool) or not isinstance(self.rewarm, int) or self.rewarm < 0:
             raise ValueError(f"rewarm must be a whole number of steps >= 0, got {self.rewarm!r}")
         if self.moments not in MOMENTS:
@@ -163,6 +176,10 @@ class PruneSchedule:
         """The step before which the units chosen at ``round_step`` are sliced out."""
         return round_step + self.decay_steps
 
+    def distill_end(self, round_step: int) -> int:
+        """The first step after the self-distillation that follows the round at ``round_step``."""
+        return self.slice_step(round_step) + self.distill_steps
+
     def decaying(self, step: int) -> Optional[int]:
         """The round step ``s`` whose soft-removal ramp covers ``step`` (s <= step < s + decay_steps),
         or None."""
@@ -189,6 +206,18 @@ class PruneSchedule:
     def in_window(self, step: int) -> bool:
         """Whether step ``step``'s gradients feed the importance estimate of the next round."""
         return any(s - self.window <= step < s for s, _ in self.rounds_at())
+
+
+# the PruneSchedule fields that say how each round prunes (not when): ``gradual`` keeps them
+HOW = ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments", "decay_steps", "distill_steps",
+       "distill_weight")
+
+
+def respread(sched: PruneSchedule, steps: int, start: float, end: float) -> PruneSchedule:
+    """``sched``'s rounds spread by ``gradual`` from ``start`` to ``end`` of ``steps``; its
+    window and every ``HOW`` field stay."""
+    return gradual(steps, sched.rounds, start, end, window=sched.window,
+                   **{k: getattr(sched, k) for k in HOW})
 
 
 def gradual(steps: int, rounds: int, start: float = 0.25, end: float = 0.75, window: int = 40,
@@ -258,4 +287,4 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     return {"counts": counts}
 
 
-__all__ = ["warmup_cosine", "PruneSchedule", "gradual", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]
+__all__ = ["warmup_cosine", "PruneSchedule", "gradual", "respread", "HOW", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]

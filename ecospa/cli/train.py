@@ -13,7 +13,7 @@ from ecospa._text import aligned
 from ecospa.cli._options import add_device, add_threads, dtype_help, dtype_name, preset_default, preset_epilog
 from ecospa.errors import UsageError, fraction, nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
-from ecospa.schedule import gradual
+from ecospa.schedule import respread
 from ecospa.select import parse_sparsity
 from ecospa.train import presets, runtime
 from ecospa.train.config import TrainConfig
@@ -28,6 +28,17 @@ def _sparsity(text: str):
         return parse_sparsity(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _kd_weight(text: str) -> float:
+    """argparse type: a number in (0, 1], the KL term's share of the self-distillation loss."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a weight in (0, 1] (1: KL only), got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="soft removal: the units a round chooses are multiplied by a ramp that reaches "
                              "exactly 0 over this many steps, then sliced out (still computed, and counted "
                              "as dense FLOPs, until then; 0: sliced at once) " + preset_default("decay_steps"))
+    parser.add_argument("--distill-steps", type=nonneg_int,
+                        help="self-distillation: from each pruning round until this many steps after its "
+                             "slicing, also match the model's own snapshot from just before the round "
+                             "(KL; its forward is counted in the FLOPs; 0: off) " + preset_default("distill_steps"))
+    parser.add_argument("--distill-weight", type=_kd_weight,
+                        help="the KL term's weight in the loss while self-distilling, in (0, 1] "
+                             + preset_default("distill_weight"))
     parser.add_argument("--gradual", type=float, nargs=2, metavar=("START", "END"),
                         help="gradual shrinking: spread the --rounds evenly from START to END (fractions of "
                              "--steps, e.g. 0.25 0.75; the first round's window ends at START); the ramp, "
@@ -102,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # a flag the user did not give is told from one given with the preset's value.
 FIELDS = ("steps", "estimator", "data", "lr", "batch_size", "seed", "device", "dtype", "eval_every",
           "ckpt_every", "compile")
-SCHEDULE = ("rounds", "multiple_of", "rewarm", "moments", "decay_steps")
+SCHEDULE = ("rounds", "multiple_of", "rewarm", "moments", "decay_steps", "distill_steps", "distill_weight")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -139,10 +157,8 @@ def _overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
 
 def _gradual(sched, steps: int, start: float, end: float):
     """``sched`` with its rounds spread from ``start`` to ``end`` of ``steps`` (``schedule.gradual``)."""
-    keep = {k: getattr(sched, k) for k in ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments",
-                                           "decay_steps")}
     try:
-        return gradual(steps, sched.rounds, start, end, window=sched.window, **keep)
+        return respread(sched, steps, start, end)
     except ValueError as err:
         raise UsageError(f"--gradual {start:g} {end:g}: {err}") from err
 

@@ -30,12 +30,12 @@ from ecospa.schedule import PruneSchedule, dense_sizes, round_target
 from ecospa.select import select
 from ecospa.train.config import (TrainConfig, check_budget, check_run_target, check_schedule,
                                  checkpoint_every, lr_schedule, opt_lr)
-from ecospa.train.flops import train_step_flops
+from ecospa.train.flops import forward_flops, train_step_flops
 from ecospa.train.rundir import append_line, check_fresh, check_out, remove_run, trim_metrics
 from ecospa.train.runtime import LOCAL
 from ecospa.train.saving import (CheckpointNotSaved, Checkpointer, TrainingDiverged, all_finite,
                                  load_for_resume)
-from ecospa.train.step import estimator_for, lm_loss, peak_memory_mb
+from ecospa.train.step import estimator_for, lm_loss, peak_memory_mb, self_distill_loss
 
 
 class _Timer:
@@ -187,7 +187,11 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
         to_dev = lambda t: optree.tree_map(lambda x: x.to(device) if torch.is_tensor(x) else x,  # noqa: E731
                                            t, namespace="")
         params, opt_state, start = to_dev(ck.params), to_dev(ck.opt_state), ck.step
-        imp = ImportanceState(*to_dev(ck.state))
+        saved = to_dev(ck.state)
+        if isinstance(saved, dict):  # a self-distillation teacher was in use
+            imp, teacher = ImportanceState(*saved["importance"]), saved["teacher"]
+        else:
+            imp, teacher = ImportanceState(*saved), None
         dense = {k: tuple(v) for k, v in ck.extra["dense"].items()}
         dense_params, done = ck.extra["dense_params"], ck.extra["rounds_done"]
         last_saved = ck.step
@@ -195,7 +199,7 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
         params = optree.tree_map(lambda x: x.to(device), fam.init(cfg.model, cfg.seed, dtype),
                                  namespace="")
         check_budget(cfg, params, groups)
-        opt_state, imp, start, done = opt.init(params), est.init(params), 0, []
+        opt_state, imp, start, done, teacher = opt.init(params), est.init(params), 0, [], None
         dense, dense_params = dense_sizes(params, groups), count_params(params)
         last_saved = None
     par.barrier()  # every rank validated the same directory before rank 0 changes it
@@ -215,15 +219,27 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
     # soft removal in progress: {"step": round step, "target", "keep": {group: [[unit, ...], ...]}}
     state["pending"] = ck.extra.get("pending") if resume else None
     pending_keep = _keep_from_json(state["pending"]["keep"]) if state["pending"] else None
+    # self-distillation in progress: {"step": round step, "end": first step without the teacher}
+    state["distill"] = ck.extra.get("distill") if resume else None
+
+    def make_step():  # the loss: plain, or distilling from the pre-round snapshot
+        fn = loss_fn if teacher is None else self_distill_loss(fam.forward, cfg.model, teacher,
+                                                                 cfg.prune.distill_weight)
+        return par.make_step(fn, opt, cfg.compile)
+
     stop = cfg.steps if until is None else min(until, cfg.steps)
-    step_fn, timer, losses, val_ppl, window = par.make_step(loss_fn, opt, cfg.compile), _Timer(), [], None, []
+    step_fn, timer, losses, val_ppl, window = make_step(), _Timer(), [], None, []
     bar = _progress.bar(cfg.steps, "train", "step", initial=start,
                         enabled=progress if par.is_main else False)
     for s in range(start, stop):
+        if state["distill"] is not None and s == state["distill"]["end"]:
+            teacher = state["distill"] = None
+            step_fn = make_step()
+            log({"event": "distill_end", "step": s})
         pend = state["pending"]
         if pend is not None and s == cfg.prune.slice_step(pend["step"]):  # fully decayed: slice
             params, opt_state = _slice(params, opt_state, groups, pending_keep, cfg.prune)
-            imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
+            imp, step_fn = est.init(params), make_step()
             done.append([pend["step"], pend["target"], count_params(params)])
             state["pending"] = pending_keep = None
             timer.changed()
@@ -231,6 +247,11 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
                  "kept_params": count_params(params), "dense_params": dense_params})
         if s in rounds:
             scores = par.reduce_scores(est.scores(imp))  # the same kept units on every rank
+            if cfg.prune.distill_steps:  # the model before this round teaches it after
+                teacher = optree.tree_map(torch.clone, params, namespace="")
+                state["distill"] = {"step": s, "end": cfg.prune.distill_end(s)}
+                step_fn = make_step()
+                log({"event": "distill", "step": s, "until": state["distill"]["end"]})
             if cfg.prune.decay_steps:  # soft removal: ramp the chosen units to zero, slice later
                 pending_keep = _choose(params, groups, scores, rounds[s], dense, cfg.prune)
                 state["pending"] = {"step": s, "target": rounds[s],
@@ -240,7 +261,7 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
                      "slice_step": cfg.prune.slice_step(s), "dense_params": dense_params})
             else:
                 params, opt_state = _prune_round(params, opt_state, groups, scores, rounds[s], dense, cfg.prune)
-                imp, step_fn = est.init(params), par.make_step(loss_fn, opt, cfg.compile)
+                imp, step_fn = est.init(params), make_step()
                 done.append([s, rounds[s], count_params(params)])
                 timer.changed()
                 log({"event": "prune", "step": s, "target": rounds[s],
@@ -263,6 +284,8 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
             params = scale_units(params, groups, pending_keep, cfg.prune.decay_multiplier(s))
         losses.append(loss)
         state["train_flops"] += train_step_flops(params, cfg.model.name, cfg.batch_size, cfg.seq_len)
+        if teacher is not None:  # the teacher's forward (no backward)
+            state["train_flops"] += forward_flops(teacher, cfg.model.name, cfg.batch_size, cfg.seq_len)
         phase = "dense" if not done else ("pruned" if s >= (last_round or 0) else None)
         timer.add(phase, dt, batch[:, 1:].numel())
         window.append((dt, batch[:, 1:].numel()))
@@ -281,9 +304,9 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
             bar.set_postfix(loss=f"{loss:.3f}", kept=f"{count_params(params) / dense_params:.0%}")
         bar.update(1)
         if every and (s + 1) % every == 0 and s + 1 < stop:
-            saver.save(s + 1, False, params, opt_state, imp, state)
+            saver.save(s + 1, False, params, opt_state, imp, state, teacher)
     bar.close()
-    saver.save(stop, True, params, opt_state, imp, state)
+    saver.save(stop, True, params, opt_state, imp, state, teacher)
     if val_ppl is None:
         val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
     kept = count_params(params)

@@ -57,7 +57,9 @@ class Checkpointer:
                     else "no checkpoint was written (--ckpt-every 0: only at the end)")
         return f"the last good checkpoint (step {self.last_saved}) in {self.path} is intact"
 
-    def save(self, step: int, final: bool, params, opt_state, imp, extra: dict) -> None:
+    def save(self, step: int, final: bool, params, opt_state, imp, extra: dict, teacher=None) -> None:
+        """``teacher``: a self-distillation snapshot in use, saved beside the importance state
+        (``{"importance": ..., "teacher": ...}``) so a resume continues with it."""
         if not all_finite(params):  # never written as "last good"
             raise TrainingDiverged(f"the parameters are NaN or inf at step {step}; not saved; "
                                    f"{self.where()}. Try a lower learning rate (now {self.cfg.lr}).")
@@ -65,7 +67,9 @@ class Checkpointer:
         if self.par.is_main:  # the checkpoint holds only the global state: written once
             try:
                 checkpoint.save(self.path, params, self.cfg.model, opt_state=opt_state,
-                                state=tuple(imp), extra=extra, step=step)
+                                state=tuple(imp) if teacher is None else {"importance": tuple(imp),
+                                                                          "teacher": teacher},
+                                extra=extra, step=step)
             except Exception as err:  # noqa: BLE001  (disk full, read-only, a missing module, ...)
                 last = self.last_saved
                 kept = (f"the previous checkpoint (step {last}) in {self.path} is intact"
@@ -107,6 +111,15 @@ def stored_config(ckpt_path: Path) -> TrainConfig:
     return config_from_json(_train_config(ckpt_path, extra))
 
 
+def _importance_ok(state, extra: dict) -> bool:
+    """The checkpoint's state tree: the importance state, or, while self-distilling (``extra``'s
+    "distill" set), {"importance": ..., "teacher": params tree}."""
+    if isinstance(extra.get("distill"), dict):
+        return (isinstance(state, dict) and set(state) == {"importance", "teacher"}
+                and isinstance(state["importance"], (tuple, list)) and isinstance(state["teacher"], dict))
+    return isinstance(state, (tuple, list))
+
+
 def load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
     """The checkpoint to continue from, checked: complete, finite, and made with settings that
     ``cfg`` continues exactly (``check_resumable``)."""
@@ -118,7 +131,7 @@ def load_for_resume(ckpt_path: Path, cfg: TrainConfig) -> checkpoint.Checkpoint:
     saved = _train_config(ckpt_path, extra)
     state_ok = (isinstance(extra.get("dense"), dict) and whole(extra.get("dense_params"))
                 and isinstance(extra.get("rounds_done"), list) and ck.opt_state is not None
-                and isinstance(ck.state, (tuple, list)) and whole(ck.step) and ck.step >= 0)
+                and _importance_ok(ck.state, extra) and whole(ck.step) and ck.step >= 0)
     if not state_ok:
         raise ValueError(f"{ckpt_path}: the training state in the checkpoint is incomplete "
                          "(dense sizes, rounds, optimizer or importance state, step)")

@@ -28,6 +28,22 @@ def lm_loss(forward: Callable, model_cfg) -> Callable:
     return loss_fn
 
 
+def self_distill_loss(forward: Callable, model_cfg, teacher, weight: float) -> Callable:
+    """``loss_fn(params, batch)``: ``(1 - weight) x`` next-token cross-entropy ``+ weight x``
+    KL(teacher || model) of the next-token distributions, both means over tokens (float32).
+    ``teacher``: a frozen params tree of the same family (it may be wider: a snapshot taken
+    before a pruning round); its logits get no gradient."""
+    def loss_fn(params, batch):
+        inputs = batch[:, :-1]
+        logits = forward(params, inputs, model_cfg).flatten(0, 1).float()  # [B*T, V]
+        with torch.no_grad():
+            ref = forward(teacher, inputs, model_cfg).flatten(0, 1).float().detach()
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                      reduction="batchmean")
+        return (1 - weight) * F.cross_entropy(logits, batch[:, 1:].flatten()) + weight * kl
+    return loss_fn
+
+
 class StepOut(NamedTuple):
     params: Any
     opt_state: State
@@ -90,4 +106,4 @@ def estimator_for(name: str, groups, seed: int):
     return ESTIMATORS[name](groups, seed=seed)
 
 
-__all__ = ["lm_loss", "StepOut", "make_step", "evaluate", "peak_memory_mb", "estimator_for"]
+__all__ = ["lm_loss", "self_distill_loss", "StepOut", "make_step", "evaluate", "peak_memory_mb", "estimator_for"]
