@@ -87,11 +87,32 @@ def test_compile_decode_quick_compiles_one_layer_graph_per_shape_kind(tmp_path):
     import json
     bench = _module("compile_decode")
     out = tmp_path / "c.json"
-    bench.main(["--quick", "--modes", "eager", "layer", "--out", str(out)])
+    bench.main(["--quick", "--modes", "eager", "layer", "forward", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert len({w[2] for w in res["conditions"]["widths"]}) == 2  # the layers' MLP widths differ
-    layer = [r for r in res["rows"] if r["mode"] == "layer"][0]
-    assert layer["tokens_equal_eager"] is True and 1 <= layer["graphs"] <= 2
+    widths = res["conditions"]["widths"]
+    assert len({w[2] for w in widths["0.5"]}) == 2 and len(widths["0.0"]) == 1  # pruned: the layers differ
+    rows = {(r["budget"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {(b, m) for b in (0.0, 0.5) for m in ("eager", "layer", "forward")}
+    for b in (0.0, 0.5):
+        assert rows[b, "layer"]["tokens_equal_eager"] is True and 1 <= rows[b, "layer"]["graphs"] <= 2
+        assert rows[b, "forward"]["max_abs_diff_vs_eager"] <= 1e-5
+    want = rows[0.5, "layer"]["compile_and_first_s"] / rows[0.0, "layer"]["compile_and_first_s"]
+    assert res["ratios"]["layer compile, budget 0.5 / dense"] == round(want, 3)
+
+
+@pytest.mark.slow
+def test_compile_decode_fresh_runs_each_row_in_its_own_process(tmp_path):
+    import json
+    bench = _module("compile_decode")
+    out = tmp_path / "f.json"
+    bench.main(["--quick", "--fresh", "--budgets", "0", "0.5", "--modes", "eager", "layer", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["conditions"]["fresh_processes"] is True and set(res["conditions"]["widths"]) == {"0.0", "0.5"}
+    assert [(r["budget"], r["mode"], r["process"]) for r in res["rows"]] == [
+        (0.0, "eager", "0.0-layer"), (0.0, "layer", "0.0-layer"), (0.5, "eager", "0.5-layer"), (0.5, "layer", "0.5-layer")]
+    assert all(r["tokens_equal_eager"] for r in res["rows"] if r["mode"] == "layer")
+    assert set(res["ratios"]) == {"layer compile, budget 0.5 / dense", "layer tokens/s / eager, budget 0",
+                                  "layer tokens/s / eager, budget 0.5"}
 
 
 def test_gguf_compact_quick_mode_writes_its_own_file():

@@ -98,6 +98,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     B, H, G, T, dk = q.shape
     q = rearrange(q, "b h g t d -> b (h g) t d")
+    gqa = True if G > 1 else False  # noqa: SIM210 (a Python bool: G may be a SymInt when compiled dynamic)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                         enable_gqa=G > 1)  # [B, H*G, T, dv]
+                                         enable_gqa=gqa)  # [B, H*G, T, dv]
     return rearrange(out, "b (h g) t d -> b h g t d", g=G)

@@ -76,6 +76,20 @@ def decode(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inpla
                end=end, inplace=inplace)
 
 
+def _regional(fam, compile_kw: dict):
+    """``fam.layer`` compiled once with dynamic shapes and no duck sizing (two widths that happen
+    to be equal, or equal to the batch, would otherwise be assumed equal and recompile when they
+    differ in the next layer)."""
+    from torch.fx.experimental import _config as fx_config
+    compiled = torch.compile(fam.layer, fullgraph=True, dynamic=True, **compile_kw)
+
+    def layer(*args, **kw):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kw)
+
+    return layer
+
+
 def compiled_decoder(cfg, **compile_kw):
     """A ``decode`` with the same signature whose LAYER function is compiled once, with dynamic
     shapes: one graph for the prefill and one for the one-token step, shared by every layer, even
@@ -86,7 +100,7 @@ def compiled_decoder(cfg, **compile_kw):
     ``compile_kw`` goes to ``torch.compile`` (e.g. ``backend="eager"`` in tests).
     """
     fam = _decoder(cfg)
-    layer = torch.compile(fam.layer, fullgraph=True, dynamic=True, **compile_kw)
+    layer = _regional(fam, compile_kw)
 
     def step(params: dict, cache: dict, tokens: torch.Tensor, pos: Pos, cfg, inplace: bool = False) -> tuple:
         positions = _positions(pos, tokens.shape[1], tokens.device)
@@ -104,4 +118,23 @@ def compiled_decoder(cfg, **compile_kw):
     return step
 
 
-__all__ = ["init_cache", "decode", "compiled_decoder"]
+def compiled_forward(cfg, **compile_kw):
+    """``forward(params, tokens, cfg) -> logits``, the family's full forward with its LAYER
+    function compiled once with dynamic shapes (regional compilation): one graph shared by every
+    layer whatever its pruned widths, where ``torch.compile(family.forward)`` unrolls the layers
+    and specializes on each one's shapes (66 s dense, 105 s pruned for 30 SmolLM2 layers on 2 CPU
+    cores; ``benchmarks/compile_decode.py --modes forward forward-layer``). Widths of 0 or 1 are
+    specialized by dynamo (a layer that keeps one unit gets its own graph). For inference: the
+    compiled layer is not differentiated through ``torch.func`` transforms. Works for encoders
+    (ViT) too. ``compile_kw`` goes to ``torch.compile``.
+    """
+    fam = family_of(cfg)
+    layer = _regional(fam, compile_kw)
+
+    def forward(params: dict, tokens: torch.Tensor, cfg) -> torch.Tensor:
+        return run(fam.embed, layer, fam.head, params, tokens, cfg)[0]
+
+    return forward
+
+
+__all__ = ["init_cache", "decode", "compiled_decoder", "compiled_forward"]
