@@ -126,7 +126,8 @@ def _fresh(a, argv) -> None:
                 cond = dict(cond or res["conditions"], widths=widths)
                 rows += [dict(r, process=f"{b}-{mode}") for r in res["rows"]]
     cond = dict(cond, budgets=a.budgets, fresh_processes=True)
-    ratios = _ratios([r for r in rows if r["mode"] != "eager" or r["process"].endswith("-layer")], a.budgets)
+    # tokens/s ratios: each compiled decoder against the eager run of its own process
+    ratios = _ratios([r for r in rows if r["mode"] != "eager" or r["process"] == f"{r['budget']}-layer"], a.budgets)
     print(ratios)
     path = a.out or os.path.join(HERE, "compile_decode_quick.json" if a.quick else "compile_decode.json")
     write_results(path, {"conditions": cond, "rows": rows, "ratios": ratios})
