@@ -15,7 +15,33 @@ def _speed(res: Optional[dict]) -> Optional[str]:
     return ("**Speed** (CPU, float32, eager, kept 50% of the coupled units): " + "; ".join(parts) + ".")
 
 
-def _pretrain(res: Optional[dict]) -> Optional[str]:
+def _best_lever(levers: Optional[dict]) -> Optional[tuple]:
+    """(name, mean ppl / dense-small at equal steps, mean FLOPs / dense, seeds) of the EcoSpa
+    schedule with the lowest mean over its seeds, each against the dense-small of its seed."""
+    rows = (levers or {}).get("rows", [])
+    small = {r.get("seed", 0): r for r in rows
+             if r["variant"] == "dense-small" or r["variant"].startswith("dense-small@seed")}
+    dense_flops = (levers or {}).get("conditions", {}).get("dense_train_flops")
+    by: dict = {}
+    for r in rows:
+        s = small.get(r.get("seed", 0))
+        if r["variant"].startswith("ecospa") and s and dense_flops:
+            by.setdefault(r["variant"].split("-seed")[0], []).append(
+                (r["val_ppl"] / s["val_ppl"], r["train_flops"] / dense_flops))
+    if not by:
+        return None
+    name, got = min(by.items(), key=lambda kv: sum(g[0] for g in kv[1]) / len(kv[1]))
+    return name, sum(g[0] for g in got) / len(got), sum(g[1] for g in got) / len(got), len(got)
+
+
+def _pretrain(res: Optional[dict], levers: Optional[dict] = None) -> Optional[str]:
+    best = _best_lever(levers)
+    if best:
+        name, ratio, flops, seeds = best
+        return (f"**Pre-training** (small preset, CPU, {seeds} seeds): the best EcoSpa schedule "
+                f"(`{name.split('@', 1)[-1]}`) ends at {ratio:.3f}x the val ppl of the dense model of its final "
+                f"size at equal steps, with {flops:.3f}x the dense model's training FLOPs: it does not beat "
+                "training the small model directly here.")
     table = {r["variant"]: r for r in (res or {}).get("table", [])}
     if "ecospa" not in table or "dense-small" not in table:
         return None
@@ -60,9 +86,10 @@ def _export(res: Optional[dict]) -> Optional[str]:
             f"ecospa's; parameters held by the runtime: {held}.")
 
 
-def summary_lines(speed, pretrain, compress, dedup, generate, export) -> str:
-    """Up to five lines, one per results file that exists."""
-    lines = [f(*a) for f, a in ((_speed, (speed,)), (_pretrain, (pretrain,)), (_compress, (compress, dedup)),
+def summary_lines(speed, pretrain, compress, dedup, generate, export, levers=None) -> str:
+    """Up to five lines, one per results file that exists (pre-training: the issue-27 levers'
+    file ``levers`` when given, else ``pretrain``)."""
+    lines = [f(*a) for f, a in ((_speed, (speed,)), (_pretrain, (pretrain, levers)), (_compress, (compress, dedup)),
                                 (_decode, (generate,)), (_export, (export,)))]
     return "\n".join(f"- {x}" for x in lines if x) + "\n"
 

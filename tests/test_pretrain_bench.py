@@ -67,3 +67,18 @@ def test_search_table_compares_at_the_last_common_evaluation():
     assert a["small / dense"] == 6.6 / 6.0 and a["small/dense by step"] == "100: 1.050; 200: 1.100; 300: 1.100"
     assert (b["dim"], b["planned steps"], b["compared at step"]) == (128, 600, 100)  # the preset's model
     assert b["small / dense"] == 9.9 / 9.0
+
+
+def test_summary_line_names_the_best_lever_by_its_mean_over_seeds():
+    """Each EcoSpa row is compared with the dense-small row of ITS seed; the lever with the lowest
+    mean ratio wins even when another has the single best seed."""
+    summary_lines = load("summary_report").summary_lines
+    rows = [{"variant": "dense-small", "seed": 0, "val_ppl": 4.0},
+            {"variant": "dense-small@seed1", "seed": 1, "val_ppl": 5.0},
+            {"variant": "ecospa@a", "seed": 0, "val_ppl": 3.6, "train_flops": 60},   # 0.90
+            {"variant": "ecospa@a-seed1", "seed": 1, "val_ppl": 6.0, "train_flops": 80},  # 1.20 -> mean 1.05
+            {"variant": "ecospa@b", "seed": 0, "val_ppl": 4.0, "train_flops": 70},   # 1.00
+            {"variant": "ecospa@b-seed1", "seed": 1, "val_ppl": 5.1, "train_flops": 90}]  # 1.02 -> mean 1.01
+    levers = {"conditions": {"dense_train_flops": 100}, "rows": rows}
+    line = summary_lines(None, None, None, None, None, None, levers)
+    assert "(`b`) ends at 1.010x" in line and "0.800x the dense model's training FLOPs" in line and "2 seeds" in line
