@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample among the k most likely tokens (default: among all)")
     p.add_argument("--seed", type=seed_int, default=0, help="sampling seed, in [0, 2**63 - 1]")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder (two graphs; compiling takes ~20 s to minutes on "
-                        "CPU the first time, reported apart from tokens/s)")
+                   help="torch.compile the decoder's layer function (two graphs shared by every layer; compiling "
+                        "takes ~10-30 s on 2 idle CPU cores for SmolLM2-135M, dense or pruned, longer on a "
+                        "busy machine; reported apart from tokens/s; on CPU decode gains ~0-20%%)")
     add_device(p)
     add_threads(p)
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPILE_GUESS_S = 20  # a tiny model on CPU; a 135M one takes minutes
+COMPILE_GUESS_S = 20  # SmolLM2-135M on 2 idle CPU cores: 10-27 s (benchmarks/compile_decode.py)
 
 
 def timing(n: int, prompt: int, t0: float, t_end: float, ready: Optional[float], times: list,
