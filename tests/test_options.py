@@ -153,6 +153,18 @@ def test_ridge_flag_reaches_the_obs_scores_and_the_refit(monkeypatch):
                  seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(),
                  ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
     assert seen == {"obs_scores": 0.37, "reconstruct": 0.37}
+    seen.clear()  # --obs-ridge: the obs scores alone get it, the refit keeps --ridge
+    compress(Job("tiny", budget=0.3, ridge=0.37, obs_ridge=0.011, rank_by="obs", reconstruct=True, steps=0,
+                 batch_size=2, seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1,
+                 eval_extra=(), ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    assert seen == {"obs_scores": 0.011, "reconstruct": 0.37}
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, float("inf"), float("nan"), "0.1"])
+def test_obs_ridge_must_be_a_positive_number(bad):
+    from ecospa.errors import UsageError
+    with pytest.raises(UsageError, match="--obs-ridge must be a finite number > 0"):
+        Job("tiny", budget=0.3, obs_ridge=bad)
 
 
 # --- learning-rate options -----------------------------------------------------------------------

@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TRAIN batches (--batch-size x --seq-len tokens each) for the refit and obs scores")
     p.add_argument("--ridge", type=positive_float, default=_DEFAULTS["ridge"],
                    help="ridge of the refit, relative to the Gram matrix's mean diagonal")
+    p.add_argument("--obs-ridge", type=positive_float, default=_DEFAULTS["obs_ridge"],
+                   help="ridge of the obs scores' refit alone (default: --ridge)")
     p.add_argument("--recon-target", default=_DEFAULTS["recon_target"], choices=TARGETS,
                    help="residual: repair the stream up to each layer; local: match each layer alone")
     p.add_argument("--lr-schedule", default=_DEFAULTS["lr_schedule"], choices=LR_SCHEDULES,

@@ -358,7 +358,8 @@ def _compress(job: Job, loaded) -> dict:
         if job.rank_by == "obs":
             with ph("obs scores"):
                 bar = _phase(job, cfg.n_layers, "obs scores", "layer")
-                obs = obs_scores(params, cfg, groups, refit, ridge=job.ridge, on_layer=_ticks(bar))
+                obs = obs_scores(params, cfg, groups, refit, on_layer=_ticks(bar),
+                                 ridge=job.ridge if job.obs_ridge is None else job.obs_ridge)
                 bar.close()
         with ph("prune"):
             params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))

@@ -42,6 +42,7 @@ class Job:
     ridge: float = 1e-1                    # relative to the Gram's mean diagonal; the obs scores use it too
     #                                        (0.1 beat 0.01 on both held-out texts at 25% and 50% when only
     #                                        the refit used it: obs at 0.01; see benchmarks/results)
+    obs_ridge: Optional[float] = None      # the obs scores' own ridge (issue 28 lever); None: --ridge
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
     warmup: int = 0                        # warm-up steps of the cosine schedule
@@ -167,6 +168,9 @@ class Job:
                              f"got {self.lr_schedule!r}")
         if not (_number(self.ridge) and math.isfinite(self.ridge) and self.ridge > 0):
             raise UsageError(f"--ridge must be a finite number > 0, e.g. 0.1; got {self.ridge!r}")
+        if self.obs_ridge is not None and not (_number(self.obs_ridge) and math.isfinite(self.obs_ridge)
+                                               and self.obs_ridge > 0):
+            raise UsageError(f"--obs-ridge must be a finite number > 0, e.g. 0.01; got {self.obs_ridge!r}")
         if not whole(self.recon_batches) or self.recon_batches < 1:
             raise UsageError(f"--recon-batches must be a whole number >= 1, got {self.recon_batches!r}")
         if not whole(self.warmup) or self.warmup < 0 or (self.steps and self.warmup > self.steps):
