@@ -122,8 +122,9 @@ def compiled_forward(cfg, **compile_kw):
     """``forward(params, tokens, cfg) -> logits``, the family's full forward with its LAYER
     function compiled once with dynamic shapes (regional compilation): one graph shared by every
     layer whatever its pruned widths, where ``torch.compile(family.forward)`` unrolls the layers
-    and specializes on each one's shapes (66 s dense, 105 s pruned for 30 SmolLM2 layers on 2 CPU
-    cores; ``benchmarks/compile_decode.py --modes forward forward-layer``). Widths of 0 or 1 are
+    and specializes on each one's shapes (first call, 30 SmolLM2 layers pruned to 50%, 2 idle CPU
+    cores: 6.5 s here vs 29.3 s whole; ``benchmarks/compile_decode.py --fresh --modes forward
+    forward-layer``). Widths of 0 or 1 are
     specialized by dynamo (a layer that keeps one unit gets its own graph). For inference: the
     compiled layer is not differentiated through ``torch.func`` transforms. Works for encoders
     (ViT) too. ``compile_kw`` goes to ``torch.compile``.
