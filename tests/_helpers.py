@@ -67,3 +67,32 @@ def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def spy_stages(setattr, job_mod) -> dict:
+    """Record what each stage of ``ecospa compress`` consumes, at the call that consumes it:
+    {"fisher" / "obs" / "refit": [the batches of each call], "recover": [each recovery step's
+    batch], "ppl": [(token stream, keyword arguments) of each perplexity]}. ``setattr`` is
+    ``monkeypatch.setattr`` (or a ``pytest.MonkeyPatch()``'s), ``job_mod`` ``ecospa.jobs.compress``."""
+    seen = {k: [] for k in ("fisher", "obs", "refit", "recover", "ppl")}
+
+    def spy(name, stage, index):
+        real = getattr(job_mod, name)
+        setattr(job_mod, name, lambda *a, **k: (seen[stage].append(list(a[index])), real(*a, **k))[1])
+
+    spy("fisher", "fisher", 3)
+    spy("obs_scores", "obs", 3)
+    spy("reconstruct", "refit", 3)
+    real_step, real_ppl = job_mod.make_step, job_mod.perplexity
+
+    def make_step(loss, opt, **kw):
+        step = real_step(loss, opt, **kw)
+        return lambda p, s, batch: (seen["recover"].append(batch), step(p, s, batch))[1]
+
+    def perplexity(forward, params, cfg, ids, **kw):
+        seen["ppl"].append((ids, kw))
+        return real_ppl(forward, params, cfg, ids, **kw)
+
+    setattr(job_mod, "make_step", make_step)
+    setattr(job_mod, "perplexity", perplexity)
+    return seen

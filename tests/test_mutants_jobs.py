@@ -17,6 +17,7 @@ import torch._dynamo  # noqa: F401  (torch.func imports it on first use, ~3 s: a
 import torch.nn.functional as F  # mutmut's forked test runs, one a mutant, start with it imported)
 
 import ecospa.jobs.compress as job_mod
+from _helpers import spy_stages
 from ecospa.errors import UsageError
 from ecospa.func import llama
 from ecospa.io import checkpoint
@@ -62,28 +63,8 @@ def _in(row, stream: bytes) -> bool:
 def _spied_job():
     """One two-round job with every stage on (obs ranking, refit, distilled recovery, a curve, an
     extra held-out source), what each stage consumed, and its summary."""
-    seen = {k: [] for k in ("fisher", "obs", "refit", "recover", "ppl")}
     mp = pytest.MonkeyPatch()
-
-    def spy(name, stage, index):
-        real = getattr(job_mod, name)
-        mp.setattr(job_mod, name, lambda *a, **k: (seen[stage].append(list(a[index])), real(*a, **k))[1])
-
-    spy("fisher", "fisher", 3)
-    spy("obs_scores", "obs", 3)
-    spy("reconstruct", "refit", 3)
-    real_step, real_ppl = job_mod.make_step, job_mod.perplexity
-
-    def make_step(loss, opt, **kw):
-        step = real_step(loss, opt, **kw)
-        return lambda p, s, batch: (seen["recover"].append(batch), step(p, s, batch))[1]
-
-    def perplexity(forward, params, cfg, ids, **kw):
-        seen["ppl"].append((ids, kw))
-        return real_ppl(forward, params, cfg, ids, **kw)
-
-    mp.setattr(job_mod, "make_step", make_step)
-    mp.setattr(job_mod, "perplexity", perplexity)
+    seen = spy_stages(mp.setattr, job_mod)
     cfg, dense, tok = _loaded()
     before = torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, dense)
     job = Job("tiny", budget=0.4, rounds=2, rank_by="obs", reconstruct=True, distill=True, distill_weight=0.3,

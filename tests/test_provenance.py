@@ -18,6 +18,7 @@ from ecospa.io.load import encode, load_model
 from ecospa.jobs.compress import EXTRA_CHARS, Job, compress
 
 gguf = pytest.importorskip("gguf")
+from _helpers import spy_stages  # noqa: E402
 from test_safety_io_cli import FAST, tiny_gguf  # noqa: E402,F401  (fixture)
 
 
@@ -37,48 +38,24 @@ def _in(row: torch.Tensor, stream: bytes) -> bool:
         start = at + 1
 
 
+def _flat(seen: dict) -> dict:
+    """``spy_stages``' record as one list per stage: every batch a stage consumed (its calls
+    joined), and the perplexities' token streams."""
+    out = {k: [b for call in seen[k] for b in call] for k in ("fisher", "obs", "refit")}
+    return dict(out, recover=seen["recover"], ppl=[ids for ids, _ in seen["ppl"]])
+
+
 @pytest.fixture
 def spied(monkeypatch):
-    """Record what each stage consumes: {"fisher", "obs", "refit", "recover": [batches],
-    "ppl": [token streams]}."""
-    seen = {k: [] for k in ("fisher", "obs", "refit", "recover", "ppl")}
-
-    def spy(name, stage, index):
-        real = getattr(job_mod, name)
-
-        def wrapper(*args, **kwargs):
-            seen[stage].extend(args[index])
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(job_mod, name, wrapper)
-
-    spy("fisher", "fisher", 3)
-    spy("obs_scores", "obs", 3)
-    spy("reconstruct", "refit", 3)
-    real_step, real_ppl = job_mod.make_step, job_mod.perplexity
-
-    def make_step(loss, opt, **kw):
-        step = real_step(loss, opt, **kw)
-
-        def wrapped(params, state, batch):
-            seen["recover"].append(batch)
-            return step(params, state, batch)
-
-        return wrapped
-
-    def perplexity(forward, params, cfg, ids, **kw):
-        seen["ppl"].append(ids)
-        return real_ppl(forward, params, cfg, ids, **kw)
-
-    monkeypatch.setattr(job_mod, "make_step", make_step)
-    monkeypatch.setattr(job_mod, "perplexity", perplexity)
-    return seen
+    """What each stage consumes, call by call (``spy_stages``); read it through ``_flat``."""
+    return spy_stages(monkeypatch.setattr, job_mod)
 
 
 def test_every_stage_reads_train_and_every_reported_number_val(tiny_gguf, spied):
     job = Job(str(tiny_gguf), budget=0.3, rank_by="obs", reconstruct=True, distill=True,
               recon_batches=2, **dict(FAST, steps=2))
     compress(job)
+    spied = _flat(spied)
     _, _, tok = load_model(str(tiny_gguf))
     train = _bytes(encode(tok, corpus("pydoc", "train")))
     val = encode(tok, corpus("pydoc", "val"))
@@ -158,7 +135,7 @@ def test_teacher_rows_are_the_dense_models_own_text_and_the_rest_train(tiny_gguf
     assert all(_in(t, train) for t in prompt)
     assert pool.shape == (3, job.seq_len + 1)
     assert not any(_in(row, train) for row in pool)  # generated, not copied from the text
-    batches = spied["recover"]
+    batches = _flat(spied)["recover"]
     assert len(batches) == 4
     for step, batch in enumerate(batches):
         assert batch.shape == (job.batch_size, job.seq_len + 1)
