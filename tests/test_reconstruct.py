@@ -270,3 +270,42 @@ def test_obs_scores_are_the_refit_error_of_removing_one_unit(model_cfg, seed):
                     assert abs(float(scores[g.name][b, u]) - brute) <= 1e-8 * max(1.0, brute)
         x = [xi + s.apply(d, hi) for xi, hi in zip(x, hs)]
     assert {g.name for g in groups if g.kind != "qk"} == set(scores)
+
+
+def test_non_finite_dense_targets_are_refused_too():
+    """A NaN only in the DENSE model reaches the refit through its targets (not the pruned
+    model's activations): the cross products catch it, with the sublayer's name."""
+    cfg, dense, groups = _small()
+    pruned, _ = _pruned(dense, groups, 0)
+    layers = [dict(p) for p in dense["layers"]]
+    layers[1]["w_out"] = layers[1]["w_out"].clone().fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite activations at layers.1.mlp"):
+        reconstruct(pruned, {**dense, "layers": tuple(layers)}, cfg, _calib(cfg, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_gram_equals_one_float64_product(dtype):
+    """``_gram`` sums float32 products of GRAM_ROWS-row blocks into float64: over 2.5 blocks (the
+    last one partial) it equals the float64 product hᵀh / hᵀy of every row, to float32 accuracy
+    (a skipped or repeated block, or bfloat16 products, is off by far more)."""
+    from ecospa.func.reconstruct import GRAM_ROWS, _gram
+    g = torch.Generator().manual_seed(0)
+    n = 2 * GRAM_ROWS + GRAM_ROWS // 2
+    h = torch.randn(n, 24, generator=g).to(dtype)
+    y = torch.randn(n, 5, generator=g).to(dtype)
+    for got, want in ((_gram(h), h.double().T @ h.double()), (_gram(h, y), h.double().T @ y.double())):
+        assert got.dtype == torch.float64
+        close(got / n, want / n, {torch.float64: EXACT[torch.float32]})  # means of products: O(1)
+    tail = h[2 * GRAM_ROWS:].double()  # the partial block alone moves the mean by far more
+    assert (tail.T @ tail / n).abs().max() > 100 * EXACT[torch.float32]["atol"]
+
+
+def test_spd_inverse_is_the_inverse_also_when_not_positive_definite():
+    from ecospa.func.reconstruct import _spd_inverse
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    spd = a @ a.T + 0.5 * torch.eye(7, dtype=torch.float64)
+    indefinite = spd - 20 * torch.eye(7, dtype=torch.float64)  # symmetric, negative eigenvalues
+    assert torch.linalg.eigvalsh(indefinite).min() < 0
+    for m in (spd, indefinite):
+        close(_spd_inverse(m) @ m, torch.eye(7, dtype=torch.float64))
