@@ -16,7 +16,7 @@ Same data, steps, seed and learning-rate schedule for every variant:
   uncoupled / magnitude / random   the same schedule with other importance estimators
 Levers of the schedule (``--tag`` labels their rows): --rounds / --every / --prune-start / --window /
 --ramp, --gradual START END (many small rounds spread over that span), --decay-steps (soft removal),
---distill-steps / --distill-weight (self-distillation), --rewarm, --moments, --sparsity; --seed for a
+--distill-steps / --distill-weight (self-distillation), --carry (importance across rounds), --rewarm, --moments, --sparsity; --seed for a
 second seed.
 Every run is one thread (``--threads``). Rows carry the final val ppl, training FLOPs
 (``ecospa.train.flops``: from the shapes each step used), wall time, peak memory and the curve
@@ -134,6 +134,8 @@ def main(argv=None):
                          "round's slicing (PruneSchedule.distill_steps; default 0)")
     ap.add_argument("--distill-weight", type=float, default=None,
                     help="the KL term's weight while self-distilling (default 0.5)")
+    ap.add_argument("--carry", type=float, default=None,
+                    help="importance carried across rounds (PruneSchedule.carry, in [0, 1); default 0) (lever)")
     ap.add_argument("--decay-steps", type=int, default=None,
                     help="soft removal: the units a round chooses ramp to exactly 0 over this many steps, "
                          "then are sliced (counted as dense FLOPs until then) (lever)")
@@ -181,6 +183,8 @@ def main(argv=None):
         sched = dataclasses.replace(sched, distill_steps=args.distill_steps,
                                     distill_weight=sched.distill_weight if args.distill_weight is None
                                     else args.distill_weight)
+    if args.carry is not None:
+        sched = dataclasses.replace(sched, carry=args.carry)
     if args.gradual is not None:
         sched = respread(sched, steps, *args.gradual)
     base = dataclasses.replace(base, steps=steps, prune=sched,

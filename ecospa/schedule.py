@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+import torch
+
 from ecospa._types import Params, Scores
 from ecospa.errors import check_fraction
 from ecospa.groups import Group, validate
@@ -84,6 +86,10 @@ class PruneSchedule:
       KL(teacher || model)``, the teacher being a frozen copy of the model taken just before the
       round (0: off). A later round's snapshot replaces an earlier one.
     distill_weight: the KL term's weight in (0, 1] (1: KL only).
+    carry: importance carried across rounds, in [0, 1): each round's scores (divided by their
+      mean over every unit, a scale that does not change which units a round keeps) become
+      ``carry x`` the previous round's blended scores of the units it kept ``+ (1 - carry) x``
+      this round's own window (an EMA over rounds; 0: each round sees only its own window).
     """
 
     warmup_steps: int = 100
@@ -99,6 +105,7 @@ class PruneSchedule:
     decay_steps: int = 0
     distill_steps: int = 0
     distill_weight: float = 0.5
+    carry: float = 0.0
 
     def __post_init__(self):
         check_multiple_of(self.multiple_of)
@@ -114,6 +121,10 @@ class PruneSchedule:
                 or not 0 < self.distill_weight <= 1):
             raise ValueError(f"distill_weight must be in (0, 1] (the KL term's share of the loss), "
                              f"got {self.distill_weight!r}")
+        if (isinstance(self.carry, bool) or not isinstance(self.carry, (int, float))
+                or not 0 <= self.carry < 1):
+            raise ValueError(f"carry must be in [0, 1) (the previous rounds' share of a round's "
+                             f"importance), got {self.carry!r}")
         if isinstance(self.rewarm, bool) or not isinstance(self.rewarm, int) or self.rewarm < 0:
             raise ValueError(f"rewarm must be a whole number of steps >= 0, got {self.rewarm!r}")
         if self.moments not in MOMENTS:
@@ -210,7 +221,40 @@ class PruneSchedule:
 
 # the PruneSchedule fields that say how each round prunes (not when): ``gradual`` keeps them
 HOW = ("ramp", "sparsity", "budget", "multiple_of", "rewarm", "moments", "decay_steps", "distill_steps",
-       "distill_weight")
+       "distill_weight", "carry")
+
+
+def _normalized(scores: Mapping[str, torch.Tensor]) -> dict:
+    """``scores`` divided by their mean over every unit of every group (float64; all zero: as is)."""
+    total = sum(float(x.double().sum()) for x in scores.values())
+    n = sum(x.numel() for x in scores.values())
+    mean = total / n if n else 0.0
+    return {k: x.double() / mean if mean > 0 else x.double() for k, x in scores.items()}
+
+
+def blend_scores(carried: Optional[Mapping[str, torch.Tensor]], scores: Mapping[str, torch.Tensor],
+                 carry: float) -> dict:
+    """A round's scores with ``PruneSchedule.carry``: ``carry x carried + (1 - carry) x`` this
+    round's scores divided by their mean over every unit. ``carried`` (the previous round's
+    blended scores of its kept units, ``kept_scores``) None or ``carry`` 0: ``scores`` unchanged.
+    Example: ``scores = blend_scores(carried, est.scores(imp), 0.5)``
+    """
+    if carried is None or not carry:
+        return dict(scores)
+    now = _normalized(scores)
+    for k, x in now.items():
+        if k not in carried or tuple(carried[k].shape) != tuple(x.shape):
+            raise ValueError(f"carried importance of {k!r} has shape "
+                             f"{tuple(carried[k].shape) if k in carried else None}, this round's "
+                             f"{tuple(x.shape)}: it must be the previous round's kept units")
+    return {k: carry * carried[k].to(x) + (1.0 - carry) * x for k, x in now.items()}
+
+
+def kept_scores(scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> dict:
+    """What a round carries on: its (blended) scores [blocks, units] of the units in ``keep``
+    ({group: int64 [blocks, k]}, in the order the sliced tree holds them), divided by their mean
+    over every kept unit (the scale of the next round's normalized scores)."""
+    return _normalized({k: x.double().gather(-1, keep[k].to(x.device)) for k, x in scores.items()})
 
 
 def respread(sched: PruneSchedule, steps: int, start: float, end: float) -> PruneSchedule:
@@ -287,4 +331,4 @@ def round_target(target: Target, groups: Sequence[Group], dense: Mapping[str, tu
     return {"counts": counts}
 
 
-__all__ = ["warmup_cosine", "PruneSchedule", "gradual", "respread", "HOW", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]
+__all__ = ["warmup_cosine", "PruneSchedule", "gradual", "respread", "HOW", "blend_scores", "kept_scores", "RAMPS", "MOMENTS", "dense_sizes", "round_target"]

@@ -171,7 +171,7 @@ def test_prune_round_uses_the_schedules_target_kind(by):
     opt_state = optim.adamw(1e-3).init(params)
     dense = dense_sizes(params, groups)
     schedule = PruneSchedule(rounds=1, window=1, **{by: 0.4})
-    small, small_state = _prune_round(params, opt_state, groups, scores, 0.4, dense, schedule)
+    small, small_state, _ = _prune_round(params, opt_state, groups, scores, 0.4, dense, schedule)
     keeps = {b: select(params, groups, scores, **round_target(0.4, groups, dense, params, by=b))
              for b in ("budget", "sparsity")}
     assert not same(slice_units(params, groups, keeps["budget"]),

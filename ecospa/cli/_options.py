@@ -106,7 +106,7 @@ def _preset_values(cfg) -> dict:
             "seq_len": cfg.seq_len, "lr": f"{cfg.lr:g}", "target": target, "sparsity": target,
             "budget": target, "rounds": s.rounds, "multiple_of": s.multiple_of, "rewarm": s.rewarm,
             "moments": s.moments, "decay_steps": s.decay_steps,
-            "distill_steps": s.distill_steps, "distill_weight": s.distill_weight, "estimator": cfg.estimator, "seed": cfg.seed, "device": cfg.device,
+            "distill_steps": s.distill_steps, "distill_weight": s.distill_weight, "carry": s.carry, "estimator": cfg.estimator, "seed": cfg.seed, "device": cfg.device,
             "dtype": cfg.dtype, "eval_every": cfg.eval_every,
             "ckpt_every": "at every evaluation" if cfg.ckpt_every is None else cfg.ckpt_every}
 
@@ -119,7 +119,7 @@ def preset_epilog() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     same = [f"{f.replace('_', '-')} {first}" for f in ("estimator", "moments", "rewarm", "decay_steps", "distill_steps",
-                                                          "distill_weight", "multiple_of", "seed")
+                                                          "distill_weight", "carry", "multiple_of", "seed")
             if len({str(v[f]) for v in values.values()}) == 1 for first in [next(iter(values.values()))[f]]]
     return ("what each --preset sets (a flag on the command line overrides it; every preset also sets "
             + ", ".join(same) + "):\n  " + "\n  ".join(lines))

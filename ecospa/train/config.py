@@ -80,7 +80,7 @@ def config_json(cfg: TrainConfig) -> dict:
 
 
 # PruneSchedule fields added after checkpoints were written without them, at their neutral value
-NEW_SCHEDULE_FIELDS = {"decay_steps": 0, "distill_steps": 0, "distill_weight": 0.5}
+NEW_SCHEDULE_FIELDS = {"decay_steps": 0, "distill_steps": 0, "distill_weight": 0.5, "carry": 0.0}
 
 
 def _filled(saved: dict) -> dict:

@@ -26,7 +26,7 @@ from ecospa.importance import ImportanceState
 from ecospa.io import data
 from ecospa.io.files import exclusive
 from ecospa.prune import scale_units, slice_units
-from ecospa.schedule import PruneSchedule, dense_sizes, round_target
+from ecospa.schedule import PruneSchedule, blend_scores, dense_sizes, kept_scores, round_target
 from ecospa.select import select
 from ecospa.train.config import (TrainConfig, check_budget, check_run_target, check_schedule,
                                  checkpoint_every, lr_schedule, opt_lr)
@@ -77,7 +77,22 @@ def _slice(params, opt_state, groups, keep, schedule: PruneSchedule):
 
 
 def _prune_round(params, opt_state, groups, scores, target, dense, schedule: PruneSchedule):
-    return _slice(params, opt_state, groups, _choose(params, groups, scores, target, dense, schedule), schedule)
+    """(params, opt_state, keep): the round's units chosen and sliced out of both trees."""
+    keep = _choose(params, groups, scores, target, dense, schedule)
+    return (*_slice(params, opt_state, groups, keep, schedule), keep)
+
+
+def _carried(state: dict) -> Optional[dict]:
+    """The importance carried from the previous round (``PruneSchedule.carry``), or None."""
+    c = state.get("carried")
+    return None if c is None else {k: torch.tensor(v, dtype=torch.float64) for k, v in c.items()}
+
+
+def _carry_on(state: dict, schedule: PruneSchedule, scores: dict, keep: dict) -> None:
+    """Keep this round's (blended) scores of its kept units for the next round (JSON in the
+    checkpoint's extra: float64 values round-trip exactly)."""
+    if schedule.carry:
+        state["carried"] = {k: v.tolist() for k, v in kept_scores(scores, keep).items()}
 
 
 def _keep_from_json(keep: dict) -> dict:
@@ -221,6 +236,8 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
     pending_keep = _keep_from_json(state["pending"]["keep"]) if state["pending"] else None
     # self-distillation in progress: {"step": round step, "end": first step without the teacher}
     state["distill"] = ck.extra.get("distill") if resume else None
+    # PruneSchedule.carry: the last round's blended scores of its kept units {group: [[...]]}
+    state["carried"] = ck.extra.get("carried") if resume else None
 
     def make_step():  # the loss: plain, or distilling from the pre-round snapshot
         fn = loss_fn if teacher is None else self_distill_loss(fam.forward, cfg.model, teacher,
@@ -247,6 +264,7 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
                  "kept_params": count_params(params), "dense_params": dense_params})
         if s in rounds:
             scores = par.reduce_scores(est.scores(imp))  # the same kept units on every rank
+            scores = blend_scores(_carried(state), scores, cfg.prune.carry)
             if cfg.prune.distill_steps:  # the model before this round teaches it after
                 teacher = optree.tree_map(torch.clone, params, namespace="")
                 state["distill"] = {"step": s, "end": cfg.prune.distill_end(s)}
@@ -254,13 +272,16 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
                 log({"event": "distill", "step": s, "until": state["distill"]["end"]})
             if cfg.prune.decay_steps:  # soft removal: ramp the chosen units to zero, slice later
                 pending_keep = _choose(params, groups, scores, rounds[s], dense, cfg.prune)
+                _carry_on(state, cfg.prune, scores, pending_keep)
                 state["pending"] = {"step": s, "target": rounds[s],
                                     "keep": {k: v.tolist() for k, v in pending_keep.items()}}
                 imp = est.init(params)
                 log({"event": "decay", "step": s, "target": rounds[s],
                      "slice_step": cfg.prune.slice_step(s), "dense_params": dense_params})
             else:
-                params, opt_state = _prune_round(params, opt_state, groups, scores, rounds[s], dense, cfg.prune)
+                params, opt_state, keep = _prune_round(params, opt_state, groups, scores, rounds[s], dense,
+                                                       cfg.prune)
+                _carry_on(state, cfg.prune, scores, keep)
                 imp, step_fn = est.init(params), make_step()
                 done.append([s, rounds[s], count_params(params)])
                 timer.changed()
