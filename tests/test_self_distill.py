@@ -93,6 +93,11 @@ def test_distils_for_its_steps_after_each_round_and_counts_the_teacher_flops(tmp
     assert [a - b for a, b in zip(d, p)] == [0] * 6 + [f(dense)] * 3 + [0] * 3 + [d[12] - p[12]] * 3 + [0] * 2
     assert 0 < d[12] - p[12] < f(dense)  # the second teacher is the once-pruned model
     assert run["train_flops"] == sum(d) > plain["train_flops"]
+    # the logged loss is the mixed objective exactly on the steps that distil (steps 6-8, 12-14,
+    # logged as step + 1), and those lines say so with the weight
+    marked = {r["step"]: r.get("distilling") for r in lines if "loss" in r}
+    assert {k for k, v in marked.items() if v is not None} == {7, 8, 9, 13, 14, 15}
+    assert {v for v in marked.values() if v is not None} == {0.3}
 
 
 def test_resumes_exactly_in_the_middle_of_a_distillation(tmp_path):

@@ -316,6 +316,8 @@ def _train(cfg: TrainConfig, resume: bool, until: Optional[int], progress: Optio
             record, window = {"step": s + 1, "loss": loss, "lr": opt_lr(cfg, s), "tokens_per_s": tps,
                               "kept_params": count_params(params), "dense_params": dense_params,
                               "peak_mem_mb": peak_memory_mb(cfg.device)}, []
+            if teacher is not None:  # "loss" is then (1 - W) CE + W KL, not the cross-entropy alone
+                record["distilling"] = cfg.prune.distill_weight
         if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
             val_ppl = math.exp(min(par.evaluate(loss_fn, params, val), 50.0))
             record = dict(record or {"step": s + 1, "loss": loss}, val_ppl=val_ppl)
