@@ -151,3 +151,28 @@ def test_invalid_settings_and_the_flags(tmp_path):
     check_resumable(MICRO, old)
     with pytest.raises(UsageError, match="prune"):
         check_resumable(dataclasses.replace(MICRO, prune=dataclasses.replace(MICRO.prune, distill_steps=2)), old)
+
+
+def test_killed_between_the_renames_while_distilling_then_resume_is_exact(tmp_path, monkeypatch):
+    """A save that dies between its renames while the teacher and the carried importance are in
+    the checkpoint: the resume finds the earlier complete one (with its teacher) and ends equal
+    to the run that was never killed."""
+    from test_safety_train import Killed, kill_between_renames, revive
+    cfg = dataclasses.replace(DISTILL, ckpt_every=2,
+                              prune=dataclasses.replace(DISTILL.prune, carry=0.5))
+    full = train(dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    run = dataclasses.replace(cfg, out=str(tmp_path / "run"))
+    kill_between_renames(monkeypatch, nth=4)  # saving step 10: step 8's (distilling 6-8) moved aside
+    with pytest.raises(Killed):
+        train(run)
+    revive(monkeypatch)
+    aside = [p for p in (tmp_path / "run").glob(".checkpoint.*")]
+    assert aside and not (tmp_path / "run" / "checkpoint").exists()
+    held = [checkpoint.load_full(p) for p in aside if ".old-" in p.name]  # the complete one set aside
+    names = sorted(g.name for g in llama.coupled_groups(cfg.model))
+    assert [(c.step, c.extra["distill"], sorted(c.state), sorted(c.extra["carried"])) for c in held] == \
+        [(8, {"step": 6, "end": 9}, ["importance", "teacher"], names)]
+    rest = train(run, resume=True)
+    assert_tree_equal(rest["params"], full["params"])
+    assert_tree_equal(rest["opt_state"], full["opt_state"])
+    assert full["losses"][-len(rest["losses"]):] == rest["losses"]
