@@ -136,8 +136,9 @@ def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit():
 
 
 def test_ridge_flag_reaches_the_obs_scores_and_the_refit(monkeypatch):
-    """``Job(ridge=0.37)``: both consumers get 0.37. Kills a call that drops ``ridge=job.ridge``
-    (each then runs at its own default, 1e-2)."""
+    """``Job(ridge=0.37, obs_ridge=None)``: both consumers get 0.37; by default the obs scores get
+    their own 0.01. Kills a call that drops ``ridge=job.ridge`` (each then runs at its own
+    default, 1e-2) or that ignores ``obs_ridge``."""
     seen = {}
     for name in ("obs_scores", "reconstruct"):
         real = getattr(job_mod, name)
@@ -149,10 +150,14 @@ def test_ridge_flag_reaches_the_obs_scores_and_the_refit(monkeypatch):
         monkeypatch.setattr(job_mod, name, spy)
     monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
     cfg = dataclasses.replace(CFG, ffn_dim=24, n_layers=2)
-    compress(Job("tiny", budget=0.3, ridge=0.37, rank_by="obs", reconstruct=True, steps=0, batch_size=2,
-                 seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(),
-                 ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    small = dict(rank_by="obs", reconstruct=True, steps=0, batch_size=2, seq_len=16, calib_batches=1,
+                 recon_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(), ppl_dense=1.0, progress=False)
+    compress(Job("tiny", budget=0.3, ridge=0.37, obs_ridge=None, **small),
+             loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
     assert seen == {"obs_scores": 0.37, "reconstruct": 0.37}
+    seen.clear()  # the default: the obs scores at 0.01, the refit at --ridge
+    compress(Job("tiny", budget=0.3, ridge=0.37, **small), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+    assert seen == {"obs_scores": 0.01, "reconstruct": 0.37}
     seen.clear()  # --obs-ridge: the obs scores alone get it, the refit keeps --ridge
     compress(Job("tiny", budget=0.3, ridge=0.37, obs_ridge=0.011, rank_by="obs", reconstruct=True, steps=0,
                  batch_size=2, seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1,

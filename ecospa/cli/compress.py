@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge", type=positive_float, default=_DEFAULTS["ridge"],
                    help="ridge of the refit, relative to the Gram matrix's mean diagonal")
     p.add_argument("--obs-ridge", type=positive_float, default=_DEFAULTS["obs_ridge"],
-                   help="ridge of the obs scores' refit alone (default: --ridge)")
+                   help="ridge of the obs scores' refit alone (the scores that rank units with --rank-by obs; "
+                        "the refit itself uses --ridge)")
     p.add_argument("--recon-target", default=_DEFAULTS["recon_target"], choices=TARGETS,
                    help="residual: repair the stream up to each layer; local: match each layer alone")
     p.add_argument("--lr-schedule", default=_DEFAULTS["lr_schedule"], choices=LR_SCHEDULES,
