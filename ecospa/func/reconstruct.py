@@ -15,7 +15,7 @@ with lam = ``ridge`` x mean(diag HᵀH). Targets (``target=``):
   "residual"  Y = y_dense - x_pruned: the sublayer also repairs the error of everything before
               it (the residual stream is pulled back onto the dense one);
   "local"     Y = the dense sublayer's branch on the pruned model's inputs (classic layer-wise).
-HᵀH and HᵀY are accumulated batch by batch in float64; only the [N, D] residual streams and the
+HᵀH and HᵀY are accumulated batch by batch in float64 (each 1024-row block's product in float32); only the [N, D] residual streams and the
 current sublayer's inner activations are kept (never all layers' activations). Because W itself is a feasible
 point, the refit never increases the calibration error ||H W - Y||^2 of a sublayer.
 
