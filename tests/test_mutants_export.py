@@ -316,6 +316,10 @@ def test_source_special_tokens_through_files_checkpoints_runs_and_the_registry(t
     assert source_special_tokens(src) == SPECIAL
     assert source_special_tokens(_gguf(tmp_path / "bare.gguf", info=None)) is None
     assert source_special_tokens(str(tmp_path / "missing")) is None
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "m.bin").write_bytes(open(src, "rb").read())  # a GGUF's bytes under another name
+    assert source_special_tokens(str(tmp_path / "notes.txt")) is None
+    assert source_special_tokens(str(tmp_path / "m.bin")) is None
     checkpoint.save(tmp_path / "run" / "checkpoint", _params(), CFG, extra={"tokenizer": src})
     assert source_special_tokens(str(tmp_path / "run" / "checkpoint")) == SPECIAL
     assert source_special_tokens(tmp_path / "run") == SPECIAL  # a run directory, given as a Path
