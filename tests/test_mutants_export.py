@@ -220,8 +220,9 @@ def test_an_export_never_writes_its_input(tmp_path):
         with pytest.raises(UsageError) as err:
             check_out(out, "hf-padded", True, model=str(model), flag=flag)
         assert str(err.value) == msg.format(flag=flag, out=str(out), model=str(model))
-        with pytest.raises(UsageError):
-            check_source(str(out), str(model))
+        with pytest.raises(UsageError) as err:
+            check_source(str(out), str(model))  # --out unless told
+        assert str(err.value) == msg.format(flag="--out", out=str(out), model=str(model))
     # a sibling whose name starts with the model's is another path; so is a missing model or none
     assert check_out(tmp_path / "ck2", "hf-padded", False, model=str(model)) == str(tmp_path / "ck2")
     assert check_out(tmp_path / "c", "hf-padded", False, model=str(model)) == str(tmp_path / "c")
@@ -344,3 +345,25 @@ def test_source_special_tokens_through_files_checkpoints_runs_and_the_registry(t
     assert source_special_tokens(str(tmp_path / "ckr")) is None
     with pytest.raises(ValueError, match="pip install x"):
         source_special_tokens("tiny-reg")
+
+
+def test_check_out_names_the_flag_it_checks(tmp_path):
+    """Every refusal names the option it is about: --out unless told (compress passes
+    --export-hf and the like)."""
+    (tmp_path / "file").write_text("x")
+    file = str(tmp_path / "file")
+    tail = " is a file; give a directory path (it will hold config.json and model.safetensors)"
+    for kw, flag in (({}, "--out"), ({"flag": "--export-hf"}, "--export-hf")):
+        with pytest.raises(UsageError) as err:
+            check_out(file, "hf-padded", False, **kw)
+        assert str(err.value) == f"{flag} {file!r}{tail}"
+        with pytest.raises(UsageError) as err:
+            check_out(str(tmp_path / "m.bin"), "gguf", False, **kw)
+        assert str(err.value) == f"{flag} {str(tmp_path / 'm.bin')!r}: a GGUF file name must end in .gguf"
+        with pytest.raises(UsageError) as err:
+            check_out(file, "hf-compact", True, model=file, **kw)
+        assert str(err.value).startswith(f"{flag} {file!r} is, lies in or holds the input --model")
+    export(_params(), CFG, tmp_path / "old", "hf-padded")
+    with pytest.raises(UsageError) as err:
+        check_out(str(tmp_path / "old"), "hf-padded", False)
+    assert str(err.value).startswith(f"--out {str(tmp_path / 'old')!r} holds an earlier export")
