@@ -4,8 +4,9 @@
 #   bash tools/mutation.sh            # core: groups, select, prune, importance, optim, func/_layers
 #   bash tools/mutation.sh io         # checkpoint.py's writer/reader + train.py's step wiring
 #   bash tools/mutation.sh io 'ecospa.checkpoint.*'   # io with a chosen set of mutants (fnmatch)
-#   bash tools/mutation.sh alloc      # allocation.py (issue 24; also func, io2, train, jobs: the
-#                                     # profile table below lists their modules and tests)
+#   bash tools/mutation.sh alloc      # allocation.py (issue 24; also func, io2, train, jobs, export:
+#                                     # the profile table below lists their modules and tests)
+#   bash tools/mutation.sh export     # jobs/export.py, with the tests that export in this process
 #   bash tools/mutation.sh all        # every profile, one after the other
 #
 # It copies the tracked files (as they are in the working tree) to .mutation/<profile>/, runs
@@ -124,7 +125,7 @@ profile_spec() {
             # test_compress, test_layerwise, test_safety_io_cli) are left out: test_mutants_jobs
             # repeats their provenance, layer-wise and export checks in memory. Not mutated by
             # default: latency(), the progress bars' helpers and export.py (its tests, test_export,
-            # test_gguf_export, test_export_tokens, are not in this selection).
+            # test_gguf_export, test_export_tokens, are not in this selection: profile export).
             FILES="ecospa/jobs/compress.py ecospa/jobs/compress_job.py ecospa/jobs/export.py ecospa/jobs/generate.py ecospa/jobs/harness.py"
             TESTS="tests/test_mutants_jobs.py tests/test_kept_units.py tests/test_options.py tests/test_provenance.py
                    tests/test_held_out_text.py tests/test_generate_errors.py tests/test_harness.py
