@@ -1033,6 +1033,34 @@ def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
     assert hf_write.interrupted_export(str(out)) is None  # something is at the path now
 
 
+def test_the_newest_set_aside_export_is_restored_whatever_its_name(tmp_path):
+    """Set-aside names end in a random temporary suffix: the newest by modification time is
+    restored, not the last by name."""
+    import os
+    import time
+    out = tmp_path / "exp"
+    _export(tmp_path / "exp.old-a", extra_files={"x.txt": b"newer"})
+    _export(tmp_path / "exp.old-b", extra_files={"x.txt": b"older"})
+    os.utime(tmp_path / "exp.old-b", (time.time() - 100, time.time() - 100))
+    assert hf_write.interrupted_export(str(out)) == str(tmp_path / "exp.old-a")
+    assert hf_write.recover_export(str(out)) == str(tmp_path / "exp.old-a")
+    assert (out / "x.txt").read_bytes() == b"newer"
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+
+
+def test_leftovers_belong_to_the_exact_directory_name(tmp_path):
+    """A name with a trailing space is another directory: the leftovers of "exp" are not its."""
+    import os
+    _export(tmp_path / "exp.old-a")
+    (tmp_path / ".tmp-exp-1").mkdir()
+    spaced = str(tmp_path / "exp ")
+    assert hf_write.export_leftovers(spaced) == ([], [])
+    assert hf_write.interrupted_export(spaced) is None and hf_write.recover_export(spaced) is None
+    assert sorted(os.listdir(tmp_path)) == [".tmp-exp-1", "exp.old-a"]
+    assert hf_write.export_leftovers(str(tmp_path / "exp")) == ([str(tmp_path / ".tmp-exp-1")],
+                                                                 [str(tmp_path / "exp.old-a")])
+
+
 def test_checkpointer_saves_finite_state_and_says_what_is_intact_when_it_cannot(tmp_path, monkeypatch, capsys):
     import dataclasses
 
