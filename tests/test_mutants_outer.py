@@ -1033,6 +1033,31 @@ def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
     assert hf_write.interrupted_export(str(out)) is None  # something is at the path now
 
 
+def test_check_export_target_messages_name_the_flag_and_the_link_rule(tmp_path):
+    """An empty path and a symbolic link are refused with whole messages naming the flag."""
+    import os
+    with pytest.raises(UsageError) as err:
+        _export("")
+    assert str(err.value) == "the export directory is empty; give a directory path"
+    with pytest.raises(UsageError) as err:
+        hf_write.check_export_target("", "--export-hf")
+    assert str(err.value) == "--export-hf is empty; give a directory path"
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name in ("link", "dangling"):
+        raw = str(tmp_path / name)
+        for args, flag in (((), "the export directory"), (("--export-hf",), "--export-hf")):
+            with pytest.raises(UsageError) as err:
+                hf_write.check_export_target(raw, *args)
+            assert str(err.value) == (f"{flag} {raw!r} is a symbolic link; give the real directory path "
+                                      "(an export never follows or replaces a link)")
+    with pytest.raises(UsageError) as err:
+        _export(tmp_path / "link")
+    assert str(err.value).startswith(f"the export directory {str(tmp_path / 'link')!r} is a symbolic link")
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "real"] and os.listdir(tmp_path / "real") == []
+
+
 def test_the_newest_set_aside_export_is_restored_whatever_its_name(tmp_path):
     """Set-aside names end in a random temporary suffix: the newest by modification time is
     restored, not the last by name."""
