@@ -1055,6 +1055,12 @@ def test_check_export_target_messages_name_the_flag_and_the_link_rule(tmp_path):
     with pytest.raises(UsageError) as err:
         _export(tmp_path / "link")
     assert str(err.value).startswith(f"the export directory {str(tmp_path / 'link')!r} is a symbolic link")
+    (tmp_path / "real" / "file").write_bytes(b"x")
+    with pytest.raises(UsageError) as err:
+        _export(tmp_path / "real" / "file")
+    assert str(err.value) == (f"the export directory {str(tmp_path / 'real' / 'file')!r} is a file; give a "
+                              "directory path (it will hold config.json and model.safetensors)")
+    (tmp_path / "real" / "file").unlink()
     assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "real"] and os.listdir(tmp_path / "real") == []
 
 
