@@ -1064,6 +1064,26 @@ def test_check_export_target_messages_name_the_flag_and_the_link_rule(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "real"] and os.listdir(tmp_path / "real") == []
 
 
+def test_an_empty_directory_takes_an_export_and_a_foreign_one_is_named_by_its_first_entries(tmp_path):
+    """An existing empty directory is a fine target; a foreign one is refused naming its first
+    three entries, with "..." only when there are more."""
+    import os
+    (tmp_path / "empty").mkdir()
+    assert _export(tmp_path / "empty") == str(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+    for n, shown in ((1, "['a']"), (3, "['a', 'b', 'c']"), (4, "['a', 'b', 'c']..."), (5, "['a', 'b', 'c']...")):
+        raw = str(tmp_path / f"foreign{n}")
+        os.mkdir(raw)
+        for name in "abcde"[:n]:
+            (tmp_path / f"foreign{n}" / name).write_bytes(b"mine")
+        with pytest.raises(UsageError) as err:
+            _export(raw)
+        assert str(err.value) == (f"the export directory {raw!r} is not an ecospa export (it holds {shown}, and "
+                                  "no config.json with an intact 'ecospa_export' record); an export replaces "
+                                  "its directory, so choose a new or empty one")
+        assert sorted(os.listdir(raw)) == list("abcde"[:n])
+
+
 def test_the_newest_set_aside_export_is_restored_whatever_its_name(tmp_path):
     """Set-aside names end in a random temporary suffix: the newest by modification time is
     restored, not the last by name."""
