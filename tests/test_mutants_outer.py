@@ -1084,6 +1084,28 @@ def test_an_empty_directory_takes_an_export_and_a_foreign_one_is_named_by_its_fi
         assert sorted(os.listdir(raw)) == list("abcde"[:n])
 
 
+def test_an_export_with_files_of_others_is_refused_naming_three(tmp_path, monkeypatch):
+    """An earlier export that also holds files ecospa did not write is refused, naming the first
+    three; what the working directory holds does not matter."""
+    import os
+    out = tmp_path / "exp"
+    _export(out)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name in ("config.json", "model.safetensors"):  # links in the working directory, not in out
+        os.symlink(out / name, cwd / name)
+    monkeypatch.chdir(cwd)
+    assert _export(out) == str(out)
+    for name in ("a", "b", "c", "d"):
+        (out / name).write_bytes(b"mine")
+    with pytest.raises(UsageError) as err:
+        _export(out)
+    assert str(err.value) == (f"the export directory {str(out)!r} is an earlier ecospa export, but also holds "
+                              "['a', 'b', 'c'], which ecospa did not write; move them out or choose another "
+                              "directory")
+    assert sorted(os.listdir(out)) == ["a", "b", "c", "config.json", "d", "model.safetensors"]
+
+
 def test_the_newest_set_aside_export_is_restored_whatever_its_name(tmp_path):
     """Set-aside names end in a random temporary suffix: the newest by modification time is
     restored, not the last by name."""
