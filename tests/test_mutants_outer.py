@@ -1033,6 +1033,107 @@ def test_export_leftovers_and_the_recovery_of_an_interrupted_swap(tmp_path):
     assert hf_write.interrupted_export(str(out)) is None  # something is at the path now
 
 
+def test_check_export_target_messages_name_the_flag_and_the_link_rule(tmp_path):
+    """An empty path and a symbolic link are refused with whole messages naming the flag."""
+    import os
+    with pytest.raises(UsageError) as err:
+        _export("")
+    assert str(err.value) == "the export directory is empty; give a directory path"
+    with pytest.raises(UsageError) as err:
+        hf_write.check_export_target("", "--export-hf")
+    assert str(err.value) == "--export-hf is empty; give a directory path"
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name in ("link", "dangling"):
+        raw = str(tmp_path / name)
+        for args, flag in (((), "the export directory"), (("--export-hf",), "--export-hf")):
+            with pytest.raises(UsageError) as err:
+                hf_write.check_export_target(raw, *args)
+            assert str(err.value) == (f"{flag} {raw!r} is a symbolic link; give the real directory path "
+                                      "(an export never follows or replaces a link)")
+    with pytest.raises(UsageError) as err:
+        _export(tmp_path / "link")
+    assert str(err.value).startswith(f"the export directory {str(tmp_path / 'link')!r} is a symbolic link")
+    (tmp_path / "real" / "file").write_bytes(b"x")
+    with pytest.raises(UsageError) as err:
+        _export(tmp_path / "real" / "file")
+    assert str(err.value) == (f"the export directory {str(tmp_path / 'real' / 'file')!r} is a file; give a "
+                              "directory path (it will hold config.json and model.safetensors)")
+    (tmp_path / "real" / "file").unlink()
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "real"] and os.listdir(tmp_path / "real") == []
+
+
+def test_an_empty_directory_takes_an_export_and_a_foreign_one_is_named_by_its_first_entries(tmp_path):
+    """An existing empty directory is a fine target; a foreign one is refused naming its first
+    three entries, with "..." only when there are more."""
+    import os
+    (tmp_path / "empty").mkdir()
+    assert _export(tmp_path / "empty") == str(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+    for n, shown in ((1, "['a']"), (3, "['a', 'b', 'c']"), (4, "['a', 'b', 'c']..."), (5, "['a', 'b', 'c']...")):
+        raw = str(tmp_path / f"foreign{n}")
+        os.mkdir(raw)
+        for name in "abcde"[:n]:
+            (tmp_path / f"foreign{n}" / name).write_bytes(b"mine")
+        with pytest.raises(UsageError) as err:
+            _export(raw)
+        assert str(err.value) == (f"the export directory {raw!r} is not an ecospa export (it holds {shown}, and "
+                                  "no config.json with an intact 'ecospa_export' record); an export replaces "
+                                  "its directory, so choose a new or empty one")
+        assert sorted(os.listdir(raw)) == list("abcde"[:n])
+
+
+def test_an_export_with_files_of_others_is_refused_naming_three(tmp_path, monkeypatch):
+    """An earlier export that also holds files ecospa did not write is refused, naming the first
+    three; what the working directory holds does not matter."""
+    import os
+    out = tmp_path / "exp"
+    _export(out)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name in ("config.json", "model.safetensors"):  # links in the working directory, not in out
+        os.symlink(out / name, cwd / name)
+    monkeypatch.chdir(cwd)
+    assert _export(out) == str(out)
+    for name in ("a", "b", "c", "d"):
+        (out / name).write_bytes(b"mine")
+    with pytest.raises(UsageError) as err:
+        _export(out)
+    assert str(err.value) == (f"the export directory {str(out)!r} is an earlier ecospa export, but also holds "
+                              "['a', 'b', 'c'], which ecospa did not write; move them out or choose another "
+                              "directory")
+    assert sorted(os.listdir(out)) == ["a", "b", "c", "config.json", "d", "model.safetensors"]
+
+
+def test_the_newest_set_aside_export_is_restored_whatever_its_name(tmp_path):
+    """Set-aside names end in a random temporary suffix: the newest by modification time is
+    restored, not the last by name."""
+    import os
+    import time
+    out = tmp_path / "exp"
+    _export(tmp_path / "exp.old-a", extra_files={"x.txt": b"newer"})
+    _export(tmp_path / "exp.old-b", extra_files={"x.txt": b"older"})
+    os.utime(tmp_path / "exp.old-b", (time.time() - 100, time.time() - 100))
+    assert hf_write.interrupted_export(str(out)) == str(tmp_path / "exp.old-a")
+    assert hf_write.recover_export(str(out)) == str(tmp_path / "exp.old-a")
+    assert (out / "x.txt").read_bytes() == b"newer"
+    assert sorted(os.listdir(tmp_path)) == ["exp"]
+
+
+def test_leftovers_belong_to_the_exact_directory_name(tmp_path):
+    """A name with a trailing space is another directory: the leftovers of "exp" are not its."""
+    import os
+    _export(tmp_path / "exp.old-a")
+    (tmp_path / ".tmp-exp-1").mkdir()
+    spaced = str(tmp_path / "exp ")
+    assert hf_write.export_leftovers(spaced) == ([], [])
+    assert hf_write.interrupted_export(spaced) is None and hf_write.recover_export(spaced) is None
+    assert sorted(os.listdir(tmp_path)) == [".tmp-exp-1", "exp.old-a"]
+    assert hf_write.export_leftovers(str(tmp_path / "exp")) == ([str(tmp_path / ".tmp-exp-1")],
+                                                                 [str(tmp_path / "exp.old-a")])
+
+
 def test_checkpointer_saves_finite_state_and_says_what_is_intact_when_it_cannot(tmp_path, monkeypatch, capsys):
     import dataclasses
 

@@ -4,8 +4,9 @@
 #   bash tools/mutation.sh            # core: groups, select, prune, importance, optim, func/_layers
 #   bash tools/mutation.sh io         # checkpoint.py's writer/reader + train.py's step wiring
 #   bash tools/mutation.sh io 'ecospa.checkpoint.*'   # io with a chosen set of mutants (fnmatch)
-#   bash tools/mutation.sh alloc      # allocation.py (issue 24; also func, io2, train, jobs: the
-#                                     # profile table below lists their modules and tests)
+#   bash tools/mutation.sh alloc      # allocation.py (issue 24; also func, io2, train, jobs, export:
+#                                     # the profile table below lists their modules and tests)
+#   bash tools/mutation.sh export     # jobs/export.py, with the tests that export in this process
 #   bash tools/mutation.sh all        # every profile, one after the other
 #
 # It copies the tracked files (as they are in the working tree) to .mutation/<profile>/, runs
@@ -47,7 +48,7 @@ MUTMUT=$(dirname "$PY")/mutmut
 # with -x), and optionally the mutant-name patterns (fnmatch) run by default. `core` uses the
 # [mutmut] section of setup.cfg as it is; every other profile swaps in its own file and test lists.
 # Names given on the command line replace a profile's default patterns.
-PROFILES=(core io alloc func io2 train jobs)
+PROFILES=(core io alloc func io2 train jobs export)
 profile_spec() {
     FILES=""; TESTS=""; NAMES=()
     case $1 in
@@ -124,7 +125,7 @@ profile_spec() {
             # test_compress, test_layerwise, test_safety_io_cli) are left out: test_mutants_jobs
             # repeats their provenance, layer-wise and export checks in memory. Not mutated by
             # default: latency(), the progress bars' helpers and export.py (its tests, test_export,
-            # test_gguf_export, test_export_tokens, are not in this selection).
+            # test_gguf_export, test_export_tokens, are not in this selection: profile export).
             FILES="ecospa/jobs/compress.py ecospa/jobs/compress_job.py ecospa/jobs/export.py ecospa/jobs/generate.py ecospa/jobs/harness.py"
             TESTS="tests/test_mutants_jobs.py tests/test_kept_units.py tests/test_options.py tests/test_provenance.py
                    tests/test_held_out_text.py tests/test_generate_errors.py tests/test_harness.py
@@ -142,6 +143,22 @@ profile_spec() {
                    'ecospa.jobs.compress.x_check_finite__*' 'ecospa.jobs.compress.x_compress__*'
                    'ecospa.jobs.compress.x_message_of__*' 'ecospa.jobs.compress.x_table__*'
                    'ecospa.jobs.compress_job.*' 'ecospa.jobs.generate.*' 'ecospa.jobs.harness.*') ;;
+        export)
+            # the export job (issue 24): format dispatch, the output checks (--out never the input,
+            # --overwrite, .gguf names), the tokenizer files and notes, and the source readers
+            # (source_gguf, source_*_info, source_special_tokens). The tests that export in this
+            # process, on tiny models built in the test (test_reliability's export checks only:
+            # its compress, train and lock tests and the killed-export subprocesses are left out)
+            FILES="ecospa/jobs/export.py"
+            TESTS="tests/test_mutants_export.py tests/test_export.py tests/test_gguf_export.py tests/test_export_tokens.py
+                   tests/test_export_f16.py tests/test_declared_sizes.py tests/test_rope_scaling.py tests/test_vit.py
+                   tests/test_mutants_outer.py tests/test_cli_options.py
+                   tests/test_hf.py::test_attention_pruned_qwen3_exports_padded_to_stock_transformers
+                   tests/test_boundaries.py::test_remote_code_labels_loss_is_the_shifted_cross_entropy_without_ignored_positions
+                   tests/test_reliability.py::test_export_onto_its_own_input_is_refused
+                   tests/test_reliability.py::test_second_export_needs_overwrite
+                   tests/test_reliability.py::test_export_on_a_full_disk_is_one_line_and_keeps_the_previous
+                   tests/test_reliability.py::test_exported_files_follow_the_umask" ;;
         *)
             echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
             exit 2 ;;
