@@ -126,3 +126,53 @@ def test_invalid_values_and_the_flag():
     assert config_from_json(old) == MICRO
     with pytest.raises(UsageError, match="prune"):
         check_resumable(dataclasses.replace(MICRO, prune=dataclasses.replace(MICRO.prune, carry=0.5)), old)
+
+
+def test_normalization_of_empty_all_zero_and_small_scores():
+    """The mean over every unit: below 1 it still divides (0.25, 0.5, 0.75 -> 0.5, 1, 1.5), all
+    zero scores stay zero (not 0/0), no groups at all give no groups."""
+    small = {"a": torch.tensor([[0.25, 0.5, 0.75]], dtype=torch.float64)}
+    all_of_a = {"a": torch.tensor([[0, 1, 2]])}
+    assert torch.equal(kept_scores(small, all_of_a)["a"], torch.tensor([[0.5, 1.0, 1.5]], dtype=torch.float64))
+    zero = kept_scores({"a": torch.zeros(1, 3)}, {"a": torch.tensor([[2, 0]])})
+    assert torch.equal(zero["a"], torch.zeros(1, 2, dtype=torch.float64))
+    assert kept_scores({}, {}) == {} and blend_scores({}, {}, 0.5) == {}
+
+
+def test_blend_errors_name_both_shapes_and_missing_groups():
+    now = {"a": torch.tensor([[1.0, 3.0, 8.0]], dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"'a' has shape \(1, 2\), this round's \(1, 3\)"):
+        blend_scores({"a": torch.ones(1, 2, dtype=torch.float64)}, now, 0.3)
+    with pytest.raises(ValueError, match=r"'a' has shape None, this round's \(1, 3\)"):
+        blend_scores({"b": torch.ones(1, 3, dtype=torch.float64)}, now, 0.3)
+
+
+def test_float32_carried_scores_are_blended_in_float64():
+    """Carried scores in another dtype are converted before the product (``carry x carried`` in
+    float64, not rounded to float32)."""
+    now = {"a": torch.tensor([[1.0, 3.0]], dtype=torch.float64)}
+    third = torch.tensor([[1 / 3, 2 / 3]], dtype=torch.float32)
+    got = blend_scores({"a": third}, now, 0.3)["a"]
+    assert got.dtype == torch.float64
+    close(got, 0.3 * third.double() + 0.7 * now["a"] / 2.0)
+
+
+def test_carried_scores_round_trip_the_state_exactly():
+    """What ``_carry_on`` writes into the checkpoint state (JSON lists) ``_carried`` reads back
+    bit for bit in float64 (1/3 is not a float32); carry 0 writes nothing, no state reads None."""
+    scores = {"a": torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64),
+              "b": torch.tensor([[3.0], [5.0]], dtype=torch.float64)}
+    keep = {"a": torch.tensor([[2, 1]]), "b": torch.tensor([[0], [0]])}
+    state = {}
+    train_mod._carry_on(state, PruneSchedule(carry=0.0), scores, keep)
+    assert state == {} and train_mod._carried(state) is None
+    train_mod._carry_on(state, PruneSchedule(carry=0.5), scores, keep)
+    assert set(state) == {"carried"}
+    back = train_mod._carried(state)
+    want = kept_scores(scores, keep)  # 4, 2, 3, 5 over their mean 3.5
+    assert back.keys() == want.keys()
+    for k in want:
+        assert back[k].dtype == torch.float64 and torch.equal(back[k], want[k])
+    close(back["a"], torch.tensor([[4.0, 2.0]], dtype=torch.float64) / 3.5)
+    exact = train_mod._carried({"carried": {"a": [[0.1, 1 / 3]]}})["a"]
+    assert exact.dtype == torch.float64 and exact.tolist() == [[0.1, 1 / 3]]

@@ -309,3 +309,12 @@ def test_spd_inverse_is_the_inverse_also_when_not_positive_definite():
     assert torch.linalg.eigvalsh(indefinite).min() < 0
     for m in (spd, indefinite):
         close(_spd_inverse(m) @ m, torch.eye(7, dtype=torch.float64))
+
+
+def test_obs_scores_refuse_non_finite_activations_with_the_sublayers_name():
+    from ecospa.func.reconstruct import obs_scores
+    cfg, dense, groups = _small()
+    layers = [dict(p) for p in dense["layers"]]
+    layers[1]["w_in"] = layers[1]["w_in"].clone().fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite activations at layers.1.mlp"):
+        obs_scores({**dense, "layers": tuple(layers)}, cfg, groups, _calib(cfg, 0))

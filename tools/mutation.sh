@@ -48,7 +48,7 @@ MUTMUT=$(dirname "$PY")/mutmut
 # with -x), and optionally the mutant-name patterns (fnmatch) run by default. `core` uses the
 # [mutmut] section of setup.cfg as it is; every other profile swaps in its own file and test lists.
 # Names given on the command line replace a profile's default patterns.
-PROFILES=(core io alloc func io2 train jobs export)
+PROFILES=(core io alloc func io2 train jobs export s14)
 profile_spec() {
     FILES=""; TESTS=""; NAMES=()
     case $1 in
@@ -159,6 +159,19 @@ profile_spec() {
                    tests/test_reliability.py::test_second_export_needs_overwrite
                    tests/test_reliability.py::test_export_on_a_full_disk_is_one_line_and_keeps_the_previous
                    tests/test_reliability.py::test_exported_files_follow_the_umask" ;;
+        s14)
+            # session 14's new functions (issue 24): the blocked Gram product and the SPD inverse of
+            # layer-wise reconstruction, the carried importance (blend_scores, kept_scores) and its
+            # wiring into the training loop; the fast tests only. Also run by name (docs/TESTING.md):
+            # the carry check, 'ecospa.schedule.xǁPruneScheduleǁ__post_init____mutmut_34' to _42 (numbers
+            # of 2026-12-07), and the Gram/inverse lines of x_reconstruct and x_obs_scores
+            FILES="ecospa/func/reconstruct.py ecospa/schedule.py ecospa/train/loop.py"
+            TESTS="tests/test_reconstruct.py tests/test_carry.py tests/test_mutants_io.py
+                   --deselect tests/test_reconstruct.py::test_refit_model_compiles_and_matches_eager"
+            NAMES=('ecospa.func.reconstruct.x__gram__*' 'ecospa.func.reconstruct.x__spd_inverse__*'
+                   'ecospa.schedule.x__normalized__*' 'ecospa.schedule.x_blend_scores__*'
+                   'ecospa.schedule.x_kept_scores__*' 'ecospa.train.loop.x__carried__*'
+                   'ecospa.train.loop.x__carry_on__*' 'ecospa.train.loop.x__prune_round__*') ;;
         *)
             echo "unknown profile $1 (${PROFILES[*]} or all)" >&2
             exit 2 ;;
