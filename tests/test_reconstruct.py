@@ -316,5 +316,5 @@ def test_obs_scores_refuse_non_finite_activations_with_the_sublayers_name():
     cfg, dense, groups = _small()
     layers = [dict(p) for p in dense["layers"]]
     layers[1]["w_in"] = layers[1]["w_in"].clone().fill_(float("nan"))
-    with pytest.raises(ValueError, match="non-finite activations at layers.1.mlp"):
+    with pytest.raises(ValueError, match="non-finite activations at layers.1.mlp during the obs scores; "):
         obs_scores({**dense, "layers": tuple(layers)}, cfg, groups, _calib(cfg, 0))

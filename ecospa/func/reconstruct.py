@@ -95,9 +95,9 @@ def _gram(h: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     return out
 
 
-def _finite(x: torch.Tensor, where: str) -> torch.Tensor:
+def _finite(x: torch.Tensor, where: str, during: str = "reconstruction") -> torch.Tensor:
     if not torch.isfinite(x).all():
-        raise ValueError(f"non-finite activations at {where} during reconstruction; the model or "
+        raise ValueError(f"non-finite activations at {where} during {during}; the model or "
                          "the calibration batch is broken (NaN/inf weights?)")
     return x
 
@@ -237,7 +237,7 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
                     h = s.inner(d, xd[j], cfg)
                     gram += _gram(h.reshape(-1, w.shape[0]))
                     xd[j] = xd[j] + s.apply(d, h)  # one residual stream per batch, replaced in place
-                _finite(gram, f"layers.{i}.{s.name}")
+                _finite(gram, f"layers.{i}.{s.name}", "the obs scores")
                 lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
                 hinv = _spd_inverse(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
                 for g in by_layer.get(i, []):
