@@ -121,10 +121,7 @@ class PruneSchedule:
                 or not 0 < self.distill_weight <= 1):
             raise ValueError(f"distill_weight must be in (0, 1] (the KL term's share of the loss), "
                              f"got {self.distill_weight!r}")
-        if (isinstance(self.carry, bool) or not isinstance(self.carry, (int, float))
-                or not 0 <= self.carry < 1):
-            raise ValueError(f"carry must be in [0, 1) (the previous rounds' share of a round's "
-                             f"importance), got {self.carry!r}")
+        check_fraction(self.carry, "carry (the previous rounds' share of a round's importance)")
         if isinstance(self.rewarm, bool) or not isinstance(self.rewarm, int) or self.rewarm < 0:
             raise ValueError(f"rewarm must be a whole number of steps >= 0, got {self.rewarm!r}")
         if self.moments not in MOMENTS:

@@ -164,7 +164,7 @@ profile_spec() {
             # layer-wise reconstruction, the carried importance (blend_scores, kept_scores) and its
             # wiring into the training loop; the fast tests only. Also run by name (docs/TESTING.md):
             # the carry check, 'ecospa.schedule.xǁPruneScheduleǁ__post_init____mutmut_34' to _42 (numbers
-            # of 2026-12-07), and the Gram/inverse lines of x_reconstruct and x_obs_scores
+            # of 2026-12-07; that check is now errors.check_fraction), and the Gram/inverse lines of x_reconstruct and x_obs_scores
             FILES="ecospa/func/reconstruct.py ecospa/schedule.py ecospa/train/loop.py"
             TESTS="tests/test_reconstruct.py tests/test_carry.py tests/test_mutants_io.py
                    --deselect tests/test_reconstruct.py::test_refit_model_compiles_and_matches_eager"

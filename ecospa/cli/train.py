@@ -41,17 +41,6 @@ def _kd_weight(text: str) -> float:
     return value
 
 
-def _carry(text: str) -> float:
-    """argparse type: a number in [0, 1), the previous rounds' share of a round's importance."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) (0: each round's own window), got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = preset_epilog()
     parser.add_argument("--preset", choices=sorted(presets.PRESETS),
@@ -89,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-weight", type=_kd_weight,
                         help="the KL term's weight in the loss while self-distilling, in (0, 1] "
                              + preset_default("distill_weight"))
-    parser.add_argument("--carry", type=_carry,
+    parser.add_argument("--carry", type=fraction,
                         help="importance carried across rounds, in [0, 1): each round ranks units by this "
                              "share of the previous rounds' (mean-normalized) Fisher plus the rest from its "
                              "own window (an EMA over rounds; 0: its own window only) " + preset_default("carry"))

@@ -156,7 +156,8 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
                     cross += _gram(h, y)
                 # a NaN/inf activation or target reaches the sums: one check of [K, K + D] numbers
                 # instead of two passes over every batch's [N, K] and [N, D]
-                _finite(gram, where), _finite(cross, where)
+                _finite(gram, where)
+                _finite(cross, where)
                 w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
                 w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
                 if with_bias:
