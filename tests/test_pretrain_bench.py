@@ -82,3 +82,56 @@ def test_summary_line_names_the_best_lever_by_its_mean_over_seeds():
     levers = {"conditions": {"dense_train_flops": 100}, "rows": rows}
     line = summary_lines(None, None, None, None, None, None, levers)
     assert "(`b`) ends at 1.010x" in line and "0.800x the dense model's training FLOPs" in line and "2 seeds" in line
+
+
+def _captured(tmp_path, argv):
+    """pretrain.main(argv) with ``run`` replaced by a spy: the TrainConfig each variant would train
+    and the results file it writes (no training)."""
+    mod = load("pretrain")
+    seen = []
+
+    def spy(cfg, name, out_root):
+        seen.append(cfg)
+        return {"variant": name, "params": 1, "dense_params": 2, "val_ppl": 3.0, "train_flops": 4,
+                "curve": [], "rounds": [], "seed": cfg.seed, "steps": cfg.steps,
+                "tokens_per_s_final": 5.0, "wall_s": 6.0}
+
+    mod.run = spy
+    threads = torch.get_num_threads()
+    out = tmp_path / "p.json"
+    try:
+        mod.main(["--preset", "small", "--out", str(out), "--variants", "ecospa", *argv])
+    finally:
+        torch.set_num_threads(threads)
+    return seen, json.loads(out.read_text())
+
+
+def test_every_schedule_lever_flag_reaches_the_schedule_it_trains(tmp_path):
+    """The issue-27 levers of the benchmark, each at a non-default value, reach the PruneSchedule
+    the run trains with (and the results file's conditions), with --gradual spreading the rounds
+    over the run like ``schedule.gradual`` and not dropping the other levers."""
+    from ecospa.schedule import gradual
+    argv = ["--steps", "1000", "--rounds", "5", "--window", "30", "--ramp", "linear", "--rewarm", "7",
+            "--moments", "reset", "--decay-steps", "20", "--distill-steps", "60", "--distill-weight", "0.3",
+            "--carry", "0.4", "--gradual", "0.2", "0.6", "--budget", "0.4", "--seed", "3", "--tag", "t"]
+    (cfg,), res = _captured(tmp_path, argv)
+    s = cfg.prune
+    want = gradual(1000, 5, 0.2, 0.6, window=30, ramp="linear", rewarm=7, moments="reset", decay_steps=20,
+                   distill_steps=60, distill_weight=0.3, carry=0.4, budget=0.4, sparsity=None,
+                   multiple_of=s.multiple_of)
+    assert s == want
+    assert (s.warmup_steps, s.every) == (200 - 30, 100)  # first round at 20% of 1000, then (0.6-0.2)*1000/4
+    assert cfg.steps == 1000 and cfg.seed == 3
+    assert res["rows"][0]["variant"] == "ecospa@t"
+    assert res["conditions"]["schedule"]["carry"] == 0.4 and res["conditions"]["seed"] == 3
+
+
+def test_schedule_flags_without_gradual_keep_the_preset_timing(tmp_path):
+    """Without --gradual the preset's rounds stay where they are and each flag still lands."""
+    from ecospa.train import presets
+    base = presets.get("small").prune
+    (cfg,), _ = _captured(tmp_path, ["--steps", "900", "--decay-steps", "25", "--carry", "0.7",
+                                     "--prune-start", "123", "--every", "77"])
+    s = cfg.prune
+    assert (s.decay_steps, s.carry, s.warmup_steps, s.every) == (25, 0.7, 123, 77)
+    assert (s.rounds, s.window, s.ramp, s.budget, s.sparsity) == (base.rounds, base.window, base.ramp, 0.5, None)

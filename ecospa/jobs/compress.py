@@ -390,8 +390,12 @@ def _compress(job: Job, loaded) -> dict:
         def point(i, p, done=(r - 1) * per_round):
             """A curve point at the job's recovery step done + i (``--eval-at``)."""
             if done + i in job.eval_at:
-                out["curve"].append({"step": done + i, "ppl": perplexity(forward, p, cfg, val_ids, **ev),
-                                     "ppl_extra": held_out(p)})
+                pt = {"step": done + i, "ppl": perplexity(forward, p, cfg, val_ids, **ev), "ppl_extra": held_out(p)}
+                out["curve"].append(pt)
+                if job.progress:  # in the log when it is known: a long job stopped later keeps it
+                    tqdm.write(f"recovery step {pt['step']}: held-out ppl {pt['ppl']:.2f}"
+                               + "".join(f", {src} {v:.2f}" for src, v in pt["ppl_extra"].items()))
+                    sys.stdout.flush()
 
         t0 = time.perf_counter()
         with ph("recover"):  # with its --eval-at curve points
