@@ -14,3 +14,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path_factory, monkeypatch):
+    """Each test its own (empty) cache of dense evaluations (ecospa.jobs.eval_cache): no test reads a
+    number another test or an earlier run wrote, and nothing is written under ~/.cache."""
+    monkeypatch.setenv("ECOSPA_CACHE_DIR", str(tmp_path_factory.mktemp("eval-cache")))

@@ -115,6 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predictions per held-out window (`ecospa eval --seq-len`)")
     p.add_argument("--eval-windows", type=positive_int, default=_DEFAULTS["eval_windows"], metavar="N",
                    help="held-out windows scored per source (as `ecospa eval --eval-windows`)")
+    p.add_argument("--eval-cache", action=argparse.BooleanOptionalAction, default=_DEFAULTS["eval_cache"],
+                   help="read the dense model's held-out perplexities from the cache of earlier jobs on the "
+                   "same weights, tokens and evaluation settings, and write them there ($ECOSPA_CACHE_DIR, "
+                   "else ~/.cache/ecospa/eval; keyed by a SHA-256 of all of them, so changed weights or "
+                   "text never read a stale number); --no-eval-cache evaluates and writes nothing")
     p.add_argument("--seed", type=seed_int, default=_DEFAULTS["seed"], help="seed of the batches and estimators")
     p.add_argument("--export-hf", help="also write a stock transformers directory (the hf-padded "
                    "format of `ecospa export`: exact for any pruned tree; new, empty, or with --overwrite "

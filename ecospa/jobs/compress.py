@@ -40,6 +40,7 @@ from ecospa.io import checkpoint, load
 from ecospa.io.data import batch_at, corpus
 from ecospa.io.files import exclusive, write_errors
 from ecospa.io.load import checkpoint_tokenizer_spec, encode, load_tokenizer, run_checkpoint
+from ecospa.jobs import eval_cache
 from ecospa.jobs.evaluate import perplexity
 from ecospa.jobs.generate import generate
 from ecospa.jobs.compress_job import Job, check_out_dir
@@ -319,11 +320,13 @@ def _compress(job: Job, loaded) -> dict:
         """Perplexity on each extra held-out source (never calibrated or recovered on)."""
         return {src: perplexity(forward, p, cfg, ids, **ev) for src, ids in extra_ids.items()}
 
-    with ph("eval dense"):
-        ppl_dense = job.ppl_dense or perplexity(forward, dense, cfg, val_ids, **ev)
-        extra_dense = dict(job.ppl_dense_extra) if job.ppl_dense_extra else held_out(dense)
+    with ph("eval dense"):  # or read from the cache of earlier jobs on the same weights and windows
+        ppl_dense, extra_dense, from_cache = _dense_perplexities(job, forward, dense, cfg, val_ids, extra_ids, ev)
+    if from_cache and job.progress:
+        tqdm.write(f"dense held-out ppl of {', '.join(from_cache)} read from the evaluation cache "
+                   f"({eval_cache.cache_dir()}; --no-eval-cache evaluates again)")
     out = {"model": job.model, "ppl_dense": ppl_dense, "ppl_dense_extra": extra_dense,
-           "calibration_tokens": 0, "rounds": [], "curve": []}
+           "dense_eval_cached": from_cache, "calibration_tokens": 0, "rounds": [], "curve": []}
     # the dense model is needed for the refit of every round and, with --distill and recovery
     # steps, as the teacher; otherwise it is dropped after the last refit (its sizes, bytes and
     # latency are taken now), so the held-out evaluation holds one model, not two
@@ -428,6 +431,28 @@ def _compress(job: Job, loaded) -> dict:
         _save(job, params, cfg, out)
     out.update(phases=ph.rows, phase_seconds=ph.seconds(), peak_rss_mb=ph.peak_mb())  # with the save
     return out
+
+
+def _dense_perplexities(job: Job, forward, dense, cfg, val_ids, extra_ids: dict, ev: dict):
+    """The dense model's perplexity on the VAL split of ``job.data`` and on each extra source:
+    ``job.ppl_dense`` / ``job.ppl_dense_extra`` when given, else from ``eval_cache`` (keyed by the
+    weights, the tokens and the settings) or evaluated. Returns (ppl, {source: ppl}, [sources read
+    from the cache])."""
+    need = job.ppl_dense is None or not job.ppl_dense_extra
+    model = eval_cache.fingerprint(dense, cfg) if job.eval_cache and need else None
+    settings = dict(seq_len=ev["seq_len"], batch_size=ev["batch_size"], max_windows=ev["max_windows"],
+                    chunked_loss=ev["loss_fn"] is not None)
+    hits = []
+
+    def one(src, ids):
+        ppl, hit = eval_cache.cached(lambda: perplexity(forward, dense, cfg, ids, **ev), model, ids, settings,
+                                     {"model": job.model, "source": src})
+        hits.extend([src] * hit)
+        return ppl
+
+    ppl = job.ppl_dense or one(job.data, val_ids)
+    extra = dict(job.ppl_dense_extra) if job.ppl_dense_extra else {s: one(s, ids) for s, ids in extra_ids.items()}
+    return ppl, extra, hits
 
 
 def _nbytes(tree) -> int:

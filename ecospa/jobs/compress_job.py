@@ -83,6 +83,9 @@ class Job:
     export_format: str = "hf-padded"
     overwrite: bool = False                # replace an earlier checkpoint at out / earlier exports
     progress: bool = True
+    eval_cache: bool = True                # the dense model's held-out perplexities from / into the cache of
+    #                                        earlier jobs on the same weights, tokens and settings
+    #                                        (ecospa.jobs.eval_cache); False: evaluated, nothing written
     ppl_dense: Optional[float] = None  # skip the dense evaluation when already known
     ppl_dense_extra: Optional[Mapping[str, float]] = None  # the same for eval_extra's sources
 
