@@ -164,3 +164,66 @@ def test_teacher_options_are_checked(kw, msg):
     from ecospa.errors import UsageError
     with pytest.raises(UsageError, match=msg):
         Job("x", budget=0.3, batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("text", ["teacher", "mix"])
+def test_calib_text_batches_are_the_dense_models_own_text_each_batch_its_own(tiny_gguf, spied, monkeypatch, text):
+    """``--calib-text teacher|mix``: one pool sampled before the first round from the DENSE model
+    at temperature 1 (each sequence from one TRAIN token), as many rows as the calibration, obs and
+    refit batches take; each of those batches holds its OWN pool rows (calibration batch i rows
+    i*k.., refit batch j rows (calib_batches + j)*k..), the rest TRAIN windows; obs and refit read
+    the same batches; recovery stays TRAIN text; no val text anywhere."""
+    made = []
+    real = job_mod.generate
+
+    def generate(params, cfg, prompt, n, **kw):
+        out = real(params, cfg, prompt, n, **kw)
+        made.append((params, prompt, n, kw, out))
+        return out
+
+    monkeypatch.setattr(job_mod, "generate", generate)
+    job = Job(str(tiny_gguf), budget=0.3, calib_text=text, recon_batches=3, rank_by="obs",
+              **dict(FAST, steps=2, calib_batches=2))
+    compress(job)
+    _, dense, tok = load_model(str(tiny_gguf))
+    train = _bytes(encode(tok, corpus("pydoc", "train")))
+    k = {"teacher": 2, "mix": 1}[text]  # FAST's batch_size is 2
+    (params, prompt, n, kw, pool), = made  # (2 + 3) * k sequences < GEN_BATCH: one call
+    assert all(torch.equal(params[name], dense[name]) for name in ("embed", "norm"))
+    assert params["layers"][0]["w_up"].shape == dense["layers"][0]["w_up"].shape  # the dense model
+    assert kw["temperature"] == 1.0 and n == job.seq_len and prompt.shape == (5 * k, 1)
+    assert all(_in(t, train) for t in prompt)
+    assert not any(_in(row, train) for row in pool)
+    got = _flat(spied)
+    assert len(got["fisher"]) == 2 and len(got["refit"]) == 3 and len(got["obs"]) == 3
+    for slot, batch in enumerate(got["fisher"] + got["refit"]):
+        assert batch.shape == (job.batch_size, job.seq_len + 1)
+        assert torch.equal(batch[job.batch_size - k:], pool[slot * k:(slot + 1) * k])
+        assert all(_in(row, train) for row in batch[:job.batch_size - k])
+    assert all(torch.equal(a, b) for a, b in zip(got["obs"], got["refit"]))
+    assert all(_in(row, train) for b in got["recover"] for row in b)
+
+
+def test_calib_text_train_samples_nothing(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(job_mod, "generate", lambda *a, **k: pytest.fail("sampled text for --calib-text train"))
+    compress(Job(str(tiny_gguf), budget=0.3, **dict(FAST, steps=0)))
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(calib_text="val"), "--calib-text must be one of train, teacher, mix, got 'val'"),
+                                     (dict(calib_text="mix", batch_size=1), r"--calib-text mix .* needs --batch-size >= 2, got 1")])
+def test_calib_text_is_checked(kw, msg):
+    from ecospa.errors import UsageError
+    with pytest.raises(UsageError, match=msg):
+        Job("x", budget=0.3, **kw)
+
+
+def test_calib_text_flag_reaches_the_job(monkeypatch, tiny_gguf, tmp_path):
+    from ecospa import cli
+    import ecospa.cli.compress as cli_mod
+    seen = []
+    monkeypatch.setattr(cli_mod, "compress", lambda job, *a, **k: seen.append(job) or {})
+    monkeypatch.setattr(cli_mod, "table", lambda summary: "")
+    argv = ["compress", "--model", str(tiny_gguf), "--budget", "0.4", "--out", str(tmp_path / "x")]
+    for flag, want in (([], "train"), (["--calib-text", "mix"], "mix"), (["--calib-text", "teacher"], "teacher")):
+        assert cli.main(argv + flag) == 0
+        assert seen[-1].calib_text == want

@@ -20,7 +20,7 @@ from ecospa.errors import nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
-from ecospa.jobs.compress_job import LR_SCHEDULES, RANK_BY
+from ecospa.jobs.compress_job import CALIB_TEXTS, LR_SCHEDULES, RANK_BY
 from ecospa.jobs.phases import return_freed_memory
 from ecospa.io.load import train_config_of
 from ecospa.jobs.export import FORMATS
@@ -106,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-pool", type=positive_int, default=_DEFAULTS["teacher_pool"],
                    help="sequences of --seq-len tokens sampled from the dense model once, before recovery, "
                    "and cycled through by --teacher-rows")
+    p.add_argument("--calib-text", default=_DEFAULTS["calib_text"], choices=CALIB_TEXTS,
+                   help="text of the gradient-free stages' batches (calibration, obs scores, refit): TRAIN "
+                   "windows; teacher: text sampled from the dense model itself (temperature 1, each "
+                   "sequence started from one TRAIN token; no other data), its own sequences for every "
+                   "batch; mix: half of every batch each")
     p.add_argument("--train-embedding", action=argparse.BooleanOptionalAction,
                    default=_DEFAULTS["train_embedding"],
                    help="recovery trains the token embedding (with a tied head such as SmolLM2's, the head "

@@ -178,12 +178,37 @@ def teacher_text(teacher, cfg, ids: torch.Tensor, job: Job, on_token=None) -> to
     each started from one token of the TRAIN text (``ids``; the rest is the model's own text):
     general text for the distillation that no external corpus provides. Deterministic in
     ``job.seed``."""
-    starts = batch_at(ids, 0, job.teacher_pool, 1, job.seed + 3)[:, :1]  # [N, 1]: one TRAIN token each
+    return sampled_text(teacher, cfg, ids, job.teacher_pool, job.seq_len, job.seed, on_token)
+
+
+def sampled_text(teacher, cfg, ids: torch.Tensor, n: int, seq_len: int, seed: int, on_token=None) -> torch.Tensor:
+    """``n`` sequences [n, seq_len + 1] sampled from ``teacher`` at temperature 1, each started from
+    one token of the TRAIN text ``ids`` (the tokens chosen with ``seed + 3``, the samples drawn with
+    ``seed + i`` for the i-th sequence of each GEN_BATCH), GEN_BATCH at a time."""
+    starts = batch_at(ids, 0, n, 1, seed + 3)[:, :1]  # [N, 1]: one TRAIN token each
     rows = []
-    for i in range(0, job.teacher_pool, GEN_BATCH):
-        rows.append(generate(teacher, cfg, starts[i:i + GEN_BATCH], job.seq_len, temperature=1.0,
-                             seed=job.seed + i, on_token=on_token))
+    for i in range(0, n, GEN_BATCH):
+        rows.append(generate(teacher, cfg, starts[i:i + GEN_BATCH], seq_len, temperature=1.0,
+                             seed=seed + i, on_token=on_token))
     return torch.cat(rows)
+
+
+def calib_rows(job: Job) -> int:
+    """Rows of every gradient-free batch taken from the sampled text (``--calib-text``)."""
+    return {"train": 0, "teacher": job.batch_size, "mix": job.batch_size // 2}[job.calib_text]
+
+
+def calib_batch(ids: torch.Tensor, pool: Optional[torch.Tensor], job: Job, index: int, slot: int,
+                seed: int) -> torch.Tensor:
+    """A calibration / obs / refit batch [batch_size, seq_len + 1]: TRAIN windows (``batch_at(ids,
+    index, ..., seed)``), of which the last ``calib_rows(job)`` are the sampled pool's rows of batch
+    ``slot`` (every batch of a round its own rows: slot * k ... slot * k + k - 1)."""
+    k = calib_rows(job)
+    train = batch_at(ids, index, job.batch_size - k, job.seq_len, seed) if k < job.batch_size else None
+    if not k:
+        return train
+    picked = pool[torch.arange(slot * k, (slot + 1) * k) % pool.shape[0]]
+    return picked if train is None else torch.cat([train, picked])
 
 
 def recovery_batch(ids: torch.Tensor, pool: Optional[torch.Tensor], job: Job, step: int,
@@ -338,6 +363,14 @@ def _compress(job: Job, loaded) -> dict:
             bar = _phase(job, job.teacher_pool * job.seq_len, "teacher text", "token")
             pool = teacher_text(dense, cfg, train_ids, job, on_token=lambda col: bar.update(col.numel()))
             bar.close()
+    calib_pool = None
+    if calib_rows(job):  # one batch's own sequences for each calibration and refit batch
+        n = calib_rows(job) * (job.calib_batches + (job.recon_batches if job.reconstruct or job.rank_by == "obs" else 0))
+        with ph("calibration text"):
+            bar = _phase(job, n * job.seq_len, "calibration text", "token")
+            calib_pool = sampled_text(dense, cfg, train_ids, n, job.seq_len, job.seed + 7,
+                                      on_token=lambda col: bar.update(col.numel()))
+            bar.close()
     ce, train_loss, train_grads = _losses(fam, cfg, dense if keep_dense else None, job)
     params, per_round = dense, job.per_round
     sizes = dense_sizes(dense, groups)
@@ -346,9 +379,9 @@ def _compress(job: Job, loaded) -> dict:
         dense_latency = latency(forward, dense, cfg, job.eval_seq_len)
     for r in range(1, job.rounds + 1):
         est = ESTIMATORS[job.estimator](groups, seed=job.seed)
-        calib = [batch_at(train_ids, 10_000 * r + i, job.batch_size, job.seq_len, job.seed + 1)
+        calib = [calib_batch(train_ids, calib_pool, job, 10_000 * r + i, i, job.seed + 1)
                  for i in range(job.calib_batches)]
-        refit = [batch_at(train_ids, 10_000 * r + 5_000 + i, job.batch_size, job.seq_len, job.seed + 2)
+        refit = [calib_batch(train_ids, calib_pool, job, 10_000 * r + 5_000 + i, job.calib_batches + i, job.seed + 2)
                  for i in range(job.recon_batches)] if job.reconstruct or job.rank_by == "obs" else []
         out["calibration_tokens"] += sum(b.numel() for b in calib + refit)
         with ph("calibrate"):

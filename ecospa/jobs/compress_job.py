@@ -19,6 +19,7 @@ from ecospa.select import parse_sparsity
 Sparsity = Union[float, Mapping[str, float]]
 RANK_BY = ("estimator", "obs")
 LR_SCHEDULES = ("constant", "cosine")
+CALIB_TEXTS = ("train", "teacher", "mix")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class Job:
     #                                        DENSE MODEL (temperature 1, each from one TRAIN token; issue 28:
     #                                        general ability); the other rows are TRAIN windows
     teacher_pool: int = 32                 # sequences of that text, sampled once before recovery and cycled
+    calib_text: str = "train"              # the text of the gradient-free stages' batches (calibration, obs
+    #                                        scores, refit): "train" windows; "teacher": text SAMPLED FROM
+    #                                        THE DENSE MODEL (temperature 1, each from one TRAIN token, its
+    #                                        own sequences per batch); "mix": half of every batch each
     train_embedding: bool = True           # recovery trains the token embedding (with a tied head, the head
     #                                        too); False: held at the dense values (no gradient, no AdamW
     #                                        moments, no copy: it stays the teacher's tensor)
@@ -137,6 +142,11 @@ class Job:
                              f"got {self.teacher_rows!r}")
         if not whole(self.teacher_pool) or self.teacher_pool < 1:
             raise UsageError(f"--teacher-pool must be a whole number >= 1, got {self.teacher_pool!r}")
+        if self.calib_text not in CALIB_TEXTS:
+            raise UsageError(f"--calib-text must be one of {', '.join(CALIB_TEXTS)}, got {self.calib_text!r}")
+        if self.calib_text == "mix" and self.batch_size < 2:
+            raise UsageError("--calib-text mix puts half of every batch from each text, so it needs "
+                             f"--batch-size >= 2, got {self.batch_size}; use train or teacher")
         if not whole(self.steps) or self.steps < 0:
             raise UsageError(f"--steps must be a whole number >= 0, got {self.steps!r}")
         if self.steps and self.steps % self.rounds:  # else rounds x (steps // rounds) steps would run
@@ -252,4 +262,4 @@ def check_out_dir(out: str, flag: str = "--out", overwrite: bool = False) -> str
     return path
 
 
-__all__ = ["Job", "Sparsity", "check_out_dir", "RANK_BY", "LR_SCHEDULES"]
+__all__ = ["Job", "Sparsity", "check_out_dir", "RANK_BY", "LR_SCHEDULES", "CALIB_TEXTS"]
