@@ -111,19 +111,25 @@ def test_distillation_loss_is_kl_teacher_to_student_at_its_weight(tiny_gguf):
         assert abs(got - float(wrong)) > 1e-3
 
 
-def test_teacher_rows_are_the_dense_models_own_text_and_the_rest_train(tiny_gguf, spied, monkeypatch):
-    """``--teacher-rows 1 --teacher-pool 3``: the pool is sampled once, from the DENSE model (the
-    teacher, before pruning) at temperature 1, each sequence from one TRAIN token; every recovery
-    batch is TRAIN windows plus the pool's rows in turn (0, 1, 2, 0: cycled), and no val text."""
-    made = []
+@pytest.fixture
+def made(monkeypatch):
+    """Every ``generate`` call of the job: (params, prompt, n, keywords, the sampled sequences)."""
+    calls = []
     real = job_mod.generate
 
     def generate(params, cfg, prompt, n, **kw):
         out = real(params, cfg, prompt, n, **kw)
-        made.append((params, prompt, n, kw, out))
+        calls.append((params, prompt, n, kw, out))
         return out
 
     monkeypatch.setattr(job_mod, "generate", generate)
+    return calls
+
+
+def test_teacher_rows_are_the_dense_models_own_text_and_the_rest_train(tiny_gguf, spied, made):
+    """``--teacher-rows 1 --teacher-pool 3``: the pool is sampled once, from the DENSE model (the
+    teacher, before pruning) at temperature 1, each sequence from one TRAIN token; every recovery
+    batch is TRAIN windows plus the pool's rows in turn (0, 1, 2, 0: cycled), and no val text."""
     job = Job(str(tiny_gguf), budget=0.3, teacher_rows=1, teacher_pool=3, **dict(FAST, steps=4))
     compress(job)
     _, dense, tok = load_model(str(tiny_gguf))
@@ -167,21 +173,12 @@ def test_teacher_options_are_checked(kw, msg):
 
 
 @pytest.mark.parametrize("text", ["teacher", "mix"])
-def test_calib_text_batches_are_the_dense_models_own_text_each_batch_its_own(tiny_gguf, spied, monkeypatch, text):
+def test_calib_text_batches_are_the_dense_models_own_text_each_batch_its_own(tiny_gguf, spied, made, text):
     """``--calib-text teacher|mix``: one pool sampled before the first round from the DENSE model
     at temperature 1 (each sequence from one TRAIN token), as many rows as the calibration, obs and
     refit batches take; each of those batches holds its OWN pool rows (calibration batch i rows
     i*k.., refit batch j rows (calib_batches + j)*k..), the rest TRAIN windows; obs and refit read
     the same batches; recovery stays TRAIN text; no val text anywhere."""
-    made = []
-    real = job_mod.generate
-
-    def generate(params, cfg, prompt, n, **kw):
-        out = real(params, cfg, prompt, n, **kw)
-        made.append((params, prompt, n, kw, out))
-        return out
-
-    monkeypatch.setattr(job_mod, "generate", generate)
     job = Job(str(tiny_gguf), budget=0.3, calib_text=text, recon_batches=3, rank_by="obs",
               **dict(FAST, steps=2, calib_batches=2))
     compress(job)
