@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from speed_report import plot_speed, speed_table  # noqa: E402  (the speed sections)
 from split_report import split_section  # noqa: E402  (old split -> deduplicated split)
 from summary_report import summary_lines  # noqa: E402  (the README's five lines)
+from levers28_report import levers28_section  # noqa: E402  (issue 28's lever runs)
 
 
 def _load(name):
@@ -444,7 +445,8 @@ def main(argv=None) -> None:
     if res and dedup and dedup.get("complete"):
         text = replace_section(text, "split", split_section(res, dedup))
     for fname, section, fn in [("generate.json", "generate", generate_table),
-                               ("export_smollm2.json", "export", export_table)]:
+                               ("export_smollm2.json", "export", export_table),
+                               ("compress_levers28.json", "levers28", levers28_section)]:
         got = _load(fname)
         if got:
             text = replace_section(text, section, fn(got))

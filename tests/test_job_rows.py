@@ -1,0 +1,41 @@
+"""benchmarks/job_rows.py records finished compress jobs as rows (replacing a row of the same
+label, never another), and report.py's levers28 section renders exactly those numbers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ecospa.jobs.compress import Job, compress
+
+pytest.importorskip("gguf")
+from test_compress import tiny_gguf  # noqa: E402,F401  (fixture)
+from test_benchmark_scripts import _module  # noqa: E402
+
+
+def test_rows_from_checkpoints_and_their_section(tiny_gguf, tmp_path):
+    fast = dict(batch_size=2, seq_len=32, calib_batches=1, recon_batches=1, eval_seq_len=64, eval_windows=2,
+                progress=False)
+    a = compress(Job(str(tiny_gguf), out=str(tmp_path / "a"), budget=0.5, steps=2, eval_at=(1,), **fast))
+    b = compress(Job(str(tiny_gguf), out=str(tmp_path / "b"), budget=0.3, steps=0, **fast))
+    rows, out = _module("job_rows"), tmp_path / "r.json"
+    out.write_text(json.dumps({"rows": [{"label": "other", "keep": 1}, {"label": "A", "stale": True}]}))
+    assert rows.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--label", "A", "--label", "B",
+                      "--command", "cmd a", "--command", "cmd b", "--note", "1 thread"]) == 0
+    res = json.loads(out.read_text())
+    assert [r["label"] for r in res["rows"]] == ["other", "A", "B"] and "stale" not in res["rows"][1]
+    ra, rb = res["rows"][1:]
+    assert (ra["steps"], rb["steps"]) == (2, 0) and ra["command"] == "cmd a" and ra["note"] == "1 thread"
+    assert ra["ppl_recovered"] == a["ppl_recovered"] and rb["ppl_recovered"] == b["ppl_reconstructed"]
+    assert ra["ppl_reconstructed"] == a["rounds"][0]["ppl_reconstructed"]
+    assert ra["ppl_extra"] == a["ppl_extra"] and ra["curve"] == a["curve"] and ra["job"]["budget"] == 0.5
+    section = _module("levers28_report").levers28_section({"rows": [ra, rb]})
+    std, dense_std = a["ppl_extra"]["stdlib"], a["ppl_dense_extra"]["stdlib"]
+    assert f"| A | 2 | {a['rounds'][0]['ppl_reconstructed']:.2f} | 1: {a['curve'][0]['ppl']:.2f} / " in section
+    assert f"| {a['ppl_recovered']:.2f} | {std:.2f} ({std / dense_std:.2f}x) |" in section
+    assert "- B: `cmd b` (1 thread)" in section
+
+
+def test_a_directory_without_a_compress_summary_is_refused(tmp_path):
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)):
+        _module("job_rows").row_of(str(tmp_path / "nothing"), "x", "y")
