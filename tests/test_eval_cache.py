@@ -184,3 +184,20 @@ def test_the_flag_reaches_the_job(monkeypatch, tiny_gguf, tmp_path):
         argv = ["compress", "--model", str(tiny_gguf), "--budget", "0.4", "--out", str(tmp_path / "x")]
         assert cli.main(argv + ([flag] if flag else [])) == 0
         assert seen[-1].eval_cache is want, flag
+
+
+def test_a_write_that_fails_midway_leaves_no_entry_and_no_temporary_file(monkeypatch, capsys):
+    """A full disk at the rename (after the bytes were written): a warning, the number still
+    returned, no entry and no temporary file left in the cache directory."""
+    import errno
+    import ecospa.io.files as files
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full)
+    ids, s = torch.arange(50), dict(seq_len=8)
+    assert eval_cache.cached(lambda: 7.25, "m", ids, s, {}) == (7.25, False)
+    out = capsys.readouterr()
+    assert "could not write the evaluation cache entry" in out.out + out.err and "No space left" in out.out + out.err
+    assert list(eval_cache.cache_dir().iterdir()) == []
