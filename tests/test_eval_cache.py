@@ -4,7 +4,6 @@ entry is recomputed, a cache that cannot be written never costs the job, and --n
 touches nothing. conftest.py gives every test its own empty ECOSPA_CACHE_DIR."""
 import json
 import math
-import os
 
 import pytest
 import torch
