@@ -175,7 +175,7 @@ def test_summary_records_each_phase_and_fewer_rows_at_a_time_change_no_number(ti
         close(torch.tensor(rows["ppl_extra"][src], dtype=torch.float32), torch.tensor(v, dtype=torch.float32))
     names = [p["phase"] for p in rows["phases"]]
     assert names[:3] == ["load", "encode", "eval dense"] and names[-1] == "save"
-    assert {"calibrate", "obs scores", "prune", "refit", "recover", "eval held-out"} <= set(names)
+    assert {"calibrate", "obs scores + refit", "eval pruned", "eval refit", "recover", "eval held-out"} <= set(names)
     assert all(p["seconds"] >= 0 and p["peak_rss_mb"] > 0 for p in rows["phases"])
     assert rows["peak_rss_mb"] >= max(p["peak_rss_mb"] for p in rows["phases"])
     assert rows["phase_seconds"]["recover"] == pytest.approx(sum(p["seconds"] for p in rows["phases"]

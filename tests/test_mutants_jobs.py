@@ -796,7 +796,7 @@ def test_a_job_with_progress_reports_every_phase(capsys):
     assert 0 < s["rounds"][0]["reconstruct_seconds"] < wall and 0 < s["rounds"][0]["recover_seconds"] < wall
     out, err = capsys.readouterr()
     lines = err.splitlines()
-    for desc, unit, n in (("calibrate", "batch", 2), ("obs scores", "layer", 2), ("refit", "layer", 2),
+    for desc, unit, n in (("calibrate", "batch", 2), ("obs scores + refit", "layer", 2),
                           ("recover", "step", 2), ("eval", "batch", 2)):
         mine = [line for line in lines if line.startswith(f"{desc}: ")]
         assert mine and mine[-1].startswith(f"{desc}: {unit} {n}/{n}"), (desc, err)  # the last line: done
@@ -872,9 +872,15 @@ def test_without_recovery_the_last_refit_is_the_result_and_is_not_evaluated_agai
 def test_the_summary_times_every_phase_in_order(tmp_path):
     s = compress(Job("tiny", out=str(tmp_path / "c"), budget=0.4, rank_by="obs", reconstruct=True, steps=2, rounds=2,
                      eval_extra=(), **SMALL), loaded=_loaded())
-    one_round = ["calibrate", "obs scores", "prune", "eval pruned", "refit", "eval refit", "recover", "eval recovered"]
+    one_round = ["calibrate", "obs scores + refit", "eval pruned", "eval refit", "recover", "eval recovered"]
     assert [p["phase"] for p in s["phases"]] == (["load", "encode", "eval dense", "latency"] + one_round * 2
                                                  + ["eval held-out", "latency", "save"])
+    # the obs scores without the refit, and the refit without the obs scores, are phases of their own
+    apart = [compress(Job("tiny", budget=0.4, rank_by=rank_by, reconstruct=refit, steps=0, eval_extra=(), **SMALL),
+                      loaded=_loaded()) for rank_by, refit in (("obs", False), ("estimator", True))]
+    assert [[p["phase"] for p in a["phases"]][4:-3] for a in apart] == [
+        ["calibrate", "obs scores", "prune", "eval pruned", "recover", "eval recovered"],
+        ["calibrate", "prune", "eval pruned", "refit", "eval refit", "recover", "eval recovered"]]
     assert s["phase_seconds"]["recover"] == pytest.approx(sum(p["seconds"] for p in s["phases"]
                                                               if p["phase"] == "recover"))
     assert set(s["phase_seconds"]) == {p["phase"] for p in s["phases"]}

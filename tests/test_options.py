@@ -137,32 +137,32 @@ def test_obs_scores_at_a_non_default_ridge_equal_a_brute_force_refit():
 
 def test_ridge_flag_reaches_the_obs_scores_and_the_refit(monkeypatch):
     """``Job(ridge=0.37, obs_ridge=None)``: both consumers get 0.37; by default the obs scores get
-    their own 0.01. Kills a call that drops ``ridge=job.ridge`` (each then runs at its own
-    default, 1e-2) or that ignores ``obs_ridge``."""
-    seen = {}
-    for name in ("obs_scores", "reconstruct"):
-        real = getattr(job_mod, name)
-
-        def spy(*a, _real=real, _name=name, **k):
-            seen[_name] = k.get("ridge")
-            return _real(*a, **k)
-
-        monkeypatch.setattr(job_mod, name, spy)
+    their own 0.01. Read where the ridges are USED (the obs scores' and the refit's solves), on the
+    one-pass path (obs ranking with the refit, the default) and on each stage alone. Kills a call
+    that drops ``ridge=job.ridge`` (each then runs at its own default, 1e-2), that ignores
+    ``obs_ridge``, or that swaps the two."""
+    import ecospa.func.reconstruct as rec
+    seen = {"obs": set(), "refit": set()}
+    real_obs, real_solve = rec._obs_of, rec.ridge_solve
+    monkeypatch.setattr(rec, "_obs_of", lambda *a: (seen["obs"].add(a[5]), real_obs(*a))[1])
+    monkeypatch.setattr(rec, "ridge_solve", lambda *a: (seen["refit"].add(a[3]), real_solve(*a))[1])
     monkeypatch.setattr(job_mod, "perplexity", lambda *a, **k: 1.0)
     cfg = dataclasses.replace(CFG, ffn_dim=24, n_layers=2)
-    small = dict(rank_by="obs", reconstruct=True, steps=0, batch_size=2, seq_len=16, calib_batches=1,
-                 recon_batches=1, eval_seq_len=16, eval_windows=1, eval_extra=(), ppl_dense=1.0, progress=False)
-    compress(Job("tiny", budget=0.3, ridge=0.37, obs_ridge=None, **small),
-             loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
-    assert seen == {"obs_scores": 0.37, "reconstruct": 0.37}
-    seen.clear()  # the default: the obs scores at 0.01, the refit at --ridge
-    compress(Job("tiny", budget=0.3, ridge=0.37, **small), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
-    assert seen == {"obs_scores": 0.01, "reconstruct": 0.37}
-    seen.clear()  # --obs-ridge: the obs scores alone get it, the refit keeps --ridge
-    compress(Job("tiny", budget=0.3, ridge=0.37, obs_ridge=0.011, rank_by="obs", reconstruct=True, steps=0,
-                 batch_size=2, seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16, eval_windows=1,
-                 eval_extra=(), ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
-    assert seen == {"obs_scores": 0.011, "reconstruct": 0.37}
+    small = dict(steps=0, batch_size=2, seq_len=16, calib_batches=1, recon_batches=1, eval_seq_len=16,
+                 eval_windows=1, eval_extra=(), ppl_dense=1.0, progress=False)
+
+    def ridges(**kw):
+        seen["obs"].clear(), seen["refit"].clear()
+        compress(Job("tiny", budget=0.3, ridge=0.37, **small, **kw), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
+        return {k: sorted(v) for k, v in seen.items()}
+
+    assert ridges(obs_ridge=None, rank_by="obs", reconstruct=True) == {"obs": [0.37], "refit": [0.37]}
+    assert ridges(rank_by="obs", reconstruct=True) == {"obs": [0.01], "refit": [0.37]}  # the default
+    assert ridges(obs_ridge=0.05, rank_by="obs", reconstruct=False) == {"obs": [0.05], "refit": []}
+    assert ridges(obs_ridge=None, rank_by="obs", reconstruct=False) == {"obs": [0.37], "refit": []}
+    assert ridges(rank_by="estimator", reconstruct=True) == {"obs": [], "refit": [0.37]}
+    # --obs-ridge: the obs scores alone get it, the refit keeps --ridge
+    assert ridges(obs_ridge=0.011, rank_by="obs", reconstruct=True) == {"obs": [0.011], "refit": [0.37]}
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, float("inf"), float("nan"), "0.1"])

@@ -107,7 +107,7 @@ def test_compress_in_a_log_reports_every_phase(tmp_path):
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert seen, text
-    for line in (r"calibrate: batch 2/2 ", rf"obs scores: layer {n}/{n} ", rf"refit: layer {n}/{n} ",
+    for line in (r"calibrate: batch 2/2 ", rf"obs scores \+ refit: layer {n}/{n} ",
                  r"recover: step 3/3 loss [0-9.]+ ", r"eval: batch (\d+)/\1 "):
         assert re.search(line + r".*ETA \d+:\d\d", text), (line, text)
     # the round's result is on stdout, flushed when it is known (before the recovery runs)

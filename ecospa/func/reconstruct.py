@@ -24,12 +24,15 @@ K x K solve per sublayer. Nothing is pruned here: the kept units are the pruned 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from ecospa.func.families import family_of
 from ecospa.func._block import Sublayer
+from ecospa.groups import validate
+from ecospa.prune import _check_keep, slice_units
+from ecospa.select import keep_top
 
 TARGETS = ("residual", "local")
 
@@ -131,47 +134,60 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
         for i, d in enumerate(dense["layers"]):
             p = layers[i]
             for s in subs:
-                where = f"layers.{i}.{s.name}"
-                w = s.weight(p)
-                with_bias = bias and s.bias is not None
-                k = w.shape[0] + with_bias
-                gram = torch.zeros(k, k, dtype=torch.float64)
-                cross = torch.zeros(k, w.shape[1], dtype=torch.float64)
-                inner = []  # this sublayer's inner activations, reused after the solve
-                for j in range(len(batches)):
-                    if target == "local":
-                        y = s.apply(d, s.inner(d, xp[j], cfg))
-                    xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))  # the dense stream moves on
-                    h = s.inner(p, xp[j], cfg)
-                    inner.append(h if cache_inner else None)
-                    h = h.reshape(-1, w.shape[0])
-                    if target == "residual":
-                        y = xd[j] - xp[j]
-                    if s.bias is not None and not with_bias:
-                        y = y - p[s.bias]  # the kept bias is part of the branch, not refit
-                    y = y.reshape(-1, w.shape[1])
-                    if with_bias:
-                        h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
-                    gram += _gram(h)
-                    cross += _gram(h, y)
-                # a NaN/inf activation or target reaches the sums: one check of [K, K + D] numbers
-                # instead of two passes over every batch's [N, K] and [N, D]
-                _finite(gram, where)
-                _finite(cross, where)
-                w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
-                w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
-                if with_bias:
-                    p[s.bias] = _put(p[s.bias], w_new[-1], donate and not _shares(p[s.bias], d[s.bias]))
-                    w_new = w_new[:-1]
-                p[s.out] = _put(p[s.out], w_new, donate and not _shares(p[s.out], d[s.out]))
-                for j, h in enumerate(inner):  # the inner does not read W_out
-                    xp[j] = xp[j] + s.apply(p, s.inner(p, xp[j], cfg) if h is None else h)
-                    inner[j] = None
+                _refit_sublayer(p, d, s, cfg, xp, xd, f"layers.{i}.{s.name}", ridge=ridge, target=target,
+                                bias=bias, donate=donate, cache_inner=cache_inner, move_dense=True)
             if on_layer is not None:
                 on_layer(i, len(layers))
     return {**params, "layers": tuple(layers)}
 
 
+def _refit_sublayer(p: dict, d: dict, s: Sublayer, cfg, xp: list, xd: list, where: str, *, ridge: float,
+                    target: str, bias: bool, donate: bool, cache_inner: bool, move_dense: bool,
+                    intact: tuple = ()) -> None:
+    """Refit sublayer ``s`` of the pruned layer ``p`` (written into ``p``) to the dense layer ``d``
+    on every batch's residual streams: ``xp`` (the pruned model's) is moved past the refit
+    sublayer; ``xd`` (the dense model's) too when ``move_dense``, else it already holds the dense
+    stream after ``s``. ``donate``: the refit values are written into ``p``'s own leaves, unless
+    their storage is ``d``'s or that of a layer in ``intact``."""
+    w = s.weight(p)
+    with_bias = bias and s.bias is not None
+    k = w.shape[0] + with_bias
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    cross = torch.zeros(k, w.shape[1], dtype=torch.float64)
+    inner = []  # this sublayer's inner activations, reused after the solve
+    for j in range(len(xp)):
+        if target == "local":
+            y = s.apply(d, s.inner(d, xp[j], cfg))
+        if move_dense:
+            xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))  # the dense stream moves on
+        h = s.inner(p, xp[j], cfg)
+        inner.append(h if cache_inner else None)
+        h = h.reshape(-1, w.shape[0])
+        if target == "residual":
+            y = xd[j] - xp[j]
+        if s.bias is not None and not with_bias:
+            y = y - p[s.bias]  # the kept bias is part of the branch, not refit
+        y = y.reshape(-1, w.shape[1])
+        if with_bias:
+            h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
+        gram += _gram(h)
+        cross += _gram(h, y)
+    # a NaN/inf activation or target reaches the sums: one check of [K, K + D] numbers
+    # instead of two passes over every batch's [N, K] and [N, D]
+    _finite(gram, where)
+    _finite(cross, where)
+    w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
+    w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
+    def own(leaf):
+        return donate and not any(_shares(p[leaf], o[leaf]) for o in (d, *intact))
+
+    if with_bias:
+        p[s.bias] = _put(p[s.bias], w_new[-1], own(s.bias))
+        w_new = w_new[:-1]
+    p[s.out] = _put(p[s.out], w_new, own(s.out))
+    for j, h in enumerate(inner):  # the inner does not read W_out
+        xp[j] = xp[j] + s.apply(p, s.inner(p, xp[j], cfg) if h is None else h)
+        inner[j] = None
 
 
 def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
@@ -212,6 +228,26 @@ def _unit_rows(group, sub: Sublayer, p: dict) -> Optional[torch.Tensor]:
     return None
 
 
+def _obs_of(gram: torch.Tensor, w: torch.Tensor, groups, s: Sublayer, layer: dict, ridge: float,
+            where: str) -> dict:
+    """The obs scores {name: [blocks, units]} of those ``groups`` that end in sublayer ``s``'s
+    output projection ``w`` [K, D] (float64), from the Gram ``gram`` [K, K] of its dense inner
+    activations (see ``obs_scores``)."""
+    _finite(gram, where, "the obs scores")
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    hinv = _spd_inverse(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
+    out = {}
+    for g in groups:
+        rows = _unit_rows(g, s, layer)
+        if rows is None:
+            continue
+        sub_inv = hinv[rows[..., :, None], rows[..., None, :]]  # [B, U, r, r]
+        ws = w[rows]                                             # [B, U, r, D]
+        sol = torch.linalg.solve(sub_inv, ws)
+        out[g.name] = (ws * sol).sum((-1, -2))                   # [B, U]
+    return out
+
+
 def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
                ridge: float = 1e-2, on_layer: Optional[Callable[[int, int], None]] = None) -> dict:
     """Compensation-aware scores: for each group that ends in an output projection (vo, mlp), the
@@ -238,20 +274,106 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
                     h = s.inner(d, xd[j], cfg)
                     gram += _gram(h.reshape(-1, w.shape[0]))
                     xd[j] = xd[j] + s.apply(d, h)  # one residual stream per batch, replaced in place
-                _finite(gram, f"layers.{i}.{s.name}", "the obs scores")
-                lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-                hinv = _spd_inverse(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64))
-                for g in by_layer.get(i, []):
-                    rows = _unit_rows(g, s, d)
-                    if rows is None:
-                        continue
-                    sub_inv = hinv[rows[..., :, None], rows[..., None, :]]  # [B, U, r, r]
-                    ws = w[rows]                                             # [B, U, r, D]
-                    sol = torch.linalg.solve(sub_inv, ws)
-                    out[g.name] = (ws * sol).sum((-1, -2))                   # [B, U]
+                out.update(_obs_of(gram, w, by_layer.get(i, []), s, d, ridge, f"layers.{i}.{s.name}"))
             if on_layer is not None:
                 on_layer(i, len(dense["layers"]))
     return out
 
 
-__all__ = ["reconstruct", "ridge_solve", "obs_scores", "TARGETS"]
+class ObsRefit(NamedTuple):
+    """What ``obs_refit`` returns."""
+
+    params: dict             # the pruned model, its output projections refit
+    pruned: Optional[dict]   # the same before the refit (``keep_pruned=True``), else None
+    keep: dict               # {group: kept units [blocks, k]}: the obs scores' for vo/mlp
+    obs: dict                # {group: obs scores [blocks, units]} of the groups ending in an output
+
+
+def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Tensor], keep: dict, *,
+              ridge: float = 1e-2, obs_ridge: Optional[float] = None, target: str = "residual",
+              bias: bool = True, keep_pruned: bool = False, cache_inner: bool = True,
+              on_layer: Optional[Callable[[int, int], None]] = None) -> ObsRefit:
+    """``obs_scores`` on ``source``, the choice of units, ``slice_units`` and ``reconstruct`` to
+    ``dense`` in ONE pass over the layers and batches: layer i's groups are chosen and sliced as
+    soon as its obs scores are known (the scores of layer i read only the source's stream up to
+    layer i), and its sublayers are refit at once. When ``source is dense`` (one round, or the
+    first) the source's residual stream IS the refit's dense target stream, so the dense model
+    runs once instead of twice; the result equals the separate calls::
+
+        obs = obs_scores(source, cfg, groups, batches, ridge=obs_ridge)
+        keep = {**keep, **{g: keep_top(obs[g], keep[g].shape[1]) for g in obs}}
+        params = reconstruct(slice_units(source, groups, keep), dense, cfg, batches, ridge=ridge)
+
+    ``keep``: every group's kept units as chosen without the obs scores; for the groups the obs
+    scores rank (vo, mlp) only their number per block is used. ``obs_ridge``: the obs scores'
+    ridge (None: ``ridge``). ``keep_pruned``: also return the sliced model before the refit (it
+    shares every leaf with the result except the refit output projections). Inputs untouched.
+    """
+    obs_ridge = ridge if obs_ridge is None else obs_ridge
+    for name, value in (("ridge", ridge), ("obs_ridge", obs_ridge)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be a number > 0 (relative to the Gram's mean diagonal), got {value!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    batches = _check(source, dense, cfg, batches)
+    _check_keep(groups, keep, validate(source, groups))
+    fam = family_of(cfg)
+    subs, embed = fam.sublayers, _embedder(fam)
+    by_layer = {}
+    for g in groups:
+        by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
+    keep, scores = dict(keep), {}
+    layers, before = list(source["layers"]), []
+    with torch.no_grad():
+        xs = [embed(source, b, cfg) for b in batches]           # the source's stream: obs Grams
+        xd = xs if source is dense else [embed(dense, b, cfg) for b in batches]  # the refit's target
+        xp = list(xs)                                           # the pruned model's stream
+        for i, (src, d) in enumerate(zip(source["layers"], dense["layers"])):
+            mine = by_layer.get(i, [])
+            # the sublayer whose output projection each group ends in (None: not ranked by obs)
+            ends = {g.name: next((k for k, s in enumerate(subs) if _unit_rows(g, s, src) is not None), None)
+                    for g in mine}
+            p, sliced = dict(src), set()
+            for k, s in enumerate(subs):
+                where = f"layers.{i}.{s.name}"
+                ranked = [g for g in mine if ends[g.name] == k]
+                w = s.weight(src).double()
+                gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64) if ranked else None
+                for j in range(len(xs)):
+                    h = s.inner(src, xs[j], cfg)
+                    if ranked:
+                        gram += _gram(h.reshape(-1, w.shape[0]))
+                    xs[j] = xs[j] + s.apply(src, h)
+                if xd is not xs:
+                    for j in range(len(xd)):
+                        xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))
+                if ranked:
+                    got = _obs_of(gram, w, ranked, s, src, obs_ridge, where)
+                    scores.update(got)
+                    keep.update({n: keep_top(v, keep[n].shape[1]) for n, v in got.items()})
+                ready = [g for g in mine if g.name not in sliced and (ends[g.name] is None or ends[g.name] <= k)]
+                if ready:  # their kept units are final: slice them out of this layer
+                    layers[i] = p
+                    p = dict(slice_units({**source, "layers": tuple(layers)}, ready, keep)["layers"][i])
+                    sliced.update(g.name for g in ready)
+                if keep_pruned:
+                    before.append((i, s, p[s.out], p[s.bias] if s.bias is not None else None))
+                _refit_sublayer(p, d, s, cfg, xp, xd, where, ridge=ridge, target=target, bias=bias,
+                                donate=not keep_pruned, cache_inner=cache_inner, move_dense=False,
+                                intact=(src,))
+            layers[i] = p
+            if on_layer is not None:
+                on_layer(i, len(layers))
+    params = {**source, "layers": tuple(layers)}
+    pruned = None
+    if keep_pruned:
+        old = [dict(p) for p in layers]
+        for i, s, w, b in before:
+            old[i][s.out] = w
+            if b is not None:
+                old[i][s.bias] = b
+        pruned = {**source, "layers": tuple(old)}
+    return ObsRefit(params, pruned, keep, scores)
+
+
+__all__ = ["reconstruct", "ridge_solve", "obs_scores", "obs_refit", "ObsRefit", "TARGETS"]

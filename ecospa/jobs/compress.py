@@ -48,7 +48,7 @@ from ecospa.jobs.phases import Phases
 from ecospa.jobs.export import (GGUF_LAYOUTS, export, source_general_info, source_special_tokens,
                                 source_tokenizer_info)
 from ecospa.prune import slice_units
-from ecospa.func.reconstruct import obs_scores, reconstruct
+from ecospa.func.reconstruct import obs_refit, obs_scores, reconstruct
 from ecospa.schedule import dense_sizes, round_target, warmup_cosine
 from ecospa.select import check_target, keep_top, select
 from ecospa.train.step import lm_loss, make_step
@@ -390,18 +390,32 @@ def _compress(job: Job, loaded) -> dict:
             scores = fisher(ce, params, groups, calib, estimator=est, on_batch=_ticks(bar),
                             micro_batch=None if by_layer else job.micro_batch, grad_fn=by_layer)
             bar.close()
-        obs = None
-        if job.rank_by == "obs":
+        obs, fused = None, job.rank_by == "obs" and job.reconstruct
+        if fused:  # one pass: the obs scores, the choice, the slicing and the refit (obs_refit)
+            t0 = time.perf_counter()
+            with ph("obs scores + refit"):
+                bar = _phase(job, cfg.n_layers, "obs scores + refit", "layer")
+                fit = obs_refit(params, dense, cfg, groups, refit, _keep(job, r, params, sizes, groups, scores, None),
+                                 ridge=job.ridge, obs_ridge=job.obs_ridge, target=job.recon_target,
+                                 keep_pruned=True, cache_inner=False, on_layer=_ticks(bar))
+                bar.close()
+            seconds = time.perf_counter() - t0
+            with ph("eval pruned"):  # the model before the refit, then dropped
+                row = {"ppl_pruned": perplexity(forward, fit.pruned, cfg, val_ids, **ev), "reconstruct_seconds": seconds}
+            params = fit.params
+            del fit
+        elif job.rank_by == "obs":
             with ph("obs scores"):
                 bar = _phase(job, cfg.n_layers, "obs scores", "layer")
                 obs = obs_scores(params, cfg, groups, refit, on_layer=_ticks(bar),
                                  ridge=job.ridge if job.obs_ridge is None else job.obs_ridge)
                 bar.close()
-        with ph("prune"):
-            params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
-        with ph("eval pruned"):
-            row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
-        if job.reconstruct:
+        if not fused:
+            with ph("prune"):
+                params = slice_units(params, groups, _keep(job, r, params, sizes, groups, scores, obs))
+            with ph("eval pruned"):
+                row = {"ppl_pruned": perplexity(forward, params, cfg, val_ids, **ev)}
+        if job.reconstruct and not fused:
             t0 = time.perf_counter()
             with ph("refit"):
                 bar = _phase(job, cfg.n_layers, "refit", "layer")
