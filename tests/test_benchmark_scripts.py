@@ -141,3 +141,20 @@ def test_compress_memory_quick_mode_measures_every_phase(tmp_path):
         assert {"load", "calibrate", "refit", "recover", "eval held-out"} <= set(names)
         assert r["peak_over_fp32"] > 0 and r["dense_bytes"] > 0 and r["peak_rss_mb_job"] > 0
         assert r["command"].startswith("ecospa compress --model llama-tiny --budget 0.5")
+
+
+def test_obs_refit_quick_times_both_paths_and_finds_them_equal(tmp_path):
+    """benchmarks/obs_refit.py --quick: both paths timed ``--reps`` times, the ratio to the
+    separate path from the medians, and the two refit models equal; never the committed file."""
+    bench = _module("obs_refit")
+    out = tmp_path / "o.json"
+    before = _digests()
+    bench.main(["--quick", "--batches", "2", "--reps", "2", "--out", str(out)])
+    assert _digests() == before
+    import json
+    res = json.loads(out.read_text())
+    sep, fused = res["table"]
+    assert [len(r["times_s"].split()) for r in (sep, fused)] == [2, 2]
+    assert sep["ratio"] == 1.0 and fused["ratio"] == pytest.approx(fused["median_s"] / sep["median_s"], abs=0.01)
+    assert res["max_abs_diff"] == 0.0
+    assert res["conditions"]["batches"] == 2 and res["conditions"]["shape"] == "tiny"
