@@ -37,5 +37,16 @@ def test_rows_from_checkpoints_and_their_section(tiny_gguf, tmp_path):
 
 
 def test_a_directory_without_a_compress_summary_is_refused(tmp_path):
-    with pytest.raises((SystemExit, FileNotFoundError, ValueError)):
-        _module("job_rows").row_of(str(tmp_path / "nothing"), "x", "y")
+    """A checkpoint that no compress job wrote (here: one saved with another extra) is refused by
+    name; a missing directory says so; the results file is not touched in either case."""
+    from ecospa.func import llama
+    from ecospa.io import checkpoint
+    rows = _module("job_rows")
+    cfg = llama.Config(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8, max_seq_len=8)
+    checkpoint.save(str(tmp_path / "plain"), llama.init(cfg, seed=0), cfg, extra={"tokenizer": "bytes"})
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match=r"plain: no compress summary in its manifest \(is it an `ecospa compress --out`\?\)"):
+        rows.main([str(tmp_path / "plain"), "--out", str(out), "--label", "x", "--command", "y"])
+    with pytest.raises(FileNotFoundError, match="nothing: no checkpoint directory here"):
+        rows.row_of(str(tmp_path / "nothing"), "x", "y")
+    assert not out.exists()

@@ -191,6 +191,11 @@ def test_calib_text_batches_are_the_dense_models_own_text_each_batch_its_own(tin
     assert kw["temperature"] == 1.0 and n == job.seq_len and prompt.shape == (5 * k, 1)
     assert all(_in(t, train) for t in prompt)
     assert not any(_in(row, train) for row in pool)
+    # the seeds are the job's own, distinct from --teacher-rows' text (seed + 0, its starts + 3):
+    # the calibration text is not the recovery's teacher text and changes with --seed
+    ids = encode(tok, corpus("pydoc", "train"))
+    assert kw["seed"] == job.seed + 7
+    assert torch.equal(prompt, job_mod.batch_at(ids, 0, 5 * k, 1, job.seed + 10)[:, :1])
     got = _flat(spied)
     assert len(got["fisher"]) == 2 and len(got["refit"]) == 3 and len(got["obs"]) == 3
     for slot, batch in enumerate(got["fisher"] + got["refit"]):
