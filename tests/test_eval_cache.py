@@ -107,12 +107,16 @@ def test_the_key_changes_with_the_tokens_the_settings_and_the_version(monkeypatc
               eval_cache.entry_key("m", ids.flip(0), s), eval_cache.entry_key("m", ids.to(torch.int32), s)]
     others += [eval_cache.entry_key("m", ids, dict(s, **{f: v})) for f, v in
                (("seq_len", 9), ("batch_size", 2), ("max_windows", None), ("chunked_loss", False))]
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")  # another torch: other kernels
+    others.append(eval_cache.entry_key("m", ids, s))
+    monkeypatch.undo()
     monkeypatch.setattr(eval_cache, "CACHE_VERSION", eval_cache.CACHE_VERSION + 1)
     others.append(eval_cache.entry_key("m", ids, s))
     assert len(set(others)) == len(others) and k not in others
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"key": "KEY", "ppl": -1.0}),
+                                     json.dumps({"key": "KEY", "ppl": 0.0}),
                                      json.dumps({"key": "KEY", "ppl": float("nan")}),
                                      json.dumps({"key": "KEY", "ppl": "12"}), json.dumps({"key": "KEY", "ppl": True}),
                                      json.dumps({"key": "other", "ppl": 12.0}), json.dumps({"ppl": 12.0}),
