@@ -206,6 +206,52 @@ def test_calib_text_batches_are_the_dense_models_own_text_each_batch_its_own(tin
     assert all(_in(row, train) for b in got["recover"] for row in b)
 
 
+def test_calib_batch_takes_its_own_slot_of_the_pool_and_train_windows_for_the_rest():
+    """``calib_batch``: an odd batch with ``mix`` takes batch_size // 2 pool rows (1 of 3); the
+    TRAIN rows are exactly ``batch_at(ids, index, rest, seq_len, seed)``; slot s takes pool rows
+    s*k.. (cycled when the pool is shorter)."""
+    ids = torch.arange(1000)
+    pool = torch.arange(3 * 9).reshape(3, 9) + 10_000
+    mix = Job("x", budget=0.3, batch_size=3, seq_len=8, calib_text="mix", progress=False)
+    assert [job_mod.calib_rows(Job("x", budget=0.3, batch_size=b, calib_text=t, progress=False))
+            for b, t in ((3, "mix"), (4, "mix"), (3, "teacher"), (3, "train"))] == [1, 2, 3, 0]
+    for slot in range(5):
+        b = job_mod.calib_batch(ids, pool, mix, 40 + slot, slot, seed=5)
+        assert torch.equal(b[:2], job_mod.batch_at(ids, 40 + slot, 2, 8, 5))
+        assert torch.equal(b[2:], pool[[slot % 3]])
+    whole = Job("x", budget=0.3, batch_size=2, seq_len=8, calib_text="teacher", progress=False)
+    assert torch.equal(job_mod.calib_batch(ids, pool, whole, 0, 1, seed=5), pool[[2, 0]])
+    train = Job("x", budget=0.3, batch_size=2, seq_len=8, progress=False)
+    assert torch.equal(job_mod.calib_batch(ids, None, train, 7, 1, seed=5), job_mod.batch_at(ids, 7, 2, 8, 5))
+
+
+def test_sampled_text_comes_in_chunks_each_with_its_own_seed(monkeypatch):
+    """More sequences than ``GEN_BATCH``: generated GEN_BATCH at a time, chunk i with seed + i,
+    every sequence kept, each from its own TRAIN start token (drawn with seed + 3)."""
+    from ecospa.func import llama
+    cfg = llama.Config(vocab_size=32, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8, max_seq_len=16)
+    params = llama.init(cfg, seed=0)
+    ids = torch.arange(500) % 32
+    calls, real = [], job_mod.generate
+    monkeypatch.setattr(job_mod, "generate", lambda p, c, prompt, n, **kw: (calls.append((prompt, kw["seed"])),
+                                                                           real(p, c, prompt, n, **kw))[1])
+    n = job_mod.GEN_BATCH + 4
+    out = job_mod.sampled_text(params, cfg, ids, n, 5, seed=11)
+    assert out.shape == (n, 6)
+    starts = job_mod.batch_at(ids, 0, n, 1, 14)[:, :1]
+    assert [(p.shape[0], seed) for p, seed in calls] == [(job_mod.GEN_BATCH, 11), (4, 11 + job_mod.GEN_BATCH)]
+    assert torch.equal(torch.cat([p for p, _ in calls]), starts) and torch.equal(out[:, :1], starts)
+
+
+def test_calib_text_pool_has_only_the_rows_its_batches_take(tiny_gguf, made):
+    """Without the refit and the obs scores (no refit batches) the pool holds the calibration
+    batches' rows only."""
+    compress(Job(str(tiny_gguf), budget=0.3, calib_text="teacher", rank_by="estimator", reconstruct=False,
+                 **dict(FAST, steps=0, calib_batches=2)))
+    (_, prompt, *_), = made
+    assert prompt.shape == (2 * FAST["batch_size"], 1)
+
+
 def test_calib_text_train_samples_nothing(tiny_gguf, monkeypatch):
     monkeypatch.setattr(job_mod, "generate", lambda *a, **k: pytest.fail("sampled text for --calib-text train"))
     compress(Job(str(tiny_gguf), budget=0.3, **dict(FAST, steps=0)))
