@@ -323,7 +323,7 @@ def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Te
     for g in groups:
         by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
     keep, scores = dict(keep), {}
-    layers, before = list(source["layers"]), []
+    layers = list(source["layers"])
     with torch.no_grad():
         xs = [embed(source, b, cfg) for b in batches]           # the source's stream: obs Grams
         xd = xs if source is dense else [embed(dense, b, cfg) for b in batches]  # the refit's target
@@ -356,24 +356,25 @@ def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Te
                     layers[i] = p
                     p = dict(slice_units({**source, "layers": tuple(layers)}, ready, keep)["layers"][i])
                     sliced.update(g.name for g in ready)
-                if keep_pruned:
-                    before.append((i, s, p[s.out], p[s.bias] if s.bias is not None else None))
                 _refit_sublayer(p, d, s, cfg, xp, xd, where, ridge=ridge, target=target, bias=bias,
-                                donate=not keep_pruned, cache_inner=cache_inner, move_dense=False,
-                                intact=(src,))
+                                donate=True, cache_inner=cache_inner, move_dense=False, intact=(src,))
             layers[i] = p
             if on_layer is not None:
                 on_layer(i, len(layers))
+    del xs, xd, xp  # the residual streams: gone before the model before the refit is built
     params = {**source, "layers": tuple(layers)}
-    pruned = None
-    if keep_pruned:
-        old = [dict(p) for p in layers]
-        for i, s, w, b in before:
-            old[i][s.out] = w
-            if b is not None:
-                old[i][s.bias] = b
-        pruned = {**source, "layers": tuple(old)}
-    return ObsRefit(params, pruned, keep, scores)
+    return ObsRefit(params, _before_refit(params, source, cfg, by_layer, keep) if keep_pruned else None, keep, scores)
+
+
+def _before_refit(params: dict, source: dict, cfg, by_layer: dict, keep: dict) -> dict:
+    """``params`` with each refit output projection (and bias) as it was before the refit: sliced
+    out of ``source`` again, one layer at a time (only those leaves are new memory)."""
+    subs, old = family_of(cfg).sublayers, []
+    for i, p in enumerate(params["layers"]):
+        mine = by_layer.get(i, [])
+        sliced = slice_units(source, mine, keep)["layers"][i] if mine else source["layers"][i]
+        old.append({**p, **{leaf: sliced[leaf] for s in subs for leaf in (s.out, s.bias) if leaf is not None}})
+    return {**params, "layers": tuple(old)}
 
 
 __all__ = ["reconstruct", "ridge_solve", "obs_scores", "obs_refit", "ObsRefit", "TARGETS"]
