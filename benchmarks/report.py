@@ -402,6 +402,14 @@ def export_table(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def obs_refit_table(res: dict) -> str:
+    """benchmarks/obs_refit.py: the two paths' medians and ratio, and whether they agree."""
+    c = res["conditions"]
+    return (generic_table(res) + f"\n\nShape {c['shape']}, {c['batches']} refit batches of {c['rows']} x {c['seq']} "
+            f"tokens, {c['reps']} alternating repetitions, load average {c['load_avg_start']:.2f} -> "
+            f"{c['load_avg_end']:.2f}; largest difference between the two refit models: {res['max_abs_diff']:.3g}.")
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pat.search(text):
@@ -446,7 +454,8 @@ def main(argv=None) -> None:
         text = replace_section(text, "split", split_section(res, dedup))
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table),
-                               ("compress_levers28.json", "levers28", levers28_section)]:
+                               ("compress_levers28.json", "levers28", levers28_section),
+                               ("obs_refit.json", "obs-refit", obs_refit_table)]:
         got = _load(fname)
         if got:
             text = replace_section(text, section, fn(got))

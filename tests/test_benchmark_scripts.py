@@ -158,3 +158,15 @@ def test_obs_refit_quick_times_both_paths_and_finds_them_equal(tmp_path):
     assert sep["ratio"] == 1.0 and fused["ratio"] == pytest.approx(fused["median_s"] / sep["median_s"], abs=0.01)
     assert res["max_abs_diff"] == 0.0
     assert res["conditions"]["batches"] == 2 and res["conditions"]["shape"] == "tiny"
+
+
+def test_report_renders_the_obs_refit_results():
+    res = {"conditions": {"device": "cpu", "shape": "s", "batches": 8, "rows": 4, "seq": 256, "reps": 3,
+                          "load_avg_start": 0.5, "load_avg_end": 1.25},
+           "table": [{"path": "separate", "median_s": 100.0, "times_s": "100.0 101.0 99.0", "ratio": 1.0},
+                     {"path": "one pass", "median_s": 66.5, "times_s": "66.0 66.5 67.0", "ratio": 0.665}],
+           "max_abs_diff": 0.0}
+    text = _module("report").obs_refit_table(res)
+    assert "| one pass | 66.5 | 66.0 66.5 67.0 | 0.665 |" in text
+    assert "8 refit batches of 4 x 256 tokens, 3 alternating repetitions, load average 0.50 -> 1.25" in text
+    assert text.endswith("largest difference between the two refit models: 0.")
