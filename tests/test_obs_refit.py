@@ -4,6 +4,7 @@ separate calls it replaces."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -161,3 +162,63 @@ def test_an_output_projection_no_group_slices_is_refit_into_a_new_tensor():
     _same_tree(got.params, want)
     _same_tree(source, before)
     assert not torch.equal(got.params["layers"][0]["w_out"], source["layers"][0]["w_out"])  # it was refit
+
+
+@pytest.mark.parametrize("second_round", [False, True])
+def test_released_layers_are_freed_as_the_pass_goes_and_the_result_is_the_same(second_round):
+    """``release=True``: the handed-over trees' layer lists are emptied as the pass goes; dense
+    layer i is garbage by the time layer i + 1 is done (weak references), and the results (the
+    refit model, the model before the refit, the kept units) equal the pass that keeps its inputs."""
+    import gc
+    import weakref
+    from ecospa.func import llama
+    cfg = llama.Config(vocab_size=13, dim=8, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=12, max_seq_len=8)
+    dense, groups, keep, calib = _setup(llama, cfg, 4)
+    source = dense
+    if second_round:  # a pruned source and the dense target: both handed over, both emptied
+        source = reconstruct(slice_units(dense, groups, keep), dense, cfg, calib, ridge=0.1)
+        keep = select(source, groups, random_scores(source, groups, 8), sparsity=0.3)
+    want = obs_refit(source, dense, cfg, groups, calib, keep, ridge=0.1, obs_ridge=0.03, keep_pruned=True)
+    handed_dense = {**copy.deepcopy(dense), "layers": list(copy.deepcopy(dense["layers"]))}
+    handed = handed_dense if not second_round else {**source, "layers": list(copy.deepcopy(source["layers"]))}
+    refs = [weakref.ref(p["w_up"]) for p in handed_dense["layers"]]
+    alive = []
+
+    def on_layer(i, n):
+        gc.collect()
+        alive.append([r() is not None for r in refs])
+
+    got = obs_refit(handed, handed_dense, cfg, groups, calib, keep, ridge=0.1, obs_ridge=0.03, keep_pruned=True,
+                    release=True, on_layer=on_layer)
+    assert handed["layers"] == [None] * 3 and handed_dense["layers"] == [None] * 3
+    # when layer i is done, dense layers <= i are gone
+    assert alive == [[False, True, True], [False, False, True], [False, False, False]]
+    assert all(torch.equal(got.keep[n], want.keep[n]) for n in want.keep)
+    _same_tree(got.params, want.params)
+    _same_tree(got.pruned, want.pruned)
+    with pytest.raises(ValueError, match=r"hand them over as lists, e.g. \{\*\*tree, 'layers': list\(tree\['layers'\]\)\}"):
+        obs_refit(dense, dense, cfg, groups, calib, keep, release=True)
+
+
+@pytest.mark.parametrize("steps, distill, rounds, released", [(0, True, 1, [True]), (2, True, 1, [False]),
+                                                              (2, False, 1, [True]), (2, False, 2, [False, True])])
+def test_the_job_hands_the_dense_model_over_only_when_nothing_reads_it_after(monkeypatch, steps, distill, rounds,
+                                                                             released):
+    """``ecospa compress`` releases the dense layers in the pass only in the last round and without
+    a distillation teacher for recovery; a model the caller passed (``loaded=``) is untouched."""
+    import ecospa.jobs.compress as job_mod
+    from ecospa.func import llama
+    from ecospa.io.data import ByteTokenizer
+    from ecospa.jobs.compress import Job, compress
+    seen, real = [], job_mod.obs_refit
+    monkeypatch.setattr(job_mod, "obs_refit", lambda *a, **k: (seen.append(k["release"]), real(*a, **k))[1])
+    cfg = llama.Config(vocab_size=256, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=32)
+    dense = llama.init(cfg, seed=0)
+    before = copy.deepcopy(dense)
+    s = compress(Job("tiny", budget=0.4, steps=steps, distill=distill, rounds=rounds, batch_size=2, seq_len=16,
+                     calib_batches=1, recon_batches=2, eval_seq_len=16, eval_windows=2, eval_extra=(), progress=False),
+                 loaded=(cfg, dense, ByteTokenizer()))
+    assert seen == released
+    assert isinstance(dense["layers"], tuple) and len(dense["layers"]) == 2
+    _same_tree(dense, before)
+    assert math.isfinite(s["ppl_reconstructed"]) and s["ppl_reconstructed"] != s["ppl_pruned"]  # refit ran

@@ -291,7 +291,7 @@ class ObsRefit(NamedTuple):
 
 def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Tensor], keep: dict, *,
               ridge: float = 1e-2, obs_ridge: Optional[float] = None, target: str = "residual",
-              bias: bool = True, keep_pruned: bool = False, cache_inner: bool = True,
+              bias: bool = True, keep_pruned: bool = False, cache_inner: bool = True, release: bool = False,
               on_layer: Optional[Callable[[int, int], None]] = None) -> ObsRefit:
     """``obs_scores`` on ``source``, the choice of units, ``slice_units`` and ``reconstruct`` to
     ``dense`` in ONE pass over the layers and batches: layer i's groups are chosen and sliced as
@@ -307,7 +307,11 @@ def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Te
     ``keep``: every group's kept units as chosen without the obs scores; for the groups the obs
     scores rank (vo, mlp) only their number per block is used. ``obs_ridge``: the obs scores'
     ridge (None: ``ridge``). ``keep_pruned``: also return the sliced model before the refit (it
-    shares every leaf with the result except the refit output projections). Inputs untouched.
+    shares every leaf with the result except the refit output projections). Inputs untouched,
+    unless ``release=True``: the caller hands the two trees over, their ``"layers"`` given as
+    LISTS, and each layer's entry is set to None once the pass is past it, so a dense layer is freed
+    as soon as its pruned layer exists (the peak holds about one model, not the dense and the pruned
+    one; the caller must hold no other reference to the layers and must not read the trees after).
     """
     obs_ridge = ridge if obs_ridge is None else obs_ridge
     for name, value in (("ridge", ridge), ("obs_ridge", obs_ridge)):
@@ -315,55 +319,87 @@ def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Te
             raise ValueError(f"{name} must be a number > 0 (relative to the Gram's mean diagonal), got {value!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if release and not (isinstance(source["layers"], list) and isinstance(dense["layers"], list)):
+        raise ValueError("release=True empties the trees' layers as the pass goes: hand them over as lists, "
+                         "e.g. {**tree, 'layers': list(tree['layers'])}")
     batches = _check(source, dense, cfg, batches)
     _check_keep(groups, keep, validate(source, groups))
     fam = family_of(cfg)
-    subs, embed = fam.sublayers, _embedder(fam)
+    embed = _embedder(fam)
     by_layer = {}
     for g in groups:
         by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
     keep, scores = dict(keep), {}
-    layers = list(source["layers"])
+    layers, before = list(source["layers"]), {}  # before: (layer, leaf) -> the leaf before the refit
     with torch.no_grad():
         xs = [embed(source, b, cfg) for b in batches]           # the source's stream: obs Grams
         xd = xs if source is dense else [embed(dense, b, cfg) for b in batches]  # the refit's target
         xp = list(xs)                                           # the pruned model's stream
-        for i, (src, d) in enumerate(zip(source["layers"], dense["layers"])):
-            mine = by_layer.get(i, [])
-            # the sublayer whose output projection each group ends in (None: not ranked by obs)
-            ends = {g.name: next((k for k, s in enumerate(subs) if _unit_rows(g, s, src) is not None), None)
-                    for g in mine}
-            p, sliced = dict(src), set()
-            for k, s in enumerate(subs):
-                where = f"layers.{i}.{s.name}"
-                ranked = [g for g in mine if ends[g.name] == k]
-                w = s.weight(src).double()
-                gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64) if ranked else None
-                for j in range(len(xs)):
-                    h = s.inner(src, xs[j], cfg)
-                    if ranked:
-                        gram += _gram(h.reshape(-1, w.shape[0]))
-                    xs[j] = xs[j] + s.apply(src, h)
-                if xd is not xs:
-                    for j in range(len(xd)):
-                        xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))
-                if ranked:
-                    got = _obs_of(gram, w, ranked, s, src, obs_ridge, where)
-                    scores.update(got)
-                    keep.update({n: keep_top(v, keep[n].shape[1]) for n, v in got.items()})
-                ready = [g for g in mine if g.name not in sliced and (ends[g.name] is None or ends[g.name] <= k)]
-                if ready:  # their kept units are final: slice them out of this layer
-                    layers[i] = p
-                    p = dict(slice_units({**source, "layers": tuple(layers)}, ready, keep)["layers"][i])
-                    sliced.update(g.name for g in ready)
-                _refit_sublayer(p, d, s, cfg, xp, xd, where, ridge=ridge, target=target, bias=bias,
-                                donate=True, cache_inner=cache_inner, move_dense=False, intact=(src,))
-            layers[i] = p
+        for i in range(len(layers)):
+            # one layer in its own frame: nothing of the source's or dense layer i outlives it
+            layers[i] = _obs_refit_layer(i, source, dense, layers, cfg, by_layer.get(i, []), keep, scores, before,
+                                         (xs, xd, xp), ridge=ridge, obs_ridge=obs_ridge, target=target, bias=bias,
+                                         cache_inner=cache_inner, keep_pruned=keep_pruned, release=release)
+            if release:
+                source["layers"][i] = dense["layers"][i] = None
             if on_layer is not None:
                 on_layer(i, len(layers))
     del xs, xd, xp  # the residual streams: gone before the model before the refit is built
     params = {**source, "layers": tuple(layers)}
-    return ObsRefit(params, _before_refit(params, source, cfg, by_layer, keep) if keep_pruned else None, keep, scores)
+    pruned = None
+    if keep_pruned and release:
+        pruned = {**params, "layers": tuple({**p, **{leaf: w for (j, leaf), w in before.items() if j == i}}
+                                            for i, p in enumerate(layers))}
+    elif keep_pruned:
+        pruned = _before_refit(params, source, cfg, by_layer, keep)
+    return ObsRefit(params, pruned, keep, scores)
+
+
+def _obs_refit_layer(i: int, source: dict, dense: dict, layers: list, cfg, mine: list, keep: dict, scores: dict,
+                     before: dict, streams: tuple, *, ridge: float, obs_ridge: float, target: str, bias: bool,
+                     cache_inner: bool, keep_pruned: bool, release: bool) -> dict:
+    """Layer i of ``obs_refit``: its obs scores (into ``scores``), its groups' kept units (into
+    ``keep``), sliced, its sublayers refit; the streams moved past it. Returns the refit layer."""
+    xs, xd, xp = streams
+    src, d, subs = source["layers"][i], dense["layers"][i], family_of(cfg).sublayers
+    # the sublayer whose output projection each group ends in (None: not ranked by obs)
+    ends = {g.name: _first_end(g, subs, src) for g in mine}
+    p, sliced = dict(src), set()
+    for k, s in enumerate(subs):
+        where = f"layers.{i}.{s.name}"
+        ranked = [g for g in mine if ends[g.name] == k]
+        w = s.weight(src).double()
+        gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64) if ranked else None
+        for j in range(len(xs)):
+            h = s.inner(src, xs[j], cfg)
+            if ranked:
+                gram += _gram(h.reshape(-1, w.shape[0]))
+            xs[j] = xs[j] + s.apply(src, h)
+        if xd is not xs:
+            for j in range(len(xd)):
+                xd[j] = xd[j] + s.apply(d, s.inner(d, xd[j], cfg))
+        if ranked:
+            got = _obs_of(gram, w, ranked, s, src, obs_ridge, where)
+            scores.update(got)
+            keep.update({n: keep_top(v, keep[n].shape[1]) for n, v in got.items()})
+        ready = [g for g in mine if g.name not in sliced and (ends[g.name] is None or ends[g.name] <= k)]
+        if ready:  # their kept units are final: slice them out of this layer
+            layers[i] = p
+            p = dict(slice_units({**source, "layers": tuple(layers)}, ready, keep)["layers"][i])
+            sliced.update(g.name for g in ready)
+        if keep_pruned and release:  # the source's layer will be gone: keep a copy
+            before.update({(i, leaf): p[leaf].clone() for leaf in (s.out, s.bias) if leaf is not None})
+        _refit_sublayer(p, d, s, cfg, xp, xd, where, ridge=ridge, target=target, bias=bias,
+                        donate=True, cache_inner=cache_inner, move_dense=False, intact=(src,))
+    return p
+
+
+def _first_end(group, subs, layer: dict) -> Optional[int]:
+    """The index of the first sublayer whose output projection ``group`` has a member on, or None."""
+    for k, s in enumerate(subs):
+        if _unit_rows(group, s, layer) is not None:
+            return k
+    return None
 
 
 def _before_refit(params: dict, source: dict, cfg, by_layer: dict, keep: dict) -> dict:

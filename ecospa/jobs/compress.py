@@ -393,12 +393,22 @@ def _compress(job: Job, loaded) -> dict:
         obs, fused = None, job.rank_by == "obs" and job.reconstruct
         if fused:  # one pass: the obs scores, the choice, the slicing and the refit (obs_refit)
             t0 = time.perf_counter()
+            counts = _keep(job, r, params, sizes, groups, scores, None)
+            release = r == job.rounds and not keep_dense
+            if release:  # nothing reads the dense model (nor this round's source) after this pass: handed
+                # over, each dense layer freed once its pruned layer exists (the peak holds ~one model)
+                source = {**params, "layers": list(params["layers"])}
+                target = source if params is dense else {**dense, "layers": list(dense["layers"])}
+                params = dense = None
+            else:
+                source, target = params, dense
             with ph("obs scores + refit"):
                 bar = _phase(job, cfg.n_layers, "obs scores + refit", "layer")
-                fit = obs_refit(params, dense, cfg, groups, refit, _keep(job, r, params, sizes, groups, scores, None),
-                                 ridge=job.ridge, obs_ridge=job.obs_ridge, target=job.recon_target,
-                                 keep_pruned=True, cache_inner=False, on_layer=_ticks(bar))
+                fit = obs_refit(source, target, cfg, groups, refit, counts, ridge=job.ridge, obs_ridge=job.obs_ridge,
+                                target=job.recon_target, keep_pruned=True, cache_inner=False, release=release,
+                                on_layer=_ticks(bar))
                 bar.close()
+            del source, target
             seconds = time.perf_counter() - t0
             with ph("eval pruned"):  # the model before the refit, then dropped
                 row = {"ppl_pruned": perplexity(forward, fit.pruned, cfg, val_ids, **ev), "reconstruct_seconds": seconds}
