@@ -174,7 +174,11 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
             return grads, value
         _, vjp = torch.func.vjp(lambda top_p: fam.embed({**params, **top_p}, tokens, None, cfg), top)
         (gembed,) = vjp(g)
-        grads = {k: top_grads[k] + gembed[k] for k in top}
+        del vjp, g
+        # summed into the head's (fresh) gradient tensors: a tied embedding's [V, D] gradient is not
+        # allocated a third time at the step's peak
+        grads = {k: top_grads[k].add_(gembed[k]) for k in top}
+        del gembed
         grads["layers"] = type(layers)(got[i] for i in range(len(layers)))
         return grads, value
 
