@@ -178,6 +178,7 @@ def _refit_sublayer(p: dict, d: dict, s: Sublayer, cfg, xp: list, xd: list, wher
     _finite(cross, where)
     w0 = torch.cat([w, p[s.bias][None]]) if with_bias else w
     w_new = ridge_solve(gram, cross, w0, ridge).to(w.dtype)
+
     def own(leaf):
         return donate and not any(_shares(p[leaf], o[leaf]) for o in (d, *intact))
 

@@ -398,17 +398,17 @@ def _compress(job: Job, loaded) -> dict:
             if release:  # nothing reads the dense model (nor this round's source) after this pass: handed
                 # over, each dense layer freed once its pruned layer exists (the peak holds ~one model)
                 source = {**params, "layers": list(params["layers"])}
-                target = source if params is dense else {**dense, "layers": list(dense["layers"])}
+                reference = source if params is dense else {**dense, "layers": list(dense["layers"])}
                 params = dense = None
             else:
-                source, target = params, dense
+                source, reference = params, dense
             with ph("obs scores + refit"):
                 bar = _phase(job, cfg.n_layers, "obs scores + refit", "layer")
-                fit = obs_refit(source, target, cfg, groups, refit, counts, ridge=job.ridge, obs_ridge=job.obs_ridge,
+                fit = obs_refit(source, reference, cfg, groups, refit, counts, ridge=job.ridge, obs_ridge=job.obs_ridge,
                                 target=job.recon_target, keep_pruned=True, cache_inner=False, release=release,
                                 on_layer=_ticks(bar))
                 bar.close()
-            del source, target
+            del source, reference
             seconds = time.perf_counter() - t0
             with ph("eval pruned"):  # the model before the refit, then dropped
                 row = {"ppl_pruned": perplexity(forward, fit.pruned, cfg, val_ids, **ev), "reconstruct_seconds": seconds}
