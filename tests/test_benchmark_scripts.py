@@ -138,7 +138,7 @@ def test_compress_memory_quick_mode_measures_every_phase(tmp_path):
     assert [(r["model"], r["steps"]) for r in rows] == [("llama-tiny", 2)]
     for r in rows:
         names = [p["phase"] for p in r["phases"]]
-        assert {"load", "calibrate", "refit", "recover", "eval held-out"} <= set(names)
+        assert {"load", "calibrate", "obs scores + refit", "recover", "eval held-out"} <= set(names)
         assert r["peak_over_fp32"] > 0 and r["dense_bytes"] > 0 and r["peak_rss_mb_job"] > 0
         assert r["command"].startswith("ecospa compress --model llama-tiny --budget 0.5")
 
