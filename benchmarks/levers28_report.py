@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _x(v, dense):
-    return f"{v:.2f} ({v / dense:.2f}x)" if v is not None and dense else "–"
+    return f"{v:.2f} ({v / dense:.3f}x)" if v is not None and dense else "–"
 
 
 def levers28_section(res: dict) -> str:

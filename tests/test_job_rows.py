@@ -32,7 +32,7 @@ def test_rows_from_checkpoints_and_their_section(tiny_gguf, tmp_path):
     section = _module("levers28_report").levers28_section({"rows": [ra, rb]})
     std, dense_std = a["ppl_extra"]["stdlib"], a["ppl_dense_extra"]["stdlib"]
     assert f"| A | 2 | {a['rounds'][0]['ppl_reconstructed']:.2f} | 1: {a['curve'][0]['ppl']:.2f} / " in section
-    assert f"| {a['ppl_recovered']:.2f} | {std:.2f} ({std / dense_std:.2f}x) |" in section
+    assert f"| {a['ppl_recovered']:.2f} | {std:.2f} ({std / dense_std:.3f}x) |" in section
     assert "- B: `cmd b` (1 thread)" in section
 
 
