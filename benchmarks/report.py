@@ -465,7 +465,8 @@ def main(argv=None) -> None:
     _write(readme, text)
     front = os.path.join(ROOT, "README.md")
     summary = summary_lines(_load("speed_cpu.json"), _load("pretrain.json"), res, dedup,
-                            _load("generate.json"), _load("export_smollm2.json"), _load("pretrain_issue27.json"))
+                            _load("generate.json"), _load("export_smollm2.json"), _load("pretrain_issue27.json"),
+                            _load("compress_levers28.json"))
     _write(front, replace_section(open(front).read(), "summary", summary))
 
 

@@ -53,7 +53,50 @@ def _pretrain(res: Optional[dict], levers: Optional[dict] = None) -> Optional[st
             "directly here.")
 
 
-def _compress(res: Optional[dict], dedup: Optional[dict]) -> Optional[str]:
+# Job fields that do not change what a default job computes (where it writes, what it reports)
+NOT_SETTINGS = {"model", "out", "budget", "sparsity", "steps", "eval_at", "progress", "overwrite", "export_hf",
+                "export", "export_format", "eval_cache", "ppl_dense", "ppl_dense_extra"}
+
+
+# Job fields added later whose default reproduces what the job did before they existed: a row
+# recorded without one ran at its default. (Not so for a field whose default changed the job, such
+# as obs_ridge: a row without it is not at the current defaults.)
+ADDED_AS_BEFORE = ("calib_text",)
+
+
+def _at_defaults(levers: Optional[dict], steps: int = 80) -> list:
+    """(fraction removed, pydoc, stdlib, dense pydoc, dense stdlib) of each row of
+    results/compress_levers28.json run at the job's CURRENT defaults with a number at ``steps``
+    recovery steps (the end of an 80-step job, or the step-80 point of a longer one's curve)."""
+    import dataclasses
+    import json
+    from ecospa.jobs.compress_job import Job
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Job)
+                                      if f.name not in NOT_SETTINGS}))
+    got = {}
+    for r in (levers or {}).get("rows", []):
+        job = {**{k: defaults[k] for k in ADDED_AS_BEFORE}, **r.get("job", {})}
+        if job.get("budget") is None or any(job.get(k) != v for k, v in defaults.items()):
+            continue
+        if job.get("steps") == steps:
+            pydoc, stdlib = r["ppl_recovered"], r["ppl_extra"].get("stdlib")
+        else:
+            pt = [c for c in r.get("curve", []) if c["step"] == steps]
+            if not pt:
+                continue
+            pydoc, stdlib = pt[0]["ppl"], pt[0]["ppl_extra"].get("stdlib")
+        if stdlib is not None:
+            got[job["budget"]] = (job["budget"], pydoc, stdlib, r["ppl_dense"], r["ppl_dense_extra"]["stdlib"])
+    return [got[k] for k in sorted(got)]
+
+
+def _compress(res: Optional[dict], dedup: Optional[dict], levers: Optional[dict] = None) -> Optional[str]:
+    rows = _at_defaults(levers)
+    if rows:
+        parts = [f"{b:.0%} removed: pydoc val {dp:.2f} -> {p:.2f}, stdlib val {ds:.2f} -> {st:.2f} ({st / ds:.3f}x)"
+                 for b, p, st, dp, ds in rows]
+        return ("**Compression** (SmolLM2-135M, the job's current defaults, 80 recovery steps, deduplicated "
+                "split; results/compress_levers28.json): " + "; ".join(parts) + ".")
     src = dedup if dedup and dedup.get("recovery") else res
     rows = [r for r in (src or {}).get("recovery", []) if r.get("variant") == "job-default"]
     if not rows:
@@ -86,10 +129,12 @@ def _export(res: Optional[dict]) -> Optional[str]:
             f"ecospa's; parameters held by the runtime: {held}.")
 
 
-def summary_lines(speed, pretrain, compress, dedup, generate, export, levers=None) -> str:
+def summary_lines(speed, pretrain, compress, dedup, generate, export, levers=None, levers28=None) -> str:
     """Up to five lines, one per results file that exists (pre-training: the issue-27 levers'
-    file ``levers`` when given, else ``pretrain``)."""
-    lines = [f(*a) for f, a in ((_speed, (speed,)), (_pretrain, (pretrain, levers)), (_compress, (compress, dedup)),
+    file ``levers`` when given, else ``pretrain``; compression: the rows of ``levers28`` at the
+    job's current defaults when there are any, else ``dedup`` / ``compress``)."""
+    lines = [f(*a) for f, a in ((_speed, (speed,)), (_pretrain, (pretrain, levers)),
+                                (_compress, (compress, dedup, levers28)),
                                 (_decode, (generate,)), (_export, (export,)))]
     return "\n".join(f"- {x}" for x in lines if x) + "\n"
 

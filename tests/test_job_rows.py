@@ -50,3 +50,31 @@ def test_a_directory_without_a_compress_summary_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing: no checkpoint directory here"):
         rows.row_of(str(tmp_path / "nothing"), "x", "y")
     assert not out.exists()
+
+
+def test_the_readme_summary_reads_only_rows_at_the_current_defaults():
+    """The README's compression line: rows of compress_levers28.json whose job is at today's
+    defaults (a row without a later, behaviour-keeping field such as calib_text counts), at 80
+    steps: an 80-step job's end or a longer job's step-80 point; never a row with a lever set, a row
+    whose job lacks a field that changed the job (obs_ridge), or another step's number."""
+    import dataclasses
+    summary = _module("summary_report")
+    base = json.loads(json.dumps(dataclasses.asdict(Job("m", budget=0.5, progress=False))))
+
+    def row(budget, end, stdlib, steps=80, curve=(), **job):
+        j = dict(base, budget=budget, steps=steps, **job)
+        return {"job": {k: v for k, v in j.items() if v != "DROP"}, "ppl_recovered": end,
+                "ppl_extra": {"stdlib": stdlib}, "ppl_dense": 10.0, "ppl_dense_extra": {"stdlib": 8.0},
+                "curve": list(curve)}
+
+    rows = [row(0.5, 99.0, 99.0, distill_weight=1.0),                     # a lever: not the defaults
+            row(0.25, 11.0, 10.0, calib_text="DROP"),                     # recorded before calib_text
+            row(0.5, 14.0, 16.0, steps=160, curve=[{"step": 40, "ppl": 20.0, "ppl_extra": {"stdlib": 20.0}},
+                                                   {"step": 80, "ppl": 15.0, "ppl_extra": {"stdlib": 12.0}}]),
+            row(0.75, 30.0, 30.0, obs_ridge="DROP"),                      # before --obs-ridge 0.01: not today's
+            row(0.6, 31.0, 31.0, steps=40)]                               # no number at step 80
+    line = summary.summary_lines(None, None, None, None, None, None, None, {"rows": rows})
+    assert line == ("- **Compression** (SmolLM2-135M, the job's current defaults, 80 recovery steps, deduplicated "
+                    "split; results/compress_levers28.json): 25% removed: pydoc val 10.00 -> 11.00, stdlib val "
+                    "8.00 -> 10.00 (1.250x); 50% removed: pydoc val 10.00 -> 15.00, stdlib val 8.00 -> 12.00 "
+                    "(1.500x).\n")
