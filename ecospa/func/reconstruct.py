@@ -76,6 +76,23 @@ def _check(params: dict, dense: dict, cfg, batches) -> list:
     return batches
 
 
+def _check_options(target: str, **ridges) -> None:
+    """ValueError unless every ridge is a number > 0 and ``target`` is one of TARGETS."""
+    for name, value in ridges.items():
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be a number > 0 (relative to the Gram's mean diagonal), got {value!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def _by_layer(groups) -> dict:
+    """{layer index: the groups of that layer} (a group lives in one layer)."""
+    out = {}
+    for g in groups:
+        out.setdefault(int(g.members[0].path[1]), []).append(g)
+    return out
+
+
 def _embedder(fam):
     """(params, tokens, cfg) -> the first layer's input [B, T, D]."""
     return lambda params, tokens, cfg: fam.embed(params, tokens, None, cfg)
@@ -120,10 +137,7 @@ def reconstruct(params: dict, dense: dict, cfg, batches: Sequence[torch.Tensor],
 
     Example: ``params = reconstruct(slice_units(dense, groups, keep), dense, cfg, calib)``
     """
-    if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge > 0):
-        raise ValueError(f"ridge must be a number > 0 (relative to the Gram's mean diagonal), got {ridge!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    _check_options(target, ridge=ridge)
     batches = _check(params, dense, cfg, batches)
     fam = family_of(cfg)
     subs, embed = fam.sublayers, _embedder(fam)
@@ -261,10 +275,7 @@ def obs_scores(dense: dict, cfg, groups, batches: Sequence[torch.Tensor], *,
     batches = _check(dense, dense, cfg, batches)
     fam = family_of(cfg)
     subs, embed = fam.sublayers, _embedder(fam)
-    by_layer = {}
-    for g in groups:
-        by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
-    out = {}
+    by_layer, out = _by_layer(groups), {}
     with torch.no_grad():
         xd = [embed(dense, b, cfg) for b in batches]
         for i, d in enumerate(dense["layers"]):
@@ -308,73 +319,63 @@ def obs_refit(source: dict, dense: dict, cfg, groups, batches: Sequence[torch.Te
     ``keep``: every group's kept units as chosen without the obs scores; for the groups the obs
     scores rank (vo, mlp) only their number per block is used. ``obs_ridge``: the obs scores'
     ridge (None: ``ridge``). ``keep_pruned``: also return the sliced model before the refit (it
-    shares every leaf with the result except the refit output projections). Inputs untouched,
+    shares every leaf with the result except the refit output projections, copied before the
+    refit writes them). Inputs untouched,
     unless ``release=True``: the caller hands the two trees over, their ``"layers"`` given as
     LISTS, and each layer's entry is set to None once the pass is past it, so a dense layer is freed
     as soon as its pruned layer exists (the peak holds about one model, not the dense and the pruned
     one; the caller must hold no other reference to the layers and must not read the trees after).
     """
     obs_ridge = ridge if obs_ridge is None else obs_ridge
-    for name, value in (("ridge", ridge), ("obs_ridge", obs_ridge)):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            raise ValueError(f"{name} must be a number > 0 (relative to the Gram's mean diagonal), got {value!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    _check_options(target, ridge=ridge, obs_ridge=obs_ridge)
     if release and not (isinstance(source["layers"], list) and isinstance(dense["layers"], list)):
         raise ValueError("release=True empties the trees' layers as the pass goes: hand them over as lists, "
                          "e.g. {**tree, 'layers': list(tree['layers'])}")
     batches = _check(source, dense, cfg, batches)
     _check_keep(groups, keep, validate(source, groups))
     fam = family_of(cfg)
-    embed = _embedder(fam)
-    by_layer = {}
-    for g in groups:
-        by_layer.setdefault(int(g.members[0].path[1]), []).append(g)
+    embed, by_layer = _embedder(fam), _by_layer(groups)
     keep, scores = dict(keep), {}
-    layers, before = list(source["layers"]), {}  # before: (layer, leaf) -> the leaf before the refit
+    layers, before = list(source["layers"]), []  # before: each layer's output projections before the refit
     with torch.no_grad():
         xs = [embed(source, b, cfg) for b in batches]           # the source's stream: obs Grams
         xd = xs if source is dense else [embed(dense, b, cfg) for b in batches]  # the refit's target
         xp = list(xs)                                           # the pruned model's stream
         for i in range(len(layers)):
             # one layer in its own frame: nothing of the source's or dense layer i outlives it
-            layers[i] = _obs_refit_layer(i, source, dense, layers, cfg, by_layer.get(i, []), keep, scores, before,
-                                         (xs, xd, xp), ridge=ridge, obs_ridge=obs_ridge, target=target, bias=bias,
-                                         cache_inner=cache_inner, keep_pruned=keep_pruned, release=release)
+            layers[i], old = _obs_refit_layer(i, source, dense, layers, cfg, by_layer.get(i, []), keep, scores,
+                                              (xs, xd, xp), ridge=ridge, obs_ridge=obs_ridge, target=target,
+                                              bias=bias, cache_inner=cache_inner, keep_pruned=keep_pruned)
+            before.append(old)
             if release:
                 source["layers"][i] = dense["layers"][i] = None
             if on_layer is not None:
                 on_layer(i, len(layers))
-    del xs, xd, xp  # the residual streams: gone before the model before the refit is built
     params = {**source, "layers": tuple(layers)}
-    pruned = None
-    if keep_pruned and release:
-        pruned = {**params, "layers": tuple({**p, **{leaf: w for (j, leaf), w in before.items() if j == i}}
-                                            for i, p in enumerate(layers))}
-    elif keep_pruned:
-        pruned = _before_refit(params, source, cfg, by_layer, keep)
+    pruned = {**params, "layers": tuple({**p, **old} for p, old in zip(layers, before))} if keep_pruned else None
     return ObsRefit(params, pruned, keep, scores)
 
 
 def _obs_refit_layer(i: int, source: dict, dense: dict, layers: list, cfg, mine: list, keep: dict, scores: dict,
-                     before: dict, streams: tuple, *, ridge: float, obs_ridge: float, target: str, bias: bool,
-                     cache_inner: bool, keep_pruned: bool, release: bool) -> dict:
+                     streams: tuple, *, ridge: float, obs_ridge: float, target: str, bias: bool,
+                     cache_inner: bool, keep_pruned: bool) -> tuple:
     """Layer i of ``obs_refit``: its obs scores (into ``scores``), its groups' kept units (into
-    ``keep``), sliced, its sublayers refit; the streams moved past it. Returns the refit layer."""
+    ``keep``), sliced, its sublayers refit; the streams moved past it. Returns (the refit layer,
+    {leaf: its value before the refit} of the refit leaves when ``keep_pruned``, else {})."""
     xs, xd, xp = streams
     src, d, subs = source["layers"][i], dense["layers"][i], family_of(cfg).sublayers
     # the sublayer whose output projection each group ends in (None: not ranked by obs)
     ends = {g.name: _first_end(g, subs, src) for g in mine}
-    p, sliced = dict(src), set()
+    p, sliced, old = dict(src), set(), {}
     for k, s in enumerate(subs):
         where = f"layers.{i}.{s.name}"
         ranked = [g for g in mine if ends[g.name] == k]
-        w = s.weight(src).double()
+        w = s.weight(src).double() if ranked else None
         gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64) if ranked else None
         for j in range(len(xs)):
             h = s.inner(src, xs[j], cfg)
             if ranked:
-                gram += _gram(h.reshape(-1, w.shape[0]))
+                gram += _gram(h.reshape(-1, gram.shape[0]))
             xs[j] = xs[j] + s.apply(src, h)
         if xd is not xs:
             for j in range(len(xd)):
@@ -388,11 +389,11 @@ def _obs_refit_layer(i: int, source: dict, dense: dict, layers: list, cfg, mine:
             layers[i] = p
             p = dict(slice_units({**source, "layers": tuple(layers)}, ready, keep)["layers"][i])
             sliced.update(g.name for g in ready)
-        if keep_pruned and release:  # the source's layer will be gone: keep a copy
-            before.update({(i, leaf): p[leaf].clone() for leaf in (s.out, s.bias) if leaf is not None})
+        if keep_pruned:  # a copy: the refit writes in place, and with release the source is gone after
+            old.update({leaf: p[leaf].clone() for leaf in (s.out, s.bias) if leaf is not None})
         _refit_sublayer(p, d, s, cfg, xp, xd, where, ridge=ridge, target=target, bias=bias,
                         donate=True, cache_inner=cache_inner, move_dense=False, intact=(src,))
-    return p
+    return p, old
 
 
 def _first_end(group, subs, layer: dict) -> Optional[int]:
@@ -401,17 +402,6 @@ def _first_end(group, subs, layer: dict) -> Optional[int]:
         if _unit_rows(group, s, layer) is not None:
             return k
     return None
-
-
-def _before_refit(params: dict, source: dict, cfg, by_layer: dict, keep: dict) -> dict:
-    """``params`` with each refit output projection (and bias) as it was before the refit: sliced
-    out of ``source`` again, one layer at a time (only those leaves are new memory)."""
-    subs, old = family_of(cfg).sublayers, []
-    for i, p in enumerate(params["layers"]):
-        mine = by_layer.get(i, [])
-        sliced = slice_units(source, mine, keep)["layers"][i] if mine else source["layers"][i]
-        old.append({**p, **{leaf: sliced[leaf] for s in subs for leaf in (s.out, s.bias) if leaf is not None}})
-    return {**params, "layers": tuple(old)}
 
 
 __all__ = ["reconstruct", "ridge_solve", "obs_scores", "obs_refit", "ObsRefit", "TARGETS"]
