@@ -178,3 +178,74 @@ def test_in_place_recovery_leaves_the_teacher_and_the_numbers_as_they_were(tmp_p
             assert torch.equal(x, y)
     assert donated["rounds"][0]["final_train_loss"] == pure["rounds"][0]["final_train_loss"]
     assert donated["ppl_recovered"] == pure["ppl_recovered"] != donated["rounds"][0]["ppl_pruned"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_trim_returns_a_fragmented_heap_to_the_os(monkeypatch):
+    """The premise of ``ecospa._memory``: freed tensors kept in glibc's heap by a few survivors
+    among them stay resident until ``trim()``; a no-op ``trim`` leaves them (this test fails)."""
+    from ecospa import _memory
+    if not _memory.enabled():
+        pytest.skip("not glibc (or ECOSPA_MALLOC_TRIM=0): malloc_trim is unavailable")
+    big = torch.ones(30 * 2**18)  # 30 MB freed: glibc's mmap threshold rises, 2 MB tensors use the heap
+    del big
+    freed, kept = [], []
+    for i in range(100):
+        freed.append(torch.ones(2**19))   # 2 MB each, touched
+        kept.append(torch.ones(2**10))    # 4 KB survivors between them
+    del freed
+    resident = _rss_mb()  # freed, but most of it still resident: the heap only shrinks from its top
+    assert _memory.trim() is True
+    assert _rss_mb() < resident - 50  # about 100 MB of the 200 MB went back
+    monkeypatch.setenv("ECOSPA_MALLOC_TRIM", "0")
+    assert not _memory.enabled() and _memory.trim() is False
+
+
+@pytest.mark.parametrize("reads", [None, "layers"])
+def test_layerwise_step_trims_three_times_and_changes_no_value(monkeypatch, reads):
+    """layer_grad_and_value trims after the teacher's and the student's forward and before the
+    embedding's gradient; the gradients and the loss are those of the untrimmed step, bit for bit."""
+    from ecospa import _memory
+    from ecospa.func import layerwise
+    from ecospa.func.families import family_of
+    params = _params()
+    fam = family_of(CFG)
+    loss = layerwise.distill_loss(fam, CFG, llama.init(CFG, 1, dtype=torch.float64), 0.5)
+    paths = None if reads is None else [("layers", 1, "wo")]
+    fn = layerwise.layer_grad_and_value(fam, CFG, loss, paths)
+    batch = torch.randint(0, CFG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = _memory.trim
+    monkeypatch.setattr(_memory, "trim", lambda: calls.append(1) or real())
+    got = fn(params, batch)
+    assert len(calls) == (3 if reads is None else 2)  # no embedding gradient for reads
+    monkeypatch.setenv("ECOSPA_MALLOC_TRIM", "0")
+    ref = fn(params, batch)
+    for a, b in zip(_leaves(got), _leaves(ref)):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+def test_recovery_drops_each_steps_gradients_before_the_next(monkeypatch):
+    """recover() keeps no step's gradients while the next step computes its own (they would sit
+    beside the new ones at the step's peak): weak references to step i's gradients are dead when
+    step i + 1 starts."""
+    import weakref
+    import ecospa.jobs.compress as job_mod
+    params = _params()
+    grad_value = torch.func.grad_and_value(lm_loss(llama.forward, CFG))
+    refs, alive = [], []
+
+    def spy(p, batch):
+        alive.append(sum(r() is not None for r in refs))
+        grads, value = grad_value(p, batch)
+        refs.extend(weakref.ref(x) for x in _leaves(grads))
+        return grads, value
+
+    ids = torch.randint(0, CFG.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
+    job = job_mod.Job("x", budget=0.5, batch_size=2, seq_len=8, lr=1e-3)
+    job_mod.recover(lm_loss(llama.forward, CFG), params, ids, job, 3, 0, grad_and_value=spy)
+    assert len(alive) == 3 and alive == [0, 0, 0]

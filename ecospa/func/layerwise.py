@@ -27,6 +27,7 @@ import optree
 import torch
 import torch.nn.functional as F
 
+from ecospa import _memory
 from ecospa._types import Params
 from ecospa.func._block import run
 
@@ -128,9 +129,11 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
             if reads is None else {}
         with torch.no_grad():
             ctx = loss.prepare(batch)
+            _memory.trim()  # the teacher's freed activations (ecospa._memory)
             xs = [fam.embed(params, tokens, None, cfg)]
             for p in layers:
                 xs.append(fam.layer(p, xs[-1], None, cfg)[0])
+        _memory.trim()  # the forward's freed temporaries, between the kept boundary activations
         x_last = xs.pop()
         g = torch.empty_like(x_last)
         top_grads, value = None, torch.zeros((), dtype=torch.float32)
@@ -173,6 +176,7 @@ def layer_grad_and_value(fam, cfg, loss: TokenLoss = CE, reads: Optional[Sequenc
                 if len(path) == 3 and path[0] == "layers" else None, params, namespace="")
             return grads, value
         _, vjp = torch.func.vjp(lambda top_p: fam.embed({**params, **top_p}, tokens, None, cfg), top)
+        _memory.trim()  # before the step's peak: the embedding's [V, D] gradient beside every other
         (gembed,) = vjp(g)
         del vjp, g
         # summed into the head's (fresh) gradient tensors: a tied embedding's [V, D] gradient is not

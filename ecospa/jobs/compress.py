@@ -257,7 +257,9 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     losses = []
     bar = _phase(job, steps, "recover", "step")
     for step in range(steps):
-        new_params, new_state, loss, _ = step_fn(params, state, recovery_batch(ids, pool, job, step, seed))
+        # the step's gradients are not kept: held until the next step returned, they would sit
+        # beside that step's own gradients at its peak
+        new_params, new_state, loss = step_fn(params, state, recovery_batch(ids, pool, job, step, seed))[:3]
         if not math.isfinite(float(loss)):
             bar.close()
             raise RecoveryDiverged(
