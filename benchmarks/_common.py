@@ -12,6 +12,19 @@ from typing import Callable
 import torch
 
 
+def cpu_features() -> dict:
+    """The CPU's vector unit as torch's kernels see it ("AVX2", "AVX512") and whether it has
+    bfloat16 matmuls (AVX512-BF16 / AMX): runs on machines that differ here are not comparable
+    (a bfloat16 matmul is ~3x faster than float32 with AVX512-BF16, ~60x slower without)."""
+    cpu = torch.backends.cpu
+    out = {"cpu_capability": cpu.get_cpu_capability() if hasattr(cpu, "get_cpu_capability") else None}
+    try:
+        out["cpu_bf16"] = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch
+        out["cpu_bf16"] = None
+    return out
+
+
 def conditions(device: str, dtype: torch.dtype, **settings) -> dict:
     """Everything a reader needs to interpret the numbers."""
     import transformers  # noqa: F401  (version recorded when present)
@@ -19,7 +32,7 @@ def conditions(device: str, dtype: torch.dtype, **settings) -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), **settings}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_features(), **settings}
     try:
         info["transformers"] = transformers.__version__
     except Exception:  # pragma: no cover

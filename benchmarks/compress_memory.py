@@ -135,9 +135,10 @@ def main(argv=None) -> int:
     import platform
 
     import torch
+    from _common import cpu_features
     cond = {"cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
             "torch": torch.__version__, "budget": args.budget, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_avg_start": round(os.getloadavg()[0], 2),
+            "load_avg_start": round(os.getloadavg()[0], 2), **cpu_features(),
             "memory": "peak RSS: the job's VmHWM per phase and /usr/bin/time -v of the whole process"}
     print("conditions:", json.dumps(cond), flush=True)
     rows = []

@@ -410,6 +410,16 @@ def obs_refit_table(res: dict) -> str:
             f"{c['load_avg_end']:.2f}; largest difference between the two refit models: {res['max_abs_diff']:.3g}.")
 
 
+def recovery_dtype_table(res: dict) -> str:
+    """benchmarks/recovery_dtype.py: a recovery step's median in each dtype, the ratio, the CPU."""
+    c = res["conditions"]
+    bf16 = {True: "with bfloat16 matmuls (AVX512-BF16/AMX)", False: "WITHOUT bfloat16 matmuls",
+            None: "bfloat16 support unknown"}[c.get("cpu_bf16")]
+    return (generic_table(res) + f"\n\nShape {c['shape']}, {c['rows']} x {c['seq']} tokens, {c['reps']} "
+            f"alternating steps of each after a warm-up, {c.get('torch_threads')} threads, CPU "
+            f"{c.get('cpu_capability')} {bf16}, load average {c['load_avg_start']:.2f} -> {c['load_avg_end']:.2f}.")
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pat.search(text):
@@ -455,7 +465,8 @@ def main(argv=None) -> None:
     for fname, section, fn in [("generate.json", "generate", generate_table),
                                ("export_smollm2.json", "export", export_table),
                                ("compress_levers28.json", "levers28", levers28_section),
-                               ("obs_refit.json", "obs-refit", obs_refit_table)]:
+                               ("obs_refit.json", "obs-refit", obs_refit_table),
+                               ("recovery_dtype.json", "recovery-dtype", recovery_dtype_table)]:
         got = _load(fname)
         if got:
             text = replace_section(text, section, fn(got))

@@ -61,7 +61,7 @@ NOT_SETTINGS = {"model", "out", "budget", "sparsity", "steps", "eval_at", "progr
 # Job fields added later whose default reproduces what the job did before they existed: a row
 # recorded without one ran at its default. (Not so for a field whose default changed the job, such
 # as obs_ridge: a row without it is not at the current defaults.)
-ADDED_AS_BEFORE = ("calib_text",)
+ADDED_AS_BEFORE = ("calib_text", "recovery_dtype")
 
 
 def _at_defaults(levers: Optional[dict], steps: int = 80) -> list:

@@ -170,3 +170,35 @@ def test_report_renders_the_obs_refit_results():
     assert "| one pass | 66.5 | 66.0 66.5 67.0 | 0.665 |" in text
     assert "8 refit batches of 4 x 256 tokens, 3 alternating repetitions, load average 0.50 -> 1.25" in text
     assert text.endswith("largest difference between the two refit models: 0.")
+
+
+def test_recovery_dtype_quick_times_both_dtypes_alternated(tmp_path):
+    """benchmarks/recovery_dtype.py --quick: ``--reps`` measured steps of each dtype after a
+    warm-up, the ratio from the medians, first losses that agree to bfloat16 rounding but are not
+    equal (the bfloat16 step is really computed in bfloat16); never the committed file."""
+    bench = _module("recovery_dtype")
+    out = tmp_path / "r.json"
+    before = _digests()
+    bench.main(["--quick", "--reps", "3", "--out", str(out)])
+    assert _digests() == before
+    import json
+    res = json.loads(out.read_text())
+    f32, b16 = res["table"]
+    assert [r["recovery_dtype"] for r in (f32, b16)] == ["float32", "bfloat16"]
+    assert [len(r["times_s"].split()) for r in (f32, b16)] == [3, 3]
+    assert f32["ratio"] == 1.0 and b16["ratio"] == pytest.approx(b16["median_s"] / f32["median_s"], abs=0.01)
+    assert b16["first_loss"] != f32["first_loss"]
+    assert b16["first_loss"] == pytest.approx(f32["first_loss"], rel=2e-2)
+    assert res["conditions"]["shape"] == "tiny" and "cpu_bf16" in res["conditions"]
+
+
+def test_report_renders_the_recovery_dtype_results():
+    res = {"conditions": {"shape": "s", "rows": 4, "seq": 256, "reps": 5, "torch_threads": 2,
+                          "cpu_capability": "AVX512", "cpu_bf16": False, "load_avg_start": 0.5, "load_avg_end": 1.25},
+           "table": [{"recovery_dtype": "float32", "median_s": 8.0, "times_s": "8.0", "ratio": 1.0, "first_loss": 5.5},
+                     {"recovery_dtype": "bfloat16", "median_s": 120.0, "times_s": "120.0", "ratio": 15.0,
+                      "first_loss": 5.51}]}
+    text = _module("report").recovery_dtype_table(res)
+    assert "| bfloat16 | 120 | 120.0 | 15 | 5.51 |" in text
+    assert text.endswith("5 alternating steps of each after a warm-up, 2 threads, CPU AVX512 WITHOUT bfloat16 "
+                         "matmuls, load average 0.50 -> 1.25.")

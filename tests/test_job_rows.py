@@ -3,6 +3,7 @@ label, never another), and report.py's levers28 section renders exactly those nu
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -78,3 +79,14 @@ def test_the_readme_summary_reads_only_rows_at_the_current_defaults():
                     "split; results/compress_levers28.json): 25% removed: pydoc val 10.00 -> 11.00, stdlib val "
                     "8.00 -> 10.00 (1.250x); 50% removed: pydoc val 10.00 -> 15.00, stdlib val 8.00 -> 12.00 "
                     "(1.500x).\n")
+
+
+def test_the_recorded_levers_still_count_as_defaults_after_a_new_option():
+    """A Job field added later with a behaviour-keeping default (--calib-text, --recovery-dtype)
+    must be in summary_report.ADDED_AS_BEFORE, else every recorded row lacks it and the README's
+    compression line loses its rows: the recorded file gives rows at 25% and at 50%."""
+    summary = _module("summary_report")
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "compress_levers28.json")
+    with open(path) as f:
+        levers = json.load(f)
+    assert [r[0] for r in summary._at_defaults(levers)] == [0.25, 0.5]

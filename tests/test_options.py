@@ -297,3 +297,94 @@ def test_allocation_flag_reaches_the_job(monkeypatch):
                  ppl_dense=1.0, progress=False), loaded=(cfg, llama.init(cfg, seed=0), ByteTokenizer()))
     assert kept == {"layers.0.qk": 3, "layers.0.vo": 6, "layers.0.mlp": 19,
                     "layers.1.qk": 2, "layers.1.vo": 3, "layers.1.mlp": 10}
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_recovery_dtype_bfloat16_runs_the_gradient_under_autocast(layerwise):
+    """``--recovery-dtype bfloat16``: every gradient and loss of recovery is computed under
+    ``torch.autocast(bfloat16)`` (spied where it is consumed), the params stay float32, and the
+    step's gradient is the float32 one up to bfloat16 rounding (tolerances.AUTOCAST), while a
+    float32 run is bit for bit the plain one."""
+    from ecospa.func.families import family_of
+    from ecospa.func.layerwise import distill_loss, layer_grad_and_value
+    from tolerances import AUTOCAST
+    cfg = dataclasses.replace(CFG, n_layers=2, dim=32, ffn_dim=48)
+    fam = family_of(cfg)
+    params, teacher = llama.init(cfg, seed=0), llama.init(cfg, seed=1)
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
+    if layerwise:
+        inner = layer_grad_and_value(fam, cfg, distill_loss(fam, cfg, teacher, 0.5))
+    else:
+        inner = torch.func.grad_and_value(job_mod._losses(fam, cfg, teacher, Job("x", budget=0.3))[1])
+    seen, grads = [], []
+
+    def spy(p, batch):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        g, v = inner(p, batch)
+        grads.append(g)
+        return g, v
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        seen.clear(), grads.clear()
+        job = Job("x", budget=0.3, lr=1e-3, steps=2, batch_size=2, seq_len=16, recovery_dtype=dtype,
+                  progress=False)
+        p, _ = job_mod.recover(None, optim_copy(params), ids, job, 2, seed=0, grad_and_value=spy)
+        out[dtype] = (p, [g for g in grads])
+        assert [s[0] for s in seen] == [dtype == "bfloat16"] * 2
+        if dtype == "bfloat16":
+            assert all(s[1] == torch.bfloat16 for s in seen)
+        assert all(x.dtype == torch.float32 for x in torch.utils._pytree.tree_leaves(p))
+    g32, g16 = (torch.utils._pytree.tree_leaves(out[d][1][0]) for d in ("float32", "bfloat16"))
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(g16, g32) if b.norm() > 0]
+    cos = [float(F.cosine_similarity(a.flatten(), b.flatten(), 0)) for a, b in zip(g16, g32) if b.norm() > 0]
+    assert min(cos) > AUTOCAST[torch.bfloat16]["min_cosine"]  # the same gradient up to bfloat16 rounding
+    assert max(rel) > 1e-6                                    # and not computed in float32
+    plain, _ = job_mod.recover(None, optim_copy(params), ids, Job("x", budget=0.3, lr=1e-3, steps=2,
+                               batch_size=2, seq_len=16, progress=False), 2, seed=0, grad_and_value=inner)
+    for a, b in zip(torch.utils._pytree.tree_leaves(plain), torch.utils._pytree.tree_leaves(out["float32"][0])):
+        assert torch.equal(a, b)
+
+
+def optim_copy(params):
+    return torch.utils._pytree.tree_map(lambda x: x.clone(), params)
+
+
+def test_recovery_dtype_option_reaches_the_job_and_bad_values_are_refused(capsys):
+    from ecospa.cli import build_parser
+    from ecospa.errors import UsageError
+    parser = build_parser()[0]
+    base = ["compress", "--model", "x", "--budget", "0.5"]
+    assert parser.parse_args(base).recovery_dtype == "float32"
+    assert parser.parse_args(base + ["--recovery-dtype", "bfloat16"]).recovery_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--recovery-dtype", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--recovery-dtype must be one of float32, bfloat16, got 'float16'"):
+        Job("x", budget=0.5, recovery_dtype="float16")
+
+
+def test_distillation_losses_are_float32_from_bfloat16_logits():
+    """Under autocast the logits are bfloat16 (and CPU autocast keeps log_softmax in bfloat16):
+    both distillation losses (layer-wise per token, and whole-forward) compute the KL and the
+    cross-entropy from the logits cast to float32, exactly as if float32 logits of the same
+    values had been given."""
+    from types import SimpleNamespace
+    from ecospa.func.layerwise import distill_loss
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 5, 256, generator=g) * 4).to(torch.bfloat16)
+    teacher = (torch.randn(2, 5, 256, generator=g) * 4).to(torch.bfloat16)
+    batch = torch.randint(0, 256, (2, 6), generator=g)
+    for ref_dtype in (torch.bfloat16, torch.float32):
+        fam = SimpleNamespace(head=lambda p, x, cfg, t=teacher.to(ref_dtype): t[:, :x.shape[1]],
+                              forward=lambda p, tokens, cfg: p)
+        chunk = distill_loss(fam, CFG, None, 0.5).chunk
+        hidden = torch.zeros(2, 5, 1)
+        got = chunk(student, batch, 0, hidden)
+        want = chunk(student.float(), batch, 0, hidden)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    fam = SimpleNamespace(forward=lambda p, tokens, cfg: p if p is not None else teacher)
+    _, kd, _ = job_mod._losses(fam, CFG, None, Job("x", budget=0.5, layerwise=False))
+    want_fam = SimpleNamespace(forward=lambda p, tokens, cfg: (p if p is not None else teacher).float())
+    _, kd32, _ = job_mod._losses(want_fam, CFG, None, Job("x", budget=0.5, layerwise=False))
+    assert torch.equal(kd(student, batch), kd32(student, batch))

@@ -20,7 +20,7 @@ from ecospa.errors import nonneg_int, positive_float, positive_int, seed_int
 from ecospa.importance import ESTIMATORS
 from ecospa.func.reconstruct import TARGETS
 from ecospa.jobs.compress import Job, compress, table
-from ecospa.jobs.compress_job import CALIB_TEXTS, LR_SCHEDULES, RANK_BY
+from ecospa.jobs.compress_job import CALIB_TEXTS, LR_SCHEDULES, RANK_BY, RECOVERY_DTYPES
 from ecospa.jobs.phases import return_freed_memory
 from ecospa.io.load import train_config_of
 from ecospa.jobs.export import FORMATS
@@ -78,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate over the recovery steps (cosine: --warmup, then down to 10%%)")
     p.add_argument("--warmup", type=nonneg_int, default=_DEFAULTS["warmup"],
                    help="warm-up steps of --lr-schedule cosine")
+    p.add_argument("--recovery-dtype", default=_DEFAULTS["recovery_dtype"], choices=RECOVERY_DTYPES,
+                   help="bfloat16: recovery's matmuls (student and teacher) in bfloat16 under torch.autocast, "
+                   "the weights, gradients and optimizer state float32; faster only on hardware with "
+                   "bfloat16 matmuls (GPUs, CPUs with AVX512-BF16 or AMX), far slower elsewhere")
     p.add_argument("--eval-extra", nargs="*", default=list(_DEFAULTS["eval_extra"]),
                    help="other held-out sources scored on their VAL split (never trained on)")
     p.add_argument("--steps", type=nonneg_int, default=_DEFAULTS["steps"], help="recovery steps in total")

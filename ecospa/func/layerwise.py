@@ -78,6 +78,12 @@ def _ce_chunk(logits, batch, s, ctx):
 CE = TokenLoss(lambda batch: None, _ce_chunk)  # lm_loss: mean next-token cross-entropy
 
 
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is of lower precision (bfloat16 logits under autocast, whose
+    log_softmax CPU autocast leaves in bfloat16); float32 and float64 as they are."""
+    return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
+
+
 def distill_loss(fam, cfg, teacher: Params, weight: float) -> TokenLoss:
     """``ecospa compress --distill``'s loss per token: (1 - weight) x cross-entropy + weight x
     KL(teacher || student) of the next-token distributions (weight 1: KL only). The teacher's
@@ -88,8 +94,8 @@ def distill_loss(fam, cfg, teacher: Params, weight: float) -> TokenLoss:
 
     def chunk(logits, batch, s, hidden):
         ref = fam.head(teacher, hidden[:, s:s + logits.shape[1]], cfg)
-        kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
-                      log_target=True, reduction="sum")
+        kl = F.kl_div(F.log_softmax(at_least_f32(logits), -1).flatten(0, 1),
+                      F.log_softmax(at_least_f32(ref), -1).flatten(0, 1), log_target=True, reduction="sum")
         if weight == 1.0:
             return kl
         return (1 - weight) * _ce_chunk(logits, batch, s, None) + weight * kl
@@ -228,4 +234,4 @@ def lm_layer_grads(fam, cfg, reads: Sequence, head_chunk: int = HEAD_CHUNK) -> C
     return lambda params, batch: fn(params, batch)[0]
 
 
-__all__ = ["TokenLoss", "CE", "distill_loss", "chunked_loss", "layer_grad_and_value", "lm_layer_grads", "layer_reads", "HEAD_CHUNK"]
+__all__ = ["TokenLoss", "CE", "at_least_f32", "distill_loss", "chunked_loss", "layer_grad_and_value", "lm_layer_grads", "layer_reads", "HEAD_CHUNK"]

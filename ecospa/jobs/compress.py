@@ -33,7 +33,7 @@ from ecospa._text import aligned
 from ecospa._tree import count_params, get_path, leaf_paths
 from ecospa.errors import UsageError
 from ecospa.func.families import family_of
-from ecospa.func.layerwise import (CE, chunked_loss, distill_loss, layer_grad_and_value, layer_reads,
+from ecospa.func.layerwise import (CE, at_least_f32, chunked_loss, distill_loss, layer_grad_and_value, layer_reads,
                                    lm_layer_grads)
 from ecospa.importance import ESTIMATORS, fisher
 from ecospa.io import checkpoint, load
@@ -150,8 +150,8 @@ def _losses(fam, cfg, teacher, job: Job):
         logits = forward(params, batch[:, :-1], cfg)
         with torch.no_grad():
             ref = forward(teacher, batch[:, :-1], cfg)
-        kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(ref, -1).flatten(0, 1),
-                      log_target=True, reduction="batchmean")
+        kl = F.kl_div(F.log_softmax(at_least_f32(logits), -1).flatten(0, 1),  # float32 under autocast too
+                      F.log_softmax(at_least_f32(ref), -1).flatten(0, 1), log_target=True, reduction="batchmean")
         if job.distill_weight == 1.0:
             return kl
         hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
@@ -248,6 +248,9 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
             lambda rest, batch, fn=grad_and_value: fn({**rest, **fixed}, batch))
         train_loss = lambda rest, batch: loss_of({**rest, **fixed}, batch)  # noqa: E731
     whole = (lambda p: {k: p[k] if k in p else fixed[k] for k in order}) if fixed else (lambda p: p)
+    if job.recovery_dtype != "float32":  # the loss and the gradient under autocast; AdamW float32
+        train_loss, grad_and_value = (None if f is None else autocast(f, job.recovery_dtype)
+                                      for f in (train_loss, grad_and_value))
     opt = optim.adamw(lr, weight_decay=0.0)
     state = opt.init(params)
     # donate: AdamW updates the params and its moments in place (no second model and moments at
@@ -275,6 +278,18 @@ def recover(train_loss, params, ids, job: Job, steps: int, seed: int, on_step=No
     params = whole(params)
     check_finite(params, f"after {steps} recovery steps with --lr {job.lr}")
     return params, losses
+
+
+def autocast(fn: Callable, dtype: str) -> Callable:
+    """``fn(params, batch)`` run under ``torch.autocast`` at ``dtype`` (``--recovery-dtype``) on the
+    params' device: matmuls in that dtype, float32 params get float32 gradients."""
+    low = getattr(torch, dtype)
+
+    def run(params, batch):
+        device = next(x for x in optree.tree_leaves(params, namespace="") if torch.is_tensor(x)).device
+        with torch.autocast(device.type, dtype=low):
+            return fn(params, batch)
+    return run
 
 
 def _phase(job: Job, total: int, desc: str, unit: str):

@@ -20,6 +20,7 @@ Sparsity = Union[float, Mapping[str, float]]
 RANK_BY = ("estimator", "obs")
 LR_SCHEDULES = ("constant", "cosine")
 CALIB_TEXTS = ("train", "teacher", "mix")
+RECOVERY_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Job:
     recon_target: str = "residual"         # or "local" (see ecospa.func.reconstruct)
     lr_schedule: str = "constant"          # or "cosine": linear warm-up, cosine to 10%
     warmup: int = 0                        # warm-up steps of the cosine schedule
+    recovery_dtype: str = "float32"        # "bfloat16": recovery's matmuls (student and teacher) under
+    #                                        torch.autocast, the params, gradients and AdamW moments float32,
+    #                                        every loss in float32; fast only where the hardware has bfloat16
+    #                                        matmuls (GPUs, CPUs with AVX512-BF16 or AMX)
     steps: int = 80
     eval_at: tuple = ()                    # recovery steps (of --steps) at which to also evaluate: a curve
     batch_size: int = 4
@@ -181,6 +186,9 @@ class Job:
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
+        if self.recovery_dtype not in RECOVERY_DTYPES:
+            raise UsageError(f"--recovery-dtype must be one of {', '.join(RECOVERY_DTYPES)}, "
+                             f"got {self.recovery_dtype!r}")
         if not (_number(self.ridge) and math.isfinite(self.ridge) and self.ridge > 0):
             raise UsageError(f"--ridge must be a finite number > 0, e.g. 0.1; got {self.ridge!r}")
         if self.obs_ridge is not None and not (_number(self.obs_ridge) and math.isfinite(self.obs_ridge)
