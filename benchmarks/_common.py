@@ -65,9 +65,14 @@ def write_results(path: str, payload: dict) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:  # the earlier file stays as it was, and no temp file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     print(f"wrote {path}")
 
 

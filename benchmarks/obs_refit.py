@@ -93,6 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/obs_refit[_quick].json)")
     args = ap.parse_args(argv)
+    from _common import write_results
     if args.threads:
         torch.set_num_threads(args.threads)
     shape, rows, seq = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 256)
@@ -102,11 +103,7 @@ def main(argv=None) -> None:
         print(f"{r['path']}: median {r['median_s']} s ({r['times_s']}), ratio {r['ratio']}")
     print(f"largest difference between the two results: {res['max_abs_diff']:.3g}")
     path = args.out or os.path.join(RESULTS, "obs_refit_quick.json" if args.quick else "obs_refit.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_results(path, res)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/recovery_dtype[_quick].json)")
     args = ap.parse_args(argv)
+    from _common import write_results
     if args.threads:
         torch.set_num_threads(args.threads)
     shape, rows, seq = ("tiny", 2, 16) if args.quick else ("smollm2-135m", 4, 256)
@@ -98,11 +99,7 @@ def main(argv=None) -> None:
         print(f"{r['recovery_dtype']}: median {r['median_s']} s ({r['times_s']}), ratio {r['ratio']}, "
               f"first loss {r['first_loss']}")
     path = args.out or os.path.join(RESULTS, "recovery_dtype_quick.json" if args.quick else "recovery_dtype.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_results(path, res)
 
 
 if __name__ == "__main__":

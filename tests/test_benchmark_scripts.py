@@ -202,3 +202,16 @@ def test_report_renders_the_recovery_dtype_results():
     assert "| bfloat16 | 120 | 120.0 | 15 | 5.51 |" in text
     assert text.endswith("5 alternating steps of each after a warm-up, 2 threads, CPU AVX512 WITHOUT bfloat16 "
                          "matmuls, load average 0.50 -> 1.25.")
+
+
+def test_a_failed_results_write_keeps_the_earlier_file_and_leaves_no_temp(tmp_path):
+    """benchmarks/_common.write_results: a payload that cannot be written (here: not JSON) raises,
+    the earlier results file is unchanged and no temp file is left in the directory."""
+    common = _module("_common")
+    path = tmp_path / "r.json"
+    common.write_results(str(path), {"a": 1})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        common.write_results(str(path), {"a": object()})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
