@@ -249,3 +249,22 @@ def test_recovery_drops_each_steps_gradients_before_the_next(monkeypatch):
     job = job_mod.Job("x", budget=0.5, batch_size=2, seq_len=8, lr=1e-3)
     job_mod.recover(lm_loss(llama.forward, CFG), params, ids, job, 3, 0, grad_and_value=spy)
     assert len(alive) == 3 and alive == [0, 0, 0]
+
+
+@pytest.mark.parametrize("env, fixed", [(None, True), ("1", True), ("0", False)])
+def test_the_compress_cli_fixes_the_mmap_threshold_unless_told_not_to(monkeypatch, env, fixed):
+    """``ecospa compress`` fixes glibc's mmap threshold (resident memory follows the live tensors:
+    the 2.5x target of --steps 0) unless ECOSPA_FIXED_MMAP_THRESHOLD=0 (faster, higher peak)."""
+    import ecospa.cli.compress as cli_compress
+    from ecospa.cli import build_parser
+    calls = []
+    monkeypatch.setattr(cli_compress, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli_compress, "compress", lambda job: {"job": job})
+    monkeypatch.setattr(cli_compress, "table", lambda summary: "")
+    if env is None:
+        monkeypatch.delenv("ECOSPA_FIXED_MMAP_THRESHOLD", raising=False)
+    else:
+        monkeypatch.setenv("ECOSPA_FIXED_MMAP_THRESHOLD", env)
+    args = build_parser()[0].parse_args(["compress", "--model", "x", "--budget", "0.5"])
+    cli_compress.run(args)
+    assert calls == ([1] if fixed else [])

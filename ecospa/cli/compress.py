@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     job = Job(**values)  # parses --sparsity; UsageError (exit 2) before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    return_freed_memory()  # resident memory follows the live tensors (ecospa.jobs.phases)
+    if os.environ.get("ECOSPA_FIXED_MMAP_THRESHOLD", "1") != "0":
+        return_freed_memory()  # resident memory follows the live tensors (ecospa.jobs.phases)
     warn_context(job)
     summary = compress(job)
     print(table(summary), flush=True)
